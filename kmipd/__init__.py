@@ -1,0 +1,1 @@
+"""kmipd: a key manager daemon for storage systems."""

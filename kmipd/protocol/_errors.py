@@ -1,0 +1,70 @@
+"""Wire error codes: stable numbers and names, shared by every side of the protocol.
+
+The numbers are part of the protocol (conformance/protocol.cddl lists them);
+never renumber one. Codes below 100 are about the message or the connection,
+the 100s about who may do what, the 200s about keys, the 300s about the
+server's own condition.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_REQUEST = 1
+    UNSUPPORTED_VERSION = 2
+    HELLO_REQUIRED = 3
+    UNKNOWN_OPERATION = 4
+    FRAME_TOO_LARGE = 5
+    DUPLICATE_REQUEST_ID = 6
+    TIMEOUT = 7
+
+    CERTIFICATE_REJECTED = 100
+    NOT_AUTHORIZED = 101
+
+    NOT_FOUND = 200
+    INTEGRITY_FAILURE = 201
+    ALREADY_EXISTS = 202
+
+    BUSY = 300
+    SHUTTING_DOWN = 301
+    HSM_UNAVAILABLE = 302
+    INTERNAL = 303
+
+    @property
+    def wire_name(self) -> str:
+        """The name sent beside the number, e.g. ``not-found``."""
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_wire_name(cls, name: str) -> ErrorCode:
+        return cls[name.upper().replace("-", "_")]
+
+
+#: Errors after which the server closes the connection: framing is broken
+#: (we no longer know where the next frame starts) or the peer was refused.
+CONNECTION_FATAL = frozenset(
+    {ErrorCode.FRAME_TOO_LARGE, ErrorCode.TIMEOUT, ErrorCode.CERTIFICATE_REJECTED}
+)
+
+
+class ProtocolError(Exception):
+    """A message or frame that breaks the protocol.
+
+    ``request_id`` is set when the offending message could still be
+    attributed to a request, so the error response can echo it.
+    The message never contains values taken from the peer's input beyond
+    field names and sizes: input may be key material.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, *, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+    def __repr__(self) -> str:
+        return (
+            f"ProtocolError({self.code.wire_name}, {self.message!r}, request_id={self.request_id})"
+        )

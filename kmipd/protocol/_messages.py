@@ -1,0 +1,314 @@
+"""Every operation's request and result, declared as data (see _schema).
+
+Wire shape (conformance/protocol.cddl is normative):
+
+    request  = {"id": uint, "op": text, ? "args": {...}}
+    response = {"id": uint, "result": {...}}
+             / {? "id": uint, "error": {"code": uint, "name": text, "message": text}}
+
+An error without "id" could not be attributed to a request (undecodable
+frame, duplicate id) or concerns the whole connection.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import attrs
+
+from kmipd.protocol._errors import ErrorCode, ProtocolError
+from kmipd.protocol._schema import (
+    Bytes,
+    ListOf,
+    Struct,
+    Text,
+    TextMap,
+    UInt,
+    encode_struct,
+    parse_struct,
+    redacted,
+    wire,
+)
+
+PROTOCOL_VERSIONS = (1,)
+
+#: Namespaces are also KEK names: a namespace's DEKs are wrapped by its KEK.
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*")
+DEK_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+KEY_SIZE = 32
+
+NAMESPACE = Text(max_length=128, pattern=NAMESPACE_PATTERN, description="namespace name")
+DEK_ID = Text(max_length=64, pattern=DEK_ID_PATTERN, description="DEK id")
+KEY = Bytes(min_length=KEY_SIZE, max_length=KEY_SIZE)
+CONTEXT = TextMap(
+    max_entries=32, key=Text(max_length=128), value=Text(max_length=1024, min_length=0)
+)
+BLOB = Bytes(max_length=1024)
+TIMESTAMP = UInt()  # seconds since the Unix epoch
+VERSION = UInt(minimum=1, maximum=2**32 - 1)
+
+
+# -- hello / status --------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    OPERATION: ClassVar[str] = "hello"
+    versions: tuple[int, ...] = wire(ListOf(UInt(maximum=2**16), min_items=1, max_items=16))
+    client: str | None = wire(Text(max_length=128), default=None)
+
+
+@attrs.frozen
+class HelloResult:
+    version: int = wire(UInt(maximum=2**16))
+    server: str = wire(Text(max_length=128))
+    identity: str = wire(Text(max_length=2048))
+    max_frame_size: int = wire(UInt())
+    max_in_flight: int = wire(UInt())
+
+
+@attrs.frozen
+class Status:
+    OPERATION: ClassVar[str] = "status"
+
+
+@attrs.frozen
+class StatusResult:
+    state: str = wire(Text(max_length=32))
+    server: str = wire(Text(max_length=128))
+    uptime: int = wire(UInt())
+    connections: int = wire(UInt())
+    hsm: str = wire(Text(max_length=64))
+    store: str = wire(Text(max_length=64))
+
+
+# -- stored DEKs -------------------------------------------------------------
+
+
+@attrs.frozen
+class CreateDek:
+    OPERATION: ClassVar[str] = "create-dek"
+    namespace: str = wire(NAMESPACE)
+
+
+@attrs.frozen
+class GetDek:
+    OPERATION: ClassVar[str] = "get-dek"
+    dek_id: str = wire(DEK_ID)
+
+
+@attrs.frozen
+class DekResult:
+    dek_id: str = wire(DEK_ID)
+    namespace: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+    key: bytes = wire(KEY, repr=redacted)
+
+
+# -- stateless data keys (the caller keeps the wrapped blob) -----------------
+
+
+@attrs.frozen
+class GenerateDataKey:
+    OPERATION: ClassVar[str] = "generate-data-key"
+    kek: str = wire(NAMESPACE)
+    context: dict[str, str] = wire(CONTEXT, factory=dict)
+
+
+@attrs.frozen
+class DataKeyResult:
+    key: bytes = wire(KEY, repr=redacted)
+    blob: bytes = wire(BLOB)
+    kek: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+
+
+@attrs.frozen
+class DataKeyBlob:
+    """The self-describing wrapped data key that generate-data-key returns.
+
+    Opaque to clients; the server parses it on unwrap. ``wrapped`` is the
+    HSM's output for the key, authenticated together with the KEK name,
+    version and the caller's context (see the service's binding rules).
+    """
+
+    format: int = wire(UInt(minimum=1, maximum=1))
+    kek: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+    wrapped: bytes = wire(Bytes(max_length=512))
+
+
+@attrs.frozen
+class Unwrap:
+    OPERATION: ClassVar[str] = "unwrap"
+    blob: bytes = wire(BLOB)
+    context: dict[str, str] = wire(CONTEXT, factory=dict)
+
+
+@attrs.frozen
+class UnwrapResult:
+    key: bytes = wire(KEY, repr=redacted)
+    kek: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+
+
+# -- KEK administration --------------------------------------------------------
+
+
+@attrs.frozen
+class CreateKek:
+    OPERATION: ClassVar[str] = "create-kek"
+    name: str = wire(NAMESPACE)
+
+
+@attrs.frozen
+class KekInfo:
+    name: str = wire(NAMESPACE)
+    version: int = wire(VERSION)
+    created: int = wire(TIMESTAMP)
+
+
+@attrs.frozen
+class ListKeks:
+    OPERATION: ClassVar[str] = "list-keks"
+    prefix: str | None = wire(Text(max_length=128), default=None)
+
+
+@attrs.frozen
+class ListKeksResult:
+    keks: tuple[KekInfo, ...] = wire(ListOf(Struct(KekInfo), max_items=10_000))
+
+
+# -- the operation table -----------------------------------------------------
+
+
+@attrs.frozen
+class Operation:
+    name: str
+    request: type[Any]
+    result: type[Any]
+    #: Safe to send again after an unknown outcome (the client may retry it).
+    idempotent: bool
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("hello", Hello, HelloResult, idempotent=True),
+        Operation("status", Status, StatusResult, idempotent=True),
+        Operation("create-dek", CreateDek, DekResult, idempotent=False),
+        Operation("get-dek", GetDek, DekResult, idempotent=True),
+        Operation("generate-data-key", GenerateDataKey, DataKeyResult, idempotent=True),
+        Operation("unwrap", Unwrap, UnwrapResult, idempotent=True),
+        Operation("create-kek", CreateKek, KekInfo, idempotent=False),
+        Operation("list-keks", ListKeks, ListKeksResult, idempotent=True),
+    )
+}
+
+_RESULT_FOR_REQUEST = {op.request: op.result for op in OPERATIONS.values()}
+
+
+def result_type(request: object) -> type[Any]:
+    return _RESULT_FOR_REQUEST[type(request)]
+
+
+# -- envelopes -----------------------------------------------------------------
+
+_REQUEST_KEYS = frozenset({"id", "op", "args"})
+REQUEST_ID = UInt()
+
+
+def parse_request(item: object) -> tuple[int, Any]:
+    """Turn a decoded request map into (request id, typed request).
+
+    The ProtocolError raised for a bad request carries the request id
+    whenever the "id" field itself was valid, so the error can be echoed.
+    """
+    if type(item) is not dict:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a request must be a CBOR map")
+    raw_id = item.get("id")
+    if type(raw_id) is not int or not 0 <= raw_id < 2**64:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "request.id: missing or not an unsigned 64-bit integer"
+        )
+    request_id: int = raw_id
+    try:
+        return request_id, _parse_request_body(item)
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+
+
+def _parse_request_body(item: dict[Any, Any]) -> Any:
+    if any(key not in _REQUEST_KEYS for key in item):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "request: unknown top-level field")
+    op_name = item.get("op")
+    if type(op_name) is not str:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "request.op: missing or not text")
+    operation = OPERATIONS.get(op_name)
+    if operation is None:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_OPERATION,
+            f"unknown operation (known: {', '.join(sorted(OPERATIONS))})",
+        )
+    return parse_struct(operation.request, item.get("args", {}), "args")
+
+
+def request_to_wire(request_id: int, request: Any) -> dict[str, object]:
+    message: dict[str, object] = {"id": request_id, "op": request.OPERATION}
+    args = encode_struct(request)
+    if args:
+        message["args"] = args
+    return message
+
+
+def result_to_wire(request_id: int, result: Any) -> dict[str, object]:
+    return {"id": request_id, "result": encode_struct(result)}
+
+
+def error_to_wire(request_id: int | None, code: ErrorCode, message: str) -> dict[str, object]:
+    error = {"code": int(code), "name": code.wire_name, "message": message}
+    return {"error": error} if request_id is None else {"id": request_id, "error": error}
+
+
+@attrs.frozen
+class ErrorInfo:
+    """An error response as the client sees it."""
+
+    code: ErrorCode
+    message: str
+
+
+def parse_response(item: object, result_for: dict[int, type[Any]]) -> tuple[int | None, Any]:
+    """Turn a decoded response into (request id or None, typed result or ErrorInfo).
+
+    ``result_for`` maps the ids of requests in flight to their result type;
+    a response for an id not in it is a protocol error by the server.
+    """
+    if type(item) is not dict:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "a response must be a CBOR map")
+    request_id = item.get("id")
+    if request_id is not None and (type(request_id) is not int or request_id not in result_for):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "response for a request not in flight")
+    if "error" in item:
+        if set(item) - {"id", "error"}:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "error response: unknown field")
+        return request_id, _parse_error(item["error"])
+    if request_id is None or set(item) != {"id", "result"}:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "response: needs id and result or error")
+    return request_id, parse_struct(result_for[request_id], item["result"], "result")
+
+
+def _parse_error(raw: object) -> ErrorInfo:
+    if type(raw) is not dict:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "error: expected a map")
+    code, message = raw.get("code"), raw.get("message")
+    if type(code) is not int or type(message) is not str:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "error: needs integer code and text message")
+    try:
+        known = ErrorCode(code)
+    except ValueError:
+        # A newer server's code: keep the message, classify as internal.
+        return ErrorInfo(ErrorCode.INTERNAL, f"unknown error code {code}: {message}")
+    return ErrorInfo(known, message)
