@@ -24,9 +24,30 @@ MAX_DEPTH = 8
 # and a sample beyond, so a cbor2 release that learns a new tag fails CI
 # instead of silently widening what we accept.
 _CBOR2_BUILTIN_TAGS = (
-    0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100,
-    256, 258, 260, 261, 1004, 43000, 55799,
-)  # fmt: skip
+    0,
+    1,
+    2,
+    3,
+    4,
+    5,
+    25,
+    28,
+    29,
+    30,
+    35,
+    36,
+    37,
+    52,
+    54,
+    100,
+    256,
+    258,
+    260,
+    261,
+    1004,
+    43000,
+    55799,
+)
 
 
 class _TagRefusedError(Exception):

@@ -204,28 +204,35 @@ class ServerConnection:
     def _perform(self, action: _Action, request_id: int, request: Any) -> None:
         if action is _A.ANSWER_HELLO:
             assert self.version is not None
-            self._queue(result_to_wire(request_id, HelloResult(
-                version=self.version,
-                server=self._server_name,
-                identity=self.identity,
-                max_frame_size=self._reader.max_frame_size,
-                max_in_flight=self._max_in_flight,
-            )))  # fmt: skip
+            self._queue(
+                result_to_wire(
+                    request_id,
+                    HelloResult(
+                        version=self.version,
+                        server=self._server_name,
+                        identity=self.identity,
+                        max_frame_size=self._reader.max_frame_size,
+                        max_in_flight=self._max_in_flight,
+                    ),
+                )
+            )
         elif action is _A.REFUSE_VERSION:
             supported = ", ".join(str(v) for v in self._versions)
             self._queue_error(
-                request_id, ErrorCode.UNSUPPORTED_VERSION,
+                request_id,
+                ErrorCode.UNSUPPORTED_VERSION,
                 f"no common protocol version; this server speaks {supported}",
-            )  # fmt: skip
+            )
         elif action is _A.REFUSE_REPEATED_HELLO:
             self._queue_error(
                 request_id, ErrorCode.BAD_REQUEST, "hello was already negotiated on this connection"
             )
         elif action is _A.REFUSE_HELLO_REQUIRED:
             self._queue_error(
-                request_id, ErrorCode.HELLO_REQUIRED,
+                request_id,
+                ErrorCode.HELLO_REQUIRED,
                 f"send hello before {request.OPERATION}: the protocol version is not negotiated",
-            )  # fmt: skip
+            )
         elif action is _A.REFUSE_SHUTTING_DOWN:
             self._queue_error(request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down")
 

@@ -30,8 +30,15 @@ def _quote(name: object) -> str:
 
 
 def _type_name(value: object) -> str:
-    names = {bool: "boolean", int: "integer", str: "text", bytes: "bytes",
-             list: "array", dict: "map", type(None): "null"}  # fmt: skip
+    names = {
+        bool: "boolean",
+        int: "integer",
+        str: "text",
+        bytes: "bytes",
+        list: "array",
+        dict: "map",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 

@@ -1,0 +1,337 @@
+"""The ``kmipd`` command: the daemon, the test CA, client calls and the demo.
+
+Exit status: 0 on success, 1 when the operation failed (the message says
+why on stderr), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+from cryptography import x509
+
+from kmipd import client as km
+from kmipd._logging import configure_logging
+from kmipd.config import ConfigError, load_config
+from kmipd.daemon import RunningDaemon, run_daemon
+from kmipd.demo import run_demo
+from kmipd.dev import client_command, prepare_dev
+from kmipd.hsm import HsmError, create_master_key
+from kmipd.server import TlsConfigError
+from kmipd.store import StoreError
+from pki import CertificateAuthority, KeyType, PkiError
+
+DEFAULT_DEV_DIR = Path("kmipd-dev")
+DEFAULT_DEV_LISTEN = "127.0.0.1:5696"
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except (
+        CliError,
+        km.KmipdError,
+        ConfigError,
+        PkiError,
+        HsmError,
+        StoreError,
+        TlsConfigError,
+    ) as exc:
+        print(f"kmipd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kmipd",
+        description="Key manager daemon for storage systems: mutual-TLS DEK delivery, "
+        "KEKs held by an HSM backend.",
+    )
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    mode = serve.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--config", type=Path, help="TOML config file")
+    mode.add_argument(
+        "--dev",
+        action="store_true",
+        help="self-contained development server (test CA, software HSM)",
+    )
+    serve.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DEV_DIR,
+        help="--dev: data directory (default ./kmipd-dev)",
+    )
+    serve.add_argument(
+        "--listen",
+        default=DEFAULT_DEV_LISTEN,
+        help="--dev: HOST:PORT to listen on (default 127.0.0.1:5696)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    demo = commands.add_parser("demo", help="walk the DEK delivery flow step by step")
+    demo.set_defaults(handler=_demo)
+
+    _add_pki_commands(commands)
+    _add_hsm_commands(commands)
+    _add_client_commands(commands)
+    return parser
+
+
+def _add_pki_commands(commands: Any) -> None:
+    pki = commands.add_parser("pki", help="the built-in test CA").add_subparsers(metavar="ACTION")
+    init = pki.add_parser("init", help="create a CA, a server certificate and an empty CRL")
+    init.add_argument("directory", type=Path)
+    init.add_argument("--trust-domain", default="kmipd.test")
+    init.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="server DNS name (repeatable; default localhost)",
+    )
+    init.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="server IP address (repeatable; default 127.0.0.1)",
+    )
+    init.add_argument("--rsa", action="store_true", help="RSA-3072 instead of ECDSA P-256")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.set_defaults(handler=_pki_init)
+
+    issue = pki.add_parser("issue", help="issue a client certificate for NAME")
+    issue.add_argument("directory", type=Path)
+    issue.add_argument("name")
+    issue.add_argument("--days", type=int, default=365)
+    issue.add_argument("--force", action="store_true", help="replace an existing certificate")
+    issue.set_defaults(handler=_pki_issue)
+
+    revoke = pki.add_parser("revoke", help="add NAME's certificate to the CRL")
+    revoke.add_argument("directory", type=Path)
+    revoke.add_argument("name")
+    revoke.add_argument(
+        "--reason", default="unspecified", choices=[r.name for r in x509.ReasonFlags]
+    )
+    revoke.set_defaults(handler=_pki_revoke)
+
+
+def _add_hsm_commands(commands: Any) -> None:
+    hsm = commands.add_parser("hsm", help="HSM backends").add_subparsers(metavar="ACTION")
+    soft = hsm.add_parser("software-init", help="create the software backend's master key")
+    soft.add_argument("--master-key", type=Path, required=True)
+    soft.set_defaults(handler=_hsm_software_init)
+
+
+def _client_options() -> argparse.ArgumentParser:
+    """--server/--ca/--cert/--key, each defaulting to a KMIPD_* environment variable."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group(
+        "connection (or KMIPD_SERVER, KMIPD_CA, KMIPD_CERT, KMIPD_KEY)"
+    )
+    for flag, env, what in (
+        ("--server", "KMIPD_SERVER", "HOST:PORT of the daemon"),
+        ("--ca", "KMIPD_CA", "CA certificate (PEM)"),
+        ("--cert", "KMIPD_CERT", "client certificate (PEM)"),
+        ("--key", "KMIPD_KEY", "client private key (PEM)"),
+    ):
+        group.add_argument(flag, default=os.environ.get(env), help=what)
+    group.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    return parent
+
+
+def _add_client_commands(commands: Any) -> None:
+    common = _client_options()
+    reveal = argparse.ArgumentParser(add_help=False)
+    reveal.add_argument(
+        "--reveal",
+        action="store_true",
+        help="print the key itself (hex); otherwise only its metadata",
+    )
+
+    dek = commands.add_parser("dek", help="stored DEKs").add_subparsers(metavar="ACTION")
+    create = dek.add_parser("create", parents=[common, reveal], help="create a DEK")
+    create.add_argument("--namespace", required=True)
+    create.set_defaults(handler=_client_call(lambda c, a: c.create_dek(a.namespace)))
+    get = dek.add_parser("get", parents=[common, reveal], help="fetch a DEK by id")
+    get.add_argument("dek_id", metavar="ID")
+    get.set_defaults(handler=_client_call(lambda c, a: c.get_dek(a.dek_id)))
+
+    datakey = commands.add_parser("datakey", help="stateless data keys (caller keeps the blob)")
+    actions = datakey.add_subparsers(metavar="ACTION")
+    generate = actions.add_parser(
+        "generate", parents=[common, reveal], help="new key + wrapped blob"
+    )
+    generate.add_argument("--kek", required=True)
+    generate.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    generate.set_defaults(
+        handler=_client_call(lambda c, a: c.generate_data_key(a.kek, _parse_context(a.context)))
+    )
+    unwrap = actions.add_parser("unwrap", parents=[common, reveal], help="recover a blob's key")
+    unwrap.add_argument("blob", help="the blob, base64")
+    unwrap.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    unwrap.set_defaults(
+        handler=_client_call(lambda c, a: c.unwrap(_parse_blob(a.blob), _parse_context(a.context)))
+    )
+
+    kek = commands.add_parser("kek", help="KEK administration").add_subparsers(metavar="ACTION")
+    kek_create = kek.add_parser("create", parents=[common], help="create a namespace's KEK")
+    kek_create.add_argument("name")
+    kek_create.set_defaults(handler=_client_call(lambda c, a: c.create_kek(a.name)))
+    kek_list = kek.add_parser("list", parents=[common], help="list KEKs")
+    kek_list.add_argument("--prefix")
+    kek_list.set_defaults(handler=_client_call(lambda c, a: c.list_keks(a.prefix)))
+
+    status = commands.add_parser("status", parents=[common], help="server health")
+    status.set_defaults(handler=_client_call(lambda c, a: c.status()))
+
+
+# -- handlers ----------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config_path = prepare_dev(args.data, args.listen) if args.dev else args.config
+    config = load_config(config_path)
+    configure_logging(config.log_level)
+
+    def announce(daemon: RunningDaemon) -> None:
+        print(f"kmipd: listening on {', '.join(daemon.addresses)}", flush=True)
+        if args.dev:
+            print(f"kmipd: dev data in {args.data}/ (config {config_path})")
+            print("kmipd: try, in another shell:")
+            print(f"  {client_command(args.data, daemon.addresses[0])} --reveal", flush=True)
+
+    trio.run(run_daemon, config, announce)
+    return 0
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.init(
+        args.directory,
+        trust_domain=args.trust_domain,
+        key_type=KeyType.RSA_3072 if args.rsa else KeyType.EC_P256,
+        dns_names=tuple(args.dns) or ("localhost",),
+        ip_addresses=tuple(args.ip) or ("127.0.0.1",),
+        force=args.force,
+    )
+    print(f"CA for trust domain {ca.trust_domain} in {ca.directory}")
+    for label, path in (
+        ("CA certificate", ca.ca_cert_path),
+        ("server cert", ca.server_cert_path),
+        ("server key", ca.server_key_path),
+        ("CRL", ca.crl_path),
+    ):
+        print(f"  {label}: {path}")
+    return 0
+
+
+def _pki_issue(args: argparse.Namespace) -> int:
+    issued = CertificateAuthority.load(args.directory).issue_client(
+        args.name, validity_days=args.days, force=args.force
+    )
+    print(f"issued {issued.identity}")
+    print(f"  certificate: {issued.cert_path}\n  key: {issued.key_path}")
+    return 0
+
+
+def _pki_revoke(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.load(args.directory)
+    ca.revoke(args.name, reason=x509.ReasonFlags[args.reason])
+    print(f"revoked {args.name}; CRL updated: {ca.crl_path}")
+    print("a running daemon applies it to new connections after a reload")
+    return 0
+
+
+def _hsm_software_init(args: argparse.Namespace) -> int:
+    create_master_key(args.master_key)
+    print(f"created master key {args.master_key} (mode 0600); back it up somewhere safe")
+    return 0
+
+
+def _client_call(call: Callable[[km.Client, argparse.Namespace], Any]) -> Callable[..., int]:
+    def handler(args: argparse.Namespace) -> int:
+        missing = [f for f in ("server", "ca", "cert", "key") if not getattr(args, f)]
+        if missing:
+            raise CliError("missing " + ", ".join(f"--{f}" for f in missing))
+        with km.Client(
+            args.server, ca=args.ca, cert=args.cert, key=args.key, timeout=args.timeout
+        ) as client:
+            result = call(client, args)
+        print(json.dumps(_to_json(result, reveal=getattr(args, "reveal", False)), indent=2))
+        return 0
+
+    return handler
+
+
+def _to_json(result: Any, *, reveal: bool) -> Any:
+    if isinstance(result, list):
+        return [_to_json(item, reveal=reveal) for item in result]
+    return _jsonable(attrs.asdict(result), reveal=reveal)
+
+
+def _jsonable(value: Any, *, reveal: bool) -> Any:
+    """Bytes become base64, except a key: hex with --reveal, else only its length."""
+    if isinstance(value, dict):
+        out = {}
+        for name, member in value.items():
+            if name == "key" and isinstance(member, bytes):
+                out[name] = member.hex() if reveal else f"<{len(member)} bytes; --reveal prints it>"
+            else:
+                out[name] = _jsonable(member, reveal=reveal)
+        return out
+    if isinstance(value, list | tuple):
+        return [_jsonable(member, reveal=reveal) for member in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return value
+
+
+def _parse_context(pairs: list[str]) -> dict[str, str]:
+    context: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CliError(f"--context {pair!r}: expected KEY=VALUE")
+        context[key] = value
+    return context
+
+
+def _parse_blob(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise CliError("the blob must be base64, as datakey generate prints it") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    return run_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

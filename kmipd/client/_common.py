@@ -1,0 +1,98 @@
+"""What both clients share: where to connect, and turning outcomes into results."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from kmipd._address import format_address, parse_address
+from kmipd.client._errors import KmipdError, remote_error
+from kmipd.client._tls import client_context
+from kmipd.protocol import OPERATIONS, ErrorInfo, HelloResult
+
+DEFAULT_PORT = 5696
+DEFAULT_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class Endpoint:
+    """Where to connect and how to authenticate, resolved once per client."""
+
+    host: str
+    port: int
+    context: ssl.SSLContext
+    server_hostname: str
+    timeout: float
+    client_name: str
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+
+def make_endpoint(
+    address: str,
+    *,
+    ca: str | Path | None,
+    cert: str | Path | None,
+    key: str | Path | None,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    timeout: float,
+    client_name: str,
+) -> Endpoint:
+    try:
+        host, port = parse_address(address, default_port=DEFAULT_PORT)
+    except ValueError as exc:
+        raise KmipdError(str(exc)) from None
+    if ssl_context is None:
+        if ca is None or cert is None or key is None:
+            raise KmipdError("give ca, cert and key paths, or an ssl_context")
+        ssl_context = client_context(ca=ca, cert=cert, key=key)
+    if timeout <= 0:
+        raise KmipdError("timeout must be positive")
+    return Endpoint(host, port, ssl_context, server_hostname or host, timeout, client_name)
+
+
+@attrs.frozen
+class ConnectionInfo:
+    """What was negotiated and verified on a connection, for logs and diagnostics."""
+
+    tls_version: str
+    cipher: str
+    server_subject: str
+    identity: str
+    protocol_version: int
+    max_frame_size: int
+    max_in_flight: int
+
+    @classmethod
+    def describe(cls, tls: ssl.SSLSocket | ssl.SSLObject, hello: HelloResult) -> ConnectionInfo:
+        peer: dict[str, Any] = dict(tls.getpeercert() or {})
+        subject = ", ".join(
+            f"{name}={value}" for rdn in peer.get("subject", ()) for name, value in rdn
+        )
+        cipher = tls.cipher()
+        return cls(
+            tls_version=tls.version() or "?",
+            cipher=cipher[0] if cipher else "?",
+            server_subject=subject,
+            identity=hello.identity,
+            protocol_version=hello.version,
+            max_frame_size=hello.max_frame_size,
+            max_in_flight=hello.max_in_flight,
+        )
+
+
+def unwrap_outcome(outcome: Any, *, server: str, request_id: int) -> Any:
+    """The typed result, or raise the exception named after the wire error."""
+    if isinstance(outcome, ErrorInfo):
+        raise remote_error(outcome, server=server, request_id=request_id)
+    return outcome
+
+
+def is_idempotent(request: Any) -> bool:
+    return OPERATIONS[request.OPERATION].idempotent

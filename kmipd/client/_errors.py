@@ -1,0 +1,191 @@
+"""Client exceptions: one per wire error code, plus the client's own failures.
+
+Every message names the server address and, where there was one, the
+request id, so a storage engineer reading a log line knows where to look.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from kmipd.protocol import ErrorCode, ErrorInfo
+
+
+class KmipdError(Exception):
+    """Base of every error the client library raises."""
+
+    #: The wire code this error stands for; None for client-side failures.
+    code: ErrorCode | None = None
+
+    def __init__(self, message: str, *, server: str = "", request_id: int | None = None) -> None:
+        where = f"server {server}" if server else ""
+        if request_id is not None:
+            where += f", request {request_id}" if where else f"request {request_id}"
+        super().__init__(f"{message} ({where})" if where else message)
+        self.server = server
+        self.request_id = request_id
+        self.detail = message
+
+
+class RemoteError(KmipdError):
+    """The server answered with an error response."""
+
+
+class BadRequestError(RemoteError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnsupportedVersionError(RemoteError):
+    code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class HelloRequiredError(RemoteError):
+    code = ErrorCode.HELLO_REQUIRED
+
+
+class UnknownOperationError(RemoteError):
+    code = ErrorCode.UNKNOWN_OPERATION
+
+
+class FrameTooLargeError(RemoteError):
+    code = ErrorCode.FRAME_TOO_LARGE
+
+
+class DuplicateRequestIdError(RemoteError):
+    code = ErrorCode.DUPLICATE_REQUEST_ID
+
+
+class ServerTimeoutError(RemoteError):
+    """The server closed the connection because it was idle or a frame stalled."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class CertificateRejectedError(RemoteError):
+    """The server refused this client's certificate (by TLS alert or after the handshake)."""
+
+    code = ErrorCode.CERTIFICATE_REJECTED
+
+
+class NotAuthorizedError(RemoteError):
+    code = ErrorCode.NOT_AUTHORIZED
+
+
+class NotFoundError(RemoteError):
+    code = ErrorCode.NOT_FOUND
+
+
+class IntegrityFailureError(RemoteError):
+    """A wrapped key failed authentication: wrong context, or tampered with."""
+
+    code = ErrorCode.INTEGRITY_FAILURE
+
+
+class AlreadyExistsError(RemoteError):
+    code = ErrorCode.ALREADY_EXISTS
+
+
+class BusyError(RemoteError):
+    code = ErrorCode.BUSY
+
+
+class ShuttingDownError(RemoteError):
+    code = ErrorCode.SHUTTING_DOWN
+
+
+class HsmUnavailableError(RemoteError):
+    code = ErrorCode.HSM_UNAVAILABLE
+
+
+class InternalError(RemoteError):
+    code = ErrorCode.INTERNAL
+
+
+class UnavailableError(KmipdError):
+    """The server could not be reached, or the connection was lost."""
+
+
+class ServerCertificateError(KmipdError):
+    """The server's certificate did not verify against our CA, or names another host."""
+
+
+class DeadlineExceededError(KmipdError):
+    """The call did not complete within its deadline; its outcome is unknown."""
+
+
+ERROR_CLASSES: dict[ErrorCode, type[RemoteError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequestError,
+        UnsupportedVersionError,
+        HelloRequiredError,
+        UnknownOperationError,
+        FrameTooLargeError,
+        DuplicateRequestIdError,
+        ServerTimeoutError,
+        CertificateRejectedError,
+        NotAuthorizedError,
+        NotFoundError,
+        IntegrityFailureError,
+        AlreadyExistsError,
+        BusyError,
+        ShuttingDownError,
+        HsmUnavailableError,
+        InternalError,
+    )
+    if cls.code is not None
+}
+
+
+def remote_error(error: ErrorInfo, *, server: str, request_id: int | None) -> RemoteError:
+    cls = ERROR_CLASSES.get(error.code, InternalError)
+    return cls(f"{error.code.wire_name}: {error.message}", server=server, request_id=request_id)
+
+
+#: What the server's TLS alert means for this client, by OpenSSL reason code.
+_ALERT_MEANINGS: dict[str, tuple[type[KmipdError], str]] = {
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": (
+        CertificateRejectedError,
+        "the server requires a client certificate",
+    ),
+    "TLSV1_ALERT_UNKNOWN_CA": (
+        CertificateRejectedError,
+        "the server does not trust the CA that issued this client certificate (unknown_ca)",
+    ),
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": (
+        CertificateRejectedError,
+        "the server says this client certificate has expired",
+    ),
+    "SSLV3_ALERT_CERTIFICATE_REVOKED": (
+        CertificateRejectedError,
+        "the server says this client certificate is revoked",
+    ),
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": (
+        CertificateRejectedError,
+        "the server refused this client certificate: it is not valid for client "
+        "authentication (extendedKeyUsage clientAuth)",
+    ),
+    "SSLV3_ALERT_BAD_CERTIFICATE": (
+        CertificateRejectedError,
+        "the server refused this client certificate (bad_certificate)",
+    ),
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": (
+        CertificateRejectedError,
+        "the server refused this client certificate (certificate_unknown)",
+    ),
+    "TLSV1_ALERT_PROTOCOL_VERSION": (
+        UnavailableError,
+        "the server refused the TLS version (kmipd requires TLS 1.3 unless 1.2 is enabled)",
+    ),
+}
+
+
+def tls_failure(exc: ssl.SSLError, *, server: str) -> KmipdError:
+    """Turn an OpenSSL failure into the error a storage engineer can act on."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ServerCertificateError(
+            f"the server's certificate did not verify: {exc.verify_message}", server=server
+        )
+    reason = exc.reason or ""
+    cls, meaning = _ALERT_MEANINGS.get(reason, (UnavailableError, ""))
+    return cls(meaning or f"TLS failure: {reason.lower() or exc}", server=server)

@@ -1,0 +1,348 @@
+"""The daemon's configuration file (TOML), checked in full before anything starts.
+
+Every option is declared once below with its type, default and meaning; the
+README's configuration table is the same list. A bad file is refused with
+every problem at once, each naming the key: ``server.max_in_flight: expected
+an integer, got text``. Relative paths are relative to the config file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from kmipd._address import parse_address
+from kmipd.protocol import NAMESPACE_PATTERN
+from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
+from kmipd.server import ServerLimits, TlsSettings
+from kmipd.service import Grant, Policy, PolicyError, expand_operations
+
+
+class ConfigError(Exception):
+    """The config cannot be used; ``problems`` lists every reason, each naming its key."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.source = source
+        self.problems = problems
+
+
+@attrs.frozen
+class Option:
+    kind: type | tuple[type, ...]
+    default: Any
+    help: str
+    #: Extra check on the value; returns a problem or None.
+    check: Callable[[Any], str | None] | None = None
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _at_least_one(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
+def _frame_size(value: int) -> str | None:
+    if 16 <= value <= ABSOLUTE_MAX_FRAME_SIZE:
+        return None
+    return f"must be 16..{ABSOLUTE_MAX_FRAME_SIZE}"
+
+
+def _addresses(value: list[Any]) -> str | None:
+    if not value:
+        return "needs at least one address"
+    for item in value:
+        if not isinstance(item, str):
+            return "must be a list of HOST:PORT strings"
+        try:
+            parse_address(item)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+REQUIRED = object()
+
+#: section -> key -> Option. Paths are str here and resolved after checking.
+SCHEMA: dict[str, dict[str, Option]] = {
+    "server": {
+        "listen": Option(list, ["127.0.0.1:5696"], "addresses to listen on, HOST:PORT", _addresses),
+        "name": Option(str, "kmipd", "server name reported by hello and status"),
+        "max_frame_size": Option(int, 65536, "largest frame accepted, bytes", _frame_size),
+        "max_in_flight": Option(int, 64, "unanswered requests per connection", _at_least_one),
+        "max_connections": Option(int, 1024, "concurrent client connections", _at_least_one),
+        "handshake_timeout": Option((int, float), 10.0, "seconds to finish TLS", _positive),
+        "idle_timeout": Option((int, float), 300.0, "seconds a quiet connection stays", _positive),
+        "frame_timeout": Option((int, float), 30.0, "seconds to finish a started frame", _positive),
+        "send_timeout": Option((int, float), 30.0, "seconds a client may stall reading", _positive),
+        "drain_timeout": Option(
+            (int, float), 10.0, "seconds to finish requests on SIGTERM", _positive
+        ),
+    },
+    "tls": {
+        "ca": Option(str, REQUIRED, "CA certificate (PEM) that client certificates chain to"),
+        "cert": Option(str, REQUIRED, "server certificate (PEM)"),
+        "key": Option(str, REQUIRED, "server private key (PEM, mode 0600)"),
+        "crl": Option(str, REQUIRED, "CRL (PEM) signed by the CA; checked on every handshake"),
+        "trust_domain": Option(str, REQUIRED, "SPIFFE trust domain of client identities"),
+        "allow_tls12": Option(bool, False, "also accept TLS 1.2 (ECDHE + AEAD suites only)"),
+        "session_tickets": Option(int, 0, "TLS 1.3 tickets per handshake (0: no resumption)"),
+    },
+    "store": {
+        "path": Option(str, REQUIRED, "SQLite database file"),
+        "cache_size": Option(int, 10_000, "wrapped DEK rows kept in memory", _at_least_one),
+    },
+    "hsm": {
+        "backend": Option(str, "software", "HSM backend", _one_of("software")),
+        "master_key": Option(str, REQUIRED, "software backend: master key file (32 bytes, 0600)"),
+        "keyring": Option(str, REQUIRED, "software backend: encrypted KEK file"),
+    },
+    "keys": {
+        "create_kek_on_demand": Option(
+            bool, False, "create a namespace's KEK on its first create-dek / generate-data-key"
+        ),
+    },
+    "logging": {
+        "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
+    },
+}
+
+_PATH_KEYS = {
+    ("tls", "ca"),
+    ("tls", "cert"),
+    ("tls", "key"),
+    ("tls", "crl"),
+    ("store", "path"),
+    ("hsm", "master_key"),
+    ("hsm", "keyring"),
+}
+
+GRANT_KEYS = {"identity", "namespaces", "operations"}
+
+
+@attrs.frozen
+class Config:
+    source: str
+    listen: tuple[str, ...]
+    server_name: str
+    limits: ServerLimits
+    tls: TlsSettings
+    store_path: Path
+    store_cache_size: int
+    hsm_backend: str
+    master_key: Path
+    keyring: Path
+    create_kek_on_demand: bool
+    policy: Policy
+    log_level: str
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["not UTF-8 text"]) from None
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse_config(document, source=str(path), base=path.parent)
+
+
+def parse_config(document: Mapping[str, Any], *, source: str, base: Path) -> Config:
+    problems: list[str] = []
+    for section in document:
+        if section not in SCHEMA and section != "grant":
+            problems.append(_unknown(section, [*SCHEMA, "grant"]))
+    values = {
+        (section, key): value
+        for section, options in SCHEMA.items()
+        for key, value in _check_section(document, section, options, problems).items()
+    }
+    grants = _parse_grants(document.get("grant", []), problems)
+    if problems:
+        raise ConfigError(source, problems)
+    for section, key in _PATH_KEYS:
+        values[(section, key)] = base / Path(values[(section, key)])
+
+    def v(section: str, key: str) -> Any:
+        return values[(section, key)]
+
+    return Config(
+        source=source,
+        listen=tuple(v("server", "listen")),
+        server_name=v("server", "name"),
+        limits=ServerLimits(
+            **{
+                key: v("server", key)
+                for key in (
+                    "max_frame_size",
+                    "max_in_flight",
+                    "max_connections",
+                    "handshake_timeout",
+                    "idle_timeout",
+                    "frame_timeout",
+                    "send_timeout",
+                    "drain_timeout",
+                )
+            }
+        ),
+        tls=TlsSettings(
+            ca=v("tls", "ca"),
+            cert=v("tls", "cert"),
+            key=v("tls", "key"),
+            crl=v("tls", "crl"),
+            trust_domain=v("tls", "trust_domain"),
+            allow_tls12=v("tls", "allow_tls12"),
+            session_tickets=v("tls", "session_tickets"),
+        ),
+        store_path=v("store", "path"),
+        store_cache_size=v("store", "cache_size"),
+        hsm_backend=v("hsm", "backend"),
+        master_key=v("hsm", "master_key"),
+        keyring=v("hsm", "keyring"),
+        create_kek_on_demand=v("keys", "create_kek_on_demand"),
+        policy=Policy(tuple(grants)),
+        log_level=v("logging", "level"),
+    )
+
+
+def _check_section(
+    document: Mapping[str, Any], section: str, options: dict[str, Option], problems: list[str]
+) -> dict[str, Any]:
+    """The section's values (defaults filled in); problems are appended, not raised."""
+    table = document.get(section, {})
+    if not isinstance(table, dict):
+        problems.append(f"{section}: must be a table ([{section}])")
+        table = {}
+    for key in table:
+        if key not in options:
+            problems.append(_unknown(f"{section}.{key}", [f"{section}.{k}" for k in options]))
+    values: dict[str, Any] = {}
+    for key, option in options.items():
+        if key not in table:
+            if option.default is REQUIRED:
+                problems.append(f"{section}.{key}: required")
+            values[key] = option.default
+            continue
+        value = table[key]
+        problem = _check_type(value, option.kind)
+        if problem is None and option.check is not None:
+            problem = option.check(value)
+        if problem is not None:
+            problems.append(f"{section}.{key}: {problem}")
+        values[key] = value
+    return values
+
+
+def _check_type(value: Any, kind: type | tuple[type, ...]) -> str | None:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # TOML booleans are not integers here, whatever Python thinks.
+    if isinstance(value, bool) and bool not in kinds:
+        return f"expected {_kind_name(kinds)}, got a boolean"
+    if not isinstance(value, kinds):
+        return f"expected {_kind_name(kinds)}, got {_kind_name((type(value),))}"
+    return None
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {
+        str: "text",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _unknown(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{name}: unknown key{hint}"
+
+
+def _parse_grants(raw: Any, problems: list[str]) -> list[Grant]:
+    if not isinstance(raw, list):
+        problems.append("grant: must be an array of tables ([[grant]])")
+        return []
+    grants = []
+    for index, entry in enumerate(raw):
+        where = f"grant[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        for key in entry:
+            if key not in GRANT_KEYS:
+                problems.append(_unknown(f"{where}.{key}", [f"{where}.{k}" for k in GRANT_KEYS]))
+        identity = entry.get("identity")
+        if not isinstance(identity, str) or not identity:
+            problems.append(f"{where}.identity: required, a SPIFFE ID or glob (spiffe://td/name)")
+            continue
+        namespaces = entry.get("namespaces")
+        if (
+            not isinstance(namespaces, list)
+            or not namespaces
+            or not all(isinstance(n, str) and _namespace_glob_ok(n) for n in namespaces)
+        ):
+            problems.append(f"{where}.namespaces: required, a list of namespace names or globs")
+            continue
+        operations = entry.get("operations")
+        if not isinstance(operations, list) or not all(isinstance(o, str) for o in operations):
+            problems.append(f"{where}.operations: required, a list of operation names")
+            continue
+        try:
+            grants.append(Grant(identity, tuple(namespaces), expand_operations(operations)))
+        except PolicyError as exc:
+            problems.append(f"{where}.operations: {exc}")
+    return grants
+
+
+def _namespace_glob_ok(pattern: str) -> bool:
+    """A glob is fine if replacing its wildcards yields a valid namespace name."""
+    sample = pattern.replace("*", "x").replace("?", "x")
+    return "[" not in pattern and NAMESPACE_PATTERN.fullmatch(sample) is not None
+
+
+def render_config(values: Mapping[str, Mapping[str, Any]], grants: list[Mapping[str, Any]]) -> str:
+    """Write a config file (for --dev), in the same shape load_config reads."""
+    lines: list[str] = []
+    for section, table in values.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    for grant in grants:
+        lines.append("[[grant]]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in grant.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{text}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

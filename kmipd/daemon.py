@@ -1,0 +1,85 @@
+"""Assembling the daemon from a Config: store, HSM, TLS, service, server, signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import attrs
+import trio
+
+from kmipd._address import format_address
+from kmipd.config import Config
+from kmipd.hsm import SoftwareHsm
+from kmipd.server import KmipServer, ServerTls, open_listeners
+from kmipd.service import KeyService, ServerInfo
+from kmipd.store import KeyStore
+
+log = logging.getLogger("kmipd.daemon")
+
+
+@attrs.frozen
+class RunningDaemon:
+    """Handed to ``on_ready``: where the daemon listens, and how to stop it."""
+
+    addresses: list[str]
+    server: KmipServer
+
+    def stop(self) -> None:
+        self.server.request_shutdown()
+
+
+async def run_daemon(
+    config: Config,
+    on_ready: Callable[[RunningDaemon], None] | None = None,
+    *,
+    handle_signals: bool = True,
+) -> None:
+    """Serve until SIGTERM or SIGINT (or ``stop()``), then drain and return.
+
+    ``on_ready`` is called once the store is open, the HSM answers and the
+    listeners accept. Signals can only be handled on the main thread; an
+    embedding program passes ``handle_signals=False`` and calls ``stop()``.
+    """
+    tls = ServerTls.load(config.tls)
+    store = KeyStore.open(config.store_path, cache_size=config.store_cache_size)
+    try:
+        hsm = SoftwareHsm.open(config.master_key, config.keyring)
+        try:
+            await hsm.check()
+            service = KeyService(
+                store=store,
+                hsm=hsm,
+                policy=config.policy,
+                info=ServerInfo(name=config.server_name),
+                create_kek_on_demand=config.create_kek_on_demand,
+            )
+            server = KmipServer(service, tls, config.limits)
+            listeners = await open_listeners(list(config.listen))
+            addresses = [format_address(*lst.socket.getsockname()[:2]) for lst in listeners]
+            async with trio.open_nursery() as nursery:
+
+                async def serve_then_stop(task_status: trio.TaskStatus[None]) -> None:
+                    await server.serve(listeners, task_status=task_status)
+                    nursery.cancel_scope.cancel()  # the signal watcher is done too
+
+                if handle_signals:
+                    nursery.start_soon(_stop_on_signal, server)
+                await nursery.start(serve_then_stop)
+                log.info("listening on %s", ", ".join(addresses))
+                if on_ready is not None:
+                    on_ready(RunningDaemon(addresses, server))
+            log.info("stopped")
+        finally:
+            hsm.close()
+    finally:
+        store.close()
+
+
+async def _stop_on_signal(server: KmipServer) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: draining and stopping", signal.Signals(signum).name)
+            server.request_shutdown()
+            return

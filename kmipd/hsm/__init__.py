@@ -1,0 +1,21 @@
+"""HSM backends: where KEKs live. The service sees only the HsmBackend interface."""
+
+from kmipd.hsm._interface import (
+    HsmBackend,
+    HsmError,
+    HsmIntegrityError,
+    HsmKeyNotFoundError,
+    HsmUnavailableError,
+)
+from kmipd.hsm._software import SoftwareHsm, create_master_key, read_master_key
+
+__all__ = [
+    "HsmBackend",
+    "HsmError",
+    "HsmIntegrityError",
+    "HsmKeyNotFoundError",
+    "HsmUnavailableError",
+    "SoftwareHsm",
+    "create_master_key",
+    "read_master_key",
+]

@@ -1,0 +1,58 @@
+"""The one interface every HSM backend implements.
+
+A KEK never leaves its backend: the service only holds an opaque handle
+and asks the backend to wrap or unwrap a DEK under it. Every method is
+async so that a backend whose token blocks (PKCS#11) can run its calls on
+its own worker with a timeout, while the software backend answers inline.
+
+Wrapped-key format, shared by every backend that uses AES-256-GCM so that
+a store can move between them: ``nonce (12 bytes) || ciphertext || tag (16 bytes)``,
+with the caller's associated data binding the key to its metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class HsmError(Exception):
+    """Base class for backend failures. Messages never contain key material."""
+
+
+class HsmIntegrityError(HsmError):
+    """Unwrap failed authentication: wrong KEK, wrong associated data, or tampering."""
+
+
+class HsmUnavailableError(HsmError):
+    """The backend cannot be reached or did not answer in time."""
+
+
+class HsmKeyNotFoundError(HsmError):
+    """No KEK with that handle exists in the backend."""
+
+
+class HsmBackend(Protocol):
+    #: Short name for status and logs, e.g. "software" or "pkcs11".
+    name: str
+
+    async def generate_kek(self, label: str) -> str:
+        """Create a new 256-bit KEK inside the backend and return its handle."""
+        ...
+
+    async def wrap(self, handle: str, key: bytes, associated_data: bytes) -> bytes:
+        """Encrypt ``key`` under the KEK, authenticating ``associated_data``."""
+        ...
+
+    async def unwrap(self, handle: str, wrapped: bytes, associated_data: bytes) -> bytes:
+        """Reverse ``wrap``; raise HsmIntegrityError if anything does not match."""
+        ...
+
+    async def destroy_kek(self, handle: str) -> None:
+        """Erase the KEK: every key wrapped only under it becomes unrecoverable."""
+        ...
+
+    async def check(self) -> None:
+        """Raise HsmUnavailableError unless the backend answers now."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,305 @@
+"""The trio shell around ServerConnection and KeyService.
+
+One task per connection reads frames; each request runs in its own task,
+so a slow request never holds up the ones behind it, and responses go out
+as they finish (out of order). A connection may have at most
+``max_in_flight`` requests unanswered: past that its reader stops reading,
+and TCP flow control pushes back on the client. Every wait on a peer has a
+deadline (handshake, idle, partial frame, send), so no client can hold
+resources another client needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import ssl
+
+import attrs
+import trio
+
+from kmipd._address import format_address
+from kmipd._trio_tls import TlsChannel, TlsHandshakeError
+from kmipd.protocol import (
+    NEED_DATA,
+    PAUSED,
+    ConnectionEnded,
+    ErrorCode,
+    RequestReceived,
+    ServerConnection,
+)
+from kmipd.server._tls import PeerRejectedError, ServerTls
+from kmipd.service import KeyService, ServiceError
+
+log = logging.getLogger("kmipd.server")
+
+#: accept() errors that mean "out of resources right now", not "listener broken".
+_ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@attrs.frozen
+class ServerLimits:
+    max_frame_size: int = 64 * 1024
+    max_in_flight: int = 64
+    max_connections: int = 1024
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    frame_timeout: float = 30.0
+    send_timeout: float = 30.0
+    drain_timeout: float = 10.0
+
+
+class KmipServer:
+    def __init__(self, service: KeyService, tls: ServerTls, limits: ServerLimits) -> None:
+        self.service = service
+        #: Replaced as a whole on reload; each handshake reads it once.
+        self.tls = tls
+        self.limits = limits
+        self._connections: set[_Connection] = set()
+        self._shutdown = trio.Event()
+        self._all_closed = trio.Event()
+        self._all_closed.set()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    def request_shutdown(self) -> None:
+        """Stop accepting, let requests in flight finish (bounded), then return from serve()."""
+        self._shutdown.set()
+
+    async def serve(
+        self,
+        listeners: list[trio.SocketListener],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptors:
+                for listener in listeners:
+                    acceptors.start_soon(self._accept_loop, listener, connections)
+                task_status.started()
+                await self._shutdown.wait()
+                acceptors.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            await self._drain()
+            connections.cancel_scope.cancel()
+
+    async def _drain(self) -> None:
+        self.service.info.state = "draining"
+        log.info("draining %d connection(s)", len(self._connections))
+        for connection in list(self._connections):
+            connection.start_draining()
+        with trio.move_on_after(self.limits.drain_timeout):
+            await self._all_closed.wait()
+            return
+        log.warning("drain timeout: cutting off requests still in flight")
+        for connection in list(self._connections):
+            connection.cut_off()
+        with trio.move_on_after(1.0):
+            await self._all_closed.wait()
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                    raise
+                log.error("accept failed (%s); retrying shortly", errno.errorcode[exc.errno])
+                await trio.sleep(0.1)  # back off until descriptors free up
+                continue
+            if len(self._connections) >= self.limits.max_connections:
+                log.warning(
+                    "connection limit (%d) reached: refusing a client", self.limits.max_connections
+                )
+                await stream.aclose()
+                continue
+            connection = _Connection(self, stream)
+            self._connections.add(connection)
+            self._all_closed = trio.Event()
+            self.service.info.connections = len(self._connections)
+            nursery.start_soon(self._run_connection, connection)
+
+    async def _run_connection(self, connection: _Connection) -> None:
+        try:
+            await connection.run()
+        except Exception as exc:
+            # Whatever one connection does, the server and its other clients carry on.
+            if _only_disconnects(exc):
+                log.debug("connection from %s broken: %r", connection.peer, exc)
+            else:
+                log.exception("connection from %s failed", connection.peer)
+        finally:
+            self._connections.discard(connection)
+            self.service.info.connections = len(self._connections)
+            if not self._connections:
+                self._all_closed.set()
+
+
+class _Connection:
+    def __init__(self, server: KmipServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.peer = _peer_name(stream)
+        self.channel = TlsChannel(stream, server.tls.context, server_side=True)
+        self.conn: ServerConnection | None = None
+        self._reader_scope = trio.CancelScope()
+        self._request_scopes: dict[int, trio.CancelScope] = {}
+        self._capacity = trio.Event()
+        self._draining = False
+        self._partial_since: float | None = None
+        self._partial_frames = 0
+
+    def start_draining(self) -> None:
+        self._draining = True
+        self._reader_scope.cancel()
+
+    def cut_off(self) -> None:
+        for scope in self._request_scopes.values():
+            scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            identity = await self._handshake()
+            if identity is None:
+                return
+            self.conn = ServerConnection(
+                identity=identity,
+                server_name=self.server.service.info.name,
+                max_frame_size=self.limits.max_frame_size,
+                max_in_flight=self.limits.max_in_flight,
+            )
+            async with trio.open_nursery() as requests:
+                with self._reader_scope:
+                    await self._read_loop(requests)
+                if self._draining:
+                    self.conn.start_draining()
+                    await self._refuse_buffered_requests()
+            await self._flush()
+        finally:
+            await self.channel.aclose()
+
+    async def _handshake(self) -> str | None:
+        tls = self.server.tls
+        with trio.move_on_after(self.limits.handshake_timeout):
+            try:
+                await self.channel.handshake()
+            except TlsHandshakeError as exc:
+                log.info("TLS handshake with %s refused: %s", self.peer, exc.reason or exc)
+                return None
+            try:
+                return tls.verify_peer(self.channel.ssl_object.getpeercert(binary_form=True))
+            except PeerRejectedError as exc:
+                log.info("client %s refused: %s", self.peer, exc)
+                refusal = ServerConnection(identity="", server_name="")
+                refusal.fail(ErrorCode.CERTIFICATE_REJECTED, f"certificate rejected: {exc}")
+                await self.channel.send_all(refusal.data_to_send())
+                return None
+        log.info("TLS handshake with %s timed out", self.peer)
+        return None
+
+    async def _read_loop(self, requests: trio.Nursery) -> None:
+        assert self.conn is not None
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                await self._flush()
+                data = await self._receive()
+                if data is not None:
+                    conn.receive_data(data)
+            elif event is PAUSED:
+                await self._flush()
+                self._capacity = trio.Event()
+                await self._capacity.wait()
+            elif isinstance(event, RequestReceived):
+                requests.start_soon(self._run_request, event)
+            else:
+                assert isinstance(event, ConnectionEnded)
+                return
+
+    async def _receive(self) -> bytes | None:
+        """Receive within the deadline that applies now; on expiry fail the connection."""
+        assert self.conn is not None
+        now = trio.current_time()
+        if self.conn.has_partial_frame:
+            # The clock runs from when the current partial frame began: a
+            # sender that keeps completing frames is making progress.
+            if self._partial_since is None or self._partial_frames != self.conn.frames_received:
+                self._partial_since = now
+                self._partial_frames = self.conn.frames_received
+            deadline = self._partial_since + self.limits.frame_timeout
+            why = f"frame not completed within {self.limits.frame_timeout:g} s"
+        else:
+            self._partial_since = None
+            in_flight = self.conn.in_flight
+            deadline = now + self.limits.idle_timeout if in_flight == 0 else math.inf
+            why = f"idle for {self.limits.idle_timeout:g} s"
+        with trio.move_on_at(deadline):
+            return await self.channel.receive_some()
+        log.info("closing connection from %s: %s", self.peer, why)
+        self.conn.fail(ErrorCode.TIMEOUT, why)
+        return None
+
+    async def _refuse_buffered_requests(self) -> None:
+        """After drain began: answer what is already buffered with shutting-down."""
+        assert self.conn is not None
+        while True:
+            event = self.conn.next_event()
+            if event is PAUSED:
+                self._capacity = trio.Event()
+                await self._capacity.wait()
+            elif event is NEED_DATA or isinstance(event, ConnectionEnded):
+                return
+
+    async def _run_request(self, event: RequestReceived) -> None:
+        assert self.conn is not None
+        conn, request_id = self.conn, event.request_id
+        with trio.CancelScope() as scope:
+            self._request_scopes[request_id] = scope
+            try:
+                result = await self.server.service.handle(conn.identity, event.request)
+            except ServiceError as exc:
+                conn.send_error(request_id, exc.code, exc.message)
+            except Exception:
+                log.exception("request %s (%s) failed", request_id, event.request.OPERATION)
+                conn.send_error(
+                    request_id, ErrorCode.INTERNAL, "internal error; see the server log"
+                )
+            else:
+                conn.send_result(request_id, result)
+        del self._request_scopes[request_id]
+        if scope.cancelled_caught:
+            conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "cut off by server shutdown")
+        self._capacity.set()
+        await self._flush()
+
+    async def _flush(self) -> None:
+        assert self.conn is not None
+        conn = self.conn
+        with trio.move_on_after(self.limits.send_timeout) as scope:
+            await self.channel.send_pending(conn.data_to_send)
+        if scope.cancelled_caught:
+            log.info("closing connection from %s: it stopped reading responses", self.peer)
+            raise trio.BrokenResourceError("send timeout")
+
+
+_DISCONNECTS = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, ConnectionError)
+
+
+def _only_disconnects(exc: BaseException) -> bool:
+    """True if ``exc`` (or every member of an exception group) means the peer went away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_disconnects(member) for member in exc.exceptions)
+    return isinstance(exc, _DISCONNECTS)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "<unknown>"
+    return format_address(host, port)

@@ -1,0 +1,139 @@
+"""The server's TLS policy: what a handshake needs and what a peer must prove.
+
+OpenSSL verifies the chain, the validity dates, the CRL and (when present)
+the clientAuth EKU during the handshake, and a refused client gets the
+alert that says why. What OpenSSL does not insist on is checked right after
+the handshake, on every connection, resumed or not:
+
+* the certificate carries an extendedKeyUsage with clientAuth (OpenSSL
+  accepts a certificate with no EKU extension at all);
+* exactly one SPIFFE URI SAN in our trust domain: that URI is the identity;
+* its serial is not in the CRL and it is within its validity period (a
+  resumed TLS session skips OpenSSL's verification; tickets are off by
+  default, and this check keeps a revoked certificate out even when an
+  operator turns them on).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from pki import PkiError, load_crl_serials
+
+#: TLS 1.2 is off unless enabled; when on, only forward-secret AEAD suites.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+class TlsConfigError(Exception):
+    """The TLS material cannot be loaded; the message names the file and the problem."""
+
+
+class PeerRejectedError(Exception):
+    """The client's certificate passed OpenSSL but not our identity rules."""
+
+
+@attrs.frozen
+class TlsSettings:
+    ca: Path
+    cert: Path
+    key: Path
+    crl: Path
+    trust_domain: str
+    allow_tls12: bool = False
+    #: TLS 1.3 session tickets per handshake; 0 (no resumption) by default.
+    session_tickets: int = 0
+
+
+@attrs.frozen
+class ServerTls:
+    """Everything a handshake needs, loaded together so a reload swaps it in one step."""
+
+    settings: TlsSettings
+    context: ssl.SSLContext
+    revoked: frozenset[int]
+
+    @classmethod
+    def load(cls, settings: TlsSettings) -> ServerTls:
+        try:
+            revoked = load_crl_serials(settings.crl, settings.ca)
+        except PkiError as exc:
+            raise TlsConfigError(str(exc)) from None
+        return cls(settings, _server_context(settings), revoked)
+
+    def verify_peer(self, der: bytes | None, now: datetime.datetime | None = None) -> str:
+        """Return the peer's identity (its SPIFFE ID) or raise PeerRejectedError."""
+        if der is None:
+            raise PeerRejectedError("no client certificate")
+        cert = x509.load_der_x509_certificate(der)
+        now = now or datetime.datetime.now(datetime.UTC)
+        if cert.serial_number in self.revoked:
+            raise PeerRejectedError("client certificate is revoked")
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise PeerRejectedError("client certificate is outside its validity period")
+        try:
+            usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            raise PeerRejectedError(
+                "client certificate has no extendedKeyUsage; kmipd requires clientAuth"
+            ) from None
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            raise PeerRejectedError("client certificate lacks the clientAuth extended key usage")
+        return _spiffe_identity(cert, self.settings.trust_domain)
+
+
+def _spiffe_identity(cert: x509.Certificate, trust_domain: str) -> str:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise PeerRejectedError("client certificate has no SPIFFE ID (no URI SAN)") from None
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1 or not uris[0].startswith("spiffe://"):
+        # X.509-SVID: exactly one URI SAN, and it is the SPIFFE ID.
+        raise PeerRejectedError("client certificate must carry exactly one spiffe:// URI SAN")
+    identity = uris[0]
+    domain = identity[len("spiffe://") :].split("/", 1)[0]
+    if domain != trust_domain:
+        raise PeerRejectedError(
+            f"client identity is in trust domain {domain!r}, not {trust_domain!r}"
+        )
+    return identity
+
+
+def _server_context(settings: TlsSettings) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_2 if settings.allow_tls12 else ssl.TLSVersion.TLSv1_3
+    )
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    if settings.allow_tls12:
+        context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.num_tickets = settings.session_tickets
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+    for what, path in (("CA certificate", settings.ca), ("CRL", settings.crl)):
+        try:
+            context.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsConfigError(f"cannot load {what} {path}: {_reason(exc)}") from None
+    try:
+        context.load_cert_chain(settings.cert, settings.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsConfigError(
+            f"cannot load server certificate {settings.cert} "
+            f"with key {settings.key}: {_reason(exc)}"
+        ) from None
+    return context
+
+
+def _reason(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    return exc.strerror or str(exc)

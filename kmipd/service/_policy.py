@@ -1,0 +1,80 @@
+"""Authorization: default deny, grants from the config.
+
+A grant names client identities (a glob over the SPIFFE ID taken from the
+verified certificate), namespaces (globs; ``*`` also matches ``/``) and
+operations. Nothing is allowed unless some grant allows it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import attrs
+
+#: Operations a storage system needs to read and write its data.
+DATA_OPERATIONS = frozenset({"create-dek", "get-dek", "generate-data-key", "unwrap"})
+#: Operations that administer KEKs.
+ADMIN_OPERATIONS = frozenset({"create-kek", "list-keks"})
+#: Allowed to every authenticated client: they reveal nothing about keys.
+UNRESTRICTED_OPERATIONS = frozenset({"hello", "status"})
+GRANTABLE_OPERATIONS = DATA_OPERATIONS | ADMIN_OPERATIONS
+
+#: Names usable in a grant's operations list beside single operation names.
+OPERATION_GROUPS = {
+    "*": GRANTABLE_OPERATIONS,
+    "data": DATA_OPERATIONS,
+    "admin": ADMIN_OPERATIONS,
+}
+
+
+class PolicyError(ValueError):
+    """A grant that cannot mean anything (unknown operation, empty list)."""
+
+
+def expand_operations(names: Iterable[str]) -> frozenset[str]:
+    expanded: set[str] = set()
+    for name in names:
+        if name in OPERATION_GROUPS:
+            expanded |= OPERATION_GROUPS[name]
+        elif name in GRANTABLE_OPERATIONS:
+            expanded.add(name)
+        else:
+            known = ", ".join(sorted(GRANTABLE_OPERATIONS | set(OPERATION_GROUPS)))
+            raise PolicyError(f"unknown operation {name!r} (known: {known})")
+    if not expanded:
+        raise PolicyError("a grant needs at least one operation")
+    return frozenset(expanded)
+
+
+@attrs.frozen
+class Grant:
+    identity: str
+    namespaces: tuple[str, ...]
+    operations: frozenset[str]
+
+    def allows(self, identity: str, operation: str, namespace: str) -> bool:
+        return (
+            operation in self.operations
+            and fnmatch.fnmatchcase(identity, self.identity)
+            and any(fnmatch.fnmatchcase(namespace, pattern) for pattern in self.namespaces)
+        )
+
+
+@attrs.frozen
+class Policy:
+    grants: tuple[Grant, ...] = ()
+
+    def allows(self, identity: str, operation: str, namespace: str) -> bool:
+        if operation in UNRESTRICTED_OPERATIONS:
+            return True
+        return any(grant.allows(identity, operation, namespace) for grant in self.grants)
+
+    def allows_anywhere(self, identity: str, operation: str) -> bool:
+        """Whether some namespace would allow it: a cheap first check before a lookup."""
+        if operation in UNRESTRICTED_OPERATIONS:
+            return True
+        return any(
+            operation in grant.operations and fnmatch.fnmatchcase(identity, grant.identity)
+            for grant in self.grants
+        )

@@ -1,0 +1,25 @@
+"""kmipd's built-in certificate authority: CA, server and client certificates, CRL.
+
+Its own package: kmipd imports it, never the reverse, and the conformance
+suite uses it to make the certificates its probes need.
+"""
+
+from pki._ca import (
+    CertificateAuthority,
+    IssuedCertificate,
+    KeyType,
+    PkiError,
+    load_certificate,
+    load_crl_serials,
+)
+from pki._files import write_private_file
+
+__all__ = [
+    "CertificateAuthority",
+    "IssuedCertificate",
+    "KeyType",
+    "PkiError",
+    "load_certificate",
+    "load_crl_serials",
+    "write_private_file",
+]
