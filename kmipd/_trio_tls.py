@@ -69,7 +69,10 @@ class TlsChannel:
                     contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
                 ):
                     await self._flush()
-                raise TlsHandshakeError(str(exc), exc.reason) from exc
+                reason = exc.reason
+                if isinstance(exc, ssl.SSLCertVerificationError):
+                    reason = exc.verify_message  # e.g. "certificate has expired"
+                raise TlsHandshakeError(str(exc), reason) from exc
         await self._flush()
 
     async def _receive_raw(self, eof_message: str) -> None:

@@ -86,7 +86,11 @@ def _refusal(data: bytes) -> str:
 
 
 def test_plain_values_decode() -> None:
-    item = {"id": 7, "op": "get-dek", "args": {"dek-id": "x", "b": b"\x00", "l": [1, -2, True, None]}}
+    item = {
+        "id": 7,
+        "op": "get-dek",
+        "args": {"dek-id": "x", "b": b"\x00", "l": [1, -2, True, None]},
+    }
     assert decode_item(cbor2.dumps(item)) == item
 
 
@@ -112,8 +116,39 @@ def test_refusals_name_the_rule_broken(data: bytes, expected: str) -> None:
     assert expected in _refusal(data)
 
 
-@pytest.mark.parametrize("tag", [0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256,
-                                 258, 260, 261, 1004, 43000, 55799, 6, 24, 1000, 2**32, 2**64 - 1])  # fmt: skip
+@pytest.mark.parametrize(
+    "tag",
+    [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        25,
+        28,
+        29,
+        30,
+        35,
+        36,
+        37,
+        52,
+        54,
+        100,
+        256,
+        258,
+        260,
+        261,
+        1004,
+        43000,
+        55799,
+        6,
+        24,
+        1000,
+        2**32,
+        2**64 - 1,
+    ],
+)
 def test_every_tag_is_refused(tag: int) -> None:
     assert _refusal(cbor2.dumps(cbor2.CBORTag(tag, 0))) == "CBOR tags are not allowed"
 
@@ -164,11 +199,16 @@ def _depth(value: object) -> int:
 
 
 _plain = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=20)
     | st.binary(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
-).filter(lambda value: _depth(value) <= MAX_DEPTH)  # fmt: skip
+).filter(lambda value: _depth(value) <= MAX_DEPTH)
 
 
 @given(_plain)

@@ -82,8 +82,16 @@ def test_hello_negotiates_and_reports_identity_and_limits() -> None:
     conn.receive_data(frame({"id": 1, "op": "hello", "args": {"versions": [1, 9], "client": "t"}}))
     assert drain_events(conn) == [NEED_DATA]
     [response] = responses(conn)
-    assert response == {"id": 1, "result": {"version": 1, "server": "kmipd", "identity": IDENTITY,
-                                            "max-frame-size": 4096, "max-in-flight": 8}}  # fmt: skip
+    assert response == {
+        "id": 1,
+        "result": {
+            "version": 1,
+            "server": "kmipd",
+            "identity": IDENTITY,
+            "max-frame-size": 4096,
+            "max-in-flight": 8,
+        },
+    }
     assert conn.state is ServerState.READY
 
 
@@ -121,21 +129,27 @@ def test_second_hello_is_a_bad_request() -> None:
 
 def test_pipelined_requests_are_answered_out_of_order_with_ids_echoed() -> None:
     conn = ready_server()
-    conn.receive_data(b"".join(frame({"id": i, "op": "get-dek", "args": {"dek-id": f"d{i}"}})
-                               for i in (10, 11, 12)))  # fmt: skip
+    conn.receive_data(
+        b"".join(
+            frame({"id": i, "op": "get-dek", "args": {"dek-id": f"d{i}"}}) for i in (10, 11, 12)
+        )
+    )
     events = drain_events(conn)
     assert [e.request_id for e in events if isinstance(e, RequestReceived)] == [10, 11, 12]
     for request_id in (12, 10, 11):
-        conn.send_result(request_id, DekResult(dek_id=f"d{request_id}", namespace="n",
-                                               kek_version=1, key=bytes(32)))  # fmt: skip
+        conn.send_result(
+            request_id,
+            DekResult(dek_id=f"d{request_id}", namespace="n", kek_version=1, key=bytes(32)),
+        )
     assert [r["id"] for r in responses(conn)] == [12, 10, 11]
     assert conn.in_flight == 0
 
 
 def test_in_flight_limit_pauses_until_a_request_is_answered() -> None:
     conn = ready_server(max_in_flight=2)
-    conn.receive_data(b"".join(frame({"id": i, "op": "get-dek", "args": {"dek-id": "d"}})
-                               for i in range(2, 6)))  # fmt: skip
+    conn.receive_data(
+        b"".join(frame({"id": i, "op": "get-dek", "args": {"dek-id": "d"}}) for i in range(2, 6))
+    )
     events = drain_events(conn)
     assert events[-1] is PAUSED and len(events) == 3
     conn.send_error(2, ErrorCode.NOT_FOUND, "gone")
@@ -159,20 +173,51 @@ def test_duplicate_in_flight_id_is_refused_without_an_id() -> None:
         (b"\xff\xff", ErrorCode.BAD_REQUEST, False, "invalid CBOR"),
         (cbor2.dumps([1, 2]), ErrorCode.BAD_REQUEST, False, "must be a CBOR map"),
         (cbor2.dumps({"id": "x", "op": "status"}), ErrorCode.BAD_REQUEST, False, "request.id"),
-        (cbor2.dumps({"id": 9, "op": "nope"}), ErrorCode.UNKNOWN_OPERATION, True, "unknown operation"),
+        (
+            cbor2.dumps({"id": 9, "op": "nope"}),
+            ErrorCode.UNKNOWN_OPERATION,
+            True,
+            "unknown operation",
+        ),
         (cbor2.dumps({"id": 9}), ErrorCode.BAD_REQUEST, True, "request.op"),
-        (cbor2.dumps({"id": 9, "op": "get-dek"}), ErrorCode.BAD_REQUEST, True, "missing required field 'dek-id'"),
-        (cbor2.dumps({"id": 9, "op": "get-dek", "args": {"dek-id": 5}}), ErrorCode.BAD_REQUEST, True,
-         "args.dek-id: expected text, got integer"),
-        (cbor2.dumps({"id": 9, "op": "get-dek", "args": {"dek-id": "a", "x": 1}}), ErrorCode.BAD_REQUEST,
-         True, "unknown field 'x'"),
-        (cbor2.dumps({"id": 9, "op": "create-dek", "args": {"namespace": "../etc"}}), ErrorCode.BAD_REQUEST,
-         True, "not a valid namespace name"),
-        (cbor2.dumps({"id": 9, "op": "status", "extra": 1}), ErrorCode.BAD_REQUEST, True, "top-level"),
-        (cbor2.dumps({"id": 9, "op": "unwrap", "args": {"blob": b"", "context": {"k": 1}}}),
-         ErrorCode.BAD_REQUEST, True, "args.context['k']: expected text"),
+        (
+            cbor2.dumps({"id": 9, "op": "get-dek"}),
+            ErrorCode.BAD_REQUEST,
+            True,
+            "missing required field 'dek-id'",
+        ),
+        (
+            cbor2.dumps({"id": 9, "op": "get-dek", "args": {"dek-id": 5}}),
+            ErrorCode.BAD_REQUEST,
+            True,
+            "args.dek-id: expected text, got integer",
+        ),
+        (
+            cbor2.dumps({"id": 9, "op": "get-dek", "args": {"dek-id": "a", "x": 1}}),
+            ErrorCode.BAD_REQUEST,
+            True,
+            "unknown field 'x'",
+        ),
+        (
+            cbor2.dumps({"id": 9, "op": "create-dek", "args": {"namespace": "../etc"}}),
+            ErrorCode.BAD_REQUEST,
+            True,
+            "not a valid namespace name",
+        ),
+        (
+            cbor2.dumps({"id": 9, "op": "status", "extra": 1}),
+            ErrorCode.BAD_REQUEST,
+            True,
+            "top-level",
+        ),
+        (
+            cbor2.dumps({"id": 9, "op": "unwrap", "args": {"blob": b"", "context": {"k": 1}}}),
+            ErrorCode.BAD_REQUEST,
+            True,
+            "args.context['k']: expected text",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_request_gets_its_documented_error_and_neighbours_are_served(
     payload: bytes, code: ErrorCode, echoes_id: bool, says: str
 ) -> None:
@@ -235,14 +280,23 @@ def test_transition_table_covers_every_live_state_and_input() -> None:
 
 
 _any_request = st.one_of(
-    st.builds(lambda i, v: {"id": i, "op": "hello", "args": {"versions": v}},
-              st.integers(0, 20), st.lists(st.integers(0, 3), min_size=1, max_size=3)),
+    st.builds(
+        lambda i, v: {"id": i, "op": "hello", "args": {"versions": v}},
+        st.integers(0, 20),
+        st.lists(st.integers(0, 3), min_size=1, max_size=3),
+    ),
     st.builds(lambda i: {"id": i, "op": "status"}, st.integers(0, 20)),
-    st.builds(lambda i, d: {"id": i, "op": "get-dek", "args": {"dek-id": d}},
-              st.integers(0, 20), st.sampled_from(["a", "", 5, "b" * 70])),
-    st.dictionaries(st.sampled_from(["id", "op", "args", "x"]),
-                    st.one_of(st.integers(-1, 3), st.text(max_size=3), st.none()), max_size=4),
-)  # fmt: skip
+    st.builds(
+        lambda i, d: {"id": i, "op": "get-dek", "args": {"dek-id": d}},
+        st.integers(0, 20),
+        st.sampled_from(["a", "", 5, "b" * 70]),
+    ),
+    st.dictionaries(
+        st.sampled_from(["id", "op", "args", "x"]),
+        st.one_of(st.integers(-1, 3), st.text(max_size=3), st.none()),
+        max_size=4,
+    ),
+)
 
 
 class ServerMachine(RuleBasedStateMachine):
@@ -310,7 +364,9 @@ def test_client_matches_responses_to_requests_and_records_hello() -> None:
     requests = [e for e in drain_events(srv) if isinstance(e, RequestReceived)]
     assert [r.request for r in requests] == [CreateDek(namespace="orders"), GetDek(dek_id="d")]
     srv.send_error(second_id, ErrorCode.NOT_FOUND, "no such DEK")
-    srv.send_result(first_id, DekResult(dek_id="d1", namespace="orders", kek_version=1, key=bytes(32)))
+    srv.send_result(
+        first_id, DekResult(dek_id="d1", namespace="orders", kek_version=1, key=bytes(32))
+    )
     client.receive_data(srv.data_to_send())
     events = [client.next_event() for _ in range(3)]
     assert isinstance(events[0], ResponseReceived) and events[0].request_id == hello_id
@@ -326,11 +382,22 @@ def test_client_matches_responses_to_requests_and_records_hello() -> None:
     [
         ({"id": 99, "result": {}}, "not in flight"),
         ({"error": {"code": 100, "name": "certificate-rejected", "message": "revoked"}}, "revoked"),
-        ({"id": 1, "result": {"version": 5, "server": "s", "identity": "i",
-                              "max-frame-size": 1, "max-in-flight": 1}}, "not offered"),
+        (
+            {
+                "id": 1,
+                "result": {
+                    "version": 5,
+                    "server": "s",
+                    "identity": "i",
+                    "max-frame-size": 1,
+                    "max-in-flight": 1,
+                },
+            },
+            "not offered",
+        ),
         ([1], "must be a CBOR map"),
     ],
-)  # fmt: skip
+)
 def test_client_fails_the_connection_on_server_misbehaviour(message: object, says: str) -> None:
     client = ClientConnection()
     client.start()

@@ -28,6 +28,7 @@ from kmipd.client._common import (
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    ServerTimeoutError,
     UnavailableError,
     remote_error,
     tls_failure,
@@ -265,9 +266,14 @@ class AsyncClient:
         connection = await self._connected()
         try:
             return await self._within_deadline(connection.call(request))
+        except ServerTimeoutError:
+            # The server closed the idle connection and processed nothing
+            # after its notice: any request may be sent again.
+            if not reused:
+                raise
         except UnavailableError:
-            # The server may have closed an idle kept-alive connection: an
-            # idempotent request is safe to send once more on a new one.
+            # The connection broke under us: only an idempotent request is
+            # safe to send again, since the first may have been applied.
             if not (reused and is_idempotent(request)):
                 raise
         connection = await self._connected()

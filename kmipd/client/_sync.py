@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import select
 import socket
 import ssl
 import threading
@@ -30,6 +31,7 @@ from kmipd.client._common import (
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    ServerTimeoutError,
     UnavailableError,
     remote_error,
     tls_failure,
@@ -133,6 +135,18 @@ class _Connection:
             ) from None
         return [outcomes[request_id] for request_id, _ in frames]
 
+    def is_stale(self) -> bool:
+        """Whether the server closed (or is closing) this idle connection.
+
+        With nothing in flight the server has no reason to send anything; if
+        the socket is readable, what waits there is its idle-timeout notice
+        or EOF, so the connection must not carry a new request.
+        """
+        if self.sock.pending():
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
+
     def _settimeout(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -210,6 +224,8 @@ class Client:
     def _connected(self) -> _Connection:
         if self._closed:
             raise KmipdError("the client is closed", server=self.address)
+        if self._connection is not None and self._connection.is_stale():
+            self._drop()
         if self._connection is None:
             self._connection = _Connection(self._endpoint)
         return self._connection
@@ -224,10 +240,16 @@ class Client:
             reused = self._connection is not None
             try:
                 return self._exchange(requests)
+            except ServerTimeoutError:
+                # The server closed the idle connection and processed nothing
+                # after its notice: any request may be sent again, once.
+                self._drop()
+                if not reused:
+                    raise
             except (UnavailableError, DeadlineExceededError):
                 self._drop()
-                # A kept-alive connection may have been closed by the server while
-                # idle; idempotent requests are safe to send again, once.
+                # The connection broke under us: only idempotent requests are
+                # safe to send again, since the first attempt may have applied.
                 if not (reused and all(is_idempotent(r) for r in requests)):
                     raise
             except KmipdError:

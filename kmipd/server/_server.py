@@ -29,10 +29,13 @@ from kmipd.protocol import (
     RequestReceived,
     ServerConnection,
 )
-from kmipd.server._tls import PeerRejectedError, ServerTls
+from kmipd.server._tls import PeerRejectedError, ServerTls, TlsConfigError
 from kmipd.service import KeyService, ServiceError
 
 log = logging.getLogger("kmipd.server")
+
+#: How often, at most, a new connection makes the server look for a new CRL.
+CRL_CHECK_INTERVAL = 1.0
 
 #: accept() errors that mean "out of resources right now", not "listener broken".
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -60,10 +63,16 @@ class KmipServer:
         self._shutdown = trio.Event()
         self._all_closed = trio.Event()
         self._all_closed.set()
+        self._crl_checked_at = -math.inf
+        self._refused_crl_stamp: tuple[int, int, int] | None = None
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    async def wait_until_idle(self) -> None:
+        """Return once no client connection is open (at once if none is)."""
+        await self._all_closed.wait()
 
     def request_shutdown(self) -> None:
         """Stop accepting, let requests in flight finish (bounded), then return from serve()."""
@@ -117,11 +126,33 @@ class KmipServer:
                 )
                 await stream.aclose()
                 continue
+            self._pick_up_new_crl()
             connection = _Connection(self, stream)
             self._connections.add(connection)
             self._all_closed = trio.Event()
             self.service.info.connections = len(self._connections)
             nursery.start_soon(self._run_connection, connection)
+
+    def _pick_up_new_crl(self) -> None:
+        """A revocation takes effect within a second, without a reload.
+
+        Checked when a client connects (one stat call, at most once a second);
+        a CRL that fails to load is logged and the previous one stays in force.
+        """
+        now = trio.current_time()
+        if now - self._crl_checked_at < CRL_CHECK_INTERVAL:
+            return
+        self._crl_checked_at = now
+        stamp = self.tls.current_crl_stamp()
+        if stamp in (self.tls.crl_stamp, self._refused_crl_stamp):
+            return
+        try:
+            self.tls = ServerTls.load(self.tls.settings)
+        except TlsConfigError as exc:
+            self._refused_crl_stamp = stamp  # say it once, not on every connection
+            log.error("new CRL not loaded, the previous one stays in force: %s", exc)
+            return
+        log.info("loaded new CRL: %d revoked certificate(s)", len(self.tls.revoked))
 
     async def _run_connection(self, connection: _Connection) -> None:
         try:
@@ -152,6 +183,8 @@ class _Connection:
         self._draining = False
         self._partial_since: float | None = None
         self._partial_frames = 0
+        self._receive_scope: trio.CancelScope | None = None
+        self._deadline_reason = ""
 
     def start_draining(self) -> None:
         self._draining = True
@@ -212,8 +245,10 @@ class _Connection:
                 if data is not None:
                     conn.receive_data(data)
             elif event is PAUSED:
-                await self._flush()
+                # A fresh event *before* yielding: a request finishing during
+                # the flush must be able to wake us.
                 self._capacity = trio.Event()
+                await self._flush()
                 await self._capacity.wait()
             elif isinstance(event, RequestReceived):
                 requests.start_soon(self._run_request, event)
@@ -222,27 +257,40 @@ class _Connection:
                 return
 
     async def _receive(self) -> bytes | None:
-        """Receive within the deadline that applies now; on expiry fail the connection."""
+        """Receive within the deadline that applies; on expiry fail the connection."""
         assert self.conn is not None
+        with trio.CancelScope() as scope:
+            self._receive_scope = scope
+            self._update_receive_deadline()
+            try:
+                return await self.channel.receive_some()
+            finally:
+                self._receive_scope = None
+        log.info("closing connection from %s: %s", self.peer, self._deadline_reason)
+        self.conn.fail(ErrorCode.TIMEOUT, self._deadline_reason)
+        return None
+
+    def _update_receive_deadline(self) -> None:
+        """Idle and partial-frame deadlines, recomputed whenever in-flight work changes."""
+        scope, conn = self._receive_scope, self.conn
+        if scope is None or conn is None:
+            return
         now = trio.current_time()
-        if self.conn.has_partial_frame:
+        if conn.has_partial_frame:
             # The clock runs from when the current partial frame began: a
             # sender that keeps completing frames is making progress.
-            if self._partial_since is None or self._partial_frames != self.conn.frames_received:
+            if self._partial_since is None or self._partial_frames != conn.frames_received:
                 self._partial_since = now
-                self._partial_frames = self.conn.frames_received
-            deadline = self._partial_since + self.limits.frame_timeout
-            why = f"frame not completed within {self.limits.frame_timeout:g} s"
+                self._partial_frames = conn.frames_received
+            scope.deadline = self._partial_since + self.limits.frame_timeout
+            self._deadline_reason = f"frame not completed within {self.limits.frame_timeout:g} s"
+        elif conn.in_flight == 0:
+            self._partial_since = None
+            scope.deadline = now + self.limits.idle_timeout
+            self._deadline_reason = f"idle for {self.limits.idle_timeout:g} s"
         else:
             self._partial_since = None
-            in_flight = self.conn.in_flight
-            deadline = now + self.limits.idle_timeout if in_flight == 0 else math.inf
-            why = f"idle for {self.limits.idle_timeout:g} s"
-        with trio.move_on_at(deadline):
-            return await self.channel.receive_some()
-        log.info("closing connection from %s: %s", self.peer, why)
-        self.conn.fail(ErrorCode.TIMEOUT, why)
-        return None
+            scope.deadline = math.inf  # our own answers are pending; the client waits on us
 
     async def _refuse_buffered_requests(self) -> None:
         """After drain began: answer what is already buffered with shutting-down."""
@@ -275,6 +323,7 @@ class _Connection:
         if scope.cancelled_caught:
             conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "cut off by server shutdown")
         self._capacity.set()
+        self._update_receive_deadline()
         await self._flush()
 
     async def _flush(self) -> None:

@@ -57,14 +57,21 @@ class ServerTls:
     settings: TlsSettings
     context: ssl.SSLContext
     revoked: frozenset[int]
+    #: The CRL file's identity when loaded, to notice a new CRL (see crl_changed).
+    crl_stamp: tuple[int, int, int]
 
     @classmethod
     def load(cls, settings: TlsSettings) -> ServerTls:
+        stamp = _file_stamp(settings.crl)
         try:
             revoked = load_crl_serials(settings.crl, settings.ca)
         except PkiError as exc:
             raise TlsConfigError(str(exc)) from None
-        return cls(settings, _server_context(settings), revoked)
+        return cls(settings, _server_context(settings), revoked, stamp)
+
+    def current_crl_stamp(self) -> tuple[int, int, int]:
+        """The CRL file's identity now; differs from crl_stamp once it was replaced."""
+        return _file_stamp(self.settings.crl)
 
     def verify_peer(self, der: bytes | None, now: datetime.datetime | None = None) -> str:
         """Return the peer's identity (its SPIFFE ID) or raise PeerRejectedError."""
@@ -103,6 +110,14 @@ def _spiffe_identity(cert: x509.Certificate, trust_domain: str) -> str:
             f"client identity is in trust domain {domain!r}, not {trust_domain!r}"
         )
     return identity
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int]:
+    try:
+        info = path.stat()
+    except OSError:
+        return (0, 0, 0)
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _server_context(settings: TlsSettings) -> ssl.SSLContext:

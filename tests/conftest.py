@@ -1,0 +1,188 @@
+"""Shared fixtures: a real CA, and a real in-process server on loopback.
+
+Everything is real: TLS with certificates from the project's CA, SQLite
+files under tmp_path, the software HSM with its master key file.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from kmipd._trio_tls import TlsChannel
+from kmipd.client import AsyncClient, Client, client_context
+from kmipd.hsm import SoftwareHsm
+from kmipd.protocol import FrameReader, decode_item, encode_frame, encode_item
+from kmipd.server import KmipServer, ServerLimits, ServerTls, TlsSettings
+from kmipd.service import DATA_OPERATIONS, GRANTABLE_OPERATIONS, Grant, KeyService, Policy
+from kmipd.store import KeyStore
+from pki import CertificateAuthority
+
+TRUST_DOMAIN = "kmipd.test"
+CLIENTS = ("admin", "storage", "tenant")
+
+
+def test_policy() -> Policy:
+    return Policy(
+        (
+            Grant(f"spiffe://{TRUST_DOMAIN}/admin", ("*",), GRANTABLE_OPERATIONS),
+            Grant(f"spiffe://{TRUST_DOMAIN}/storage", ("*",), DATA_OPERATIONS),
+            Grant(f"spiffe://{TRUST_DOMAIN}/tenant", ("tenant-a", "tenant-a/*"), DATA_OPERATIONS),
+        )
+    )
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    authority = CertificateAuthority.init(
+        tmp_path / "pki", trust_domain=TRUST_DOMAIN, ip_addresses=("127.0.0.1", "::1")
+    )
+    for name in CLIENTS:
+        authority.issue_client(name)
+    return authority
+
+
+def credentials(ca: CertificateAuthority, name: str) -> dict[str, Path]:
+    return {
+        "ca": ca.ca_cert_path,
+        "cert": ca.directory / f"{name}.pem",
+        "key": ca.directory / f"{name}-key.pem",
+    }
+
+
+@attrs.define
+class RunningServer:
+    address: str
+    ca: CertificateAuthority
+    server: KmipServer
+    service: KeyService
+    store: KeyStore
+    data: Path
+    stopped: trio.Event
+
+    def client(self, name: str = "storage", **kwargs: Any) -> Client:
+        return Client(self.address, **credentials(self.ca, name), **kwargs)
+
+    def async_client(self, name: str = "storage", **kwargs: Any) -> AsyncClient:
+        return AsyncClient(self.address, **credentials(self.ca, name), **kwargs)
+
+    async def raw(self, name: str = "storage", *, hello: bool = True) -> RawConnection:
+        """A TLS connection speaking frames by hand, for malformed input."""
+        connection = await RawConnection.open(self.address, self.ca, name)
+        if hello:
+            await connection.send({"id": 0, "op": "hello", "args": {"versions": [1]}})
+            assert "result" in await connection.receive()
+        return connection
+
+
+class RawConnection:
+    def __init__(self, channel: TlsChannel) -> None:
+        self.channel = channel
+        self.reader = FrameReader(1 << 20)
+
+    @classmethod
+    async def open(
+        cls,
+        address: str,
+        ca: CertificateAuthority,
+        name: str,
+        context: ssl.SSLContext | None = None,
+    ) -> RawConnection:
+        host, _, port = address.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        context = context or client_context(**credentials(ca, name))
+        channel = TlsChannel(stream, context, server_side=False, server_hostname=host)
+        await channel.handshake()
+        return cls(channel)
+
+    async def send(self, message: object) -> None:
+        await self.channel.send_all(encode_frame(encode_item(message)))
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.channel.send_all(data)
+
+    async def receive(self) -> Any:
+        """The next message; raises EOFError when the server closed the connection."""
+        with trio.fail_after(10):
+            while (frame := self.reader.next_frame()) is None:
+                data = await self.channel.receive_some()
+                if not data:
+                    raise EOFError("server closed the connection")
+                self.reader.feed(data)
+        return decode_item(frame)
+
+    async def receive_until_closed(self) -> list[Any]:
+        messages = []
+        try:
+            while True:
+                messages.append(await self.receive())
+        except (EOFError, trio.BrokenResourceError, ssl.SSLError):
+            return messages
+
+    async def aclose(self) -> None:
+        await self.channel.aclose()
+
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+async def start_server(
+    ca: CertificateAuthority, tmp_path: Path, nursery: trio.Nursery
+) -> AsyncIterator[ServerFactory]:
+    """Start servers with chosen limits; each is drained and closed after the test."""
+    started: list[RunningServer] = []
+
+    async def start(
+        *, policy: Policy | None = None, host: str = "127.0.0.1", **limits: Any
+    ) -> RunningServer:
+        data = tmp_path / f"server{len(started)}"
+        data.mkdir()
+        store = KeyStore.open(data / "kmipd.db")
+        hsm = SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True)
+        service = KeyService(
+            store=store, hsm=hsm, policy=policy or test_policy(), create_kek_on_demand=True
+        )
+        settings = TlsSettings(
+            ca=ca.ca_cert_path,
+            cert=ca.server_cert_path,
+            key=ca.server_key_path,
+            crl=ca.crl_path,
+            trust_domain=TRUST_DOMAIN,
+            allow_tls12=limits.pop("allow_tls12", False),
+        )
+        server = KmipServer(service, ServerTls.load(settings), ServerLimits(**limits))
+        listeners = await trio.open_tcp_listeners(0, host=host)
+        stopped = trio.Event()
+
+        async def serve(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                await server.serve(listeners, task_status=task_status)
+            finally:
+                store.close()
+                hsm.close()
+                stopped.set()
+
+        await nursery.start(serve)
+        port = listeners[0].socket.getsockname()[1]
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        running = RunningServer(address, ca, server, service, store, data, stopped)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.server.request_shutdown()
+        with trio.fail_after(30):
+            await running.stopped.wait()
+
+
+@pytest.fixture
+async def kmipd(start_server: ServerFactory) -> RunningServer:
+    return await start_server()
