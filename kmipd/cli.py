@@ -221,11 +221,12 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
 
     def announce(daemon: RunningDaemon) -> None:
-        print(f"kmipd: listening on {', '.join(daemon.addresses)}", flush=True)
         if args.dev:
             print(f"kmipd: dev data in {args.data}/ (config {config_path})")
             print("kmipd: try, in another shell:")
-            print(f"  {client_command(args.data, daemon.addresses[0])} --reveal", flush=True)
+            print(f"  {client_command(args.data, daemon.addresses[0])} --reveal")
+        # The last line, and the one to wait for: everything is ready.
+        print(f"kmipd: listening on {', '.join(daemon.addresses)}", flush=True)
 
     trio.run(run_daemon, config, announce)
     return 0

@@ -78,8 +78,15 @@ async def run_daemon(
 
 
 async def _stop_on_signal(server: KmipServer) -> None:
+    # Keeps the handlers installed until the daemon is done, so a second
+    # SIGTERM during the drain does not kill it with the default action.
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        draining = False
         async for signum in signals:
-            log.info("%s: draining and stopping", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if draining:
+                log.info("%s: already draining", name)
+                continue
+            log.info("%s: draining and stopping", name)
+            draining = True
             server.request_shutdown()
-            return

@@ -28,7 +28,7 @@ TRUST_DOMAIN = "kmipd.test"
 CLIENTS = ("admin", "storage", "tenant")
 
 
-def test_policy() -> Policy:
+def make_policy() -> Policy:
     return Policy(
         (
             Grant(f"spiffe://{TRUST_DOMAIN}/admin", ("*",), GRANTABLE_OPERATIONS),
@@ -98,7 +98,11 @@ class RawConnection:
         stream = await trio.open_tcp_stream(host, int(port))
         context = context or client_context(**credentials(ca, name))
         channel = TlsChannel(stream, context, server_side=False, server_hostname=host)
-        await channel.handshake()
+        try:
+            await channel.handshake()
+        except BaseException:
+            await stream.aclose()
+            raise
         return cls(channel)
 
     async def send(self, message: object) -> None:
@@ -147,7 +151,7 @@ async def start_server(
         store = KeyStore.open(data / "kmipd.db")
         hsm = SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True)
         service = KeyService(
-            store=store, hsm=hsm, policy=policy or test_policy(), create_kek_on_demand=True
+            store=store, hsm=hsm, policy=policy or make_policy(), create_kek_on_demand=True
         )
         settings = TlsSettings(
             ca=ca.ca_cert_path,
@@ -157,7 +161,13 @@ async def start_server(
             trust_domain=TRUST_DOMAIN,
             allow_tls12=limits.pop("allow_tls12", False),
         )
-        server = KmipServer(service, ServerTls.load(settings), ServerLimits(**limits))
+        crl_check_interval = limits.pop("crl_check_interval", 1.0)
+        server = KmipServer(
+            service,
+            ServerTls.load(settings),
+            ServerLimits(**limits),
+            crl_check_interval=crl_check_interval,
+        )
         listeners = await trio.open_tcp_listeners(0, host=host)
         stopped = trio.Event()
 

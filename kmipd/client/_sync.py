@@ -71,14 +71,17 @@ class _Connection:
             raise UnavailableError(
                 f"cannot connect: {exc.strerror or exc}", server=self.server
             ) from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = endpoint.context.wrap_socket(
+            raw, server_hostname=endpoint.server_hostname, do_handshake_on_connect=False
+        )
         try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock = endpoint.context.wrap_socket(raw, server_hostname=endpoint.server_hostname)
+            self.sock.do_handshake()
         except ssl.SSLError as exc:
-            raw.close()
+            self.sock.close()
             raise tls_failure(exc, server=self.server) from None
         except OSError as exc:
-            raw.close()
+            self.sock.close()
             raise UnavailableError(f"TLS handshake failed: {exc}", server=self.server) from None
         self.protocol = ClientConnection(client_name=endpoint.client_name)
         hello_id, frame = self.protocol.start()

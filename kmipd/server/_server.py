@@ -54,7 +54,14 @@ class ServerLimits:
 
 
 class KmipServer:
-    def __init__(self, service: KeyService, tls: ServerTls, limits: ServerLimits) -> None:
+    def __init__(
+        self,
+        service: KeyService,
+        tls: ServerTls,
+        limits: ServerLimits,
+        *,
+        crl_check_interval: float = CRL_CHECK_INTERVAL,
+    ) -> None:
         self.service = service
         #: Replaced as a whole on reload; each handshake reads it once.
         self.tls = tls
@@ -64,6 +71,7 @@ class KmipServer:
         self._all_closed = trio.Event()
         self._all_closed.set()
         self._crl_checked_at = -math.inf
+        self._crl_check_interval = crl_check_interval
         self._refused_crl_stamp: tuple[int, int, int] | None = None
 
     @property
@@ -140,7 +148,7 @@ class KmipServer:
         a CRL that fails to load is logged and the previous one stays in force.
         """
         now = trio.current_time()
-        if now - self._crl_checked_at < CRL_CHECK_INTERVAL:
+        if now - self._crl_checked_at < self._crl_check_interval:
             return
         self._crl_checked_at = now
         stamp = self.tls.current_crl_stamp()
