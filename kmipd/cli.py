@@ -141,6 +141,11 @@ def _add_pki_commands(commands: Any) -> None:
     )
     revoke.set_defaults(handler=_pki_revoke)
 
+    crl = pki.add_parser("crl", help="re-sign the CRL (do it before it expires)")
+    crl.add_argument("directory", type=Path)
+    crl.add_argument("--days", type=int, default=365, help="validity of the new CRL")
+    crl.set_defaults(handler=_pki_crl)
+
 
 def _add_hsm_commands(commands: Any) -> None:
     hsm = commands.add_parser("hsm", help="HSM backends").add_subparsers(metavar="ACTION")
@@ -266,6 +271,13 @@ def _pki_revoke(args: argparse.Namespace) -> int:
     ca.revoke(args.name, reason=x509.ReasonFlags[args.reason])
     print(f"revoked {args.name}; CRL updated: {ca.crl_path}")
     print("a running daemon applies it to new connections after a reload")
+    return 0
+
+
+def _pki_crl(args: argparse.Namespace) -> int:
+    ca = CertificateAuthority.load(args.directory)
+    ca.write_crl(next_update_days=args.days)
+    print(f"CRL re-signed, valid {args.days} days: {ca.crl_path}")
     return 0
 
 

@@ -442,6 +442,8 @@ class CertificateAuthority:
 
     def write_crl(self, *, next_update_days: int = 365) -> None:
         """Sign and write the CRL with every revocation so far (also to refresh it)."""
+        if next_update_days < 1:
+            raise PkiError("next_update_days must be at least 1")
         now = _now()
         self._index["crl_number"] += 1
         builder = (

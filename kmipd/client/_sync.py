@@ -112,8 +112,15 @@ class _Connection:
                 if batch:
                     self._settimeout(deadline)
                     self.sock.sendall(batch)
-                event = self.protocol.next_event()
-                if event is NEED_DATA:
+                # Take every response already received before sending more,
+                # so the window refills in one write, not one per response.
+                while (event := self.protocol.next_event()) is not NEED_DATA:
+                    if isinstance(event, ConnectionFailed):
+                        raise remote_error(event.error, server=self.server, request_id=None)
+                    assert isinstance(event, ResponseReceived)
+                    outstanding -= 1
+                    outcomes[event.request_id] = event.outcome
+                if outstanding and not (unsent and outstanding < window):
                     self._settimeout(deadline)
                     data = self.sock.recv(_RECEIVE_SIZE)
                     if not data:
@@ -121,11 +128,6 @@ class _Connection:
                             "the server closed the connection", server=self.server
                         )
                     self.protocol.receive_data(data)
-                elif isinstance(event, ResponseReceived):
-                    outstanding -= 1
-                    outcomes[event.request_id] = event.outcome
-                elif isinstance(event, ConnectionFailed):
-                    raise remote_error(event.error, server=self.server, request_id=None)
         except TimeoutError:
             raise DeadlineExceededError(
                 f"no answer within {self.endpoint.timeout:g} s", server=self.server

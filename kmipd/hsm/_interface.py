@@ -47,6 +47,14 @@ class HsmBackend(Protocol):
         """Reverse ``wrap``; raise HsmIntegrityError if anything does not match."""
         ...
 
+    def unwrap_now(self, handle: str, wrapped: bytes, associated_data: bytes) -> bytes | None:
+        """``unwrap`` without blocking, if this backend can answer in microseconds.
+
+        None means "not without waiting": the caller then awaits ``unwrap``.
+        Raises the same errors as ``unwrap``.
+        """
+        ...
+
     async def destroy_kek(self, handle: str) -> None:
         """Erase the KEK: every key wrapped only under it becomes unrecoverable."""
         ...

@@ -141,6 +141,10 @@ class SoftwareHsm:
         return nonce + self._kek(handle).encrypt(nonce, key, associated_data)
 
     async def unwrap(self, handle: str, wrapped: bytes, associated_data: bytes) -> bytes:
+        return self.unwrap_now(handle, wrapped, associated_data)
+
+    def unwrap_now(self, handle: str, wrapped: bytes, associated_data: bytes) -> bytes:
+        """In-process AES-GCM: microseconds, so always answered at once."""
         kek = self._kek(handle)
         if len(wrapped) < NONCE_SIZE + TAG_SIZE:
             raise HsmIntegrityError("wrapped key is too short to be valid")

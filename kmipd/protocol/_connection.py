@@ -266,6 +266,10 @@ class ServerConnection:
         self._fatal = code
         self._queue_error(None, code, message)
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outgoing)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._outgoing)
         self._outgoing.clear()

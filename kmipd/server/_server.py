@@ -30,7 +30,7 @@ from kmipd.protocol import (
     ServerConnection,
 )
 from kmipd.server._tls import PeerRejectedError, ServerTls, TlsConfigError
-from kmipd.service import KeyService, ServiceError
+from kmipd.service import NOT_NOW, KeyService, ServiceError
 
 log = logging.getLogger("kmipd.server")
 
@@ -193,6 +193,8 @@ class _Connection:
         self._partial_frames = 0
         self._receive_scope: trio.CancelScope | None = None
         self._deadline_reason = ""
+        self._output_ready = trio.Event()
+        self._writing = True
 
     def start_draining(self) -> None:
         self._draining = True
@@ -213,13 +215,16 @@ class _Connection:
                 max_frame_size=self.limits.max_frame_size,
                 max_in_flight=self.limits.max_in_flight,
             )
-            async with trio.open_nursery() as requests:
-                with self._reader_scope:
-                    await self._read_loop(requests)
-                if self._draining:
-                    self.conn.start_draining()
-                    await self._refuse_buffered_requests()
-            await self._flush()
+            async with trio.open_nursery() as writer:
+                writer.start_soon(self._write_loop)
+                async with trio.open_nursery() as requests:
+                    with self._reader_scope:
+                        await self._read_loop(requests)
+                    if self._draining:
+                        self.conn.start_draining()
+                        await self._refuse_buffered_requests()
+                self._writing = False  # every request has answered: send the rest and stop
+                self._output_ready.set()
         finally:
             await self.channel.aclose()
 
@@ -248,18 +253,19 @@ class _Connection:
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                await self._flush()
+                # Send what is queued (answers given inline, errors the
+                # connection queued itself) before waiting for more.
+                await self._send_queued()
                 data = await self._receive()
                 if data is not None:
                     conn.receive_data(data)
             elif event is PAUSED:
-                # A fresh event *before* yielding: a request finishing during
-                # the flush must be able to wake us.
+                self._output_ready.set()
                 self._capacity = trio.Event()
-                await self._flush()
                 await self._capacity.wait()
             elif isinstance(event, RequestReceived):
-                requests.start_soon(self._run_request, event)
+                if not self._answer_now(event):
+                    requests.start_soon(self._run_request, event)
             else:
                 assert isinstance(event, ConnectionEnded)
                 return
@@ -305,11 +311,25 @@ class _Connection:
         assert self.conn is not None
         while True:
             event = self.conn.next_event()
+            self._output_ready.set()
             if event is PAUSED:
                 self._capacity = trio.Event()
                 await self._capacity.wait()
             elif event is NEED_DATA or isinstance(event, ConnectionEnded):
                 return
+
+    def _answer_now(self, event: RequestReceived) -> bool:
+        """Answer inline when the service can without waiting (a cached get-dek)."""
+        assert self.conn is not None
+        try:
+            result = self.server.service.handle_now(self.conn.identity, event.request)
+        except ServiceError as exc:
+            self.conn.send_error(event.request_id, exc.code, exc.message)
+            return True
+        if result is NOT_NOW:
+            return False
+        self.conn.send_result(event.request_id, result)
+        return True
 
     async def _run_request(self, event: RequestReceived) -> None:
         assert self.conn is not None
@@ -332,13 +352,28 @@ class _Connection:
             conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "cut off by server shutdown")
         self._capacity.set()
         self._update_receive_deadline()
-        await self._flush()
+        self._output_ready.set()
 
-    async def _flush(self) -> None:
+    async def _write_loop(self) -> None:
+        """Sends what requests answered in their own tasks.
+
+        Woken after answers are queued, it runs once every request that
+        finished in the same scheduler pass has queued its answer, so a
+        burst of pipelined answers leaves in one TLS record and one send.
+        """
+        while True:
+            await self._output_ready.wait()
+            self._output_ready = trio.Event()
+            await self._send_queued()
+            if not self._writing:
+                return
+
+    async def _send_queued(self) -> None:
         assert self.conn is not None
-        conn = self.conn
+        if not self.conn.has_data_to_send:
+            return
         with trio.move_on_after(self.limits.send_timeout) as scope:
-            await self.channel.send_pending(conn.data_to_send)
+            await self.channel.send_pending(self.conn.data_to_send)
         if scope.cancelled_caught:
             log.info("closing connection from %s: it stopped reading responses", self.peer)
             raise trio.BrokenResourceError("send timeout")

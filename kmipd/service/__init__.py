@@ -11,6 +11,7 @@ from kmipd.service._policy import (
     expand_operations,
 )
 from kmipd.service._service import (
+    NOT_NOW,
     KeyService,
     ServerInfo,
     ServiceError,
@@ -23,6 +24,7 @@ __all__ = [
     "ADMIN_OPERATIONS",
     "DATA_OPERATIONS",
     "GRANTABLE_OPERATIONS",
+    "NOT_NOW",
     "OPERATION_GROUPS",
     "Grant",
     "KeyService",

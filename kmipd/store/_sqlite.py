@@ -194,10 +194,16 @@ class KeyStore:
         await self._write(insert)
         self._remember(record)
 
-    async def get_dek(self, dek_id: str) -> DekRecord | None:
+    def cached_dek(self, dek_id: str) -> DekRecord | None:
+        """The row if it is in the cache; never touches the database."""
         record = self._cache.get(dek_id)
         if record is not None:
             self._cache.move_to_end(dek_id)
+        return record
+
+    async def get_dek(self, dek_id: str) -> DekRecord | None:
+        record = self.cached_dek(dek_id)
+        if record is not None:
             return record
 
         def select(db: sqlite3.Connection) -> DekRecord | None:
