@@ -188,3 +188,12 @@ def test_client_errors_are_one_line_with_exit_status_1(tmp_path: Path) -> None:
         assert "missing --ca, --cert, --key" in no_creds.stderr
     finally:
         assert daemon.stop() == 0
+
+
+def test_demo_walks_the_flow_and_verifies_every_step() -> None:
+    result = run_kmipd("demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for step in range(1, 10):
+        assert f"\n{step}. " in result.stdout
+    assert "refused by the daemon" in result.stdout
+    assert "All steps verified." in result.stdout
