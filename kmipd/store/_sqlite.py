@@ -26,22 +26,24 @@ from typing import TypeVar
 import attrs
 import trio
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS keks (
+#: The schema, as the migrations that build it, in order. A store at
+#: user_version N has had the first N applied; opening it applies the rest in
+#: one transaction. Never edit a released migration: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+CREATE TABLE keks (
     name        TEXT PRIMARY KEY,
     created_at  INTEGER NOT NULL,
     created_by  TEXT NOT NULL
 ) STRICT;
-CREATE TABLE IF NOT EXISTS kek_versions (
+CREATE TABLE kek_versions (
     kek         TEXT NOT NULL REFERENCES keks(name),
     version     INTEGER NOT NULL,
     hsm_handle  TEXT NOT NULL,
     created_at  INTEGER NOT NULL,
     PRIMARY KEY (kek, version)
 ) STRICT;
-CREATE TABLE IF NOT EXISTS deks (
+CREATE TABLE deks (
     id          TEXT PRIMARY KEY,
     namespace   TEXT NOT NULL,
     kek_version INTEGER NOT NULL,
@@ -50,8 +52,10 @@ CREATE TABLE IF NOT EXISTS deks (
     created_by  TEXT NOT NULL,
     FOREIGN KEY (namespace, kek_version) REFERENCES kek_versions(kek, version)
 ) STRICT;
-CREATE INDEX IF NOT EXISTS deks_by_kek_version ON deks(namespace, kek_version);
-"""
+CREATE INDEX deks_by_kek_version ON deks(namespace, kek_version);
+""",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class StoreError(Exception):
@@ -246,15 +250,17 @@ def _connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA secure_delete = ON")
     db.execute("PRAGMA busy_timeout = 5000")
     (version,) = db.execute("PRAGMA user_version").fetchone()
-    if version == 0:
-        with db:
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    elif version != SCHEMA_VERSION:
+    if version > SCHEMA_VERSION:
         db.close()
         raise StoreError(
-            f"store {path} has schema version {version}; this kmipd reads {SCHEMA_VERSION}"
+            f"store {path} has schema version {version}, newer than this kmipd "
+            f"({SCHEMA_VERSION}); upgrade kmipd"
         )
+    if version < SCHEMA_VERSION:
+        # executescript commits first, so the BEGIN/COMMIT are spelled out:
+        # a crash mid-way leaves the store at its old version, untouched.
+        pending = "".join(MIGRATIONS[version:])
+        db.executescript(f"BEGIN; {pending} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
     return db
 
 
