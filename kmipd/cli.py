@@ -305,6 +305,24 @@ def _client_call(call: Callable[[km.Client, argparse.Namespace], Any]) -> Callab
 def _to_json(result: Any, *, reveal: bool) -> Any:
     if isinstance(result, list):
         return [_to_json(item, reveal=reveal) for item in result]
+    if isinstance(result, km.Dek):
+        with result:
+            fields = {
+                "dek_id": result.dek_id,
+                "namespace": result.namespace,
+                "kek_version": result.kek_version,
+                "key": bytes(result.key),
+            }
+        return _jsonable(fields, reveal=reveal)
+    if isinstance(result, km.DataKey):
+        with result:
+            fields = {
+                "key": bytes(result.key),
+                "blob": result.blob,
+                "kek": result.kek,
+                "kek_version": result.kek_version,
+            }
+        return _jsonable(fields, reveal=reveal)
     return _jsonable(attrs.asdict(result), reveal=reveal)
 
 

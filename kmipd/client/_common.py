@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,41 @@ class Endpoint:
     @property
     def address(self) -> str:
         return format_address(self.host, self.port)
+
+
+def make_endpoints(
+    addresses: str | Sequence[str],
+    *,
+    ca: str | Path | None,
+    cert: str | Path | None,
+    key: str | Path | None,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    timeout: float,
+    client_name: str,
+) -> list[Endpoint]:
+    """One Endpoint per daemon address, sharing one TLS context."""
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    if not addresses:
+        raise KmipdError("give at least one server address")
+    if ssl_context is None:
+        if ca is None or cert is None or key is None:
+            raise KmipdError("give ca, cert and key paths, or an ssl_context")
+        ssl_context = client_context(ca=ca, cert=cert, key=key)
+    return [
+        make_endpoint(
+            address,
+            ca=None,
+            cert=None,
+            key=None,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            timeout=timeout,
+            client_name=client_name,
+        )
+        for address in addresses
+    ]
 
 
 def make_endpoint(
@@ -96,3 +133,8 @@ def unwrap_outcome(outcome: Any, *, server: str, request_id: int) -> Any:
 
 def is_idempotent(request: Any) -> bool:
     return OPERATIONS[request.OPERATION].idempotent
+
+
+def new_idempotency_key() -> bytes:
+    """128 random bits naming one logical create, however often it is retried."""
+    return secrets.token_bytes(16)
