@@ -29,6 +29,7 @@ import hmac
 import logging
 import mmap
 import os
+import sys
 import threading
 from types import TracebackType
 
@@ -112,16 +113,19 @@ class ProtectedKey:
             AESGCM(key).decrypt(...)
     """
 
-    __slots__ = ("__weakref__", "_chunk", "_length", "_slot", "_view")
+    __slots__ = ("__weakref__", "_chunk", "_holder", "_length", "_slot", "_view")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._length = len(data)
         self._chunk: _Chunk | None
         self._chunk, self._slot = _ARENA.allocate(data)
-        start = self._slot * SLOT_SIZE
-        self._view: memoryview | None = memoryview(self._chunk.memory)[
-            start : start + self._length
-        ].toreadonly()
+        # Views are made through a per-key ctypes object, so that any view a
+        # caller derives (a slice...) keeps a reference to it: at wipe time
+        # its reference count says whether the slot may be handed out again.
+        self._holder: ctypes.Array[ctypes.c_char] | None = (
+            ctypes.c_char * self._length
+        ).from_buffer(self._chunk.memory, self._slot * SLOT_SIZE)
+        self._view: memoryview | None = memoryview(self._holder).cast("B").toreadonly()
 
     @property
     def view(self) -> memoryview:
@@ -143,18 +147,22 @@ class ProtectedKey:
 
     def wipe(self) -> None:
         """Zero the key now. Safe to call twice."""
-        chunk, view = self._chunk, self._view
+        chunk, view, holder = self._chunk, self._view, self._holder
         if chunk is None:
             return
-        self._chunk = self._view = None
+        self._chunk = self._view = self._holder = None
         reusable = True
         if view is not None:
             try:
                 view.release()
             except BufferError:
-                # Someone still holds a slice of the view: zero the slot but
-                # never hand it out again, so that slice cannot see a new key.
                 reusable = False
+        # Two references: ``holder`` and getrefcount's argument. More means a
+        # caller still holds a view derived from ours: zero the slot but never
+        # hand it out again, so that view cannot come to show another key.
+        if sys.getrefcount(holder) > 2:
+            reusable = False
+        del holder
         _ARENA.release(chunk, self._slot, reusable=reusable)
 
     def __len__(self) -> int:
