@@ -34,6 +34,8 @@ def _reap_daemons() -> Iterator[None]:
     yield
     while processes.STARTED:
         processes.STARTED.pop().reap()
+
+
 CLIENTS = ("admin", "storage", "tenant")
 
 

@@ -10,6 +10,7 @@ locked, never dumped, zeroed when closed), optionally through a ``DekCache``.
 from kmipd.client._async import AsyncClient
 from kmipd.client._cache import CacheStats, DekCache
 from kmipd.client._common import ConnectionInfo
+from kmipd.client._envelope import EnvelopeError
 from kmipd.client._errors import (
     ERROR_CLASSES,
     AlreadyExistsError,
@@ -56,6 +57,7 @@ __all__ = [
     "Dek",
     "DekCache",
     "DuplicateRequestIdError",
+    "EnvelopeError",
     "FrameTooLargeError",
     "HelloRequiredError",
     "HsmUnavailableError",

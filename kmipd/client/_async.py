@@ -9,6 +9,7 @@ response is read and dropped later.
 
 from __future__ import annotations
 
+import io
 import logging
 import ssl
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +19,7 @@ from typing import Any
 
 import trio
 
+from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE
 from kmipd._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.client._cache import DekCache
 from kmipd.client._common import (
@@ -28,6 +30,7 @@ from kmipd.client._common import (
     new_idempotency_key,
     unwrap_outcome,
 )
+from kmipd.client._envelope import new_header, open_body, read_header, seal_body, write_header
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
@@ -430,6 +433,33 @@ class AsyncClient:
             log.warning("daemons unreachable: serving a stale cached data key")
             return stale
         return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+
+    async def encrypt(
+        self,
+        data: bytes,
+        kek: str,
+        context: dict[str, str] | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> bytes:
+        """Envelope-encrypt ``data`` under a fresh data key from ``kek`` (see _envelope)."""
+        context = dict(context or {})
+        sink = io.BytesIO()
+        with await self.generate_data_key(kek, context) as data_key:
+            header = new_header(
+                data_key.kek, data_key.kek_version, data_key.blob, context, chunk_size
+            )
+            prologue = write_header(sink, header)
+            seal_body(data_key.key, header, prologue, io.BytesIO(data), sink)
+        return sink.getvalue()
+
+    async def decrypt(self, envelope: bytes) -> bytes:
+        """Open an envelope: unwrap its data key (through the cache), then the body."""
+        source, sink = io.BytesIO(envelope), io.BytesIO()
+        header, prologue = read_header(source)
+        with await self.unwrap(header.blob, header.context) as data_key:
+            open_body(data_key.key, header, prologue, source, sink)
+        return sink.getvalue()
 
     async def create_kek(self, name: str) -> KekInfo:
         result: KekInfo = await self._call(CreateKek(name=name))

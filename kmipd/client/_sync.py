@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import logging
 import select
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
 from kmipd.client._cache import DekCache
 from kmipd.client._common import (
     DEFAULT_TIMEOUT,
@@ -30,6 +32,7 @@ from kmipd.client._common import (
     new_idempotency_key,
     unwrap_outcome,
 )
+from kmipd.client._envelope import new_header, open_body, read_header, seal_body, write_header
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
@@ -435,6 +438,61 @@ class Client:
             log.warning("daemons unreachable: serving a stale cached data key")
             return stale
         return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+
+    def encrypt(
+        self,
+        data: bytes,
+        kek: str,
+        context: dict[str, str] | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> bytes:
+        """Envelope-encrypt ``data`` under a fresh data key from ``kek`` (see _envelope)."""
+        context = dict(context or {})
+        sink = io.BytesIO()
+        with self.generate_data_key(kek, context) as data_key:
+            header = new_header(
+                data_key.kek, data_key.kek_version, data_key.blob, context, chunk_size
+            )
+            prologue = write_header(sink, header)
+            seal_body(data_key.key, header, prologue, io.BytesIO(data), sink)
+        return sink.getvalue()
+
+    def decrypt(self, envelope: bytes) -> bytes:
+        """Open an envelope: unwrap its data key (through the cache), then the body."""
+        source, sink = io.BytesIO(envelope), io.BytesIO()
+        header, prologue = read_header(source)
+        with self.unwrap(header.blob, header.context) as data_key:
+            open_body(data_key.key, header, prologue, source, sink)
+        return sink.getvalue()
+
+    def encrypt_stream(
+        self,
+        source: Readable,
+        sink: Writable,
+        kek: str,
+        context: dict[str, str] | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> int:
+        """Envelope-encrypt a file of any size in constant memory; returns bytes read."""
+        context = dict(context or {})
+        with self.generate_data_key(kek, context) as data_key:
+            header = new_header(
+                data_key.kek, data_key.kek_version, data_key.blob, context, chunk_size
+            )
+            prologue = write_header(sink, header)
+            return seal_body(data_key.key, header, prologue, source, sink)
+
+    def decrypt_stream(self, source: Readable, sink: Writable) -> int:
+        """Open an envelope of any size in constant memory; returns bytes written.
+
+        Each chunk is written once it authenticated; if this raises, discard
+        what reached ``sink``.
+        """
+        header, prologue = read_header(source)
+        with self.unwrap(header.blob, header.context) as data_key:
+            return open_body(data_key.key, header, prologue, source, sink)
 
     def create_kek(self, name: str) -> KekInfo:
         result: KekInfo = self._call(CreateKek(name=name))
