@@ -105,6 +105,7 @@ class ConnectionInfo:
     protocol_version: int
     max_frame_size: int
     max_in_flight: int
+    store_id: str
 
     @classmethod
     def describe(cls, tls: ssl.SSLSocket | ssl.SSLObject, hello: HelloResult) -> ConnectionInfo:
@@ -121,6 +122,7 @@ class ConnectionInfo:
             protocol_version=hello.version,
             max_frame_size=hello.max_frame_size,
             max_in_flight=hello.max_in_flight,
+            store_id=hello.store_id,
         )
 
 
