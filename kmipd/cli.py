@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 import trio
 from cryptography import x509
 
 from kmipd import client as km
+from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable
 from kmipd._logging import configure_logging
 from kmipd.config import ConfigError, load_config
 from kmipd.daemon import RunningDaemon, run_daemon
@@ -100,6 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_pki_commands(commands)
     _add_hsm_commands(commands)
     _add_client_commands(commands)
+    _add_envelope_commands(commands)
     return parser
 
 
@@ -161,7 +165,7 @@ def _client_options() -> argparse.ArgumentParser:
         "connection (or KMIPD_SERVER, KMIPD_CA, KMIPD_CERT, KMIPD_KEY)"
     )
     for flag, env, what in (
-        ("--server", "KMIPD_SERVER", "HOST:PORT of the daemon"),
+        ("--server", "KMIPD_SERVER", "HOST:PORT of the daemon (several: comma-separated)"),
         ("--ca", "KMIPD_CA", "CA certificate (PEM)"),
         ("--cert", "KMIPD_CERT", "client certificate (PEM)"),
         ("--key", "KMIPD_KEY", "client private key (PEM)"),
@@ -215,6 +219,31 @@ def _add_client_commands(commands: Any) -> None:
 
     status = commands.add_parser("status", parents=[common], help="server health")
     status.set_defaults(handler=_client_call(lambda c, a: c.status()))
+
+
+def _add_envelope_commands(commands: Any) -> None:
+    common = _client_options()
+    progress = argparse.ArgumentParser(add_help=False)
+    progress.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    progress.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress on stderr (default: when stderr is a terminal)",
+    )
+    encrypt = commands.add_parser(
+        "encrypt", parents=[common, progress], help="envelope-encrypt a file under a fresh data key"
+    )
+    encrypt.add_argument("input", nargs="?", default="-", help="file to encrypt (default: stdin)")
+    encrypt.add_argument("--kek", required=True, help="namespace whose KEK wraps the data key")
+    encrypt.add_argument("--context", action="append", default=[], metavar="KEY=VALUE")
+    encrypt.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    encrypt.set_defaults(handler=_encrypt)
+    decrypt = commands.add_parser(
+        "decrypt", parents=[common, progress], help="open an envelope made by kmipd encrypt"
+    )
+    decrypt.add_argument("input", nargs="?", default="-", help="envelope (default: stdin)")
+    decrypt.set_defaults(handler=_decrypt)
 
 
 # -- handlers ----------------------------------------------------------------------------
@@ -287,14 +316,96 @@ def _hsm_software_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect(args: argparse.Namespace) -> km.Client:
+    missing = [f for f in ("server", "ca", "cert", "key") if not getattr(args, f)]
+    if missing:
+        raise CliError("missing " + ", ".join(f"--{f}" for f in missing))
+    servers = [address.strip() for address in args.server.split(",")]
+    return km.Client(servers, ca=args.ca, cert=args.cert, key=args.key, timeout=args.timeout)
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    context = _parse_context(args.context)
+    with _connect(args) as client, _input(args) as source, _output(args) as sink:
+        client.encrypt_stream(source, sink, args.kek, context, chunk_size=args.chunk_size)
+    return 0
+
+
+def _decrypt(args: argparse.Namespace) -> int:
+    with _connect(args) as client, _input(args) as source, _output(args) as sink:
+        client.decrypt_stream(source, sink)
+    return 0
+
+
+@contextlib.contextmanager
+def _input(args: argparse.Namespace) -> Iterator[Readable]:
+    if args.input == "-":
+        source: BinaryIO = sys.stdin.buffer
+        size = None
+    else:
+        try:
+            source = open(args.input, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise CliError(f"cannot read {args.input}: {exc.strerror}") from None
+        size = os.fstat(source.fileno()).st_size
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    try:
+        yield _Progress(source, size, args.handler.__name__.strip("_")) if show else source
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+        if show:
+            print(file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _output(args: argparse.Namespace) -> Iterator[BinaryIO]:
+    """stdout, or a file that appears only complete: written aside, renamed on success."""
+    if args.output is None:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    partial = args.output.with_name(f".{args.output.name}.partial")
+    try:
+        sink = open(partial, "wb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
+    try:
+        yield sink
+    except BaseException:
+        sink.close()
+        partial.unlink(missing_ok=True)
+        raise
+    sink.close()
+    os.replace(partial, args.output)
+
+
+class _Progress:
+    """A reader that reports how far it got, on one stderr line."""
+
+    def __init__(self, source: BinaryIO, size: int | None, verb: str) -> None:
+        self._source, self._size, self._verb = source, size, verb
+        self._done = 0
+        self._started = time.monotonic()
+        self._shown = 0.0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._source.read(n)
+        self._done += len(data)
+        now = time.monotonic()
+        if now - self._shown >= 0.2 or not data:
+            self._shown = now
+            rate = self._done / max(now - self._started, 1e-6) / 2**20
+            done = f"{self._done / 2**20:.1f} MiB"
+            if self._size:
+                done += f" of {self._size / 2**20:.1f} MiB ({100 * self._done // self._size}%)"
+            print(f"\r{self._verb}: {done}, {rate:.1f} MiB/s", end="", file=sys.stderr)
+        return data
+
+
 def _client_call(call: Callable[[km.Client, argparse.Namespace], Any]) -> Callable[..., int]:
     def handler(args: argparse.Namespace) -> int:
-        missing = [f for f in ("server", "ca", "cert", "key") if not getattr(args, f)]
-        if missing:
-            raise CliError("missing " + ", ".join(f"--{f}" for f in missing))
-        with km.Client(
-            args.server, ca=args.ca, cert=args.cert, key=args.key, timeout=args.timeout
-        ) as client:
+        with _connect(args) as client:
             result = call(client, args)
         print(json.dumps(_to_json(result, reveal=getattr(args, "reveal", False)), indent=2))
         return 0
@@ -305,6 +416,24 @@ def _client_call(call: Callable[[km.Client, argparse.Namespace], Any]) -> Callab
 def _to_json(result: Any, *, reveal: bool) -> Any:
     if isinstance(result, list):
         return [_to_json(item, reveal=reveal) for item in result]
+    if isinstance(result, km.Dek):
+        with result:
+            fields = {
+                "dek_id": result.dek_id,
+                "namespace": result.namespace,
+                "kek_version": result.kek_version,
+                "key": bytes(result.key),
+            }
+        return _jsonable(fields, reveal=reveal)
+    if isinstance(result, km.DataKey):
+        with result:
+            fields = {
+                "key": bytes(result.key),
+                "blob": result.blob,
+                "kek": result.kek,
+                "kek_version": result.kek_version,
+            }
+        return _jsonable(fields, reveal=reveal)
     return _jsonable(attrs.asdict(result), reveal=reveal)
 
 

@@ -103,7 +103,7 @@ def _storage_system(data: Path, address: str, tmp: Path, out: Callable[[str], No
         (wrapped,) = db.execute("SELECT wrapped FROM deks WHERE id = ?", (dek.dek_id,)).fetchone()
         db.close()
         on_disk = (data / "kmipd.db").read_bytes() + (data / "kmipd.db-wal").read_bytes()
-        _check(dek.key not in on_disk, "the plaintext DEK never reaches the store")
+        _check(bytes(dek.key) not in on_disk, "the plaintext DEK never reaches the store")
         out(
             f"   the store holds only the wrapped DEK ({len(wrapped)} bytes); "
             "the plaintext key is nowhere in the database files"

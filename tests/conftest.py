@@ -7,7 +7,7 @@ files under tmp_path, the software HSM with its master key file.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,19 @@ from kmipd.server import KmipServer, ServerLimits, ServerTls, TlsSettings
 from kmipd.service import DATA_OPERATIONS, GRANTABLE_OPERATIONS, Grant, KeyService, Policy
 from kmipd.store import KeyStore
 from pki import CertificateAuthority
+from tests import processes
 
 TRUST_DOMAIN = "kmipd.test"
+
+
+@pytest.fixture(autouse=True)
+def _reap_daemons() -> Iterator[None]:
+    """A failing test must not leave a daemon subprocess behind."""
+    yield
+    while processes.STARTED:
+        processes.STARTED.pop().reap()
+
+
 CLIENTS = ("admin", "storage", "tenant")
 
 

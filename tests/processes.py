@@ -26,6 +26,10 @@ def run_kmipd(
     )
 
 
+#: Every daemon started, so a failed test cannot leave one running (see conftest).
+STARTED: list[Daemon] = []
+
+
 class Daemon:
     """``kmipd serve`` in a subprocess; ``address`` once it has said it listens."""
 
@@ -35,6 +39,7 @@ class Daemon:
         self.process = subprocess.Popen(
             kmipd_command("serve", *args), stdout=subprocess.PIPE, stderr=self._log
         )
+        STARTED.append(self)
         self.output: list[str] = []
         self._stopping = False
         self.address = self._wait_for_listening(deadline=time.monotonic() + 60)
@@ -87,6 +92,13 @@ class Daemon:
         self.process.kill()
         self.process.wait()
         self._close()
+
+    def reap(self) -> None:
+        """Kill the daemon if a test left it running."""
+        if self.process.poll() is None:
+            self.kill()
+        elif not self._log.closed:
+            self._close()
 
     def _close(self) -> None:
         if self.process.stdout is not None:

@@ -37,7 +37,7 @@ def test_dev_server_restarts_with_its_data(tmp_path: Path) -> None:
 
     again = start_dev(data, tmp_path / "2.log")  # reuses the CA, keys and store
     with dev_client(data, again.address) as kms:
-        assert kms.get_dek(dek.dek_id).key == dek.key
+        assert kms.get_dek(dek.dek_id).key_bytes() == dek.key_bytes()
     assert again.stop() == 0
 
 
@@ -60,13 +60,13 @@ def test_acknowledged_deks_survive_kill_9(tmp_path: Path) -> None:
     daemon = start_dev(data, tmp_path / "1.log")
     with dev_client(data, daemon.address) as kms:
         acknowledged = {
-            dek.dek_id: dek.key for dek in (kms.create_dek("orders") for _ in range(30))
+            dek.dek_id: dek.key_bytes() for dek in (kms.create_dek("orders") for _ in range(30))
         }
     daemon.kill()  # SIGKILL right after the last acknowledgement: no chance to flush anything
     again = start_dev(data, tmp_path / "2.log")
     with dev_client(data, again.address) as kms:
         fetched = kms.get_deks(list(acknowledged))
-    assert {d.dek_id: d.key for d in fetched} == acknowledged
+    assert {d.dek_id: d.key_bytes() for d in fetched} == acknowledged
     assert again.stop() == 0
 
 
@@ -85,7 +85,7 @@ def test_sigterm_drains_a_pipelined_burst_and_exits_zero(tmp_path: Path) -> None
                 except (ShuttingDownError, UnavailableError) as exc:
                     refused.append(exc)
                     return
-                acknowledged[dek.dek_id] = dek.key
+                acknowledged[dek.dek_id] = dek.key_bytes()
                 first_ack.set()
 
     worker = threading.Thread(target=burst)
@@ -98,7 +98,9 @@ def test_sigterm_drains_a_pipelined_burst_and_exits_zero(tmp_path: Path) -> None
     again = start_dev(data, tmp_path / "2.log")
     with dev_client(data, again.address) as kms:
         fetched = kms.get_deks(list(acknowledged))
-    assert {d.dek_id: d.key for d in fetched} == acknowledged  # nothing acknowledged was lost
+    assert {
+        d.dek_id: d.key_bytes() for d in fetched
+    } == acknowledged  # nothing acknowledged was lost
     assert again.stop() == 0
 
 

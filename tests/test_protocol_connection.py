@@ -37,7 +37,7 @@ IDENTITY = "spiffe://kmipd.test/storage"
 
 
 def server(**kwargs: Any) -> ServerConnection:
-    return ServerConnection(identity=IDENTITY, server_name="kmipd", **kwargs)
+    return ServerConnection(identity=IDENTITY, server_name="kmipd", store_id="s-1", **kwargs)
 
 
 def frame(message: object) -> bytes:
@@ -90,6 +90,7 @@ def test_hello_negotiates_and_reports_identity_and_limits() -> None:
             "identity": IDENTITY,
             "max-frame-size": 4096,
             "max-in-flight": 8,
+            "store-id": "s-1",
         },
     }
     assert conn.state is ServerState.READY
@@ -391,6 +392,7 @@ def test_client_matches_responses_to_requests_and_records_hello() -> None:
                     "identity": "i",
                     "max-frame-size": 1,
                     "max-in-flight": 1,
+                    "store-id": "x",
                 },
             },
             "not offered",

@@ -27,7 +27,7 @@ def assert_valid(message: Any) -> None:
 async def assert_other_clients_unaffected(kmipd: RunningServer) -> None:
     async with kmipd.async_client() as kms:
         dek = await kms.create_dek("neighbours")
-        assert (await kms.get_dek(dek.dek_id)).key == dek.key
+        assert (await kms.get_dek(dek.dek_id)).key_bytes() == dek.key_bytes()
 
 
 # -- every operation's real messages validate against the CDDL ------------------------------
@@ -227,7 +227,7 @@ async def test_garbage_flood_from_one_client_does_not_stop_others(kmipd: Running
     async with kmipd.async_client() as kms:
         dek = await kms.create_dek("orders")
         for _ in range(20):
-            assert (await kms.get_dek(dek.dek_id)).key == dek.key
+            assert (await kms.get_dek(dek.dek_id)).key_bytes() == dek.key_bytes()
     errors = [await raw.receive() for _ in range(1000)]
     assert {e["error"]["name"] for e in errors} == {"bad-request"}
     await raw.aclose()

@@ -1,12 +1,16 @@
 """The kmipd client library: ``Client`` (blocking) and ``AsyncClient`` (trio).
 
 Both verify the server's certificate and name against the kmipd CA, present
-this client's certificate, and raise exceptions named after the wire error
-codes. Results that carry a key redact it in ``repr``.
+this client's certificate, keep long-lived connections to one or more
+daemons and fail over between them, and raise exceptions named after the
+wire error codes. Keys come back in protected memory (``Dek``, ``DataKey``:
+locked, never dumped, zeroed when closed), optionally through a ``DekCache``.
 """
 
 from kmipd.client._async import AsyncClient
+from kmipd.client._cache import CacheStats, DekCache
 from kmipd.client._common import ConnectionInfo
+from kmipd.client._envelope import EnvelopeError
 from kmipd.client._errors import (
     ERROR_CLASSES,
     AlreadyExistsError,
@@ -23,6 +27,7 @@ from kmipd.client._errors import (
     KmipdError,
     NotAuthorizedError,
     NotFoundError,
+    OutcomeUnknownError,
     RemoteError,
     ServerCertificateError,
     ServerTimeoutError,
@@ -31,9 +36,11 @@ from kmipd.client._errors import (
     UnknownOperationError,
     UnsupportedVersionError,
 )
+from kmipd.client._keys import DataKey, Dek
+from kmipd.client._memory import KeyWipedError, ProtectedKey
 from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
-from kmipd.protocol import DataKeyResult, DekResult, KekInfo, StatusResult, UnwrapResult
+from kmipd.protocol import KekInfo, StatusResult
 
 __all__ = [
     "ERROR_CLASSES",
@@ -41,22 +48,28 @@ __all__ = [
     "AsyncClient",
     "BadRequestError",
     "BusyError",
+    "CacheStats",
     "CertificateRejectedError",
     "Client",
     "ConnectionInfo",
-    "DataKeyResult",
+    "DataKey",
     "DeadlineExceededError",
-    "DekResult",
+    "Dek",
+    "DekCache",
     "DuplicateRequestIdError",
+    "EnvelopeError",
     "FrameTooLargeError",
     "HelloRequiredError",
     "HsmUnavailableError",
     "IntegrityFailureError",
     "InternalError",
     "KekInfo",
+    "KeyWipedError",
     "KmipdError",
     "NotAuthorizedError",
     "NotFoundError",
+    "OutcomeUnknownError",
+    "ProtectedKey",
     "RemoteError",
     "ServerCertificateError",
     "ServerTimeoutError",
@@ -65,6 +78,5 @@ __all__ = [
     "UnavailableError",
     "UnknownOperationError",
     "UnsupportedVersionError",
-    "UnwrapResult",
     "client_context",
 ]

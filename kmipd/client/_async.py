@@ -1,38 +1,47 @@
-"""The trio client: concurrent calls pipelined over one connection.
+"""The trio client: concurrent calls pipelined over a few connections per daemon.
 
-There is no background task: whichever caller is waiting takes the receive
-lock, reads, and hands every response it finds to the caller it belongs
-to, until its own has arrived. A caller cancelled while waiting simply
-stops waiting; its response is read and dropped later.
+There is no background task: whichever caller is waiting reads, and hands
+every response it finds to the caller it belongs to; the others wait for
+their own to be handed over, or for the reader to leave so one of them can
+take over. A caller cancelled while waiting simply stops waiting; its
+response is read and dropped later.
 """
 
 from __future__ import annotations
 
+import io
+import logging
 import ssl
-from collections.abc import Awaitable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 
+from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE
 from kmipd._trio_tls import TlsChannel, TlsHandshakeError
+from kmipd.client._cache import DekCache
 from kmipd.client._common import (
     DEFAULT_TIMEOUT,
     ConnectionInfo,
     Endpoint,
-    is_idempotent,
-    make_endpoint,
+    make_endpoints,
+    new_idempotency_key,
     unwrap_outcome,
 )
+from kmipd.client._envelope import new_header, open_body, read_header, seal_body, write_header
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    ServerCertificateError,
     ServerTimeoutError,
     UnavailableError,
     remote_error,
     tls_failure,
 )
+from kmipd.client._failover import FailoverCall, ServerSet, ServerState
+from kmipd.client._keys import DataKey, Dek, KeyKeeper
 from kmipd.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -40,7 +49,6 @@ from kmipd.protocol import (
     CreateDek,
     CreateKek,
     DataKeyResult,
-    DekResult,
     GenerateDataKey,
     GetDek,
     KekInfo,
@@ -52,7 +60,7 @@ from kmipd.protocol import (
     UnwrapResult,
 )
 
-T = TypeVar("T")
+log = logging.getLogger("kmipd.client")
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -60,7 +68,7 @@ class _Waiter:
     __slots__ = ("done", "outcome")
 
     def __init__(self) -> None:
-        self.done = trio.Event()
+        self.done = False
         self.outcome: Any = None
 
 
@@ -71,8 +79,14 @@ class _Connection:
         self.protocol = ClientConnection(client_name=endpoint.client_name)
         self.failure: KmipdError | None = None
         self._waiters: dict[int, _Waiter] = {}
-        self._receive_lock = trio.Lock()
+        self._reading = False
+        #: Set (and replaced) whenever the reader hands responses over or leaves.
+        self._progress = trio.Event()
         self._in_flight = trio.Semaphore(1)  # widened once hello says how far we may go
+
+    @property
+    def usable(self) -> bool:
+        return self.failure is None
 
     @classmethod
     async def open(cls, endpoint: Endpoint) -> _Connection:
@@ -110,13 +124,18 @@ class _Connection:
         connection._in_flight = trio.Semaphore(connection.protocol.hello.max_in_flight)
         return connection
 
-    async def call(self, request: Any) -> Any:
+    @property
+    def load(self) -> int:
+        """Requests in flight on this connection."""
+        return len(self._waiters)
+
+    async def call(self, request: Any) -> tuple[Any, int]:
+        """The raw outcome (result or ErrorInfo) and the request id."""
         async with self._in_flight:
             if self.failure is not None:
                 raise self.failure
             request_id, frame = self.protocol.send_request(request)
-            outcome = await self.exchange(request_id, frame)
-        return unwrap_outcome(outcome, server=self.server, request_id=request_id)
+            return await self.exchange(request_id, frame), request_id
 
     async def exchange(self, request_id: int, frame: bytes) -> Any:
         waiter = self._waiters[request_id] = _Waiter()
@@ -127,10 +146,17 @@ class _Connection:
                 # A cancelled send may have left half a frame behind: unusable.
                 self._fail(UnavailableError(f"connection lost: {exc!r}", server=self.server))
                 raise
-            while not waiter.done.is_set():
-                async with self._receive_lock:
-                    if not waiter.done.is_set():
-                        await self._receive_once()
+            while not waiter.done:
+                if self._reading:
+                    await self._progress.wait()
+                    continue
+                self._reading = True
+                try:
+                    await self._receive_once()
+                finally:
+                    self._reading = False
+                    self._progress.set()
+                    self._progress = trio.Event()
             if isinstance(waiter.outcome, KmipdError):
                 raise waiter.outcome
             return waiter.outcome
@@ -161,31 +187,70 @@ class _Connection:
             waiter = self._waiters.get(event.request_id)
             if waiter is not None:  # None: its caller was cancelled
                 waiter.outcome = event.outcome
-                waiter.done.set()
+                waiter.done = True
 
     def _fail(self, error: KmipdError) -> None:
         if self.failure is None:
             self.failure = error
         for waiter in self._waiters.values():
-            if not waiter.done.is_set():
+            if not waiter.done:
                 waiter.outcome = self.failure
-                waiter.done.set()
+                waiter.done = True
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def aclose(self) -> None:
         self._fail(UnavailableError("the client closed the connection", server=self.server))
         await self.channel.aclose()
 
 
-class AsyncClient:
-    """A trio kmipd client; concurrent calls share one pipelined connection.
+class _Pool:
+    """Connections to one daemon; calls go to the least loaded, new ones open as load grows."""
 
-    >>> async with AsyncClient("127.0.0.1:5696", ca=..., cert=..., key=...) as kms:
-    ...     dek = await kms.create_dek("orders")
+    def __init__(self, server: ServerState, size: int) -> None:
+        self.server = server
+        self._size = size
+        self._connections: list[_Connection] = []
+        self._opening = 0
+        self._open_lock = trio.Lock()
+
+    async def connection(self) -> _Connection:
+        await self._drop_failed()
+        best = min(self._connections, key=lambda c: c.load, default=None)
+        if best is not None and (best.load == 0 or len(self._connections) >= self._size):
+            return best
+        async with self._open_lock:
+            await self._drop_failed()
+            if len(self._connections) >= self._size:
+                return min(self._connections, key=lambda c: c.load)
+            connection = await _Connection.open(self.server.endpoint)
+            self._connections.append(connection)
+            return connection
+
+    async def _drop_failed(self) -> None:
+        failed = [c for c in self._connections if not c.usable]
+        if failed:
+            self._connections = [c for c in self._connections if c.usable]
+            for connection in failed:
+                await connection.aclose()
+
+    async def aclose(self) -> None:
+        connections, self._connections = self._connections, []
+        for connection in connections:
+            await connection.aclose()
+
+
+class AsyncClient:
+    """A trio kmipd client: pipelined, pooled, failing over between daemons.
+
+    >>> async with AsyncClient(["kms1:5696", "kms2:5696"], ca=..., cert=..., key=...) as kms:
+    ...     async with await kms.create_dek("orders") as dek:
+    ...         ...
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         ca: str | Path | None = None,
         cert: str | Path | None = None,
@@ -194,8 +259,14 @@ class AsyncClient:
         server_hostname: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         client_name: str = "kmipd-python",
+        pool_size: int = 2,
+        cache: DekCache | None = None,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 30.0,
     ) -> None:
-        self._endpoint = make_endpoint(
+        if timeout <= 0 or pool_size < 1:
+            raise KmipdError("timeout must be positive and pool_size at least 1")
+        endpoints = make_endpoints(
             address,
             ca=ca,
             cert=cert,
@@ -205,16 +276,31 @@ class AsyncClient:
             timeout=timeout,
             client_name=client_name,
         )
-        self._connection: _Connection | None = None
-        self._connect_lock = trio.Lock()
+        self._timeout = timeout
+        self._servers = ServerSet(
+            endpoints,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            clock=trio.current_time,  # only called from inside trio
+        )
+        self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
+        self._keys = KeyKeeper(cache)
         self._closed = False
 
     @property
+    def cache(self) -> DekCache | None:
+        return self._keys.cache
+
+    @property
+    def addresses(self) -> list[str]:
+        return [server.address for server in self._servers.servers]
+
+    @property
     def address(self) -> str:
-        return self._endpoint.address
+        return self.addresses[0]
 
     def __repr__(self) -> str:
-        return f"AsyncClient({self.address!r})"
+        return f"AsyncClient({self.addresses!r})"
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -229,92 +315,151 @@ class AsyncClient:
         await self.aclose()
 
     async def connect(self) -> ConnectionInfo:
-        """Open the connection now (otherwise the first call does) and describe it."""
-        connection = await self._connected()
-        assert connection.protocol.hello is not None
-        return ConnectionInfo.describe(connection.channel.ssl_object, connection.protocol.hello)
+        """Connect to the first daemon that answers (otherwise the first call does)."""
+        info: list[ConnectionInfo] = []
+
+        def describe(connection: _Connection) -> None:
+            assert connection.protocol.hello is not None
+            info.append(
+                ConnectionInfo.describe(connection.channel.ssl_object, connection.protocol.hello)
+            )
+
+        await self._run(None, inspect=describe)
+        return info[0]
 
     async def aclose(self) -> None:
+        """Close every connection and zero every cached key."""
         self._closed = True
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            with trio.CancelScope(shield=True):
-                await connection.aclose()
-
-    async def _connected(self) -> _Connection:
-        if self._closed:
-            raise KmipdError("the client is closed", server=self.address)
-        async with self._connect_lock:
-            if self._connection is not None and self._connection.failure is not None:
-                stale, self._connection = self._connection, None
-                await stale.aclose()
-            if self._connection is None:
-                self._connection = await self._within_deadline(_Connection.open(self._endpoint))
-            return self._connection
-
-    async def _within_deadline(self, call: Awaitable[T]) -> T:
-        try:
-            with trio.fail_after(self._endpoint.timeout):
-                return await call
-        except trio.TooSlowError:
-            raise DeadlineExceededError(
-                f"no answer within {self._endpoint.timeout:g} s", server=self.address
-            ) from None
+        with trio.CancelScope(shield=True):
+            for pool in self._pools.values():
+                await pool.aclose()
+        if self._keys.cache is not None:
+            self._keys.cache.clear()
 
     async def _call(self, request: Any) -> Any:
-        reused = self._connection is not None and self._connection.failure is None
-        connection = await self._connected()
-        try:
-            return await self._within_deadline(connection.call(request))
-        except ServerTimeoutError:
-            # The server closed the idle connection and processed nothing
-            # after its notice: any request may be sent again.
-            if not reused:
-                raise
-        except UnavailableError:
-            # The connection broke under us: only an idempotent request is
-            # safe to send again, since the first may have been applied.
-            if not (reused and is_idempotent(request)):
-                raise
-        connection = await self._connected()
-        return await self._within_deadline(connection.call(request))
+        outcome, server, request_id = await self._run(request)
+        return unwrap_outcome(outcome, server=server, request_id=request_id)
+
+    async def _run(
+        self, request: Any | None, *, inspect: Callable[[_Connection], None] | None = None
+    ) -> tuple[Any, str, int]:
+        """Send one request to a daemon, failing over as FailoverCall decides."""
+        if self._closed:
+            raise KmipdError("the client is closed", server=self.address)
+        requests = [] if request is None else [request]
+        call = FailoverCall(self._servers, requests, self._timeout, clock=trio.current_time)
+        while True:
+            server, wait = call.next_server()
+            if wait:
+                await trio.sleep(wait)  # every daemon is backing off: wait for the soonest
+            pool = self._pools[server.address]
+            with trio.move_on_at(call.deadline):
+                try:
+                    connection = await pool.connection()
+                except (UnavailableError, ServerCertificateError) as exc:
+                    call.not_sent(server, exc)
+                    continue
+                if inspect is not None:
+                    inspect(connection)
+                if request is None:
+                    call.answered(server, _store_id(connection), [])
+                    return None, server.address, 0
+                try:
+                    outcome, request_id = await connection.call(request)
+                except ServerTimeoutError:
+                    continue  # the daemon closed an idle connection and applied nothing
+                except UnavailableError as exc:
+                    call.lost(server, exc)
+                    continue
+                if call.answered(server, _store_id(connection), [outcome]):
+                    return outcome, server.address, request_id
+                continue
+            call.lost(
+                server,
+                DeadlineExceededError(
+                    f"no answer within {self._timeout:g} s", server=server.address
+                ),
+            )
 
     # -- operations ----------------------------------------------------------------
 
-    async def create_dek(self, namespace: str) -> DekResult:
-        result: DekResult = await self._call(CreateDek(namespace=namespace))
-        return result
+    async def create_dek(self, namespace: str, *, idempotency_key: bytes | None = None) -> Dek:
+        key = idempotency_key or new_idempotency_key()
+        result = await self._call(CreateDek(namespace=namespace, idempotency_key=key))
+        return self._keys.keep_dek(result)
 
-    async def get_dek(self, dek_id: str) -> DekResult:
-        result: DekResult = await self._call(GetDek(dek_id=dek_id))
-        return result
+    async def get_dek(self, dek_id: str) -> Dek:
+        if (cached := self._keys.cached_dek(dek_id)) is not None:
+            return cached
+        try:
+            result = await self._call(GetDek(dek_id=dek_id))
+        except (UnavailableError, DeadlineExceededError):
+            stale = self._keys.stale_deks([dek_id])
+            if stale is None:
+                raise
+            return stale[dek_id]
+        return self._keys.keep_dek(result)
 
-    async def get_deks(self, dek_ids: Iterable[str]) -> list[DekResult]:
-        """Fetch many DEKs concurrently over the one connection; raises the first error."""
+    async def get_deks(self, dek_ids: Iterable[str]) -> list[Dek]:
+        """Many DEKs concurrently (pipelined); raises the first error."""
         ids = list(dek_ids)
-        results: list[Any] = [None] * len(ids)
+        found: dict[str, Dek] = {}
 
-        async def fetch(index: int, dek_id: str) -> None:
-            results[index] = await self.get_dek(dek_id)
+        async def fetch(dek_id: str) -> None:
+            found[dek_id] = await self.get_dek(dek_id)
 
         async with trio.open_nursery() as nursery:
-            for index, dek_id in enumerate(ids):
-                nursery.start_soon(fetch, index, dek_id)
-        return results
+            for dek_id in set(ids):
+                nursery.start_soon(fetch, dek_id)
+        return self._keys.hand_out(ids, found)
 
-    async def generate_data_key(
-        self, kek: str, context: dict[str, str] | None = None
-    ) -> DataKeyResult:
-        result: DataKeyResult = await self._call(
-            GenerateDataKey(kek=kek, context=dict(context or {}))
+    async def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
+        context = dict(context or {})
+        result: DataKeyResult = await self._call(GenerateDataKey(kek=kek, context=context))
+        return self._keys.keep_data_key(
+            result.blob, context, result.kek, result.kek_version, result.key
         )
-        return result
 
-    async def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> UnwrapResult:
-        result: UnwrapResult = await self._call(
-            Unwrap(blob=bytes(blob), context=dict(context or {}))
-        )
-        return result
+    async def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
+        blob, context = bytes(blob), dict(context or {})
+        if (cached := self._keys.cached_data_key(blob, context)) is not None:
+            return cached
+        try:
+            result: UnwrapResult = await self._call(Unwrap(blob=blob, context=context))
+        except (UnavailableError, DeadlineExceededError):
+            stale = self._keys.cached_data_key(blob, context, stale=True)
+            if stale is None:
+                raise
+            log.warning("daemons unreachable: serving a stale cached data key")
+            return stale
+        return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+
+    async def encrypt(
+        self,
+        data: bytes,
+        kek: str,
+        context: dict[str, str] | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> bytes:
+        """Envelope-encrypt ``data`` under a fresh data key from ``kek`` (see _envelope)."""
+        context = dict(context or {})
+        sink = io.BytesIO()
+        with await self.generate_data_key(kek, context) as data_key:
+            header = new_header(
+                data_key.kek, data_key.kek_version, data_key.blob, context, chunk_size
+            )
+            prologue = write_header(sink, header)
+            seal_body(data_key.key, header, prologue, io.BytesIO(data), sink)
+        return sink.getvalue()
+
+    async def decrypt(self, envelope: bytes) -> bytes:
+        """Open an envelope: unwrap its data key (through the cache), then the body."""
+        source, sink = io.BytesIO(envelope), io.BytesIO()
+        header, prologue = read_header(source)
+        with await self.unwrap(header.blob, header.context) as data_key:
+            open_body(data_key.key, header, prologue, source, sink)
+        return sink.getvalue()
 
     async def create_kek(self, name: str) -> KekInfo:
         result: KekInfo = await self._call(CreateKek(name=name))
@@ -326,3 +471,8 @@ class AsyncClient:
     async def status(self) -> StatusResult:
         result: StatusResult = await self._call(Status())
         return result
+
+
+def _store_id(connection: _Connection) -> str | None:
+    hello = connection.protocol.hello
+    return hello.store_id if hello is not None else None

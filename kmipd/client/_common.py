@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,41 @@ class Endpoint:
     @property
     def address(self) -> str:
         return format_address(self.host, self.port)
+
+
+def make_endpoints(
+    addresses: str | Sequence[str],
+    *,
+    ca: str | Path | None,
+    cert: str | Path | None,
+    key: str | Path | None,
+    ssl_context: ssl.SSLContext | None,
+    server_hostname: str | None,
+    timeout: float,
+    client_name: str,
+) -> list[Endpoint]:
+    """One Endpoint per daemon address, sharing one TLS context."""
+    if isinstance(addresses, str):
+        addresses = [addresses]
+    if not addresses:
+        raise KmipdError("give at least one server address")
+    if ssl_context is None:
+        if ca is None or cert is None or key is None:
+            raise KmipdError("give ca, cert and key paths, or an ssl_context")
+        ssl_context = client_context(ca=ca, cert=cert, key=key)
+    return [
+        make_endpoint(
+            address,
+            ca=None,
+            cert=None,
+            key=None,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+            timeout=timeout,
+            client_name=client_name,
+        )
+        for address in addresses
+    ]
 
 
 def make_endpoint(
@@ -68,6 +105,7 @@ class ConnectionInfo:
     protocol_version: int
     max_frame_size: int
     max_in_flight: int
+    store_id: str
 
     @classmethod
     def describe(cls, tls: ssl.SSLSocket | ssl.SSLObject, hello: HelloResult) -> ConnectionInfo:
@@ -84,6 +122,7 @@ class ConnectionInfo:
             protocol_version=hello.version,
             max_frame_size=hello.max_frame_size,
             max_in_flight=hello.max_in_flight,
+            store_id=hello.store_id,
         )
 
 
@@ -96,3 +135,8 @@ def unwrap_outcome(outcome: Any, *, server: str, request_id: int) -> Any:
 
 def is_idempotent(request: Any) -> bool:
     return OPERATIONS[request.OPERATION].idempotent
+
+
+def new_idempotency_key() -> bytes:
+    """128 random bits naming one logical create, however often it is retried."""
+    return secrets.token_bytes(16)

@@ -113,6 +113,26 @@ class DeadlineExceededError(KmipdError):
     """The call did not complete within its deadline; its outcome is unknown."""
 
 
+class OutcomeUnknownError(UnavailableError):
+    """A create was sent but its answer was lost, and no server could settle it.
+
+    ``idempotency_key`` identifies the attempt: calling ``create_dek`` again
+    with the same key returns the DEK if the first attempt was applied, and
+    creates it once if it was not.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        idempotency_key: bytes,
+        server: str = "",
+        request_id: int | None = None,
+    ) -> None:
+        super().__init__(message, server=server, request_id=request_id)
+        self.idempotency_key = idempotency_key
+
+
 ERROR_CLASSES: dict[ErrorCode, type[RemoteError]] = {
     cls.code: cls
     for cls in (

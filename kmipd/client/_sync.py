@@ -10,32 +10,40 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
+import logging
 import select
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
+from kmipd.client._cache import DekCache
 from kmipd.client._common import (
     DEFAULT_TIMEOUT,
     ConnectionInfo,
     Endpoint,
-    is_idempotent,
-    make_endpoint,
+    make_endpoints,
+    new_idempotency_key,
     unwrap_outcome,
 )
+from kmipd.client._envelope import new_header, open_body, read_header, seal_body, write_header
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    ServerCertificateError,
     ServerTimeoutError,
     UnavailableError,
     remote_error,
     tls_failure,
 )
+from kmipd.client._failover import FailoverCall, ServerSet, ServerState
+from kmipd.client._keys import DataKey, Dek, KeyKeeper
 from kmipd.protocol import (
     NEED_DATA,
     ClientConnection,
@@ -43,7 +51,6 @@ from kmipd.protocol import (
     CreateDek,
     CreateKek,
     DataKeyResult,
-    DekResult,
     GenerateDataKey,
     GetDek,
     KekInfo,
@@ -55,25 +62,33 @@ from kmipd.protocol import (
     UnwrapResult,
 )
 
+log = logging.getLogger("kmipd.client")
+
 _RECEIVE_SIZE = 65536
 
 
 class _Connection:
     """One TLS connection with its protocol state; not thread-safe on its own."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(
+        self, endpoint: Endpoint, deadline: float, session: ssl.SSLSession | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.server = endpoint.address
-        deadline = time.monotonic() + endpoint.timeout
         try:
-            raw = socket.create_connection((endpoint.host, endpoint.port), endpoint.timeout)
+            raw = socket.create_connection(
+                (endpoint.host, endpoint.port), max(0.001, deadline - time.monotonic())
+            )
         except OSError as exc:
             raise UnavailableError(
                 f"cannot connect: {exc.strerror or exc}", server=self.server
             ) from None
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = endpoint.context.wrap_socket(
-            raw, server_hostname=endpoint.server_hostname, do_handshake_on_connect=False
+            raw,
+            server_hostname=endpoint.server_hostname,
+            do_handshake_on_connect=False,
+            session=session,
         )
         try:
             self.sock.do_handshake()
@@ -163,16 +178,81 @@ class _Connection:
             self.sock.close()
 
 
-class Client:
-    """A blocking kmipd client; thread-safe, usable as a context manager.
+class _Pool:
+    """Long-lived connections to one daemon, shared by the client's threads."""
 
-    >>> with Client("127.0.0.1:5696", ca="ca.pem", cert="me.pem", key="me-key.pem") as kms:
-    ...     dek = kms.create_dek("orders")
+    def __init__(self, server: ServerState, size: int) -> None:
+        self.server = server
+        self._size = size
+        self._idle: list[_Connection] = []
+        self._open = 0
+        self._closed = False
+        self._session: ssl.SSLSession | None = None
+        self._cond = threading.Condition()
+
+    def borrow(self, deadline: float) -> _Connection:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise KmipdError("the client is closed", server=self.server.address)
+                while self._idle:
+                    connection = self._idle.pop()
+                    if not connection.is_stale():
+                        return connection
+                    connection.close()  # the server closed it while idle
+                    self._open -= 1
+                if self._open < self._size:
+                    self._open += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceededError(
+                        "no connection became free in time", server=self.server.address
+                    )
+                self._cond.wait(remaining)
+        try:
+            connection = _Connection(self.server.endpoint, deadline, self._session)
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            raise
+        # Resumption skips a full handshake; it is only offered by a server
+        # that issues tickets, and kmipd re-checks revocation on each one.
+        self._session = connection.sock.session
+        return connection
+
+    def give_back(self, connection: _Connection, *, reusable: bool) -> None:
+        with self._cond:
+            if reusable and not self._closed and connection.protocol.failed is None:
+                self._idle.append(connection)
+            else:
+                connection.close()
+                self._open -= 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for connection in self._idle:
+                connection.close()
+            self._open -= len(self._idle)
+            self._idle.clear()
+            self._cond.notify_all()
+
+
+class Client:
+    """A blocking kmipd client: thread-safe, pooled, failing over between daemons.
+
+    >>> with Client(["kms1:5696", "kms2:5696"], ca="ca.pem", cert="me.pem", key="me-key.pem",
+    ...             cache=DekCache(ttl=60)) as kms:
+    ...     with kms.create_dek("orders") as dek:
+    ...         ...
     """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         ca: str | Path | None = None,
         cert: str | Path | None = None,
@@ -181,8 +261,14 @@ class Client:
         server_hostname: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         client_name: str = "kmipd-python",
+        pool_size: int = 4,
+        cache: DekCache | None = None,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 30.0,
     ) -> None:
-        self._endpoint = make_endpoint(
+        if timeout <= 0 or pool_size < 1:
+            raise KmipdError("timeout must be positive and pool_size at least 1")
+        endpoints = make_endpoints(
             address,
             ca=ca,
             cert=cert,
@@ -192,16 +278,25 @@ class Client:
             timeout=timeout,
             client_name=client_name,
         )
-        self._lock = threading.Lock()
-        self._connection: _Connection | None = None
-        self._closed = False
+        self._timeout = timeout
+        self._servers = ServerSet(endpoints, backoff_base=backoff_base, backoff_cap=backoff_cap)
+        self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
+        self._keys = KeyKeeper(cache)
+
+    @property
+    def cache(self) -> DekCache | None:
+        return self._keys.cache
+
+    @property
+    def addresses(self) -> list[str]:
+        return [server.address for server in self._servers.servers]
 
     @property
     def address(self) -> str:
-        return self._endpoint.address
+        return self.addresses[0]
 
     def __repr__(self) -> str:
-        return f"Client({self.address!r})"
+        return f"Client({self.addresses!r})"
 
     def __enter__(self) -> Client:
         return self
@@ -215,91 +310,189 @@ class Client:
         self.close()
 
     def connect(self) -> ConnectionInfo:
-        """Open the connection now (otherwise the first call does) and describe it."""
-        with self._lock:
-            connection = self._connected()
+        """Connect to the first daemon that answers (otherwise the first call does)."""
+        info: list[ConnectionInfo] = []
+
+        def describe(connection: _Connection) -> None:
             assert connection.protocol.hello is not None
-            return ConnectionInfo.describe(connection.sock, connection.protocol.hello)
+            info.append(ConnectionInfo.describe(connection.sock, connection.protocol.hello))
+
+        self._run([], inspect=describe)
+        return info[0]
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._drop()
+        """Close every connection and zero every cached key."""
+        for pool in self._pools.values():
+            pool.close()
+        if self._keys.cache is not None:
+            self._keys.cache.clear()
 
-    def _connected(self) -> _Connection:
-        if self._closed:
-            raise KmipdError("the client is closed", server=self.address)
-        if self._connection is not None and self._connection.is_stale():
-            self._drop()
-        if self._connection is None:
-            self._connection = _Connection(self._endpoint)
-        return self._connection
-
-    def _drop(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+    # -- sending, failing over ----------------------------------------------------------
 
     def _call_many(self, requests: Sequence[Any]) -> list[Any]:
-        with self._lock:
-            reused = self._connection is not None
-            try:
-                return self._exchange(requests)
-            except ServerTimeoutError:
-                # The server closed the idle connection and processed nothing
-                # after its notice: any request may be sent again, once.
-                self._drop()
-                if not reused:
-                    raise
-            except (UnavailableError, DeadlineExceededError):
-                self._drop()
-                # The connection broke under us: only idempotent requests are
-                # safe to send again, since the first attempt may have applied.
-                if not (reused and all(is_idempotent(r) for r in requests)):
-                    raise
-            except KmipdError:
-                if self._connection is not None and self._connection.protocol.failed:
-                    self._drop()
-                raise
-            return self._exchange(requests)
-
-    def _exchange(self, requests: Sequence[Any]) -> list[Any]:
-        connection = self._connected()
-        deadline = time.monotonic() + self._endpoint.timeout
-        frames = [connection.protocol.send_request(request) for request in requests]
-        outcomes = connection.exchange(frames, deadline)
         return [
-            unwrap_outcome(outcome, server=self.address, request_id=request_id)
-            for (request_id, _), outcome in zip(frames, outcomes, strict=True)
+            unwrap_outcome(outcome, server=server, request_id=request_id)
+            for outcome, server, request_id in self._run(list(requests))
         ]
 
     def _call(self, request: Any) -> Any:
         return self._call_many([request])[0]
 
+    def _run(
+        self, requests: list[Any], *, inspect: Callable[[_Connection], None] | None = None
+    ) -> list[tuple[Any, str, int]]:
+        """Send ``requests`` to a daemon, failing over as FailoverCall decides.
+
+        Returns (outcome, server address, request id) per request.
+        """
+        call = FailoverCall(self._servers, requests, self._timeout)
+        while True:
+            server, wait = call.next_server()
+            if wait:
+                time.sleep(wait)  # every daemon is backing off: wait for the soonest
+            pool = self._pools[server.address]
+            try:
+                connection = pool.borrow(call.deadline)
+            except (UnavailableError, ServerCertificateError) as exc:
+                call.not_sent(server, exc)
+                continue
+            try:
+                if inspect is not None:
+                    inspect(connection)
+                frames = [connection.protocol.send_request(r) for r in requests]
+                outcomes = connection.exchange(frames, call.deadline) if frames else []
+            except ServerTimeoutError:
+                # The daemon closed this idle connection and processed nothing
+                # after its notice: any request may be sent again, at once.
+                pool.give_back(connection, reusable=False)
+                continue
+            except (UnavailableError, DeadlineExceededError) as exc:
+                pool.give_back(connection, reusable=False)
+                call.lost(server, exc)
+                continue
+            except BaseException:
+                pool.give_back(connection, reusable=False)
+                raise
+            pool.give_back(connection, reusable=True)
+            hello = connection.protocol.hello
+            if call.answered(server, hello.store_id if hello else None, outcomes):
+                return [
+                    (outcome, server.address, request_id)
+                    for outcome, (request_id, _) in zip(outcomes, frames, strict=True)
+                ]
+
     # -- operations ----------------------------------------------------------------
 
-    def create_dek(self, namespace: str) -> DekResult:
-        """Have the daemon generate, wrap and store a new 256-bit DEK; returns it and its id."""
-        result: DekResult = self._call(CreateDek(namespace=namespace))
-        return result
+    def create_dek(self, namespace: str, *, idempotency_key: bytes | None = None) -> Dek:
+        """Have the daemon generate, wrap and store a new 256-bit DEK; returns it and its id.
 
-    def get_dek(self, dek_id: str) -> DekResult:
-        result: DekResult = self._call(GetDek(dek_id=dek_id))
-        return result
+        The request carries an idempotency key (random unless given): if its
+        answer is lost, retrying with the same key can never create a second DEK.
+        """
+        key = idempotency_key or new_idempotency_key()
+        return self._keys.keep_dek(self._call(CreateDek(namespace=namespace, idempotency_key=key)))
 
-    def get_deks(self, dek_ids: Iterable[str]) -> list[DekResult]:
-        """Fetch many DEKs in one pipelined round trip; raises the first error, if any."""
-        return self._call_many([GetDek(dek_id=dek_id) for dek_id in dek_ids])
+    def get_dek(self, dek_id: str) -> Dek:
+        """The DEK, from the cache when fresh there, else from a daemon."""
+        return self.get_deks([dek_id])[0]
 
-    def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKeyResult:
+    def get_deks(self, dek_ids: Iterable[str]) -> list[Dek]:
+        """Many DEKs: cached ones at once, the others in one pipelined round trip."""
+        ids = list(dek_ids)
+        found: dict[str, Dek] = {}
+        for dek_id in set(ids):
+            if (dek := self._keys.cached_dek(dek_id)) is not None:
+                found[dek_id] = dek
+        missing = [dek_id for dek_id in set(ids) if dek_id not in found]
+        if missing:
+            try:
+                results = self._call_many([GetDek(dek_id=dek_id) for dek_id in missing])
+            except (UnavailableError, DeadlineExceededError):
+                stale = self._keys.stale_deks(missing)
+                if stale is None:
+                    raise
+                found.update(stale)
+            else:
+                found.update((r.dek_id, self._keys.keep_dek(r)) for r in results)
+        return self._keys.hand_out(ids, found)
+
+    def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
         """A fresh key plus its wrapped blob, bound to ``context``; store the blob yourself."""
-        result: DataKeyResult = self._call(GenerateDataKey(kek=kek, context=dict(context or {})))
-        return result
+        context = dict(context or {})
+        result: DataKeyResult = self._call(GenerateDataKey(kek=kek, context=context))
+        return self._keys.keep_data_key(
+            result.blob, context, result.kek, result.kek_version, result.key
+        )
 
-    def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> UnwrapResult:
-        """Recover the key from a blob; the context must equal the one it was generated with."""
-        result: UnwrapResult = self._call(Unwrap(blob=bytes(blob), context=dict(context or {})))
-        return result
+    def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
+        """Recover a blob's key (cached by blob and context); the context must match."""
+        blob, context = bytes(blob), dict(context or {})
+        if (cached := self._keys.cached_data_key(blob, context)) is not None:
+            return cached
+        try:
+            result: UnwrapResult = self._call(Unwrap(blob=blob, context=context))
+        except (UnavailableError, DeadlineExceededError):
+            stale = self._keys.cached_data_key(blob, context, stale=True)
+            if stale is None:
+                raise
+            log.warning("daemons unreachable: serving a stale cached data key")
+            return stale
+        return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+
+    def encrypt(
+        self,
+        data: bytes,
+        kek: str,
+        context: dict[str, str] | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> bytes:
+        """Envelope-encrypt ``data`` under a fresh data key from ``kek`` (see _envelope)."""
+        context = dict(context or {})
+        sink = io.BytesIO()
+        with self.generate_data_key(kek, context) as data_key:
+            header = new_header(
+                data_key.kek, data_key.kek_version, data_key.blob, context, chunk_size
+            )
+            prologue = write_header(sink, header)
+            seal_body(data_key.key, header, prologue, io.BytesIO(data), sink)
+        return sink.getvalue()
+
+    def decrypt(self, envelope: bytes) -> bytes:
+        """Open an envelope: unwrap its data key (through the cache), then the body."""
+        source, sink = io.BytesIO(envelope), io.BytesIO()
+        header, prologue = read_header(source)
+        with self.unwrap(header.blob, header.context) as data_key:
+            open_body(data_key.key, header, prologue, source, sink)
+        return sink.getvalue()
+
+    def encrypt_stream(
+        self,
+        source: Readable,
+        sink: Writable,
+        kek: str,
+        context: dict[str, str] | None = None,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> int:
+        """Envelope-encrypt a file of any size in constant memory; returns bytes read."""
+        context = dict(context or {})
+        with self.generate_data_key(kek, context) as data_key:
+            header = new_header(
+                data_key.kek, data_key.kek_version, data_key.blob, context, chunk_size
+            )
+            prologue = write_header(sink, header)
+            return seal_body(data_key.key, header, prologue, source, sink)
+
+    def decrypt_stream(self, source: Readable, sink: Writable) -> int:
+        """Open an envelope of any size in constant memory; returns bytes written.
+
+        Each chunk is written once it authenticated; if this raises, discard
+        what reached ``sink``.
+        """
+        header, prologue = read_header(source)
+        with self.unwrap(header.blob, header.context) as data_key:
+            return open_body(data_key.key, header, prologue, source, sink)
 
     def create_kek(self, name: str) -> KekInfo:
         result: KekInfo = self._call(CreateKek(name=name))

@@ -114,6 +114,7 @@ class ServerConnection:
         *,
         identity: str,
         server_name: str,
+        store_id: str,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_in_flight: int = 64,
         versions: tuple[int, ...] = PROTOCOL_VERSIONS,
@@ -122,6 +123,7 @@ class ServerConnection:
         self.state = ServerState.AWAITING_HELLO
         self.version: int | None = None
         self._server_name = server_name
+        self._store_id = store_id
         self._max_in_flight = max_in_flight
         self._versions = versions
         self._reader = FrameReader(max_frame_size)
@@ -213,6 +215,7 @@ class ServerConnection:
                         identity=self.identity,
                         max_frame_size=self._reader.max_frame_size,
                         max_in_flight=self._max_in_flight,
+                        store_id=self._store_id,
                     ),
                 )
             )

@@ -46,6 +46,7 @@ CONTEXT = TextMap(
 )
 BLOB = Bytes(max_length=1024)
 TIMESTAMP = UInt()  # seconds since the Unix epoch
+IDEMPOTENCY_KEY = Bytes(min_length=16, max_length=32)
 VERSION = UInt(minimum=1, maximum=2**32 - 1)
 
 
@@ -66,6 +67,9 @@ class HelloResult:
     identity: str = wire(Text(max_length=2048))
     max_frame_size: int = wire(UInt())
     max_in_flight: int = wire(UInt())
+    #: Identifies the key store behind this server: servers showing the same
+    #: store-id share their keys (a client may fail over between them).
+    store_id: str = wire(Text(max_length=64))
 
 
 @attrs.frozen
@@ -90,6 +94,9 @@ class StatusResult:
 class CreateDek:
     OPERATION: ClassVar[str] = "create-dek"
     namespace: str = wire(NAMESPACE)
+    #: Names one logical create: a retry with the same key returns the DEK the
+    #: first attempt made instead of making another (remembered 24 hours).
+    idempotency_key: bytes | None = wire(IDEMPOTENCY_KEY, default=None, repr=False)
 
 
 @attrs.frozen

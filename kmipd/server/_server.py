@@ -212,6 +212,7 @@ class _Connection:
             self.conn = ServerConnection(
                 identity=identity,
                 server_name=self.server.service.info.name,
+                store_id=self.server.service.store.store_id,
                 max_frame_size=self.limits.max_frame_size,
                 max_in_flight=self.limits.max_in_flight,
             )
@@ -240,7 +241,7 @@ class _Connection:
                 return tls.verify_peer(self.channel.ssl_object.getpeercert(binary_form=True))
             except PeerRejectedError as exc:
                 log.info("client %s refused: %s", self.peer, exc)
-                refusal = ServerConnection(identity="", server_name="")
+                refusal = ServerConnection(identity="", server_name="", store_id="")
                 refusal.fail(ErrorCode.CERTIFICATE_REJECTED, f"certificate rejected: {exc}")
                 await self.channel.send_all(refusal.data_to_send())
                 return None

@@ -45,7 +45,15 @@ from kmipd.protocol import (
     parse_struct,
 )
 from kmipd.service._policy import Policy
-from kmipd.store import AlreadyExistsError, DekRecord, KekRecord, KekVersion, KeyStore, StoreError
+from kmipd.store import (
+    AlreadyExistsError,
+    DekRecord,
+    IdempotencyKeyUsedError,
+    KekRecord,
+    KekVersion,
+    KeyStore,
+    StoreError,
+)
 
 log = logging.getLogger("kmipd.service")
 
@@ -216,17 +224,40 @@ class KeyService:
     async def _create_dek(self, identity: str, request: CreateDek) -> DekResult:
         namespace = request.namespace
         self._authorize(identity, "create-dek", namespace)
+        if request.idempotency_key is not None:
+            earlier = await self._created_earlier(identity, request)
+            if earlier is not None:
+                return earlier
         version = (await self._kek_for_new_key(namespace, identity)).latest
         dek_id = new_dek_id()
         key = secrets.token_bytes(KEY_SIZE)
         wrapped = await self.hsm.wrap(
             version.hsm_handle, key, dek_associated_data(dek_id, namespace, version.version)
         )
-        await self.store.put_dek(
-            DekRecord(dek_id, namespace, version.version, wrapped, self._now(), identity)
-        )
+        record = DekRecord(dek_id, namespace, version.version, wrapped, self._now(), identity)
+        try:
+            await self.store.put_dek(record, idempotency_key=request.idempotency_key)
+        except IdempotencyKeyUsedError:
+            # The same create, retried while the first attempt was committing.
+            earlier = await self._created_earlier(identity, request)
+            assert earlier is not None
+            return earlier
         # The row is durable from here on: nothing below may await (and be cancelled).
         return DekResult(dek_id=dek_id, namespace=namespace, kek_version=version.version, key=key)
+
+    async def _created_earlier(self, identity: str, request: CreateDek) -> DekResult | None:
+        """The DEK an earlier attempt of this create made, if there was one."""
+        assert request.idempotency_key is not None
+        dek_id = await self.store.find_idempotent(identity, request.idempotency_key)
+        if dek_id is None:
+            return None
+        record = await self.store.get_dek(dek_id)
+        if record is None or record.namespace != request.namespace:
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                "idempotency key already used for another create-dek; use a fresh key per create",
+            )
+        return await self._get_dek(identity, GetDek(dek_id=dek_id))
 
     def _check_get_dek(
         self, identity: str, request: GetDek, record: DekRecord | None

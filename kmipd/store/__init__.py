@@ -1,12 +1,23 @@
 """The key store: only wrapped keys and their metadata, never a plaintext key."""
 
 from kmipd.store._sqlite import (
+    IDEMPOTENCY_RETENTION,
     AlreadyExistsError,
     DekRecord,
+    IdempotencyKeyUsedError,
     KekRecord,
     KekVersion,
     KeyStore,
     StoreError,
 )
 
-__all__ = ["AlreadyExistsError", "DekRecord", "KekRecord", "KekVersion", "KeyStore", "StoreError"]
+__all__ = [
+    "IDEMPOTENCY_RETENTION",
+    "AlreadyExistsError",
+    "DekRecord",
+    "IdempotencyKeyUsedError",
+    "KekRecord",
+    "KekVersion",
+    "KeyStore",
+    "StoreError",
+]

@@ -54,6 +54,23 @@ CREATE TABLE deks (
 ) STRICT;
 CREATE INDEX deks_by_kek_version ON deks(namespace, kek_version);
 """,
+    # 2: a store identity (servers showing the same one share keys) and
+    # idempotency keys, so a retried create-dek never makes a second DEK.
+    """
+CREATE TABLE store_meta (
+    name        TEXT PRIMARY KEY,
+    value       TEXT NOT NULL
+) STRICT;
+INSERT INTO store_meta (name, value) VALUES ('store_id', lower(hex(randomblob(16))));
+CREATE TABLE idempotency_keys (
+    identity    TEXT NOT NULL,
+    key         BLOB NOT NULL,
+    dek_id      TEXT NOT NULL REFERENCES deks(id),
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (identity, key)
+) STRICT;
+CREATE INDEX idempotency_keys_by_age ON idempotency_keys(created_at);
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -64,6 +81,14 @@ class StoreError(Exception):
 
 class AlreadyExistsError(StoreError):
     pass
+
+
+class IdempotencyKeyUsedError(StoreError):
+    """A create with this idempotency key was already applied."""
+
+
+#: How long an idempotency key is remembered: far longer than any retry.
+IDEMPOTENCY_RETENTION = 24 * 3600
 
 
 @attrs.frozen
@@ -120,6 +145,9 @@ class KeyStore:
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
         self._cache_size = cache_size
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
+        (self.store_id,) = self._reader.execute(
+            "SELECT value FROM store_meta WHERE name = 'store_id'"
+        ).fetchone()
 
     @classmethod
     def open(cls, path: Path, *, cache_size: int = 10_000) -> KeyStore:
@@ -175,8 +203,13 @@ class KeyStore:
 
     # -- DEKs --------------------------------------------------------------------
 
-    async def put_dek(self, record: DekRecord) -> None:
-        """Insert a DEK; when this returns, the row is durable."""
+    async def put_dek(self, record: DekRecord, *, idempotency_key: bytes | None = None) -> None:
+        """Insert a DEK; when this returns, the row is durable.
+
+        With an idempotency key, the key is recorded in the same transaction
+        (for the DEK's creator); a key already used raises
+        IdempotencyKeyUsedError and inserts nothing.
+        """
 
         def insert(db: sqlite3.Connection) -> None:
             try:
@@ -194,6 +227,21 @@ class KeyStore:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
+            if idempotency_key is None:
+                return
+            db.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < ?",
+                (record.created_at - IDEMPOTENCY_RETENTION,),
+            )
+            try:
+                db.execute(
+                    "INSERT INTO idempotency_keys (identity, key, dek_id, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (record.created_by, idempotency_key, record.dek_id, record.created_at),
+                )
+            except sqlite3.IntegrityError:
+                # Rolls the DEK insert back too: the transaction fails as a whole.
+                raise IdempotencyKeyUsedError from None
 
         await self._write(insert)
         self._remember(record)
@@ -204,6 +252,18 @@ class KeyStore:
         if record is not None:
             self._cache.move_to_end(dek_id)
         return record
+
+    async def find_idempotent(self, identity: str, key: bytes) -> str | None:
+        """The DEK a create with this idempotency key made for this identity, if any."""
+
+        def select(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT dek_id FROM idempotency_keys WHERE identity = ? AND key = ?",
+                (identity, key),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(select)
 
     async def get_dek(self, dek_id: str) -> DekRecord | None:
         record = self.cached_dek(dek_id)

@@ -1,0 +1,177 @@
+"""What the client hands to a storage system: keys in protected memory.
+
+``Dek`` (a stored DEK) and ``DataKey`` (a stateless data key with its blob)
+hold their key bytes in a ProtectedKey. ``key`` is a read-only view, valid
+until the object is closed; use the object as a context manager so the key
+is zeroed as soon as the caller is done:
+
+    with kms.get_dek(dek_id) as dek:
+        plaintext = AESGCM(dek.key).decrypt(nonce, data, aad)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from types import TracebackType
+
+from kmipd.client._cache import DekCache
+from kmipd.client._memory import ProtectedKey
+from kmipd.protocol import DekResult, encode_deterministic
+
+log = logging.getLogger("kmipd.client")
+
+
+class _HoldsKey:
+    __slots__ = ("_protected",)
+
+    def __init__(self, protected: ProtectedKey) -> None:
+        self._protected = protected
+
+    @property
+    def key(self) -> memoryview:
+        """The key bytes (read-only), until close(); raises KeyWipedError after."""
+        return self._protected.view
+
+    def key_bytes(self) -> bytes:
+        """An unprotected copy of the key, for APIs that need ``bytes``.
+
+        The copy is an ordinary Python object: it may be swapped out and is
+        not zeroed. Prefer ``key`` inside a ``with`` block.
+        """
+        return bytes(self._protected.view)
+
+    @property
+    def protected(self) -> ProtectedKey:
+        return self._protected
+
+    def close(self) -> None:
+        """Zero the key now."""
+        self._protected.wipe()
+
+    def __enter__(self) -> _HoldsKey:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Dek(_HoldsKey):
+    """A stored DEK: its id, namespace, the KEK version that wraps it, and the key."""
+
+    __slots__ = ("dek_id", "kek_version", "namespace")
+
+    def __init__(self, dek_id: str, namespace: str, kek_version: int, protected: ProtectedKey):
+        super().__init__(protected)
+        self.dek_id = dek_id
+        self.namespace = namespace
+        self.kek_version = kek_version
+
+    def __enter__(self) -> Dek:
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"Dek(dek_id={self.dek_id!r}, namespace={self.namespace!r}, "
+            f"kek_version={self.kek_version}, key={self._protected!r})"
+        )
+
+
+class DataKey(_HoldsKey):
+    """A data key and its wrapped blob (generate-data-key), or a blob's unwrapped key."""
+
+    __slots__ = ("blob", "kek", "kek_version")
+
+    def __init__(self, blob: bytes, kek: str, kek_version: int, protected: ProtectedKey):
+        super().__init__(protected)
+        self.blob = blob
+        self.kek = kek
+        self.kek_version = kek_version
+
+    def __enter__(self) -> DataKey:
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"DataKey(kek={self.kek!r}, kek_version={self.kek_version}, "
+            f"blob=<{len(self.blob)} bytes>, key={self._protected!r})"
+        )
+
+
+class KeyKeeper:
+    """Turns wire results into protected keys, through the cache when there is one.
+
+    Shared by both clients so that caching behaves the same in each.
+    """
+
+    def __init__(self, cache: DekCache | None) -> None:
+        self.cache = cache
+
+    def cached_dek(self, dek_id: str, *, stale: bool = False) -> Dek | None:
+        if self.cache is None:
+            return None
+        hit = self.cache.lookup(("dek", dek_id), allow_stale=stale)
+        if hit is None:
+            return None
+        (namespace, version), protected = hit
+        return Dek(dek_id, namespace, version, protected)
+
+    def keep_dek(self, result: DekResult) -> Dek:
+        protected = ProtectedKey(result.key)
+        if self.cache is not None:
+            meta = (result.namespace, result.kek_version)
+            self.cache.store(("dek", result.dek_id), meta, protected)
+        return Dek(result.dek_id, result.namespace, result.kek_version, protected)
+
+    def cached_data_key(
+        self, blob: bytes, context: dict[str, str], *, stale: bool = False
+    ) -> DataKey | None:
+        if self.cache is None:
+            return None
+        hit = self.cache.lookup(blob_cache_key(blob, context), allow_stale=stale)
+        if hit is None:
+            return None
+        (kek, version), protected = hit
+        return DataKey(blob, kek, version, protected)
+
+    def keep_data_key(
+        self, blob: bytes, context: dict[str, str], kek: str, version: int, key: bytes
+    ) -> DataKey:
+        protected = ProtectedKey(key)
+        if self.cache is not None:
+            self.cache.store(blob_cache_key(blob, context), (kek, version), protected)
+        return DataKey(blob, kek, version, protected)
+
+    def stale_deks(self, dek_ids: list[str]) -> dict[str, Dek] | None:
+        """Every one of ``dek_ids`` from the cache, stale allowed, or None if one is missing."""
+        found = {dek_id: self.cached_dek(dek_id, stale=True) for dek_id in dek_ids}
+        if any(dek is None for dek in found.values()):
+            for dek in found.values():
+                if dek is not None:
+                    dek.close()
+            return None
+        log.warning("daemons unreachable: serving %d stale cached DEK(s)", len(found))
+        return {dek_id: dek for dek_id, dek in found.items() if dek is not None}
+
+    @staticmethod
+    def hand_out(dek_ids: list[str], found: dict[str, Dek]) -> list[Dek]:
+        """One Dek per requested id, each owning its key, even when ids repeat."""
+        handed_out: set[str] = set()
+        answer = []
+        for dek_id in dek_ids:
+            dek = found[dek_id]
+            if dek_id in handed_out:
+                dek = Dek(dek.dek_id, dek.namespace, dek.kek_version, dek.protected.copy())
+            handed_out.add(dek_id)
+            answer.append(dek)
+        return answer
+
+
+def blob_cache_key(blob: bytes, context: dict[str, str]) -> tuple[str, bytes]:
+    """A data key is identified by its blob *and* the context it must be unwrapped with."""
+    return ("blob", hashlib.sha256(encode_deterministic([blob, context])).digest())
