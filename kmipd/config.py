@@ -105,6 +105,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "store": {
         "path": Option(str, REQUIRED, "SQLite database file"),
         "cache_size": Option(int, 10_000, "wrapped DEK rows kept in memory", _at_least_one),
+        "shared": Option(bool, False, "several daemons on this host serve this store"),
     },
     "hsm": {
         "backend": Option(str, "software", "HSM backend", _one_of("software")),
@@ -143,6 +144,7 @@ class Config:
     tls: TlsSettings
     store_path: Path
     store_cache_size: int
+    store_shared: bool
     hsm_backend: str
     master_key: Path
     keyring: Path
@@ -214,6 +216,7 @@ def parse_config(document: Mapping[str, Any], *, source: str, base: Path) -> Con
         ),
         store_path=v("store", "path"),
         store_cache_size=v("store", "cache_size"),
+        store_shared=v("store", "shared"),
         hsm_backend=v("hsm", "backend"),
         master_key=v("hsm", "master_key"),
         keyring=v("hsm", "keyring"),

@@ -43,7 +43,9 @@ async def run_daemon(
     embedding program passes ``handle_signals=False`` and calls ``stop()``.
     """
     tls = ServerTls.load(config.tls)
-    store = KeyStore.open(config.store_path, cache_size=config.store_cache_size)
+    store = KeyStore.open(
+        config.store_path, cache_size=config.store_cache_size, shared=config.store_shared
+    )
     try:
         hsm = SoftwareHsm.open(config.master_key, config.keyring)
         try:

@@ -359,6 +359,8 @@ class AsyncClient:
                 except (UnavailableError, ServerCertificateError) as exc:
                     call.not_sent(server, exc)
                     continue
+                if not call.accepts(server, _store_id(connection)):
+                    continue
                 if inspect is not None:
                     inspect(connection)
                 if request is None:

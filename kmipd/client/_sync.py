@@ -356,6 +356,10 @@ class Client:
             except (UnavailableError, ServerCertificateError) as exc:
                 call.not_sent(server, exc)
                 continue
+            hello = connection.protocol.hello
+            if not call.accepts(server, hello.store_id if hello else None):
+                pool.give_back(connection, reusable=True)
+                continue
             try:
                 if inspect is not None:
                     inspect(connection)
@@ -374,7 +378,6 @@ class Client:
                 pool.give_back(connection, reusable=False)
                 raise
             pool.give_back(connection, reusable=True)
-            hello = connection.protocol.hello
             if call.answered(server, hello.store_id if hello else None, outcomes):
                 return [
                     (outcome, server.address, request_id)

@@ -125,6 +125,8 @@ class KeyService:
     async def handle(self, identity: str, request: Any) -> Any:
         """Run one request for an authenticated identity; raise ServiceError to refuse."""
         with _backend_errors(request):
+            if self.store.shared:
+                await self.store.refresh_if_changed()  # see what the other daemons did
             return await self._handlers[type(request)](identity, request)
 
     def handle_now(self, identity: str, request: Any) -> Any:
@@ -176,9 +178,20 @@ class KeyService:
             )
         async with self._kek_creation:
             kek = self.store.get_kek(namespace)
-            if kek is None:
+            if kek is not None:
+                return kek
+            try:
                 kek = await self._make_kek(namespace, identity)
-                log.info("created KEK %r on demand for %s", namespace, identity)
+            except ServiceError as exc:
+                if exc.code is not ErrorCode.ALREADY_EXISTS or not self.store.shared:
+                    raise
+                # Another daemon sharing the store created it first: use theirs.
+                await self.store.refresh_if_changed()
+                kek = self.store.get_kek(namespace)
+                if kek is None:
+                    raise
+                return kek
+            log.info("created KEK %r on demand for %s", namespace, identity)
             return kek
 
     async def _make_kek(self, name: str, identity: str) -> KekRecord:

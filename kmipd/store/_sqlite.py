@@ -131,9 +131,18 @@ T = TypeVar("T")
 
 
 class KeyStore:
-    def __init__(self, path: Path, *, cache_size: int = 10_000) -> None:
+    """The store. One daemon owns it, or (``shared``) several on one host serve it together.
+
+    Shared mode is for availability: each daemon takes a shared lock instead
+    of an exclusive one, reads DEK rows from the database instead of its
+    cache, and reloads KEK metadata whenever another connection committed
+    (``refresh_if_changed``), so what one daemon creates the others serve.
+    """
+
+    def __init__(self, path: Path, *, cache_size: int = 10_000, shared: bool = False) -> None:
         self.path = path
-        self._lock_fd = _lock_exclusively(path)
+        self.shared = shared
+        self._lock_fd = _lock(path, shared=shared)
         try:
             self._writer = _connect(path)
             self._reader = _connect(path)
@@ -145,14 +154,15 @@ class KeyStore:
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
         self._cache_size = cache_size
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
+        self._data_version = _data_version(self._reader)
         (self.store_id,) = self._reader.execute(
             "SELECT value FROM store_meta WHERE name = 'store_id'"
         ).fetchone()
 
     @classmethod
-    def open(cls, path: Path, *, cache_size: int = 10_000) -> KeyStore:
+    def open(cls, path: Path, *, cache_size: int = 10_000, shared: bool = False) -> KeyStore:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(path, cache_size=cache_size)
+        return cls(path, cache_size=cache_size, shared=shared)
 
     def __repr__(self) -> str:
         return f"KeyStore({str(self.path)!r})"
@@ -248,6 +258,8 @@ class KeyStore:
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
         """The row if it is in the cache; never touches the database."""
+        if self.shared:
+            return None  # another daemon may have changed it
         record = self._cache.get(dek_id)
         if record is not None:
             self._cache.move_to_end(dek_id)
@@ -283,7 +295,23 @@ class KeyStore:
             self._remember(record)
         return record
 
+    async def refresh_if_changed(self) -> None:
+        """Shared mode: reload KEK metadata if any other connection committed since."""
+
+        def check(db: sqlite3.Connection) -> list[KekRecord] | None:
+            version = _data_version(db)
+            if version == self._data_version:
+                return None
+            self._data_version = version
+            return _load_keks(db)
+
+        keks = await self._read(check)
+        if keks is not None:
+            self._keks = {kek.name: kek for kek in keks}
+
     def _remember(self, record: DekRecord) -> None:
+        if self.shared:
+            return
         self._cache[record.dek_id] = record
         self._cache.move_to_end(record.dek_id)
         while len(self._cache) > self._cache_size:
@@ -324,15 +352,25 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _lock_exclusively(path: Path) -> int:
+def _lock(path: Path, *, shared: bool) -> int:
     lock_path = path.with_name(path.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreError(f"store {path} is in use by another kmipd process") from None
+        why = (
+            "by a kmipd that does not share it (store.shared is off there)"
+            if shared
+            else "by another kmipd process (set store.shared = true on every daemon to share it)"
+        )
+        raise StoreError(f"store {path} is in use {why}") from None
     return fd
+
+
+def _data_version(db: sqlite3.Connection) -> int:
+    """Changes whenever another connection commits (SQLite's PRAGMA data_version)."""
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _insert_kek_version(db: sqlite3.Connection, version: KekVersion) -> None:
