@@ -12,10 +12,32 @@ from collections.abc import Iterable
 
 import attrs
 
-#: Operations a storage system needs to read and write its data.
-DATA_OPERATIONS = frozenset({"create-dek", "get-dek", "generate-data-key", "unwrap"})
-#: Operations that administer KEKs.
-ADMIN_OPERATIONS = frozenset({"create-kek", "list-keks"})
+#: Operations a storage system needs to read and write its data (and to keep
+#: its DEK cache honest: changes-since tells it what was revoked).
+DATA_OPERATIONS = frozenset(
+    {"create-dek", "get-dek", "generate-data-key", "unwrap", "rewrap", "changes-since"}
+)
+#: Operations that administer keys and their lifecycles. "recovery" lets an
+#: administrator still read a deactivated or compromised key, to re-protect data.
+ADMIN_OPERATIONS = frozenset(
+    {
+        "create-kek",
+        "list-keks",
+        "rotate-kek",
+        "activate",
+        "revoke",
+        "destroy",
+        "recover",
+        "get-attributes",
+        "locate",
+        "dependents",
+        "rewrap",
+        "start-rewrap",
+        "get-job",
+        "list-jobs",
+        "recovery",
+    }
+)
 #: Allowed to every authenticated client: they reveal nothing about keys.
 UNRESTRICTED_OPERATIONS = frozenset({"hello", "status"})
 GRANTABLE_OPERATIONS = DATA_OPERATIONS | ADMIN_OPERATIONS
