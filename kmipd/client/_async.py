@@ -26,6 +26,7 @@ from kmipd.client._common import (
     DEFAULT_TIMEOUT,
     ConnectionInfo,
     Endpoint,
+    key_ref,
     make_endpoints,
     new_idempotency_key,
     unwrap_outcome,
@@ -44,16 +45,36 @@ from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
 from kmipd.protocol import (
     NEED_DATA,
+    Activate,
+    ChangesResult,
+    ChangesSince,
     ClientConnection,
     ConnectionFailed,
     CreateDek,
     CreateKek,
     DataKeyResult,
+    Dependents,
+    DependentsResult,
+    Destroy,
     GenerateDataKey,
+    GetAttributes,
     GetDek,
+    GetJob,
+    JobInfo,
     KekInfo,
+    KeyAttributes,
+    ListJobs,
     ListKeks,
+    Locate,
+    LocateResult,
+    Recover,
     ResponseReceived,
+    Revoke,
+    RewrapBlob,
+    RewrapBlobResult,
+    RewrapDek,
+    RotateKek,
+    StartRewrap,
     Status,
     StatusResult,
     Unwrap,
@@ -463,15 +484,132 @@ class AsyncClient:
             open_body(data_key.key, header, prologue, source, sink)
         return sink.getvalue()
 
-    async def create_kek(self, name: str) -> KekInfo:
-        result: KekInfo = await self._call(CreateKek(name=name))
-        return result
-
     async def list_keks(self, prefix: str | None = None) -> list[KekInfo]:
         return list((await self._call(ListKeks(prefix=prefix))).keks)
 
     async def status(self) -> StatusResult:
         result: StatusResult = await self._call(Status())
+        return result
+
+    # -- key lifecycle (administrators; see PROTOCOL.md 4.3) --------------------------------
+
+    async def create_kek(
+        self, name: str, *, usage: Sequence[str] | None = None, activation: int | None = None
+    ) -> KekInfo:
+        """Create a namespace's KEK inside the HSM; a future ``activation`` makes it pre-active."""
+        result: KekInfo = await self._call(
+            CreateKek(
+                name=name, usage=None if usage is None else tuple(usage), activation=activation
+            )
+        )
+        return result
+
+    async def rotate_kek(self, name: str) -> KeyAttributes:
+        """A new KEK version; new wraps use it, older versions still unwrap."""
+        result: KeyAttributes = await self._call(RotateKek(name=name))
+        return result
+
+    async def activate(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = await self._call(Activate(key=key_ref(dek_id, kek, version)))
+        return result
+
+    async def revoke(
+        self,
+        reason: str,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        message: str | None = None,
+    ) -> KeyAttributes:
+        """key-compromise makes the key compromised; other reasons deactivate it."""
+        result: KeyAttributes = await self._call(
+            Revoke(key=key_ref(dek_id, kek, version), reason=reason, message=message)
+        )
+        return result
+
+    async def destroy(
+        self,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        force: bool = False,
+        purge_now: bool = False,
+    ) -> KeyAttributes:
+        """Crypto-shredding, after the soft-delete window (or now, with ``purge_now``)."""
+        result: KeyAttributes = await self._call(
+            Destroy(key=key_ref(dek_id, kek, version), force=force, purge_now=purge_now)
+        )
+        return result
+
+    async def recover(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        """Undo a destroy within the soft-delete window."""
+        result: KeyAttributes = await self._call(Recover(key=key_ref(dek_id, kek, version)))
+        return result
+
+    async def get_attributes(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = await self._call(GetAttributes(key=key_ref(dek_id, kek, version)))
+        return result
+
+    async def locate(
+        self,
+        *,
+        kind: str | None = None,
+        namespace: str | None = None,
+        state: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> LocateResult:
+        """Keys by kind, namespace (glob) and state; page on with ``after=result.next``."""
+        result: LocateResult = await self._call(
+            Locate(kind=kind, namespace=namespace, state=state, after=after, limit=limit)
+        )
+        return result
+
+    async def dependents(
+        self, kek: str, version: int, *, limit: int | None = None
+    ) -> DependentsResult:
+        """Which DEKs still depend on a KEK version (rewrap them before destroying it)."""
+        result: DependentsResult = await self._call(
+            Dependents(kek=kek, version=version, limit=limit)
+        )
+        return result
+
+    async def rewrap_dek(self, dek_id: str) -> KeyAttributes:
+        """Re-wrap a stored DEK under its KEK's newest version (the key stays inside)."""
+        result: KeyAttributes = await self._call(RewrapDek(dek_id=dek_id))
+        return result
+
+    async def rewrap_blob(
+        self, blob: bytes, context: dict[str, str] | None = None
+    ) -> RewrapBlobResult:
+        result: RewrapBlobResult = await self._call(
+            RewrapBlob(blob=bytes(blob), context=dict(context or {}))
+        )
+        return result
+
+    async def start_rewrap(self, namespace: str) -> JobInfo:
+        """A background job rewrapping the namespace's DEKs in batches."""
+        result: JobInfo = await self._call(StartRewrap(namespace=namespace))
+        return result
+
+    async def get_job(self, job_id: str) -> JobInfo:
+        result: JobInfo = await self._call(GetJob(job_id=job_id))
+        return result
+
+    async def list_jobs(self, state: str | None = None) -> list[JobInfo]:
+        return list((await self._call(ListJobs(state=state))).jobs)
+
+    async def changes_since(self, seq: int, *, limit: int | None = None) -> ChangesResult:
+        """State changes after ``seq``; the DEK cache uses this to evict revoked keys."""
+        result: ChangesResult = await self._call(ChangesSince(seq=seq, limit=limit))
         return result
 
 

@@ -28,6 +28,7 @@ from kmipd.client._common import (
     DEFAULT_TIMEOUT,
     ConnectionInfo,
     Endpoint,
+    key_ref,
     make_endpoints,
     new_idempotency_key,
     unwrap_outcome,
@@ -46,16 +47,36 @@ from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
 from kmipd.protocol import (
     NEED_DATA,
+    Activate,
+    ChangesResult,
+    ChangesSince,
     ClientConnection,
     ConnectionFailed,
     CreateDek,
     CreateKek,
     DataKeyResult,
+    Dependents,
+    DependentsResult,
+    Destroy,
     GenerateDataKey,
+    GetAttributes,
     GetDek,
+    GetJob,
+    JobInfo,
     KekInfo,
+    KeyAttributes,
+    ListJobs,
     ListKeks,
+    Locate,
+    LocateResult,
+    Recover,
     ResponseReceived,
+    Revoke,
+    RewrapBlob,
+    RewrapBlobResult,
+    RewrapDek,
+    RotateKek,
+    StartRewrap,
     Status,
     StatusResult,
     Unwrap,
@@ -497,13 +518,124 @@ class Client:
         with self.unwrap(header.blob, header.context) as data_key:
             return open_body(data_key.key, header, prologue, source, sink)
 
-    def create_kek(self, name: str) -> KekInfo:
-        result: KekInfo = self._call(CreateKek(name=name))
-        return result
-
     def list_keks(self, prefix: str | None = None) -> list[KekInfo]:
         return list(self._call(ListKeks(prefix=prefix)).keks)
 
     def status(self) -> StatusResult:
         result: StatusResult = self._call(Status())
+        return result
+
+    # -- key lifecycle (administrators; see PROTOCOL.md 4.3) --------------------------------
+
+    def create_kek(
+        self, name: str, *, usage: Sequence[str] | None = None, activation: int | None = None
+    ) -> KekInfo:
+        """Create a namespace's KEK inside the HSM; a future ``activation`` makes it pre-active."""
+        result: KekInfo = self._call(
+            CreateKek(
+                name=name, usage=None if usage is None else tuple(usage), activation=activation
+            )
+        )
+        return result
+
+    def rotate_kek(self, name: str) -> KeyAttributes:
+        """A new KEK version; new wraps use it, older versions still unwrap."""
+        result: KeyAttributes = self._call(RotateKek(name=name))
+        return result
+
+    def activate(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = self._call(Activate(key=key_ref(dek_id, kek, version)))
+        return result
+
+    def revoke(
+        self,
+        reason: str,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        message: str | None = None,
+    ) -> KeyAttributes:
+        """key-compromise makes the key compromised; other reasons deactivate it."""
+        result: KeyAttributes = self._call(
+            Revoke(key=key_ref(dek_id, kek, version), reason=reason, message=message)
+        )
+        return result
+
+    def destroy(
+        self,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        force: bool = False,
+        purge_now: bool = False,
+    ) -> KeyAttributes:
+        """Crypto-shredding, after the soft-delete window (or now, with ``purge_now``)."""
+        result: KeyAttributes = self._call(
+            Destroy(key=key_ref(dek_id, kek, version), force=force, purge_now=purge_now)
+        )
+        return result
+
+    def recover(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        """Undo a destroy within the soft-delete window."""
+        result: KeyAttributes = self._call(Recover(key=key_ref(dek_id, kek, version)))
+        return result
+
+    def get_attributes(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = self._call(GetAttributes(key=key_ref(dek_id, kek, version)))
+        return result
+
+    def locate(
+        self,
+        *,
+        kind: str | None = None,
+        namespace: str | None = None,
+        state: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> LocateResult:
+        """Keys by kind, namespace (glob) and state; page on with ``after=result.next``."""
+        result: LocateResult = self._call(
+            Locate(kind=kind, namespace=namespace, state=state, after=after, limit=limit)
+        )
+        return result
+
+    def dependents(self, kek: str, version: int, *, limit: int | None = None) -> DependentsResult:
+        """Which DEKs still depend on a KEK version (rewrap them before destroying it)."""
+        result: DependentsResult = self._call(Dependents(kek=kek, version=version, limit=limit))
+        return result
+
+    def rewrap_dek(self, dek_id: str) -> KeyAttributes:
+        """Re-wrap a stored DEK under its KEK's newest version (the key stays inside)."""
+        result: KeyAttributes = self._call(RewrapDek(dek_id=dek_id))
+        return result
+
+    def rewrap_blob(self, blob: bytes, context: dict[str, str] | None = None) -> RewrapBlobResult:
+        result: RewrapBlobResult = self._call(
+            RewrapBlob(blob=bytes(blob), context=dict(context or {}))
+        )
+        return result
+
+    def start_rewrap(self, namespace: str) -> JobInfo:
+        """A background job rewrapping the namespace's DEKs in batches."""
+        result: JobInfo = self._call(StartRewrap(namespace=namespace))
+        return result
+
+    def get_job(self, job_id: str) -> JobInfo:
+        result: JobInfo = self._call(GetJob(job_id=job_id))
+        return result
+
+    def list_jobs(self, state: str | None = None) -> list[JobInfo]:
+        return list((self._call(ListJobs(state=state))).jobs)
+
+    def changes_since(self, seq: int, *, limit: int | None = None) -> ChangesResult:
+        """State changes after ``seq``; the DEK cache uses this to evict revoked keys."""
+        result: ChangesResult = self._call(ChangesSince(seq=seq, limit=limit))
         return result
