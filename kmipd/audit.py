@@ -63,6 +63,9 @@ class AuditEvent:
     detail: str | None = None
 
 
+_EVENT_FIELDS = tuple(field.name for field in attrs.fields(AuditEvent))
+
+
 def _canonical(record: dict[str, Any]) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
 
@@ -116,9 +119,14 @@ class AuditLog:
             "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(),
             "prev": self._prev,
         }
-        record.update((k, v) for k, v in attrs.asdict(event).items() if v is not None)
-        record["hash"] = _chain_hash(self._prev, record)
-        line = _canonical(record) + b"\n"
+        for name in _EVENT_FIELDS:
+            value = getattr(event, name)
+            if value is not None:
+                record[name] = value
+        body = _canonical(record)
+        digest = hashlib.sha256(bytes.fromhex(self._prev) + body).hexdigest()
+        # The hash goes last; verify() recomputes it over the record without it.
+        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
         try:
             written = os.write(self._fd, line)
         except OSError as exc:
@@ -126,7 +134,7 @@ class AuditLog:
         if written != len(line):
             raise AuditError(f"short write to audit log {self.path}")
         self._seq += 1
-        self._prev = record["hash"]
+        self._prev = digest
         return self._seq
 
     async def sync(self, seq: int) -> None:
