@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kmipd.audit import AuditLog
+from kmipd.client import Client
 from kmipd.hsm import SoftwareHsm
 from kmipd.lifecycle import (
     DAY,
@@ -52,6 +55,7 @@ from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import KeyStore
 from kmipd.store._sqlite import MIGRATIONS
 from tests.conftest import make_policy
+from tests.processes import Daemon
 
 STORAGE = Caller("spiffe://kmipd.test/storage", 1)
 ADMIN = Caller("spiffe://kmipd.test/admin", 2)
@@ -402,3 +406,44 @@ async def test_a_store_from_before_lifecycles_upgrades(tmp_path: Path) -> None:
     assert kek.latest.lifecycle.usage == KEK_USAGES
     assert kek.latest.lifecycle.activation == 5
     store.close()
+
+
+# -- the real daemon: a rewrap job survives kill -9 ------------------------------------------
+
+
+@pytest.mark.slow
+def test_rewrap_job_resumes_after_kill_9_with_nothing_lost_or_doubled(tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    first = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "0.log")
+    assert first.stop() == 0
+    config = data / "kmipd-slow-rewrap.toml"
+    config.write_text(
+        re.sub(r"listen = \[.*\]", 'listen = ["127.0.0.1:0"]', (data / "kmipd.toml").read_text())
+        + "\n[lifecycle]\nrewrap_batch = 10\nrewrap_pause = 0.02\n"
+    )
+    pki = data / "pki"
+    storage = {"ca": pki / "ca.pem", "cert": pki / "storage.pem", "key": pki / "storage-key.pem"}
+    admin = {**storage, "cert": pki / "admin.pem", "key": pki / "admin-key.pem"}
+
+    daemon = Daemon("--config", config, log=tmp_path / "1.log")
+    with Client(daemon.address, **storage) as kms:
+        keys = {d.dek_id: d.key_bytes() for d in (kms.create_dek("orders") for _ in range(200))}
+    with Client(daemon.address, **admin) as admin_kms:
+        admin_kms.rotate_kek("orders")
+        job = admin_kms.start_rewrap("orders")
+        deadline = time.monotonic() + 60
+        while admin_kms.get_job(job.job_id).rewrapped < 30:  # progress, not done
+            assert time.monotonic() < deadline
+    daemon.kill()  # mid-job, likely mid-batch
+
+    again = Daemon("--config", config, log=tmp_path / "2.log")
+    with Client(again.address, **admin) as admin_kms:
+        deadline = time.monotonic() + 60
+        while (job := admin_kms.get_job(job.job_id)).state == "running":
+            assert time.monotonic() < deadline
+    assert (job.state, job.rewrapped, job.remaining, job.skipped) == ("done", 200, 0, 0)
+    with Client(again.address, **storage) as kms:
+        fetched = kms.get_deks(list(keys))
+    assert {d.dek_id: d.key_bytes() for d in fetched} == keys  # nothing lost
+    assert {d.kek_version for d in fetched} == {2}
+    assert again.stop() == 0

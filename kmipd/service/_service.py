@@ -807,6 +807,11 @@ class KeyService:
 
     async def rewrap_record(self, record: DekRecord, target: KekVersion) -> bool:
         """Re-wrap one stored DEK under ``target`` without the key leaving the daemon."""
+        wrapped = await self._rewrapped(record, target)
+        return await self.store.rewrap_dek(record, target.version, wrapped)
+
+    async def _rewrapped(self, record: DekRecord, target: KekVersion) -> bytes:
+        """The DEK's wrapping under ``target`` (unwrapped and re-wrapped inside the HSM path)."""
         old = self._kek_version(record.namespace, record.kek_version)
         with _lifecycle_errors():
             old.lifecycle.check_recovery(Usage.UNWRAP, self._clock(), _kek_what(old))
@@ -820,7 +825,7 @@ class KeyService:
             dek_associated_data(record.dek_id, record.namespace, target.version),
         )
         del key
-        return await self.store.rewrap_dek(record, target.version, wrapped)
+        return wrapped
 
     async def _rewrap_dek(self, call: _Call, request: RewrapDek) -> KeyAttributes:
         record = await self._resolve(call, "rewrap", KeyRef(dek_id=request.dek_id))
@@ -895,30 +900,32 @@ class KeyService:
         )
 
     async def run_rewrap_batch(self, job: RewrapJob, batch_size: int) -> RewrapJob:
-        """Advance a job by one batch; safe to repeat after a crash (see store.rewrap_dek)."""
+        """Advance a job by one batch.
+
+        The batch's new wrappings and the job's progress are committed in one
+        transaction, and each row is only replaced if it is still under the
+        version that was read: after a crash the job resumes at its last
+        commit, and no DEK is lost, skipped or counted twice.
+        """
         records = await self.store.deks_to_rewrap(job.namespace, job.target, job.cursor, batch_size)
         target = self._kek_version(job.namespace, job.target)
-        rewrapped = skipped = 0
+        updates: list[tuple[DekRecord, bytes]] = []
+        skipped = 0
         for record in records:
             try:
-                changed = await self.rewrap_record(record, target)
+                updates.append((record, await self._rewrapped(record, target)))
             except ServiceError as exc:
                 log.warning("rewrap job %s: skipping %s: %s", job.job_id, record.dek_id, exc)
                 skipped += 1
-                continue
-            rewrapped += changed
-        remaining = await self.store.count_to_rewrap(job.namespace, job.target)
         done = len(records) < batch_size
         job = attrs.evolve(
             job,
             cursor=records[-1].dek_id if records else job.cursor,
-            rewrapped=job.rewrapped + rewrapped,
             skipped=job.skipped + skipped,
-            remaining=remaining,
             state="done" if done else "running",
             updated_at=self._now(),
         )
-        await self.store.save_job(job)
+        job = await self.store.commit_rewrap_batch(job, updates)
         if done:
             log.info(
                 "rewrap job %s done: %d rewrapped, %d skipped",

@@ -631,23 +631,49 @@ class KeyStore:
 
         await self._write(insert)
 
-    async def save_job(self, job: RewrapJob) -> None:
-        def update(db: sqlite3.Connection) -> None:
+    async def commit_rewrap_batch(
+        self, job: RewrapJob, updates: list[tuple[DekRecord, bytes]]
+    ) -> RewrapJob:
+        """Apply a batch of rewrappings and the job's progress in one transaction.
+
+        A row is replaced only if it is still under the version read, so a
+        batch replayed after a crash changes nothing twice. Returns the job
+        with its counts as committed.
+        """
+
+        def apply(db: sqlite3.Connection) -> RewrapJob:
+            changed = 0
+            for record, wrapped in updates:
+                cursor = db.execute(
+                    "UPDATE deks SET kek_version = ?, wrapped = ? WHERE id = ? AND kek_version = ?",
+                    (job.target, wrapped, record.dek_id, record.kek_version),
+                )
+                changed += cursor.rowcount
+            (remaining,) = db.execute(
+                "SELECT count(*) FROM deks WHERE namespace = ? AND kek_version < ?"
+                " AND wrapped != x''",
+                (job.namespace, job.target),
+            ).fetchone()
+            saved = attrs.evolve(job, rewrapped=job.rewrapped + changed, remaining=remaining)
             db.execute(
                 "UPDATE rewrap_jobs SET cursor = ?, rewrapped = ?, skipped = ?, remaining = ?,"
                 " state = ?, updated_at = ? WHERE id = ?",
                 (
-                    job.cursor,
-                    job.rewrapped,
-                    job.skipped,
-                    job.remaining,
-                    job.state,
-                    job.updated_at,
-                    job.job_id,
+                    saved.cursor,
+                    saved.rewrapped,
+                    saved.skipped,
+                    saved.remaining,
+                    saved.state,
+                    saved.updated_at,
+                    saved.job_id,
                 ),
             )
+            return saved
 
-        await self._write(update)
+        saved = await self._write(apply)
+        for record, _ in updates:
+            self._forget(record.dek_id)
+        return saved
 
     async def get_job(self, job_id: str) -> RewrapJob | None:
         def select(db: sqlite3.Connection) -> RewrapJob | None:
