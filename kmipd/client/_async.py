@@ -35,6 +35,7 @@ from kmipd.client._envelope import new_header, open_body, read_header, seal_body
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    NotAuthorizedError,
     ServerCertificateError,
     ServerTimeoutError,
     UnavailableError,
@@ -282,6 +283,7 @@ class AsyncClient:
         client_name: str = "kmipd-python",
         pool_size: int = 2,
         cache: DekCache | None = None,
+        revocation_check: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 30.0,
     ) -> None:
@@ -305,7 +307,7 @@ class AsyncClient:
             clock=trio.current_time,  # only called from inside trio
         )
         self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
-        self._keys = KeyKeeper(cache)
+        self._keys = KeyKeeper(cache, revocation_check)
         self._closed = False
 
     @property
@@ -404,14 +406,39 @@ class AsyncClient:
                 ),
             )
 
+    async def _follow_revocations(self) -> None:
+        """Before the cache serves anything: evict what the daemon revoked since last asked.
+
+        At most every ``revocation_check`` seconds (5 by default): a revoked
+        or destroyed key leaves the cache within that delay while a daemon
+        answers. During an outage the cache keeps serving (see stale_grace).
+        """
+        keys = self._keys
+        if not keys.changes_due(trio.current_time()):
+            return
+        try:
+            seq = 2**62 if keys.changes_seq is None else keys.changes_seq
+            result = await self.changes_since(seq)
+            while True:
+                keys.apply_changes(result, trio.current_time())
+                if len(result.changes) < 1000 or keys.changes_seq is None:
+                    break
+                result = await self.changes_since(keys.changes_seq)
+        except NotAuthorizedError:
+            keys.disable_changes("this identity may not call changes-since")
+        except (UnavailableError, DeadlineExceededError):
+            keys.changes_checked_at = trio.current_time()  # try again after the interval
+
     # -- operations ----------------------------------------------------------------
 
     async def create_dek(self, namespace: str, *, idempotency_key: bytes | None = None) -> Dek:
+        await self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
         result = await self._call(CreateDek(namespace=namespace, idempotency_key=key))
         return self._keys.keep_dek(result)
 
     async def get_dek(self, dek_id: str) -> Dek:
+        await self._follow_revocations()
         if (cached := self._keys.cached_dek(dek_id)) is not None:
             return cached
         try:
@@ -425,6 +452,7 @@ class AsyncClient:
 
     async def get_deks(self, dek_ids: Iterable[str]) -> list[Dek]:
         """Many DEKs concurrently (pipelined); raises the first error."""
+        await self._follow_revocations()
         ids = list(dek_ids)
         found: dict[str, Dek] = {}
 
@@ -437,6 +465,7 @@ class AsyncClient:
         return self._keys.hand_out(ids, found)
 
     async def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
+        await self._follow_revocations()
         context = dict(context or {})
         result: DataKeyResult = await self._call(GenerateDataKey(kek=kek, context=context))
         return self._keys.keep_data_key(
@@ -444,6 +473,7 @@ class AsyncClient:
         )
 
     async def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
+        await self._follow_revocations()
         blob, context = bytes(blob), dict(context or {})
         if (cached := self._keys.cached_data_key(blob, context)) is not None:
             return cached

@@ -37,6 +37,7 @@ from kmipd.client._envelope import new_header, open_body, read_header, seal_body
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    NotAuthorizedError,
     ServerCertificateError,
     ServerTimeoutError,
     UnavailableError,
@@ -284,6 +285,7 @@ class Client:
         client_name: str = "kmipd-python",
         pool_size: int = 4,
         cache: DekCache | None = None,
+        revocation_check: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 30.0,
     ) -> None:
@@ -302,7 +304,7 @@ class Client:
         self._timeout = timeout
         self._servers = ServerSet(endpoints, backoff_base=backoff_base, backoff_cap=backoff_cap)
         self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
-        self._keys = KeyKeeper(cache)
+        self._keys = KeyKeeper(cache, revocation_check)
 
     @property
     def cache(self) -> DekCache | None:
@@ -405,6 +407,29 @@ class Client:
                     for outcome, (request_id, _) in zip(outcomes, frames, strict=True)
                 ]
 
+    def _follow_revocations(self) -> None:
+        """Before the cache serves anything: evict what the daemon revoked since last asked.
+
+        At most every ``revocation_check`` seconds (5 by default): a revoked
+        or destroyed key leaves the cache within that delay while a daemon
+        answers. During an outage the cache keeps serving (see stale_grace).
+        """
+        keys = self._keys
+        if not keys.changes_due(time.monotonic()):
+            return
+        try:
+            seq = 2**62 if keys.changes_seq is None else keys.changes_seq
+            result = self.changes_since(seq)
+            while True:
+                keys.apply_changes(result, time.monotonic())
+                if len(result.changes) < 1000 or keys.changes_seq is None:
+                    break
+                result = self.changes_since(keys.changes_seq)
+        except NotAuthorizedError:
+            keys.disable_changes("this identity may not call changes-since")
+        except (UnavailableError, DeadlineExceededError):
+            keys.changes_checked_at = time.monotonic()  # try again after the interval
+
     # -- operations ----------------------------------------------------------------
 
     def create_dek(self, namespace: str, *, idempotency_key: bytes | None = None) -> Dek:
@@ -413,6 +438,7 @@ class Client:
         The request carries an idempotency key (random unless given): if its
         answer is lost, retrying with the same key can never create a second DEK.
         """
+        self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
         return self._keys.keep_dek(self._call(CreateDek(namespace=namespace, idempotency_key=key)))
 
@@ -422,6 +448,7 @@ class Client:
 
     def get_deks(self, dek_ids: Iterable[str]) -> list[Dek]:
         """Many DEKs: cached ones at once, the others in one pipelined round trip."""
+        self._follow_revocations()
         ids = list(dek_ids)
         found: dict[str, Dek] = {}
         for dek_id in set(ids):
@@ -442,6 +469,7 @@ class Client:
 
     def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
         """A fresh key plus its wrapped blob, bound to ``context``; store the blob yourself."""
+        self._follow_revocations()
         context = dict(context or {})
         result: DataKeyResult = self._call(GenerateDataKey(kek=kek, context=context))
         return self._keys.keep_data_key(
@@ -450,6 +478,7 @@ class Client:
 
     def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
         """Recover a blob's key (cached by blob and context); the context must match."""
+        self._follow_revocations()
         blob, context = bytes(blob), dict(context or {})
         if (cached := self._keys.cached_data_key(blob, context)) is not None:
             return cached
