@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -55,7 +56,7 @@ from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import KeyStore
 from kmipd.store._sqlite import MIGRATIONS
 from tests.conftest import make_policy
-from tests.processes import Daemon
+from tests.processes import Daemon, run_kmipd
 
 STORAGE = Caller("spiffe://kmipd.test/storage", 1)
 ADMIN = Caller("spiffe://kmipd.test/admin", 2)
@@ -447,3 +448,54 @@ def test_rewrap_job_resumes_after_kill_9_with_nothing_lost_or_doubled(tmp_path: 
     assert {d.dek_id: d.key_bytes() for d in fetched} == keys  # nothing lost
     assert {d.kek_version for d in fetched} == {2}
     assert again.stop() == 0
+
+
+@pytest.mark.slow
+def test_lifecycle_from_the_command_line(tmp_path: Path) -> None:
+    data = tmp_path / "dev"
+    daemon = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "d.log")
+    pki = data / "pki"
+
+    def kmipd(who: str, *args: str) -> Any:
+        result = run_kmipd(
+            *args,
+            "--server",
+            daemon.address,
+            "--ca",
+            pki / "ca.pem",
+            "--cert",
+            pki / f"{who}.pem",
+            "--key",
+            pki / f"{who}-key.pem",
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
+    try:
+        dek = kmipd("storage", "dek", "create", "--namespace", "orders")
+        assert kmipd("admin", "kek", "rotate", "orders")["version"] == 2
+        assert kmipd("admin", "kek", "dependents", "orders", "--version", "1")["count"] == 1
+        job = kmipd("admin", "kek", "rewrap", "orders", "--wait")
+        assert job["namespace"] == "orders"
+        assert kmipd("admin", "dek", "attributes", dek["dek_id"])["version"] == 2
+        revoked = kmipd("admin", "dek", "revoke", dek["dek_id"], "--reason", "superseded")
+        assert revoked["state"] == "deactivated"
+        listed = kmipd("admin", "key", "list", "--kind", "dek", "--state", "deactivated")
+        assert [k["dek_id"] for k in listed["keys"]] == [dek["dek_id"]]
+        destroyed = kmipd("admin", "dek", "destroy", dek["dek_id"])
+        assert destroyed["state"] == "destroyed"
+        assert kmipd("admin", "dek", "recover", dek["dek_id"])["state"] == "deactivated"
+        refused = run_kmipd(
+            "dek", "revoke", dek["dek_id"], "--reason", "bored", "--server", daemon.address
+        )
+        assert refused.returncode == 2
+        assert "invalid choice: 'bored'" in refused.stderr
+        no_reason = run_kmipd("dek", "revoke", dek["dek_id"], "--server", daemon.address)
+        assert no_reason.returncode == 2
+        assert "--reason" in no_reason.stderr
+    finally:
+        assert daemon.stop() == 0
+    audit = run_kmipd("audit", "verify", data / "audit.log")
+    assert audit.returncode == 0, audit.stdout
+    history = run_kmipd("audit", "query", data / "audit.log", "--dek", dek["dek_id"])
+    assert [json.loads(line)["operation"] for line in history.stdout.splitlines()] == ["create-dek"]
