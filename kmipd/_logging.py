@@ -67,6 +67,8 @@ def configure_logging(
         line_handler.setFormatter(EventFormatter(priority_prefix=True))
         handler = line_handler
     root = logging.getLogger("kmipd")
+    for replaced in root.handlers:
+        replaced.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
@@ -108,10 +110,12 @@ class EventFormatter(logging.Formatter):
         self._timestamp = timestamp
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"{record.name}: {full_message(record, self)}"
+        text = f"{record.name}: {record.getMessage()}"
         fields = record_fields(record)
         if fields:
             text += " " + " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
         text = text.replace("\r", "\\r").replace("\n", "\\n")
         if self._priority_prefix:
             return f"<{syslog_priority(record.levelno)}>{text}"

@@ -146,7 +146,12 @@ class ServiceProcess:
 
 
 def socket_activated(
-    argv: list[str], *, log: Path, env: dict[str, str], name: str = "kmip"
+    argv: list[str],
+    *,
+    log: Path,
+    env: dict[str, str],
+    name: str = "kmip",
+    datagram: bool = False,
 ) -> tuple[ServiceProcess, int]:
     """``systemd-socket-activate -l 127.0.0.1:PORT`` running ``argv``; the process and PORT.
 
@@ -154,11 +159,13 @@ def socket_activated(
     process elsewhere grabbed it in between.
     """
     for _ in range(5):
-        probe = socket.socket()
+        probe = socket.socket(type=socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
         command = ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", f"--fdname={name}"]
+        if datagram:
+            command.append("--datagram")
         for key, value in env.items():
             command.append(f"--setenv={key}={value}")
         service = ServiceProcess([*command, *argv], log=log, env=env)

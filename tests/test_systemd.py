@@ -11,6 +11,7 @@ import fcntl
 import os
 import shutil
 import signal
+import socket
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -91,6 +92,7 @@ def test_notify_sequence_from_start_to_stop(tmp_path: Path, data: Path) -> None:
         # READY=1 came after the listener accepts: a client is served right away.
         with Client(address, **credentials(data)) as kms:
             dek = kms.create_dek("orders")
+            key = bytes(dek.key)
         notify.wait_for_field("WATCHDOG")
         service.signal(signal.SIGHUP)
         notify.wait_for_field("RELOADING")
@@ -117,14 +119,14 @@ def test_notify_sequence_from_start_to_stop(tmp_path: Path, data: Path) -> None:
     assert "draining" in stopping["STATUS"]
     assert int(stopping["EXTEND_TIMEOUT_USEC"]) >= 10_000_000  # drain_timeout (10 s) and more
     log = (tmp_path / "kmipd.log").read_text()
-    assert dek.key.hex() not in log
+    assert key.hex() not in log
     assert all(line.startswith("<") for line in log.splitlines())  # journald priority prefixes
 
 
 def test_watchdog_pings_stop_while_the_hsm_hangs(
     tmp_path: Path, data: Path, notify: NotifySocket
 ) -> None:
-    service, _ = start(data, notify, tmp_path / "kmipd.log", WATCHDOG_USEC="1000000")
+    service, address = start(data, notify, tmp_path / "kmipd.log", WATCHDOG_USEC="1000000")
     try:
         notify.wait_for_field("WATCHDOG")
         # A real hang: the software HSM's check reads the keyring under its lock,
@@ -136,6 +138,9 @@ def test_watchdog_pings_stop_while_the_hsm_hangs(
             silent = notify.collect(2.5)  # five ping periods
             assert not [m for m in silent if "WATCHDOG" in m], silent
             assert "withholding watchdog pings" in service.log()
+            with Client(address, **credentials(data)) as kms:
+                status = kms.status()  # answers, within its own bound, and says why
+            assert (status.state, status.hsm) == ("degraded", "software: unavailable")
         finally:
             os.close(lock)  # the HSM answers again
         notify.wait_for_field("WATCHDOG")
@@ -161,7 +166,7 @@ def test_socket_activation_serves_mutual_tls_on_the_inherited_socket(
         # execs it then): the client waits in the backlog and is served.
         with Client(address, **credentials(data)) as kms:
             dek = kms.create_dek("orders")
-            assert kms.get_dek(dek.dek_id).key == dek.key
+            assert bytes(kms.get_dek(dek.dek_id).key) == bytes(dek.key)
         ready = notify.wait_for_field("READY")
         assert ready_address(ready) == address
         log = service.log()
@@ -171,13 +176,32 @@ def test_socket_activation_serves_mutual_tls_on_the_inherited_socket(
         assert service.stop() == 0
 
 
+def test_a_socket_kmipd_cannot_serve_on_is_refused_with_a_clear_error(
+    tmp_path: Path, data: Path
+) -> None:
+    service, port = socket_activated(
+        kmipd_serve(data / "kmipd.toml"), log=tmp_path / "kmipd.log", env={}, datagram=True
+    )
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.sendto(b"wake up", ("127.0.0.1", port))  # what makes the tool start kmipd
+        assert service.process.wait(60) == 1
+        assert (
+            "kmipd: error: socket-activation descriptor 3 (kmip) is not a TCP socket"
+            in service.log()
+        )
+        assert "Traceback" not in service.log()
+    finally:
+        service.close()
+
+
 def test_reload_rotates_the_server_certificate_without_dropping_connections(
     tmp_path: Path, data: Path, notify: NotifySocket
 ) -> None:
     service, address = start(data, notify, tmp_path / "kmipd.log")
     try:
         with Client(address, **credentials(data)) as kms:
-            deks = [kms.create_dek("orders") for _ in range(20)]
+            deks = {d.dek_id: bytes(d.key) for d in (kms.create_dek("orders") for _ in range(20))}
         old_connection = RawConnection(address, credentials(data))
         old_serial = old_connection.server_certificate().serial_number
 
@@ -189,8 +213,8 @@ def test_reload_rotates_the_server_certificate_without_dropping_connections(
             try:
                 with Client(address, **credentials(data)) as busy:
                     while not stop.is_set():
-                        fetched = busy.get_deks([d.dek_id for d in deks])
-                        assert [d.key for d in fetched] == [d.key for d in deks]
+                        fetched = busy.get_deks(list(deks))
+                        assert {d.dek_id: bytes(d.key) for d in fetched} == deks
             except BaseException as exc:
                 failures.append(exc)
 
@@ -209,8 +233,9 @@ def test_reload_rotates_the_server_certificate_without_dropping_connections(
         new_serial = server_certificate(address, credentials(data)).serial_number
         assert new_serial != old_serial
         # The connection made before the reload still has its session, and works.
-        response = old_connection.call("get-dek", {"dek-id": deks[0].dek_id})
-        assert response["result"]["key"] == deks[0].key
+        dek_id, key = next(iter(deks.items()))
+        response = old_connection.call("get-dek", {"dek-id": dek_id})
+        assert response["result"]["key"] == key
         assert old_connection.server_certificate().serial_number == old_serial
         old_connection.close()
         assert "reloaded: certificates" in service.log()
@@ -305,6 +330,6 @@ def test_sigterm_during_a_pipelined_burst_loses_no_acknowledged_dek(
     try:
         with Client(address, **credentials(data)) as kms:
             fetched = kms.get_deks(list(burst.acknowledged))
-        assert {d.dek_id: d.key for d in fetched} == burst.acknowledged
+        assert {d.dek_id: bytes(d.key) for d in fetched} == burst.acknowledged
     finally:
         assert again.stop() == 0
