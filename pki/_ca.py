@@ -137,6 +137,37 @@ def load_crl_serials(crl_path: str | Path, ca_cert_path: str | Path) -> frozense
     return frozenset(entry.serial_number for entry in crl)
 
 
+def _check_trust_domain(trust_domain: str) -> None:
+    if _TRUST_DOMAIN.fullmatch(trust_domain) is None:
+        raise PkiError(
+            f"trust domain {trust_domain!r} is invalid: use 1..255 lowercase letters, "
+            "digits, '.', '-' or '_'"
+        )
+
+
+def _new_index(trust_domain: str, key_type: KeyType) -> dict[str, Any]:
+    return {
+        "trust_domain": trust_domain,
+        "key_type": key_type.value,
+        "crl_number": 0,
+        "issued": {},
+        "revoked": {},
+    }
+
+
+def _load_ca_key(path: Path, cert: x509.Certificate, cert_path: Path) -> PrivateKey:
+    key_data = _load_pem_file(path, "CA key")
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except (ValueError, TypeError):
+        raise PkiError(f"CA key {path} is not an unencrypted PEM key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PkiError(f"CA key {path} is neither EC nor RSA")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
+        raise PkiError(f"CA key {path} does not match {cert_path}")
+    return key
+
+
 def _load_index(path: Path) -> dict[str, Any]:
     try:
         index = json.loads(_load_pem_file(path, "CA index"))
@@ -214,11 +245,7 @@ class CertificateAuthority:
         validity_days: int = 3650,
     ) -> CertificateAuthority:
         directory = Path(directory)
-        if _TRUST_DOMAIN.fullmatch(trust_domain) is None:
-            raise PkiError(
-                f"trust domain {trust_domain!r} is invalid: use 1..255 lowercase letters, "
-                "digits, '.', '-' or '_'"
-            )
+        _check_trust_domain(trust_domain)
         if not force and any((directory / f).exists() for f in ("ca.pem", "ca-key.pem")):
             raise PkiError(f"{directory} already holds a CA; pass force to replace it")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -245,13 +272,7 @@ class CertificateAuthority:
             )
             .sign(key, hashes.SHA256())
         )
-        index: dict[str, Any] = {
-            "trust_domain": trust_domain,
-            "key_type": key_type.value,
-            "crl_number": 0,
-            "issued": {},
-            "revoked": {},
-        }
+        index = _new_index(trust_domain, key_type)
         write_private_file(directory / "ca-key.pem", _key_pem(key))
         write_private_file(directory / "ca.pem", _cert_pem(cert), mode=0o644)
         ca = cls(directory, key, cert, index)
@@ -263,20 +284,41 @@ class CertificateAuthority:
     def load(cls, directory: str | Path) -> CertificateAuthority:
         directory = Path(directory)
         cert = load_certificate(directory / "ca.pem", "CA certificate")
-        key_data = _load_pem_file(directory / "ca-key.pem", "CA key")
-        try:
-            key = serialization.load_pem_private_key(key_data, password=None)
-        except (ValueError, TypeError):
-            raise PkiError(
-                f"CA key {directory / 'ca-key.pem'} is not an unencrypted PEM key"
-            ) from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-            raise PkiError(f"CA key {directory / 'ca-key.pem'} is neither EC nor RSA")
-        if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
-            raise PkiError(
-                f"CA key {directory / 'ca-key.pem'} does not match {directory / 'ca.pem'}"
-            )
+        key = _load_ca_key(directory / "ca-key.pem", cert, directory / "ca.pem")
         return cls(directory, key, cert, _load_index(directory / "index.json"))
+
+    @classmethod
+    def adopt(
+        cls,
+        directory: str | Path,
+        ca_cert: str | Path,
+        ca_key: str | Path,
+        *,
+        trust_domain: str,
+    ) -> CertificateAuthority:
+        """Issue with an existing CA's certificate and key, from a new directory.
+
+        For tools given a deployment's CA key (the conformance suite makes
+        expired, wrong-usage and foreign-domain client certificates with it).
+        The CA files are copied into ``directory`` with a fresh index and CRL;
+        the deployment's own CA directory and CRL are not touched.
+        """
+        directory, ca_cert, ca_key = Path(directory), Path(ca_cert), Path(ca_key)
+        _check_trust_domain(trust_domain)
+        cert = load_certificate(ca_cert, "CA certificate")
+        key = _load_ca_key(ca_key, cert, ca_cert)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if any((directory / f).exists() for f in ("ca.pem", "ca-key.pem")):
+            raise PkiError(f"{directory} already holds a CA")
+        write_private_file(directory / "ca-key.pem", _key_pem(key))
+        write_private_file(directory / "ca.pem", _cert_pem(cert), mode=0o644)
+        index = _new_index(
+            trust_domain,
+            KeyType.RSA_3072 if isinstance(key, rsa.RSAPrivateKey) else KeyType.EC_P256,
+        )
+        ca = cls(directory, key, cert, index)
+        ca.write_crl()
+        return ca
 
     def _save_index(self) -> None:
         data = json.dumps(self._index, indent=2, sort_keys=True).encode()

@@ -209,7 +209,7 @@ def test_duplicate_in_flight_id_is_refused_without_an_id() -> None:
             cbor2.dumps({"id": 9, "op": "status", "extra": 1}),
             ErrorCode.BAD_REQUEST,
             True,
-            "top-level",
+            "unknown top-level field 'extra'",
         ),
         (
             cbor2.dumps({"id": 9, "op": "unwrap", "args": {"blob": b"", "context": {"k": 1}}}),
