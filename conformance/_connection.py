@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -118,10 +119,17 @@ class Connection:
     """One client connection. Not thread-safe: one thread per connection."""
 
     def __init__(
-        self, sock: socket.socket, *, schema: Schema, transcript: Transcript, label: str
+        self,
+        sock: socket.socket,
+        *,
+        schema: Schema,
+        transcript: Transcript,
+        label: str,
+        observe: Callable[[Message], None] = lambda message: None,
     ) -> None:
         self.sock = sock
         self.schema = schema
+        self.observe = observe
         self.transcript = transcript
         self.label = label
         self._buffer = bytearray()
@@ -230,6 +238,7 @@ class Connection:
 
     def _accept(self, payload: bytes, *, quiet: bool) -> Message:
         message = parse_response(payload, self.schema)
+        self.observe(message)
         if not quiet:
             self.transcript.add(
                 f"<- {self.label} {hex_preview(frame(payload))}  = {describe(message.item)}"

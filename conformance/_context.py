@@ -165,7 +165,13 @@ class Context:
             self.transcript.add(f"-- {label} TLS handshake failed: {exc}")
             raise
         self.transcript.add(f"-- {label} connected ({tls.version()}, {tls.cipher()[0]})")
-        connection = Connection(tls, schema=self.schema, transcript=self.transcript, label=label)
+        connection = Connection(
+            tls,
+            schema=self.schema,
+            transcript=self.transcript,
+            label=label,
+            observe=self.run.observe,
+        )
         self._open.append(connection)
         if hello:
             self.expect_result(self.hello(connection), "hello-result")
@@ -177,14 +183,10 @@ class Context:
     def request(
         self, connection: Connection, op: str, args: dict[str, Any] | None = None
     ) -> Message:
-        reply = connection.request(self.next_id(), op, args, self.options.timeout)
-        self.run.observe(reply)
-        return reply
+        return connection.request(self.next_id(), op, args, self.options.timeout)
 
     def receive(self, connection: Connection, timeout: float | None = None) -> Message:
-        reply = connection.receive(timeout or self.options.timeout)
-        self.run.observe(reply)
-        return reply
+        return connection.receive(timeout or self.options.timeout)
 
     def close_all(self) -> None:
         for connection in self._open:

@@ -1,1 +1,555 @@
-"""TODO"""
+"""Version negotiation, every operation's success path, every error a client can provoke,
+request ids, pipelining, the in-flight limit, and the drain on shutdown."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from conformance._case import CaseFailed, CaseSkipped, Informational, When, case
+from conformance._connection import ConnectionClosed, Message
+from conformance._context import Context
+from conformance._wire import encode, frame, request_frame
+
+#: Codes only the server's own condition produces; no client can provoke them from outside.
+SERVER_CONDITIONS = {"busy", "shutting-down", "hsm-unavailable", "internal"}
+
+
+# -- hello ---------------------------------------------------------------------------------------
+
+
+@case(
+    "PROTO-001",
+    "hello offering version 1 succeeds: the result matches hello-result, picks version 1 and "
+    "announces positive max-frame-size and max-in-flight.",
+)
+def hello_supported(ctx: Context) -> None:
+    with ctx.connect(hello=False) as c:
+        result = ctx.expect_result(ctx.hello(c, [1]), "hello-result")
+        ctx.expect(result["version"] == 1, f"version {result['version']} chosen from [1]")
+        ctx.expect(result["max-frame-size"] > 0 and result["max-in-flight"] > 0, "zero limits")
+
+
+@case(
+    "PROTO-002",
+    "hello offering several versions gets the highest one both sides speak.",
+)
+def hello_picks_highest_common(ctx: Context) -> None:
+    with ctx.connect(hello=False) as c:
+        result = ctx.expect_result(ctx.hello(c, [65535, 7, 1]), "hello-result")
+        ctx.expect(result["version"] == 1, f"version {result['version']} chosen from [65535, 7, 1]")
+
+
+@case(
+    "PROTO-003",
+    "hello offering only unsupported versions gets unsupported-version (id echoed, message "
+    "naming the versions spoken); a second hello on the same connection then succeeds.",
+)
+def hello_unsupported(ctx: Context) -> None:
+    with ctx.connect(hello=False) as c:
+        request_id = ctx.next_id()
+        reply = c.request(request_id, "hello", {"versions": [2, 65535]})
+        ctx.expect_error(reply, "unsupported-version", request_id=request_id, mentions="1")
+        ctx.expect_result(ctx.hello(c, [1]), "hello-result")
+
+
+@case(
+    "PROTO-004",
+    "hello without versions (no args, empty args, an empty list) gets bad-request, not a "
+    "hang; the connection still negotiates afterwards.",
+    hostile=True,
+)
+def hello_versions_absent(ctx: Context) -> None:
+    with ctx.connect(hello=False) as c:
+        for args in (None, {}, {"versions": []}):
+            request_id = ctx.next_id()
+            reply = c.request(request_id, "hello", args)
+            ctx.expect_error(reply, "bad-request", request_id=request_id)
+        ctx.expect_result(ctx.hello(c), "hello-result")
+
+
+@case(
+    "PROTO-005",
+    "A request before hello gets hello-required with its id echoed; hello then works.",
+)
+def hello_required(ctx: Context) -> None:
+    with ctx.connect(hello=False) as c:
+        request_id = ctx.next_id()
+        ctx.expect_error(c.request(request_id, "status"), "hello-required", request_id=request_id)
+        ctx.expect_result(ctx.hello(c), "hello-result")
+        ctx.expect_usable(c)
+
+
+@case(
+    "PROTO-006",
+    "A second hello after a successful one gets bad-request; the connection continues.",
+)
+def hello_twice(ctx: Context) -> None:
+    with ctx.connect() as c:
+        request_id = ctx.next_id()
+        ctx.expect_error(
+            c.request(request_id, "hello", {"versions": [1]}), "bad-request", request_id=request_id
+        )
+        ctx.expect_usable(c)
+
+
+@case(
+    "PROTO-007",
+    "Requests pipelined behind the hello in the same write are all answered.",
+)
+def pipelined_behind_hello(ctx: Context) -> None:
+    with ctx.connect(hello=False) as c:
+        c.send_raw(
+            request_frame(1, "hello", {"versions": [1]})
+            + request_frame(2, "status")
+            + request_frame(3, "status"),
+            "hello, status, status in one write",
+        )
+        replies = {m.id: m for m in (ctx.receive(c) for _ in range(3))}
+        ctx.expect(set(replies) == {1, 2, 3}, f"answered ids {sorted(replies, key=str)}")
+        ctx.expect_result(replies[1], "hello-result")
+        ctx.expect_result(replies[2], "status-result")
+
+
+# -- every operation's success path ------------------------------------------------------------
+
+
+@case(
+    "PROTO-010",
+    "status succeeds for any authenticated client; its result matches status-result.",
+)
+def status_success(ctx: Context) -> None:
+    with ctx.connect() as c:
+        result = ctx.expect_result(ctx.request(c, "status"), "status-result")
+        ctx.expect(result["state"] == "serving", f"state is {result['state']!r} on an idle server")
+
+
+@case(
+    "PROTO-011",
+    "create-dek returns a dek-result for a new 256-bit key in the namespace asked; get-dek "
+    "of its id returns the same key from any connection.",
+)
+def create_and_get_dek(ctx: Context) -> None:
+    namespace = ctx.run.namespace("deks")
+    with ctx.connect() as c:
+        created = ctx.expect_result(
+            ctx.request(c, "create-dek", {"namespace": namespace}), "dek-result"
+        )
+        ctx.expect(created["namespace"] == namespace, f"namespace {created['namespace']!r}")
+        again = ctx.expect_result(
+            ctx.request(c, "create-dek", {"namespace": namespace}), "dek-result"
+        )
+        ctx.expect(again["dek-id"] != created["dek-id"], "two create-dek calls returned one id")
+        ctx.expect(again["key"] != created["key"], "two create-dek calls returned one key")
+    with ctx.connect() as other:
+        got = ctx.expect_result(
+            ctx.request(other, "get-dek", {"dek-id": created["dek-id"]}), "dek-result"
+        )
+    ctx.expect(got == created, "get-dek returned something other than what create-dek made")
+
+
+@case(
+    "PROTO-012",
+    "create-dek with an idempotency-key returns the same DEK when retried with that key, and "
+    "a new one for another key.",
+)
+def create_dek_idempotent(ctx: Context) -> None:
+    field = next(
+        (f for f in ctx.schema.requests["create-dek"].args or () if f.name == "idempotency-key"),
+        None,
+    )
+    if field is None:
+        raise CaseSkipped("protocol.cddl has no create-dek idempotency-key")
+    namespace = ctx.run.namespace("idempotent")
+    token = secrets.token_bytes(16)
+    with ctx.connect() as c:
+        first = ctx.expect_result(
+            ctx.request(c, "create-dek", {"namespace": namespace, "idempotency-key": token}),
+            "dek-result",
+        )
+    with ctx.connect() as c:
+        retry = ctx.expect_result(
+            ctx.request(c, "create-dek", {"namespace": namespace, "idempotency-key": token}),
+            "dek-result",
+        )
+        other = ctx.expect_result(
+            ctx.request(
+                c,
+                "create-dek",
+                {"namespace": namespace, "idempotency-key": secrets.token_bytes(16)},
+            ),
+            "dek-result",
+        )
+    ctx.expect(retry == first, "a retry with the same idempotency-key made another DEK")
+    ctx.expect(other["dek-id"] != first["dek-id"], "another idempotency-key returned the same DEK")
+
+
+@case(
+    "PROTO-013",
+    "generate-data-key returns a key and a blob; unwrap of the blob with the same context "
+    "returns the same key and KEK version.",
+)
+def data_key_round_trip(ctx: Context) -> None:
+    kek = ctx.run.namespace("data-keys")
+    context = {"volume": "v7", "purpose": "conformance"}
+    with ctx.connect() as c:
+        made = ctx.expect_result(
+            ctx.request(c, "generate-data-key", {"kek": kek, "context": context}), "data-key-result"
+        )
+        ctx.expect(made["kek"] == kek, f"kek {made['kek']!r}")
+        blob_problem = ctx.schema.validate("data-key-blob", made["blob"])
+        ctx.expect(blob_problem is None, f"the blob is not a data-key-blob: {blob_problem}")
+        back = ctx.expect_result(
+            ctx.request(
+                c, "unwrap", {"blob": made["blob"], "context": dict(reversed(context.items()))}
+            ),
+            "unwrap-result",
+        )
+    ctx.expect(back["key"] == made["key"], "unwrap returned another key")
+    ctx.expect(
+        (back["kek"], back["kek-version"]) == (made["kek"], made["kek-version"]),
+        "unwrap named another KEK version",
+    )
+
+
+@case(
+    "PROTO-014",
+    "An administrator's create-kek returns kek-info for the new KEK; list-keks then lists it "
+    "(and honours the prefix).",
+)
+def admin_operations(ctx: Context) -> None:
+    admin = ctx.need_admin()
+    name = ctx.run.namespace("admin-kek")
+    with ctx.connect(admin) as c:
+        info = ctx.expect_result(ctx.request(c, "create-kek", {"name": name}), "kek-info")
+        ctx.expect(info["name"] == name and info["version"] >= 1, f"kek-info {info}")
+        listed = ctx.expect_result(
+            ctx.request(c, "list-keks", {"prefix": name}), "list-keks-result"
+        )
+        names = [k["name"] for k in listed["keks"]]
+        ctx.expect(name in names, f"list-keks with prefix {name!r} returned {names}")
+        ctx.expect(all(n.startswith(name) for n in names), f"prefix not honoured: {names}")
+        everything = ctx.expect_result(ctx.request(c, "list-keks"), "list-keks-result")
+        ctx.expect(
+            name in [k["name"] for k in everything["keks"]], "list-keks without prefix misses it"
+        )
+
+
+# -- errors a client can provoke ---------------------------------------------------------------
+
+
+@case(
+    "PROTO-020",
+    "An unknown operation gets unknown-operation with the id echoed; the connection continues.",
+)
+def unknown_operation(ctx: Context) -> None:
+    with ctx.connect() as c:
+        request_id = ctx.next_id()
+        ctx.expect_error(
+            c.request(request_id, "conformance-no-such-op"),
+            "unknown-operation",
+            request_id=request_id,
+        )
+        ctx.expect_usable(c)
+
+
+@case(
+    "PROTO-021",
+    "get-dek of an id that does not exist gets not-found with the id echoed.",
+)
+def dek_not_found(ctx: Context) -> None:
+    with ctx.connect() as c:
+        request_id = ctx.next_id()
+        reply = c.request(request_id, "get-dek", {"dek-id": "conformance-" + secrets.token_hex(8)})
+        ctx.expect_error(reply, "not-found", request_id=request_id)
+
+
+@case(
+    "PROTO-022",
+    "unwrap with a context other than the one given at generation, or of a blob with a "
+    "flipped bit, gets integrity-failure and no key.",
+)
+def integrity_failure(ctx: Context) -> None:
+    kek = ctx.run.namespace("integrity")
+    with ctx.connect() as c:
+        made = ctx.expect_result(
+            ctx.request(c, "generate-data-key", {"kek": kek, "context": {"volume": "v1"}}),
+            "data-key-result",
+        )
+        for context in ({"volume": "v2"}, {}, {"volume": "v1", "extra": ""}):
+            request_id = ctx.next_id()
+            reply = c.request(request_id, "unwrap", {"blob": made["blob"], "context": context})
+            ctx.expect_error(reply, "integrity-failure", request_id=request_id)
+        tampered = bytearray(made["blob"])
+        tampered[-1] ^= 0x01  # the last byte is inside the wrapped key's GCM tag
+        request_id = ctx.next_id()
+        reply = c.request(
+            request_id, "unwrap", {"blob": bytes(tampered), "context": {"volume": "v1"}}
+        )
+        ctx.expect_error(reply, "integrity-failure", request_id=request_id)
+
+
+@case(
+    "PROTO-023",
+    "create-kek of a KEK that exists gets already-exists (administrator).",
+)
+def already_exists(ctx: Context) -> None:
+    admin = ctx.need_admin()
+    name = ctx.run.namespace("twice")
+    with ctx.connect(admin) as c:
+        ctx.expect_result(ctx.request(c, "create-kek", {"name": name}), "kek-info")
+        request_id = ctx.next_id()
+        ctx.expect_error(
+            c.request(request_id, "create-kek", {"name": name}),
+            "already-exists",
+            request_id=request_id,
+        )
+
+
+@case(
+    "PROTO-024",
+    "A request id reused while its request is in flight gets an unattributed "
+    "duplicate-request-id; the original request is still answered once.",
+)
+def duplicate_request_id(ctx: Context) -> None:
+    with ctx.connect() as c:
+        request_id = ctx.next_id()
+        first = request_frame(request_id, "create-dek", {"namespace": ctx.run.namespace("dup")})
+        c.send_raw(first + first, "the same create-dek twice in one write")
+        replies = [ctx.receive(c), ctx.receive(c)]
+        duplicates = [r for r in replies if r.error_name == "duplicate-request-id"]
+        answered = [r for r in replies if r.id == request_id]
+        if not duplicates:
+            raise CaseFailed(
+                "the second frame reused an id in flight but got no duplicate-request-id: "
+                + "; ".join(r.summary() for r in replies)
+            )
+        ctx.expect_error(duplicates[0], "duplicate-request-id", request_id=None)
+        ctx.expect(len(answered) == 1, f"the original request was answered {len(answered)} times")
+        ctx.expect_result(answered[0], "dek-result")
+        ctx.expect_usable(c)
+
+
+@case(
+    "PROTO-025",
+    "Invalid values (a namespace breaking the name rules or over 128 characters, a bad dek-id, "
+    "a blob over 1024 bytes, too many context entries) get bad-request naming the field.",
+    hostile=True,
+)
+def invalid_values(ctx: Context) -> None:
+    bad = [
+        ("create-dek", {"namespace": "../etc"}, "namespace"),
+        ("create-dek", {"namespace": "/leading"}, "namespace"),
+        ("create-dek", {"namespace": "a" * 129}, "namespace"),
+        ("create-dek", {"namespace": ""}, "namespace"),
+        ("get-dek", {"dek-id": "has space"}, "dek-id"),
+        ("get-dek", {"dek-id": "x" * 65}, "dek-id"),
+        ("unwrap", {"blob": b"\0" * 1025}, "blob"),
+        (
+            "generate-data-key",
+            {"kek": ctx.run.namespace(), "context": {str(i): "" for i in range(33)}},
+            "context",
+        ),
+        (
+            "create-dek",
+            {"namespace": ctx.run.namespace(), "idempotency-key": b"short"},
+            "idempotency-key",
+        ),
+    ]
+    with ctx.connect() as c:
+        for op, args, field in bad:
+            request_id = ctx.next_id()
+            ctx.expect_error(
+                c.request(request_id, op, args),
+                "bad-request",
+                request_id=request_id,
+                mentions=field,
+            )
+        ctx.expect_usable(c)
+
+
+@case(
+    "PROTO-026",
+    "Error messages never echo more than a short piece of the client's input.",
+    hostile=True,
+)
+def short_error_messages(ctx: Context) -> None:
+    marker = "conformance-echo-" + "x" * 2000
+    with ctx.connect() as c:
+        replies = [
+            ctx.request(c, "create-dek", {"namespace": marker}),
+            ctx.request(c, marker),
+            ctx.request(c, "get-dek", {"dek-id": marker}),
+        ]
+        c.send({"id": ctx.next_id(), "op": "status", marker: 1})
+        replies.append(ctx.receive(c))
+    for reply in replies:
+        ctx.expect(reply.is_error, f"expected an error, got {reply.summary()}")
+        ctx.expect(
+            "x" * 100 not in reply.error_message,
+            f"the error message echoes {len(reply.error_message)} characters of input",
+        )
+
+
+# -- ids, pipelining, in-flight ------------------------------------------------------------------
+
+
+@case(
+    "PROTO-030",
+    "Every response echoes its request's id, for ids across the whole uint64 range, "
+    "pipelined in one write.",
+)
+def ids_echoed(ctx: Context) -> None:
+    ids = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**53 + 1, 2**63, 2**64 - 1]
+    with ctx.connect() as c:
+        c.send_quietly(b"".join(request_frame(i, "status") for i in ids), f"status with ids {ids}")
+        replies = c.receive_many(len(ids), ctx.options.timeout)
+    got = sorted(r.id for r in replies if r.id is not None)
+    ctx.expect(got == sorted(ids), f"ids echoed {got}, sent {sorted(ids)}")
+    for reply in replies:
+        ctx.expect_result(reply, "status-result")
+
+
+@case(
+    "PROTO-031",
+    "Pipelined requests of different cost are each answered exactly once; whether answers "
+    "came back out of order is reported.",
+)
+def pipelining_out_of_order(ctx: Context) -> None:
+    assert ctx.run.baseline is not None
+    dek_id = ctx.run.baseline[0]
+    with ctx.connect() as c:
+        frames = [request_frame(1, "create-dek", {"namespace": ctx.run.namespace("slow")})]
+        frames += [request_frame(i, "get-dek", {"dek-id": dek_id}) for i in range(2, 12)]
+        frames += [request_frame(i, "status") for i in range(12, 16)]
+        c.send_quietly(b"".join(frames), "create-dek, 10 get-dek, 4 status in one write")
+        replies = c.receive_many(len(frames), ctx.options.timeout)
+    order = [r.id for r in replies]
+    ctx.expect(sorted(order, key=lambda i: i or 0) == list(range(1, 16)), f"answered ids {order}")
+    for reply in replies:
+        ctx.expect(not reply.is_error, f"unexpected error {reply.summary()}")
+    ctx.measurements["answer_order"] = order
+    ctx.note(
+        "answered out of order (as the protocol allows)"
+        if order != sorted(order, key=lambda i: i or 0)
+        else "answered in request order this time"
+    )
+
+
+@case(
+    "PROTO-032",
+    "Past max-in-flight the server applies back-pressure, not refusals: max-in-flight + 200 "
+    "requests written without reading are all answered, none with busy.",
+)
+def in_flight_limit(ctx: Context) -> None:
+    count = ctx.run.max_in_flight + 200
+    namespace = ctx.run.namespace("in-flight")
+    with ctx.connect() as c:
+        data = b"".join(
+            request_frame(i, "create-dek", {"namespace": namespace}) for i in range(1, count + 1)
+        )
+        c.sock.settimeout(ctx.options.timeout * 3)
+        c.send_quietly(data, f"{count} create-dek requests without reading")
+        replies = c.receive_many(count, ctx.options.timeout * 3)
+    errors = [r.summary() for r in replies if r.is_error]
+    ctx.expect(not errors, f"{len(errors)} refused: {errors[:3]}")
+    ids = sorted(r.id for r in replies if r.id is not None)
+    ctx.expect(ids == list(range(1, count + 1)), "not every request was answered exactly once")
+
+
+@case(
+    "PROTO-033",
+    "Bad requests in a pipeline (wrong type, invalid CBOR, unknown operation, unknown field) "
+    "get their errors while the good requests between them are served.",
+    hostile=True,
+)
+def bad_request_in_pipeline(ctx: Context) -> None:
+    assert ctx.run.baseline is not None
+    dek_id, key = ctx.run.baseline
+    good = lambda i: request_frame(i, "get-dek", {"dek-id": dek_id})  # noqa: E731
+    frames = [
+        good(1),
+        request_frame(2, "get-dek", {"dek-id": 42}),
+        good(3),
+        frame(b"\x1c\x00"),
+        good(4),
+        request_frame(5, "conformance-no-such-op"),
+        good(6),
+        frame(encode({"id": 7, "op": "status", "extra": 1})),
+        good(8),
+    ]
+    with ctx.connect() as c:
+        c.send_quietly(b"".join(frames), "get-dek pipelined with four bad requests")
+        replies = c.receive_many(len(frames), ctx.options.timeout)
+        by_id: dict[int | None, Message] = {r.id: r for r in replies}
+        for i in (1, 3, 4, 6, 8):
+            ctx.expect(i in by_id, f"good request {i} was not answered")
+            result = ctx.expect_result(by_id[i], "dek-result")
+            ctx.expect(result["key"] == key, f"request {i} got another key")
+        ctx.expect_error(by_id[2], "bad-request", request_id=2)
+        ctx.expect_error(by_id[None], "bad-request", request_id=None)
+        ctx.expect_error(by_id[5], "unknown-operation", request_id=5)
+        ctx.expect_error(by_id[7], "bad-request", request_id=7)
+        ctx.expect_usable(c)
+
+
+@case(
+    "PROTO-034",
+    "Coverage: every error code protocol.cddl documents was provoked by some case, except "
+    "those only the server's own condition produces (busy, hsm-unavailable, internal, and "
+    "shutting-down outside the self-test).",
+    when=When.LAST,
+)
+def error_coverage(ctx: Context) -> None:
+    documented = set(ctx.schema.error_codes.values())
+    seen = ctx.run.observed_errors
+    missing = sorted(documented - seen - SERVER_CONDITIONS)
+    ctx.measurements["observed"] = sorted(seen)
+    if missing:
+        raise Informational(
+            f"not provoked in this run: {', '.join(missing)} (cases skipped, or codes this "
+            "suite does not know yet)"
+        )
+    ctx.note(f"provoked {len(seen)} of {len(documented)} documented codes")
+
+
+@case(
+    "PROTO-035",
+    "On SIGTERM the server drains: every request already received is answered (a result or "
+    "shutting-down), nothing is lost, and the connection then closes (self-test only).",
+    when=When.LAST,
+)
+def drain_on_shutdown(ctx: Context) -> None:
+    server = ctx.need_self_test()
+    count = ctx.run.max_in_flight * 4
+    namespace = ctx.run.namespace("drain")
+    with ctx.connect() as c:
+        data = b"".join(
+            request_frame(i, "create-dek", {"namespace": namespace}) for i in range(1, count + 1)
+        )
+        c.send_quietly(data, f"{count} create-dek requests")
+        first = ctx.receive(c)  # the server is working on the burst
+        server.terminate()
+        replies = [first]
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                replies.append(c.receive(max(0.0, deadline - time.monotonic()), quiet=True))
+        except ConnectionClosed:
+            pass
+    answered = {r.id for r in replies}
+    outcomes = {"result": 0, "shutting-down": 0}
+    for reply in replies:
+        if reply.is_error:
+            ctx.expect_error(reply, "shutting-down")
+            outcomes["shutting-down"] += 1
+        else:
+            ctx.expect_result(reply, "dek-result")
+            outcomes["result"] += 1
+    ctx.measurements.update(outcomes)
+    unanswered = count - len(answered)
+    ctx.note(
+        f"{outcomes['result']} created, {outcomes['shutting-down']} shutting-down, {unanswered} never read"
+    )
+    # Requests the server never read are not lost: the client knows they were never answered.
+    ctx.expect(len(answered) == len(replies), "a request was answered twice")
