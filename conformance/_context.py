@@ -88,6 +88,8 @@ class Run:
         self.baseline: tuple[str, bytes] | None = None
         self.certs: CertificateFactory | None = None
         self.observed_errors: set[str] = set()
+        #: Results cases share (e.g. the one sslyze scan), by name.
+        self.cache: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     @property
