@@ -41,11 +41,11 @@ class Verdict(enum.Enum):
     INFO = "info"
 
 
-class CaseFailed(Exception):
+class CaseFailed(Exception):  # noqa: N818 (a verdict, not an error of the suite)
     """The server did something the protocol does not allow."""
 
 
-class CaseSkipped(Exception):
+class CaseSkipped(Exception):  # noqa: N818 (a verdict, not an error of the suite)
     """The case cannot run against this target; the message says what it needs."""
 
 
@@ -139,7 +139,7 @@ def select_cases(cases: list[Case], only: list[str]) -> list[Case]:
     """Cases matching any of ``only``: a group name, an id prefix, or a case id."""
     if not only:
         return cases
-    wanted = set()
+    wanted: set[str] = set()
     for name in only:
         key = name.strip()
         matches = [

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import cbor2
 
 from conformance._case import CaseFailed
 from conformance._schema import Schema
@@ -237,7 +238,13 @@ class Connection:
         self._buffer += data
 
     def _accept(self, payload: bytes, *, quiet: bool) -> Message:
-        message = parse_response(payload, self.schema)
+        try:
+            message = parse_response(payload, self.schema)
+        except CaseFailed:
+            self.transcript.add(
+                f"<- {self.label} {hex_preview(frame(payload))}  = {_best_effort(payload)}"
+            )
+            raise
         self.observe(message)
         if not quiet:
             self.transcript.add(
@@ -295,6 +302,14 @@ def parse_response(payload: bytes, schema: Schema) -> Message:
                 f"{schema.error_codes.get(code)!r}"
             )
     return Message(payload, item, scan.non_preferred)
+
+
+def _best_effort(payload: bytes) -> str:
+    """The decoded item for a report, however broken (cbor2 is lenient by default)."""
+    try:
+        return describe(cbor2.loads(payload))
+    except Exception as exc:
+        return f"(does not decode: {exc})"
 
 
 def _reason(exc: BaseException) -> str:

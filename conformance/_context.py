@@ -166,7 +166,8 @@ class Context:
             sock.close()
             self.transcript.add(f"-- {label} TLS handshake failed: {exc}")
             raise
-        self.transcript.add(f"-- {label} connected ({tls.version()}, {tls.cipher()[0]})")
+        cipher = tls.cipher()
+        self.transcript.add(f"-- {label} connected ({tls.version()}, {cipher and cipher[0]})")
         connection = Connection(
             tls,
             schema=self.schema,
@@ -222,7 +223,7 @@ class Context:
         reply: Message,
         name: str,
         *,
-        request_id: int | None | object = ANY_ID,
+        request_id: int | object | None = ANY_ID,
         mentions: str | None = None,
     ) -> None:
         """The reply is the error ``name``; ``request_id`` None means it must carry no id."""

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def main() -> None:
@@ -22,8 +23,8 @@ def main() -> None:
     from sslyze import (  # noqa: PLC0415 (imported only where sslyze is installed)
         CertificateInfoExtraArgument,
         ClientAuthenticationCredentials,
-        Scanner,
         ScanCommandsExtraArguments,
+        Scanner,
         ServerNetworkConfiguration,
         ServerNetworkLocation,
         ServerScanRequest,
@@ -54,7 +55,7 @@ def main() -> None:
     scanner = Scanner()
     scanner.queue_scans([request])
     [result] = list(scanner.get_results())
-    report = {"issues": {}, "accepted": {}, "curves": [], "error": None}
+    report: dict[str, Any] = {"issues": {}, "accepted": {}, "curves": [], "error": None}
     if result.scan_status != ServerScanStatusEnum.COMPLETED or result.scan_result is None:
         report["error"] = f"scan {result.scan_status.name}: {result.connectivity_error_trace}"
         print(json.dumps(report))
@@ -78,7 +79,7 @@ def main() -> None:
     print(json.dumps(report))
 
 
-def _ip(host: str) -> "str | None":
+def _ip(host: str) -> str | None:
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:

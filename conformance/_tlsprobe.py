@@ -173,17 +173,18 @@ def _is_ip(host: str) -> bool:
 
 
 def offer_hello(sock: socket.socket, hello: bytes, timeout: float) -> HelloAnswer:
-    """Send ``hello`` and read the server's first record."""
-    sock.settimeout(timeout)
-    try:
-        sock.sendall(hello)
-        header = _read_exactly(sock, 5)
-        if header is None:
+    """Send ``hello`` and read the server's first record; closes ``sock``."""
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(hello)
+            header = _read_exactly(sock, 5)
+            if header is None:
+                return HelloAnswer("closed")
+            content_type, _, length = struct.unpack(">BHH", header)
+            record = _read_exactly(sock, length)
+        except OSError:  # reset, timeout
             return HelloAnswer("closed")
-        content_type, _, length = struct.unpack(">BHH", header)
-        record = _read_exactly(sock, length)
-    except (ConnectionError, TimeoutError, OSError):
-        return HelloAnswer("closed")
     if record is None:
         return HelloAnswer("closed")
     if content_type == 0x15 and len(record) >= 2:

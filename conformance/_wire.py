@@ -56,61 +56,78 @@ class Scan:
 
 def scan_item(data: bytes, offset: int = 0) -> Scan:
     """Walk one CBOR item at ``offset`` without decoding it; raise MalformedCbor if broken."""
-    violations: list[str] = []
-    non_preferred = False
-    # (items still to read in the container, or -1 for an indefinite one) per level.
+    walk = _Walk(data, offset)
+    # Items still to read per open container (-1: an indefinite one, until its break).
     pending = [1]
-    position = offset
     while pending:
         if pending[-1] == 0:
             pending.pop()
-            continue
-        if position >= len(data):
-            raise MalformedCbor("truncated CBOR item")
-        initial = data[position]
-        major, info = initial >> 5, initial & 0x1F
-        position += 1
-        if initial == 0xFF:
-            if pending[-1] != -1:
+        elif walk.at_break():
+            if pending.pop() != -1:
                 raise MalformedCbor("break byte outside an indefinite-length item")
-            pending.pop()
-            continue
-        if pending[-1] > 0:
-            pending[-1] -= 1
+        else:
+            if pending[-1] > 0:
+                pending[-1] -= 1
+            children = walk.item_head()
+            if children:
+                pending.append(children)
+    return Scan(walk.position, tuple(walk.violations), walk.non_preferred)
+
+
+class _Walk:
+    """A cursor over CBOR bytes that reads one head at a time and notes what it sees."""
+
+    def __init__(self, data: bytes, position: int) -> None:
+        self.data = data
+        self.position = position
+        self.violations: list[str] = []
+        self.non_preferred = False
+
+    def at_break(self) -> bool:
+        if self.position >= len(self.data):
+            raise MalformedCbor("truncated CBOR item")
+        if self.data[self.position] == 0xFF:
+            self.position += 1
+            return True
+        return False
+
+    def item_head(self) -> int:
+        """Read one head (and a string's content); return how many items it contains."""
+        initial = self.data[self.position]
+        major, info = initial >> 5, initial & 0x1F
+        self.position += 1
         if info == 31:
-            if major in (0, 1, 6) or major == 7:
+            if major in (0, 1, 6, 7):
                 raise MalformedCbor(f"reserved indefinite encoding for major type {major}")
-            violations.append("indefinite-length item")
-            pending.append(-1)
-            continue
+            self.violations.append("indefinite-length item")
+            return -1
         if 28 <= info <= 30:
             raise MalformedCbor(f"reserved additional information {info}")
-        argument, width = _argument(data, position, info)
-        position += width
+        argument, width = _argument(self.data, self.position, info)
+        self.position += width
         if width and argument < (24 if width == 1 else 1 << (4 * width)):
-            non_preferred = True
+            self.non_preferred = True
         if major in (2, 3):
-            if position + argument > len(data):
-                raise MalformedCbor("truncated string")
-            if major == 3:
-                try:
-                    data[position : position + argument].decode("utf-8")
-                except UnicodeDecodeError:
-                    violations.append("invalid UTF-8 in a text string")
-            position += argument
-        elif major == 4:
-            pending.append(argument)
-        elif major == 5:
-            pending.append(2 * argument)
-        elif major == 6:
-            violations.append(f"tag {argument}")
-            pending.append(1)
-        elif major == 7:
-            if info in (25, 26, 27):
-                violations.append("floating-point value")
-            elif not 20 <= info <= 22:
-                violations.append(f"simple value {argument if info == 24 else info}")
-    return Scan(position, tuple(violations), non_preferred)
+            self._string(major, argument)
+            return 0
+        if major == 6:
+            self.violations.append(f"tag {argument}")
+        elif major == 7 and info in (25, 26, 27):
+            self.violations.append("floating-point value")
+        elif major == 7 and not 20 <= info <= 22:
+            self.violations.append(f"simple value {argument if info == 24 else info}")
+        return {4: argument, 5: 2 * argument, 6: 1}.get(major, 0)
+
+    def _string(self, major: int, length: int) -> None:
+        end = self.position + length
+        if end > len(self.data):
+            raise MalformedCbor("truncated string")
+        if major == 3:
+            try:
+                self.data[self.position : end].decode("utf-8")
+            except UnicodeDecodeError:
+                self.violations.append("invalid UTF-8 in a text string")
+        self.position = end
 
 
 def _argument(data: bytes, position: int, info: int) -> tuple[int, int]:

@@ -39,7 +39,7 @@ def _refusals(
     c: Connection,
     payloads: list[tuple[bytes, str]],
     *,
-    request_id: int | None | object = ANY_ID,
+    request_id: int | object | None = ANY_ID,
 ) -> None:
     """Each payload (one frame each) gets exactly one bad-request; sent in pipelined batches."""
     for start in range(0, len(payloads), BATCH):
@@ -344,7 +344,7 @@ def invalid_utf8(ctx: Context) -> None:
 def category(field: Field) -> str:
     """The CBOR major kind a CDDL field type asks for: text, bytes, uint, array or map."""
     kind = field.type
-    if kind.startswith("[") or "versions" == field.name:
+    if kind.startswith("[") or field.name == "versions":
         return "array"
     if "bstr" in kind or kind == "blob-bytes":
         return "bytes"
@@ -415,7 +415,7 @@ def _attributed_refusals(ctx: Context, cases: list[tuple[str, Any, str, str]]) -
     hostile=True,
 )
 def wrong_types(ctx: Context) -> None:
-    cases = []
+    cases: list[tuple[str, Any, str, str]] = []
     for op, shape in ctx.schema.requests.items():
         for field in shape.args or ():
             base = {f.name: valid_value(ctx, f) for f in shape.args or () if not f.optional}
@@ -426,7 +426,8 @@ def wrong_types(ctx: Context) -> None:
         cases.append((op, [], "args", f"{op}: args as an array"))
     checked = _attributed_refusals(ctx, cases)
     with ctx.connect() as c:
-        for wrong_op in (1, b"status", [], None):
+        wrong_ops: list[Any] = [1, b"status", [], None]
+        for wrong_op in wrong_ops:
             request_id = ctx.next_id()
             c.send({"id": request_id, "op": wrong_op})
             ctx.expect_error(ctx.receive(c), "bad-request", request_id=request_id, mentions="op")
@@ -444,7 +445,7 @@ def wrong_types(ctx: Context) -> None:
     hostile=True,
 )
 def missing_fields(ctx: Context) -> None:
-    cases = []
+    cases: list[tuple[str, Any, str, str]] = []
     for op, shape in ctx.schema.requests.items():
         required = [f for f in shape.args or () if not f.optional]
         base = {f.name: valid_value(ctx, f) for f in required}

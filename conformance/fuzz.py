@@ -125,15 +125,11 @@ def _requests(ctx: Context) -> st.SearchStrategy[dict[str, Any]]:
 
 def _contain(ctx: Context, args: dict[str, Any]) -> dict[str, Any]:
     """Keep any namespace the fuzzer makes valid inside this run's own namespace."""
-    contained = {}
-    for name, value in args.items():
-        if (
-            name in ("namespace", "kek", "name")
-            and isinstance(value, str)
-            and NAMESPACE.fullmatch(value)
-        ):
-            value = ctx.run.namespace("fuzz/" + value)
-        contained[name] = value
+    contained = dict(args)
+    for name in ("namespace", "kek", "name"):
+        value = args.get(name)
+        if isinstance(value, str) and NAMESPACE.fullmatch(value):
+            contained[name] = ctx.run.namespace("fuzz/" + value)
     return contained
 
 

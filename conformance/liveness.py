@@ -170,7 +170,7 @@ def _garbage(count: int) -> bytes:
 
 def _read_frames(sock: socket.socket, count: int, timeout: float) -> list[bytes]:
     """Cut ``count`` frames from the stream without decoding them (the flooder stays cheap)."""
-    buffer, payloads = b"", []
+    buffer, payloads = b"", list[bytes]()
     deadline = time.monotonic() + timeout
     while len(payloads) < count:
         ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
 from conformance._case import CaseFailed, CaseSkipped, Informational, When, case
 from conformance._connection import ConnectionClosed, Message
@@ -61,7 +62,8 @@ def hello_unsupported(ctx: Context) -> None:
 )
 def hello_versions_absent(ctx: Context) -> None:
     with ctx.connect(hello=False) as c:
-        for args in (None, {}, {"versions": []}):
+        attempts: list[dict[str, Any] | None] = [None, {}, {"versions": []}]
+        for args in attempts:
             request_id = ctx.next_id()
             reply = c.request(request_id, "hello", args)
             ctx.expect_error(reply, "bad-request", request_id=request_id)
@@ -337,7 +339,7 @@ def duplicate_request_id(ctx: Context) -> None:
     hostile=True,
 )
 def invalid_values(ctx: Context) -> None:
-    bad = [
+    bad: list[tuple[str, dict[str, Any], str]] = [
         ("create-dek", {"namespace": "../etc"}, "namespace"),
         ("create-dek", {"namespace": "/leading"}, "namespace"),
         ("create-dek", {"namespace": "a" * 129}, "namespace"),
@@ -466,7 +468,10 @@ def in_flight_limit(ctx: Context) -> None:
 def bad_request_in_pipeline(ctx: Context) -> None:
     assert ctx.run.baseline is not None
     dek_id, key = ctx.run.baseline
-    good = lambda i: request_frame(i, "get-dek", {"dek-id": dek_id})  # noqa: E731
+
+    def good(request_id: int) -> bytes:
+        return request_frame(request_id, "get-dek", {"dek-id": dek_id})
+
     frames = [
         good(1),
         request_frame(2, "get-dek", {"dek-id": 42}),
@@ -549,7 +554,8 @@ def drain_on_shutdown(ctx: Context) -> None:
     ctx.measurements.update(outcomes)
     unanswered = count - len(answered)
     ctx.note(
-        f"{outcomes['result']} created, {outcomes['shutting-down']} shutting-down, {unanswered} never read"
+        f"{outcomes['result']} created, {outcomes['shutting-down']} shutting-down, "
+        f"{unanswered} never read"
     )
     # Requests the server never read are not lost: the client knows they were never answered.
     ctx.expect(len(answered) == len(replies), "a request was answered twice")

@@ -95,42 +95,43 @@ def _unavailable(reason: str) -> None:
 def scan(ctx: Context) -> dict[str, Any]:
     """The one sslyze scan of this run (done by the first case that needs it)."""
     cached = ctx.run.cache.get("sslyze")
+    if cached is None:
+        try:
+            cached = _run_scan(ctx)
+        except (CaseFailed, CaseSkipped) as exc:
+            cached = exc
+        ctx.run.cache["sslyze"] = cached
     if isinstance(cached, BaseException):
         raise cached
-    if cached is not None:
-        return dict(cached)
+    return dict(cached)
+
+
+def _run_scan(ctx: Context) -> dict[str, Any]:
+    python = ensure_sslyze(
+        ctx.options.sslyze_venv or default_venv(), install=ctx.options.sslyze_install
+    )
+    creds = ctx.target.client
+    command = [
+        str(python),
+        "-I",  # isolated: this directory's sslyze.py must not shadow the real sslyze
+        str(_SCANNER),
+        ctx.target.host,
+        str(ctx.target.port),
+        str(ctx.target.ca),
+        str(creds.cert),
+        str(creds.key),
+    ]
+    ctx.transcript.add("-- " + " ".join(command))
     try:
-        python = ensure_sslyze(
-            ctx.options.sslyze_venv or default_venv(), install=ctx.options.sslyze_install
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=SCAN_TIMEOUT, check=False
         )
-        creds = ctx.target.client
-        command = [
-            str(python),
-            "-I",  # isolated: this directory's sslyze.py must not shadow the real sslyze
-            str(_SCANNER),
-            ctx.target.host,
-            str(ctx.target.port),
-            str(ctx.target.ca),
-            str(creds.cert),
-            str(creds.key),
-        ]
-        ctx.transcript.add("-- " + " ".join(command))
-        try:
-            done = subprocess.run(
-                command, capture_output=True, text=True, timeout=SCAN_TIMEOUT, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise CaseFailed(f"sslyze did not finish within {SCAN_TIMEOUT} s") from None
-        if done.returncode != 0:
-            raise CaseFailed(
-                f"sslyze failed (status {done.returncode}): {done.stderr.strip()[-500:]}"
-            )
-        report: dict[str, Any] = json.loads(done.stdout)
-    except (CaseFailed, CaseSkipped) as exc:
-        ctx.run.cache["sslyze"] = exc
-        raise
-    ctx.run.cache["sslyze"] = report
-    return dict(report)
+    except subprocess.TimeoutExpired:
+        raise CaseFailed(f"sslyze did not finish within {SCAN_TIMEOUT} s") from None
+    if done.returncode != 0:
+        raise CaseFailed(f"sslyze failed (status {done.returncode}): {done.stderr.strip()[-500:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
 
 
 def _findings(ctx: Context, case_id: str) -> None:

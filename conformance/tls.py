@@ -211,8 +211,9 @@ def tls12_suites(ctx: Context) -> None:
         if only.kind == "server-hello":
             ctx.transcript.add(f"-> ClientHello TLS 1.2 offering only {name}; <- {only.describe()}")
             raise CaseFailed(f"TLS 1.2 with {name} alone was accepted")
+    picked = ALLOWED_TLS12_SUITES[answer.suite or 0]
     ctx.note(
-        f"TLS 1.2 enabled; picked {ALLOWED_TLS12_SUITES[answer.suite]}; {len(FORBIDDEN_SUITES)} forbidden suites refused one by one"
+        f"TLS 1.2 on, picked {picked}; each of {len(FORBIDDEN_SUITES)} forbidden suites refused"
     )
 
 

@@ -5,6 +5,7 @@ suite uses it to make the certificates its probes need.
 """
 
 from pki._ca import (
+    SERVER_VALIDITY_DAYS,
     CertificateAuthority,
     IssuedCertificate,
     KeyType,
@@ -15,6 +16,7 @@ from pki._ca import (
 from pki._files import write_private_file
 
 __all__ = [
+    "SERVER_VALIDITY_DAYS",
     "CertificateAuthority",
     "IssuedCertificate",
     "KeyType",

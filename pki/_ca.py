@@ -36,6 +36,9 @@ from pki._files import write_private_file
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 _RESERVED_NAMES = frozenset({"ca", "server", "crl", "index"})
+#: Mozilla's "modern" TLS profile caps a server certificate's lifespan at 90 days
+#: (sslyze flags anything longer); renew_server() re-issues one for the same names.
+SERVER_VALIDITY_DAYS = 90
 #: Issued certificates start a little in the past, so a peer whose clock
 #: runs slightly behind does not reject a fresh certificate.
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -401,7 +404,7 @@ class CertificateAuthority:
         *,
         dns_names: Sequence[str] = ("localhost",),
         ip_addresses: Sequence[str] = ("127.0.0.1",),
-        validity_days: int = 825,
+        validity_days: int = SERVER_VALIDITY_DAYS,
     ) -> IssuedCertificate:
         """(Re)issue the daemon's certificate; used at init and to rotate it."""
         try:
@@ -422,6 +425,19 @@ class CertificateAuthority:
             extended_key_usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         )
         return self._write_issued("server", "server", key, cert, None)
+
+    def renew_server(self, *, validity_days: int = SERVER_VALIDITY_DAYS) -> IssuedCertificate:
+        """Re-issue the server certificate, with a new key, for the names the current one has."""
+        current = load_certificate(self.server_cert_path, "server certificate")
+        try:
+            sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise PkiError(f"{self.server_cert_path} names no host (no subjectAltName)") from None
+        return self.issue_server(
+            dns_names=sans.get_values_for_type(x509.DNSName),
+            ip_addresses=[str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+            validity_days=validity_days,
+        )
 
     def issue_client(
         self,
