@@ -88,6 +88,8 @@ class Run:
         self.baseline: tuple[str, bytes] | None = None
         self.certs: CertificateFactory | None = None
         self.observed_errors: set[str] = set()
+        #: Operations that returned a result at least once in this run.
+        self.served_operations: set[str] = set()
         #: Results cases share (e.g. the one sslyze scan), by name.
         self.cache: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -108,6 +110,10 @@ class Run:
         if message.error_name is not None:
             with self._lock:
                 self.observed_errors.add(message.error_name)
+
+    def served(self, op: str) -> None:
+        with self._lock:
+            self.served_operations.add(op)
 
 
 class Context:
@@ -181,12 +187,16 @@ class Context:
         return connection
 
     def hello(self, connection: Connection, versions: list[int] | None = None) -> Message:
+        """Negotiate the version (``ctx.request`` records that hello was served)."""
         return self.request(connection, "hello", {"versions": versions or [1]})
 
     def request(
         self, connection: Connection, op: str, args: dict[str, Any] | None = None
     ) -> Message:
-        return connection.request(self.next_id(), op, args, self.options.timeout)
+        reply = connection.request(self.next_id(), op, args, self.options.timeout)
+        if not reply.is_error:
+            self.run.served(op)
+        return reply
 
     def receive(self, connection: Connection, timeout: float | None = None) -> Message:
         return connection.receive(timeout or self.options.timeout)

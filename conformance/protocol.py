@@ -519,6 +519,25 @@ def error_coverage(ctx: Context) -> None:
 
 
 @case(
+    "PROTO-036",
+    "Coverage: every operation protocol.cddl defines returned a result to some case in this "
+    "run (an operation the suite does not know yet is reported, not failed).",
+    when=When.LAST,
+)
+def operation_coverage(ctx: Context) -> None:
+    defined = set(ctx.schema.requests)
+    served = ctx.run.served_operations
+    ctx.measurements["served"] = sorted(served)
+    missing = sorted(defined - served)
+    if missing:
+        raise Informational(
+            f"no success path exercised for: {', '.join(missing)} (cases skipped, or operations "
+            "this suite does not know yet)"
+        )
+    ctx.note(f"all {len(defined)} operations served")
+
+
+@case(
     "PROTO-035",
     "On SIGTERM the server drains: every request already received is answered (a result or "
     "shutting-down), nothing is lost, and the connection then closes (self-test only).",

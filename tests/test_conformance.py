@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -184,7 +183,7 @@ async def test_timeout_and_tls12_cases_pass_against_a_server_configured_for_them
 
 
 @pytest.fixture
-def misnamed_errors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def misnamed_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault: the server names every error "oops" (the real encoder, wrong name)."""
     real = _connection.error_to_wire
 
@@ -194,7 +193,6 @@ def misnamed_errors(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return message
 
     monkeypatch.setattr(_connection, "error_to_wire", wrong_name)
-    yield
 
 
 async def test_the_suite_fails_a_server_whose_error_names_break_the_cddl(
