@@ -120,7 +120,8 @@ def kmipd_patterns(
     with Client(address, **creds) as kms:
         kms.get_dek(dek_id)
         sequential = timed_loop(seconds, lambda: (kms.get_dek(dek_id), 1)[1])
-        batch = [dek_id] * PIPELINE_BATCH
+        # Distinct ids: the client asks once per distinct DEK in a batch.
+        batch = [kms.create_dek("bench").dek_id for _ in range(PIPELINE_BATCH)]
         pipelined = timed_loop(seconds, lambda: len(kms.get_deks(batch)))
 
     def reconnect() -> int:

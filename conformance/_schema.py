@@ -28,6 +28,8 @@ class Field:
     #: The CDDL type text, e.g. ``namespace-name`` or ``bstr .size (16..32)``.
     type: str
     optional: bool
+    #: The CBOR kind the type resolves to: text, bytes, uint, bool, array or map.
+    kind: str = "text"
 
 
 @attrs.frozen
@@ -87,11 +89,48 @@ def _error_codes(definition: str) -> dict[int, str]:
     return {int(code): name for name, code in _ERROR_CODE.findall(definition + ",")}
 
 
+def _request_rules(rules: dict[str, str], name: str = "request") -> list[str]:
+    """The request rules, following choices of choices (``lifecycle-request = a / b``)."""
+    found = []
+    for member in re.findall(r"[a-z0-9-]+", rules[name]):
+        definition = rules.get(member, "")
+        if "op:" in definition:
+            found.append(member)
+        elif definition and not definition.startswith("{"):
+            found += _request_rules(rules, member)
+    return found
+
+
+#: How a CDDL type starts -> the CBOR kind it asks for.
+_KIND_BY_PREFIX = (
+    (("[",), "array"),
+    (("{",), "map"),
+    (('"', "tstr", "text"), "text"),
+    (("bstr", "bytes"), "bytes"),
+    (("bool",), "bool"),
+    (("uint",), "uint"),
+)
+
+
+def kind_of(rules: dict[str, str], type_text: str, depth: int = 0) -> str:
+    """The CBOR kind a CDDL type asks for, following rule names and the first choice."""
+    first = type_text.strip().lstrip("(").strip().split(" / ")[0].strip()
+    for prefixes, kind in _KIND_BY_PREFIX:
+        if first.startswith(prefixes):
+            return kind
+    if re.match(r"\d+\.\.", first):
+        return "uint"
+    name = re.match(r"[a-z][a-z0-9-]*", first)
+    if name and name.group(0) in rules and depth < 8:
+        return kind_of(rules, rules[name.group(0)], depth + 1)
+    return "text"
+
+
 def _request_shapes(rules: dict[str, str]) -> dict[str, RequestShape]:
     """Each request rule's op name and args fields (the fuzzer's raw material)."""
     shapes = {}
-    for name in re.findall(r"[a-z0-9-]+", rules["request"]):
-        definition = rules.get(name, "")
+    for name in _request_rules(rules):
+        definition = rules[name]
         op = re.search(r'op:\s*"([^"]+)"', definition)
         if op is None:
             continue
@@ -101,7 +140,12 @@ def _request_shapes(rules: dict[str, str]) -> dict[str, RequestShape]:
             continue
         body = _balanced_body(definition, args.end() - 1)
         fields = tuple(
-            Field(field.group(2), field.group(3).strip(), bool(field.group(1)))
+            Field(
+                field.group(2),
+                field.group(3).strip(),
+                bool(field.group(1)),
+                kind_of(rules, field.group(3)),
+            )
             for field in re.finditer(
                 r'(\?\s*)?"?([a-z][a-z0-9-]*)"?\s*:\s*([^,]+(?:\([^)]*\)[^,]*)?),', body + ","
             )

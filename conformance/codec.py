@@ -342,17 +342,8 @@ def invalid_utf8(ctx: Context) -> None:
 
 
 def category(field: Field) -> str:
-    """The CBOR major kind a CDDL field type asks for: text, bytes, uint, array or map."""
-    kind = field.type
-    if kind.startswith("[") or field.name == "versions":
-        return "array"
-    if "bstr" in kind or kind == "blob-bytes":
-        return "bytes"
-    if kind.startswith("{") or "context" in kind:
-        return "map"
-    if "uint" in kind or ".." in kind.split(".size")[0]:
-        return "uint"
-    return "text"
+    """The CBOR kind the field's CDDL type asks for: text, bytes, uint, bool, array or map."""
+    return field.kind
 
 
 WRONG_VALUES: dict[str, list[Any]] = {
@@ -361,6 +352,7 @@ WRONG_VALUES: dict[str, list[Any]] = {
     "uint": ["1", -1, b"\x01", [], {}, True, None],
     "array": ["1", 1, b"", {}, True, None],
     "map": ["k=v", 1, b"", [], True, None],
+    "bool": ["true", 1, b"", [], {}, None],
 }
 
 
@@ -378,10 +370,17 @@ def valid_value(ctx: Context, field: Field) -> Any:
         "blob": b"",
         "prefix": "conformance",
         "client": "kmipd-conformance",
+        # Lifecycle fields (their operations are the administrator's; --cert is refused them).
+        "key": {"dek-id": ctx.run.baseline[0]},
+        "reason": "unspecified",
+        "version": 1,
+        "seq": 0,
+        "job-id": "conformance",
     }
     if field.name in known:
         return known[field.name]
-    return {"text": "conformance", "bytes": b"", "uint": 1, "array": [], "map": {}}[category(field)]
+    defaults = {"text": "conformance", "bytes": b"", "uint": 1, "array": [], "map": {}}
+    return defaults.get(category(field), False)
 
 
 def _request(ctx: Context, op: str, args: Any) -> tuple[int, bytes]:

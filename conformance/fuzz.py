@@ -68,6 +68,7 @@ _BOUNDARIES: dict[str, list[Any]] = {
         {"k": "v" * 1025},
         {str(i): "" for i in range(33)},
     ],
+    "bool": [True, False],
 }
 
 
@@ -80,6 +81,7 @@ def _field_values(ctx: Context, field: Field) -> st.SearchStrategy[Any]:
         "array": st.lists(
             st.integers(min_value=-5, max_value=70_000) | st.text(max_size=3), max_size=20
         ),
+        "bool": st.booleans(),
         "map": st.dictionaries(
             st.text(max_size=140), st.text(max_size=1100) | st.integers(), max_size=40
         ),

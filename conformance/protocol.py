@@ -8,12 +8,20 @@ import time
 from typing import Any
 
 from conformance._case import CaseFailed, CaseSkipped, Informational, When, case
-from conformance._connection import ConnectionClosed, Message
+from conformance._connection import Connection, ConnectionClosed, Message
 from conformance._context import Context
 from conformance._wire import encode, frame, request_frame
 
-#: Codes only the server's own condition produces; no client can provoke them from outside.
-SERVER_CONDITIONS = {"busy", "shutting-down", "hsm-unavailable", "internal"}
+#: Codes only the server's own condition produces; no client can provoke them from outside
+#: (protect-stop-passed needs a crypto-period to run out, audit-unavailable a broken audit file).
+SERVER_CONDITIONS = {
+    "busy",
+    "shutting-down",
+    "hsm-unavailable",
+    "internal",
+    "protect-stop-passed",
+    "audit-unavailable",
+}
 
 
 # -- hello ---------------------------------------------------------------------------------------
@@ -393,6 +401,339 @@ def short_error_messages(ctx: Context) -> None:
         )
 
 
+# -- key lifecycle (PROTOCOL.md 4.3), where protocol.cddl defines it --------------------------
+
+
+def _need_ops(ctx: Context, *ops: str) -> None:
+    missing = [op for op in ops if op not in ctx.schema.requests]
+    if missing:
+        raise CaseSkipped(f"protocol.cddl defines no {', '.join(missing)}")
+
+
+def _expect_code(
+    ctx: Context, c: Connection, op: str, args: dict[str, Any] | None, name: str
+) -> None:
+    request_id = ctx.next_id()
+    ctx.expect_error(c.request(request_id, op, args), name, request_id=request_id)
+
+
+def _state(ctx: Context, c: Connection, key: dict[str, Any]) -> str:
+    attributes = ctx.expect_result(ctx.request(c, "get-attributes", {"key": key}), "key-attributes")
+    return str(attributes["state"])
+
+
+@case(
+    "PROTO-040",
+    "rotate-kek makes a new KEK version that new DEKs use, while DEKs under the old one still "
+    "come back unchanged; get-attributes describes both (administrator).",
+)
+def rotate_kek(ctx: Context) -> None:
+    _need_ops(ctx, "rotate-kek", "get-attributes")
+    admin = ctx.need_admin()
+    namespace = ctx.run.namespace("rotate")
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        old = ctx.expect_result(
+            ctx.request(data, "create-dek", {"namespace": namespace}), "dek-result"
+        )
+        rotated = ctx.expect_result(
+            ctx.request(c, "rotate-kek", {"name": namespace}), "key-attributes"
+        )
+        ctx.expect(
+            rotated["version"] == old["kek-version"] + 1, f"rotated to version {rotated['version']}"
+        )
+        new = ctx.expect_result(
+            ctx.request(data, "create-dek", {"namespace": namespace}), "dek-result"
+        )
+        ctx.expect(
+            new["kek-version"] == rotated["version"], "a new DEK is not under the new version"
+        )
+        again = ctx.expect_result(
+            ctx.request(data, "get-dek", {"dek-id": old["dek-id"]}), "dek-result"
+        )
+        ctx.expect(again == old, "the DEK under the old KEK version changed")
+        dek = ctx.expect_result(
+            ctx.request(c, "get-attributes", {"key": {"dek-id": old["dek-id"]}}), "key-attributes"
+        )
+        ctx.expect((dek["kind"], dek["state"]) == ("dek", "active"), f"DEK attributes {dek}")
+        kek = ctx.expect_result(
+            ctx.request(c, "get-attributes", {"key": {"kek": namespace, "version": 1}}),
+            "key-attributes",
+        )
+        ctx.expect(kek["kind"] == "kek", f"KEK attributes {kek}")
+
+
+@case(
+    "PROTO-041",
+    "revoke (superseded) deactivates a DEK: get-dek then gets key-deactivated; destroying an "
+    "active DEK is wrong-state; destroy then recover work on the revoked one, and a destroyed "
+    "DEK gets key-destroyed (administrator).",
+)
+def revoke_destroy_recover(ctx: Context) -> None:
+    _need_ops(ctx, "revoke", "destroy", "recover", "get-attributes")
+    admin = ctx.need_admin()
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        made = ctx.expect_result(
+            ctx.request(data, "create-dek", {"namespace": ctx.run.namespace("revoke")}),
+            "dek-result",
+        )
+        key = {"dek-id": made["dek-id"]}
+        _expect_code(ctx, c, "destroy", {"key": key}, "wrong-state")
+        revoked = ctx.expect_result(
+            ctx.request(
+                c, "revoke", {"key": key, "reason": "superseded", "message": "conformance"}
+            ),
+            "key-attributes",
+        )
+        ctx.expect(revoked["state"] == "deactivated", f"revoked (superseded) -> {revoked['state']}")
+        _expect_code(ctx, data, "get-dek", key, "key-deactivated")
+        destroyed = ctx.expect_result(ctx.request(c, "destroy", {"key": key}), "key-attributes")
+        ctx.expect(destroyed["state"] == "destroyed", f"destroyed -> {destroyed['state']}")
+        _expect_code(ctx, data, "get-dek", key, "key-destroyed")
+        recovered = ctx.expect_result(ctx.request(c, "recover", {"key": key}), "key-attributes")
+        ctx.expect(recovered["state"] != "destroyed", f"recover left it {recovered['state']}")
+        ctx.expect(
+            _state(ctx, c, key) == recovered["state"], "get-attributes disagrees with recover"
+        )
+
+
+@case(
+    "PROTO-042",
+    "revoke for key-compromise marks a DEK compromised: get-dek then gets key-compromised "
+    "(administrator).",
+)
+def revoke_compromised(ctx: Context) -> None:
+    _need_ops(ctx, "revoke")
+    admin = ctx.need_admin()
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        made = ctx.expect_result(
+            ctx.request(data, "create-dek", {"namespace": ctx.run.namespace("compromise")}),
+            "dek-result",
+        )
+        key = {"dek-id": made["dek-id"]}
+        result = ctx.expect_result(
+            ctx.request(c, "revoke", {"key": key, "reason": "key-compromise"}), "key-attributes"
+        )
+        ctx.expect(
+            result["state"] == "compromised", f"revoked (key-compromise) -> {result['state']}"
+        )
+        _expect_code(ctx, data, "get-dek", key, "key-compromised")
+
+
+@case(
+    "PROTO-043",
+    "A KEK created with a future activation date is pre-active: wrapping under it gets "
+    "key-not-active until activate makes it active (administrator).",
+)
+def activate_pre_active(ctx: Context) -> None:
+    _need_ops(ctx, "activate")
+    admin = ctx.need_admin()
+    name = ctx.run.namespace("pre-active")
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        created = ctx.expect_result(
+            ctx.request(c, "create-kek", {"name": name, "activation": int(time.time()) + 86400}),
+            "kek-info",
+        )
+        _expect_code(ctx, data, "create-dek", {"namespace": name}, "key-not-active")
+        active = ctx.expect_result(
+            ctx.request(c, "activate", {"key": {"kek": name, "version": created["version"]}}),
+            "key-attributes",
+        )
+        ctx.expect(active["state"] == "active", f"activate -> {active['state']}")
+        ctx.expect_result(ctx.request(data, "create-dek", {"namespace": name}), "dek-result")
+
+
+@case(
+    "PROTO-044",
+    "Usage is fixed at creation: a decrypt-only DEK fetched for encryption, and wrapping under "
+    "an unwrap-only KEK, get usage-not-permitted.",
+)
+def usage_not_permitted(ctx: Context) -> None:
+    with ctx.connect() as data:
+        made = ctx.expect_result(
+            ctx.request(
+                data, "create-dek", {"namespace": ctx.run.namespace("usage"), "usage": ["decrypt"]}
+            ),
+            "dek-result",
+        )
+        _expect_code(
+            ctx,
+            data,
+            "get-dek",
+            {"dek-id": made["dek-id"], "purpose": "encrypt"},
+            "usage-not-permitted",
+        )
+        ctx.expect_result(
+            ctx.request(data, "get-dek", {"dek-id": made["dek-id"], "purpose": "decrypt"}),
+            "dek-result",
+        )
+    if ctx.target.admin is not None:
+        name = ctx.run.namespace("unwrap-only")
+        with ctx.connect(ctx.target.admin) as c, ctx.connect() as data:
+            ctx.expect_result(
+                ctx.request(c, "create-kek", {"name": name, "usage": ["unwrap"]}), "kek-info"
+            )
+            _expect_code(ctx, data, "create-dek", {"namespace": name}, "usage-not-permitted")
+
+
+@case(
+    "PROTO-045",
+    "dependents counts the DEKs under a KEK version; destroying a revoked version that still "
+    "has dependents gets dependents-exist (administrator).",
+)
+def dependents_exist(ctx: Context) -> None:
+    _need_ops(ctx, "dependents", "rotate-kek", "revoke", "destroy")
+    admin = ctx.need_admin()
+    namespace = ctx.run.namespace("dependents")
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        made = [
+            ctx.expect_result(
+                ctx.request(data, "create-dek", {"namespace": namespace}), "dek-result"
+            )
+            for _ in range(3)
+        ]
+        result = ctx.expect_result(
+            ctx.request(c, "dependents", {"kek": namespace, "version": 1}), "dependents-result"
+        )
+        ctx.expect(result["count"] == 3, f"dependents counted {result['count']} of 3")
+        ctx.expect(
+            set(result["dek-ids"]) == {m["dek-id"] for m in made}, "dependents named other DEKs"
+        )
+        ctx.expect_result(ctx.request(c, "rotate-kek", {"name": namespace}), "key-attributes")
+        version_1 = {"kek": namespace, "version": 1}
+        ctx.expect_result(
+            ctx.request(c, "revoke", {"key": version_1, "reason": "superseded"}), "key-attributes"
+        )
+        _expect_code(ctx, c, "destroy", {"key": version_1}, "dependents-exist")
+
+
+@case(
+    "PROTO-046",
+    "rewrap-dek and rewrap-blob move a DEK and a data-key blob to the newest KEK version "
+    "without changing the key.",
+)
+def rewrap(ctx: Context) -> None:
+    _need_ops(ctx, "rewrap-dek", "rewrap-blob", "rotate-kek")
+    admin = ctx.need_admin()
+    namespace = ctx.run.namespace("rewrap")
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        dek = ctx.expect_result(
+            ctx.request(data, "create-dek", {"namespace": namespace}), "dek-result"
+        )
+        made = ctx.expect_result(
+            ctx.request(data, "generate-data-key", {"kek": namespace, "context": {"v": "1"}}),
+            "data-key-result",
+        )
+        rotated = ctx.expect_result(
+            ctx.request(c, "rotate-kek", {"name": namespace}), "key-attributes"
+        )
+        moved = ctx.expect_result(
+            ctx.request(data, "rewrap-dek", {"dek-id": dek["dek-id"]}), "key-attributes"
+        )
+        ctx.expect(
+            moved["version"] == rotated["version"], f"rewrap-dek -> version {moved['version']}"
+        )
+        again = ctx.expect_result(
+            ctx.request(data, "get-dek", {"dek-id": dek["dek-id"]}), "dek-result"
+        )
+        ctx.expect(again["key"] == dek["key"], "rewrap-dek changed the key")
+        ctx.expect(
+            again["kek-version"] == rotated["version"], "get-dek still names the old version"
+        )
+        blob = ctx.expect_result(
+            ctx.request(data, "rewrap-blob", {"blob": made["blob"], "context": {"v": "1"}}),
+            "rewrap-blob-result",
+        )
+        ctx.expect(blob["kek-version"] == rotated["version"], "rewrap-blob kept the old version")
+        back = ctx.expect_result(
+            ctx.request(data, "unwrap", {"blob": blob["blob"], "context": {"v": "1"}}),
+            "unwrap-result",
+        )
+        ctx.expect(back["key"] == made["key"], "rewrap-blob changed the key")
+
+
+@case(
+    "PROTO-047",
+    "start-rewrap runs a job over a namespace that get-job and list-jobs report, through to "
+    "done (administrator).",
+)
+def rewrap_job(ctx: Context) -> None:
+    _need_ops(ctx, "start-rewrap", "get-job", "list-jobs", "rotate-kek")
+    admin = ctx.need_admin()
+    namespace = ctx.run.namespace("job")
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        for _ in range(5):
+            ctx.expect_result(
+                ctx.request(data, "create-dek", {"namespace": namespace}), "dek-result"
+            )
+        ctx.expect_result(ctx.request(c, "rotate-kek", {"name": namespace}), "key-attributes")
+        job = ctx.expect_result(
+            ctx.request(c, "start-rewrap", {"namespace": namespace}), "job-info"
+        )
+        deadline = time.monotonic() + 30
+        while job["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)  # a background job: no event to wait on
+            job = ctx.expect_result(
+                ctx.request(c, "get-job", {"job-id": job["job-id"]}), "job-info"
+            )
+        ctx.expect(job["state"] == "done", f"the job ended {job['state']}: {job}")
+        ctx.expect(job["rewrapped"] + job["skipped"] == 5, f"job counts {job}")
+        jobs = ctx.expect_result(ctx.request(c, "list-jobs"), "list-jobs-result")
+        ctx.expect(job["job-id"] in [j["job-id"] for j in jobs["jobs"]], "list-jobs misses the job")
+
+
+@case(
+    "PROTO-048",
+    "locate finds the DEKs of a namespace, page by page with limit and next (administrator).",
+)
+def locate(ctx: Context) -> None:
+    _need_ops(ctx, "locate")
+    admin = ctx.need_admin()
+    namespace = ctx.run.namespace("locate")
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        ids = {
+            ctx.expect_result(
+                ctx.request(data, "create-dek", {"namespace": namespace}), "dek-result"
+            )["dek-id"]
+            for _ in range(3)
+        }
+        found: set[str] = set()
+        args: dict[str, Any] = {"kind": "dek", "namespace": namespace, "limit": 2}
+        for _ in range(5):
+            page = ctx.expect_result(ctx.request(c, "locate", args), "locate-result")
+            found |= {k["dek-id"] for k in page["keys"]}
+            if "next" not in page:
+                break
+            args = {**args, "after": page["next"]}
+        ctx.expect(found == ids, f"locate found {len(found & ids)} of 3 DEKs")
+
+
+@case(
+    "PROTO-049",
+    "changes-since reports a revocation to data clients, with a sequence number to resume from.",
+)
+def changes_since(ctx: Context) -> None:
+    _need_ops(ctx, "changes-since", "revoke")
+    admin = ctx.need_admin()
+    with ctx.connect() as data, ctx.connect(admin) as c:
+        start = ctx.expect_result(ctx.request(data, "changes-since", {"seq": 0}), "changes-result")
+        made = ctx.expect_result(
+            ctx.request(data, "create-dek", {"namespace": ctx.run.namespace("changes")}),
+            "dek-result",
+        )
+        ctx.expect_result(
+            ctx.request(c, "revoke", {"key": {"dek-id": made["dek-id"]}, "reason": "superseded"}),
+            "key-attributes",
+        )
+        later = ctx.expect_result(
+            ctx.request(data, "changes-since", {"seq": start["seq"]}), "changes-result"
+        )
+        ctx.expect(later["seq"] > start["seq"], "the sequence number did not move")
+        ctx.expect(
+            made["dek-id"] in [change.get("dek-id") for change in later["changes"]],
+            "changes-since does not report the revocation",
+        )
+
+
 # -- ids, pipelining, in-flight ------------------------------------------------------------------
 
 
@@ -501,8 +842,8 @@ def bad_request_in_pipeline(ctx: Context) -> None:
 @case(
     "PROTO-034",
     "Coverage: every error code protocol.cddl documents was provoked by some case, except "
-    "those only the server's own condition produces (busy, hsm-unavailable, internal, and "
-    "shutting-down outside the self-test).",
+    "those only the server's own condition produces (busy, hsm-unavailable, internal, "
+    "audit-unavailable, protect-stop-passed, and shutting-down outside the self-test).",
     when=When.LAST,
 )
 def error_coverage(ctx: Context) -> None:

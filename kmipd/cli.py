@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -24,11 +25,15 @@ from cryptography import x509
 from kmipd import client as km
 from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable
 from kmipd._logging import configure_logging
+from kmipd.audit import AuditError
+from kmipd.audit import query as audit_query
+from kmipd.audit import verify as audit_verify
 from kmipd.config import ConfigError, load_config
 from kmipd.daemon import RunningDaemon, run_daemon
 from kmipd.demo import run_demo
 from kmipd.dev import client_command, prepare_dev
 from kmipd.hsm import HsmError, create_master_key
+from kmipd.lifecycle import RevocationReason, State
 from kmipd.server import TlsConfigError
 from kmipd.store import StoreError
 from pki import SERVER_VALIDITY_DAYS, CertificateAuthority, KeyType, PkiError
@@ -102,7 +107,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_pki_commands(commands)
     _add_hsm_commands(commands)
-    _add_client_commands(commands)
+    dek_actions, kek_actions = _add_client_commands(commands)
+    _add_lifecycle_commands(commands, dek_actions, kek_actions)
+    _add_audit_commands(commands)
     _add_envelope_commands(commands)
     return parser
 
@@ -182,7 +189,7 @@ def _client_options() -> argparse.ArgumentParser:
     return parent
 
 
-def _add_client_commands(commands: Any) -> None:
+def _add_client_commands(commands: Any) -> tuple[Any, Any]:
     common = _client_options()
     reveal = argparse.ArgumentParser(add_help=False)
     reveal.add_argument(
@@ -219,13 +226,149 @@ def _add_client_commands(commands: Any) -> None:
     kek = commands.add_parser("kek", help="KEK administration").add_subparsers(metavar="ACTION")
     kek_create = kek.add_parser("create", parents=[common], help="create a namespace's KEK")
     kek_create.add_argument("name")
-    kek_create.set_defaults(handler=_client_call(lambda c, a: c.create_kek(a.name)))
+    kek_create.add_argument(
+        "--usage",
+        action="append",
+        choices=["wrap", "unwrap"],
+        help="limit the KEK to one usage (repeatable; default both)",
+    )
+    kek_create.add_argument(
+        "--activation",
+        type=_timestamp,
+        metavar="WHEN",
+        help="activate later (ISO 8601 or epoch seconds): pre-active until",
+    )
+    kek_create.set_defaults(
+        handler=_client_call(
+            lambda c, a: c.create_kek(a.name, usage=a.usage, activation=a.activation)
+        )
+    )
     kek_list = kek.add_parser("list", parents=[common], help="list KEKs")
     kek_list.add_argument("--prefix")
     kek_list.set_defaults(handler=_client_call(lambda c, a: c.list_keks(a.prefix)))
 
     status = commands.add_parser("status", parents=[common], help="server health")
     status.set_defaults(handler=_client_call(lambda c, a: c.status()))
+    return dek, kek
+
+
+def _key_ref(args: argparse.Namespace) -> dict[str, Any]:
+    if getattr(args, "dek_id", None) is not None:
+        return {"dek_id": args.dek_id}
+    return {"kek": args.name, "version": args.version}
+
+
+def _add_state_commands(group: Any, target: str, common: argparse.ArgumentParser) -> None:
+    """revoke, destroy, recover, activate, attributes for DEKs ("dek") or KEK versions."""
+
+    def add(action: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = group.add_parser(action, parents=[common], help=help_text)
+        if target == "dek":
+            parser.add_argument("dek_id", metavar="ID")
+        else:
+            parser.add_argument("name")
+            parser.add_argument("--version", type=int, required=True)
+        return parser
+
+    revoke = add("revoke", "revoke: key-compromise compromises, other reasons deactivate")
+    revoke.add_argument("--reason", required=True, choices=[r.value for r in RevocationReason])
+    revoke.add_argument("--message")
+    revoke.set_defaults(
+        handler=_client_call(lambda c, a: c.revoke(a.reason, message=a.message, **_key_ref(a)))
+    )
+    destroy = add("destroy", "destroy (recoverable during the soft-delete window)")
+    destroy.add_argument(
+        "--purge-now", action="store_true", help="erase the material now, beyond recovery"
+    )
+    if target == "kek":
+        destroy.add_argument(
+            "--force", action="store_true", help="even if DEKs still depend on it (they are lost)"
+        )
+    destroy.set_defaults(
+        handler=_client_call(
+            lambda c, a: c.destroy(
+                force=getattr(a, "force", False), purge_now=a.purge_now, **_key_ref(a)
+            )
+        )
+    )
+    add("recover", "undo a destroy within the soft-delete window").set_defaults(
+        handler=_client_call(lambda c, a: c.recover(**_key_ref(a)))
+    )
+    add("activate", "activate a pre-active key now").set_defaults(
+        handler=_client_call(lambda c, a: c.activate(**_key_ref(a)))
+    )
+    add("attributes", "state, dates, usage").set_defaults(
+        handler=_client_call(lambda c, a: c.get_attributes(**_key_ref(a)))
+    )
+
+
+def _add_lifecycle_commands(commands: Any, dek: Any, kek: Any) -> None:
+    """Revoke, destroy, recover, activate, rotate, rewrap: for DEKs and KEK versions alike."""
+    common = _client_options()
+    _add_state_commands(dek, "dek", common)
+    _add_state_commands(kek, "kek", common)
+    dek.add_parser(
+        "rewrap", parents=[common], help="re-wrap under the newest KEK version"
+    ).add_argument("dek_id", metavar="ID")
+    dek.choices["rewrap"].set_defaults(handler=_client_call(lambda c, a: c.rewrap_dek(a.dek_id)))
+    rotate = kek.add_parser("rotate", parents=[common], help="make the KEK's next version")
+    rotate.add_argument("name")
+    rotate.set_defaults(handler=_client_call(lambda c, a: c.rotate_kek(a.name)))
+    dependents = kek.add_parser(
+        "dependents", parents=[common], help="which DEKs depend on a KEK version"
+    )
+    dependents.add_argument("name")
+    dependents.add_argument("--version", type=int, required=True)
+    dependents.add_argument("--limit", type=int)
+    dependents.set_defaults(
+        handler=_client_call(lambda c, a: c.dependents(a.name, a.version, limit=a.limit))
+    )
+    rewrap = kek.add_parser(
+        "rewrap", parents=[common], help="rewrap every DEK of the namespace (background job)"
+    )
+    rewrap.add_argument("name")
+    rewrap.add_argument("--wait", action="store_true", help="follow the job until it is done")
+    rewrap.set_defaults(handler=_rewrap_namespace)
+
+    key = commands.add_parser("key", help="find keys").add_subparsers(metavar="ACTION")
+    locate = key.add_parser("list", parents=[common], help="KEK versions and DEKs")
+    locate.add_argument("--kind", choices=["dek", "kek"])
+    locate.add_argument("--namespace", help="a namespace or glob")
+    locate.add_argument("--state", choices=[s.value for s in State])
+    locate.add_argument("--after", help="continue after this DEK id (a previous next)")
+    locate.add_argument("--limit", type=int)
+    locate.set_defaults(
+        handler=_client_call(
+            lambda c, a: c.locate(
+                kind=a.kind, namespace=a.namespace, state=a.state, after=a.after, limit=a.limit
+            )
+        )
+    )
+
+    job = commands.add_parser("job", help="rewrap jobs").add_subparsers(metavar="ACTION")
+    job_get = job.add_parser("get", parents=[common], help="a job's progress")
+    job_get.add_argument("job_id", metavar="ID")
+    job_get.set_defaults(handler=_client_call(lambda c, a: c.get_job(a.job_id)))
+    job_list = job.add_parser("list", parents=[common], help="jobs")
+    job_list.add_argument("--state", choices=["running", "done", "failed"])
+    job_list.set_defaults(handler=_client_call(lambda c, a: c.list_jobs(a.state)))
+
+
+def _add_audit_commands(commands: Any) -> None:
+    audit = commands.add_parser("audit", help="the audit trail").add_subparsers(metavar="ACTION")
+    check = audit.add_parser("verify", help="check the hash chain; exit 1 if it was tampered with")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=_audit_verify)
+    ask = audit.add_parser(
+        "query", help="who received which keys (successful deliveries, unless --all)"
+    )
+    ask.add_argument("file", type=Path)
+    ask.add_argument("--identity", help="spiffe://... of the client")
+    ask.add_argument("--dek", dest="dek_id", help="a DEK id")
+    ask.add_argument("--since", type=_datetime, metavar="WHEN", help="ISO 8601 or epoch")
+    ask.add_argument("--until", type=_datetime, metavar="WHEN", help="ISO 8601 or epoch")
+    ask.add_argument("--all", action="store_true", help="every record, not just deliveries")
+    ask.set_defaults(handler=_audit_query)
 
 
 def _add_envelope_commands(commands: Any) -> None:
@@ -271,6 +414,63 @@ def _serve(args: argparse.Namespace) -> int:
 
     trio.run(run_daemon, config, announce)
     return 0
+
+
+def _rewrap_namespace(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        job = client.start_rewrap(args.name)
+        print(json.dumps(_to_json(job, reveal=False), indent=2), flush=True)
+        while args.wait and job.state == "running":
+            time.sleep(0.5)  # polling a long-running job's progress for a human
+            job = client.get_job(job.job_id)
+            print(
+                f"{job.job_id}: {job.rewrapped} rewrapped, {job.remaining} remaining",
+                file=sys.stderr,
+                flush=True,
+            )
+    return 0 if job.state != "failed" else 1
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    report = audit_verify(args.file)
+    if report.ok:
+        print(f"{args.file}: {report.records} records, chain intact; last hash {report.last_hash}")
+        return 0
+    print(f"{args.file}: TAMPERED: {report.problem} ({report.records} records verified before)")
+    return 1
+
+
+def _audit_query(args: argparse.Namespace) -> int:
+    try:
+        found = audit_query(
+            args.file,
+            identity=args.identity,
+            dek_id=args.dek_id,
+            since=args.since,
+            until=args.until,
+            delivered_only=not args.all,
+        )
+    except AuditError as exc:
+        raise CliError(str(exc)) from None
+    for record in found:
+        print(json.dumps(record, sort_keys=True))
+    return 0
+
+
+def _datetime(text: str) -> datetime.datetime:
+    try:
+        if text.replace(".", "", 1).isdigit():
+            return datetime.datetime.fromtimestamp(float(text), datetime.UTC)
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither ISO 8601 nor epoch seconds"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+
+
+def _timestamp(text: str) -> int:
+    return int(_datetime(text).timestamp())
 
 
 def _pki_init(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from kmipd._address import parse_address
+from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.protocol import NAMESPACE_PATTERN
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
 from kmipd.server import ServerLimits, TlsSettings
@@ -43,6 +44,10 @@ class Option:
 
 def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
 
 
 def _at_least_one(value: int) -> str | None:
@@ -105,6 +110,7 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "store": {
         "path": Option(str, REQUIRED, "SQLite database file"),
         "cache_size": Option(int, 10_000, "wrapped DEK rows kept in memory", _at_least_one),
+        "shared": Option(bool, False, "several daemons on this host serve this store"),
     },
     "hsm": {
         "backend": Option(str, "software", "HSM backend", _one_of("software")),
@@ -116,12 +122,32 @@ SCHEMA: dict[str, dict[str, Option]] = {
             bool, False, "create a namespace's KEK on its first create-dek / generate-data-key"
         ),
     },
+    "lifecycle": {
+        "soft_delete_days": Option(
+            (int, float), 7, "destroyed keys stay recoverable this long", _not_negative
+        ),
+        "auto_rotate": Option(
+            bool, True, "rotate a KEK when its newest version reaches protect-stop"
+        ),
+        "check_interval": Option(
+            (int, float), 60.0, "seconds between maintenance passes", _positive
+        ),
+        "rewrap_batch": Option(int, 100, "DEKs rewrapped per batch by a rewrap job", _at_least_one),
+        "rewrap_pause": Option((int, float), 0.0, "seconds between rewrap batches", _not_negative),
+    },
+    "audit": {
+        "path": Option(str, "audit.log", "audit trail file (JSON lines, hash-chained)"),
+        "key": Option(str, "audit.key", "HMAC key for audit values (32 bytes, 0600)"),
+        "fail_open_reads": Option(bool, False, "serve reads even when the audit cannot be written"),
+    },
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
     },
 }
 
 _PATH_KEYS = {
+    ("audit", "path"),
+    ("audit", "key"),
     ("tls", "ca"),
     ("tls", "cert"),
     ("tls", "key"),
@@ -143,11 +169,19 @@ class Config:
     tls: TlsSettings
     store_path: Path
     store_cache_size: int
+    store_shared: bool
     hsm_backend: str
     master_key: Path
     keyring: Path
     create_kek_on_demand: bool
     policy: Policy
+    lifecycle: LifecyclePolicy
+    check_interval: float
+    rewrap_batch: int
+    rewrap_pause: float
+    audit_path: Path
+    audit_key: Path
+    audit_fail_open_reads: bool
     log_level: str
 
 
@@ -168,14 +202,15 @@ def load_config(path: Path) -> Config:
 def parse_config(document: Mapping[str, Any], *, source: str, base: Path) -> Config:
     problems: list[str] = []
     for section in document:
-        if section not in SCHEMA and section != "grant":
-            problems.append(_unknown(section, [*SCHEMA, "grant"]))
+        if section not in SCHEMA and section not in ("grant", "crypto_period"):
+            problems.append(_unknown(section, [*SCHEMA, "grant", "crypto_period"]))
     values = {
         (section, key): value
         for section, options in SCHEMA.items()
         for key, value in _check_section(document, section, options, problems).items()
     }
     grants = _parse_grants(document.get("grant", []), problems)
+    kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
     if problems:
         raise ConfigError(source, problems)
     for section, key in _PATH_KEYS:
@@ -214,11 +249,24 @@ def parse_config(document: Mapping[str, Any], *, source: str, base: Path) -> Con
         ),
         store_path=v("store", "path"),
         store_cache_size=v("store", "cache_size"),
+        store_shared=v("store", "shared"),
         hsm_backend=v("hsm", "backend"),
         master_key=v("hsm", "master_key"),
         keyring=v("hsm", "keyring"),
         create_kek_on_demand=v("keys", "create_kek_on_demand"),
         policy=Policy(tuple(grants)),
+        lifecycle=LifecyclePolicy(
+            kek_periods=tuple(kek_periods),
+            dek_periods=tuple(dek_periods),
+            soft_delete_seconds=int(v("lifecycle", "soft_delete_days") * DAY),
+            auto_rotate=v("lifecycle", "auto_rotate"),
+        ),
+        check_interval=float(v("lifecycle", "check_interval")),
+        rewrap_batch=v("lifecycle", "rewrap_batch"),
+        rewrap_pause=float(v("lifecycle", "rewrap_pause")),
+        audit_path=v("audit", "path"),
+        audit_key=v("audit", "key"),
+        audit_fail_open_reads=v("audit", "fail_open_reads"),
         log_level=v("logging", "level"),
     )
 
@@ -313,6 +361,57 @@ def _parse_grants(raw: Any, problems: list[str]) -> list[Grant]:
         except PolicyError as exc:
             problems.append(f"{where}.operations: {exc}")
     return grants
+
+
+CRYPTO_PERIOD_KEYS = {"applies_to", "namespaces", "protect_days", "process_days"}
+
+
+def _parse_crypto_periods(
+    raw: Any, problems: list[str]
+) -> tuple[list[CryptoPeriod], list[CryptoPeriod]]:
+    """[[crypto_period]] tables: the first whose namespaces match a new key's applies."""
+    periods: dict[str, list[CryptoPeriod]] = {"kek": [], "dek": []}
+    if not isinstance(raw, list):
+        problems.append("crypto_period: must be an array of tables ([[crypto_period]])")
+        return [], []
+    for index, entry in enumerate(raw):
+        where = f"crypto_period[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        for key in entry:
+            if key not in CRYPTO_PERIOD_KEYS:
+                problems.append(
+                    _unknown(f"{where}.{key}", [f"{where}.{k}" for k in CRYPTO_PERIOD_KEYS])
+                )
+        kind = entry.get("applies_to", "kek")
+        if kind not in periods:
+            problems.append(f"{where}.applies_to: must be kek or dek")
+            continue
+        namespaces = entry.get("namespaces", ["*"])
+        if not isinstance(namespaces, list) or not all(
+            isinstance(n, str) and _namespace_glob_ok(n) for n in namespaces
+        ):
+            problems.append(f"{where}.namespaces: a list of namespace names or globs")
+            continue
+        days = {}
+        for key in ("protect_days", "process_days"):
+            value = entry.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
+            ):
+                problems.append(f"{where}.{key}: must be a positive number of days")
+                value = None
+            days[key] = value
+        protect, process = days["protect_days"], days["process_days"]
+        if protect is not None and process is not None and process < protect:
+            problems.append(
+                f"{where}.process_days: must be at least protect_days (a key "
+                "processes what it protected)"
+            )
+            continue
+        periods[kind].append(CryptoPeriod(tuple(namespaces), protect, process))
+    return periods["kek"], periods["dek"]
 
 
 def _namespace_glob_ok(pattern: str) -> bool:

@@ -1,6 +1,6 @@
-"""A small certificate authority for kmipd deployments and tests.
+"""The issuing side: a small certificate authority for kmipd deployments and tests.
 
-One directory holds everything (0700):
+One directory (mode 0700) holds everything::
 
     ca.pem, ca-key.pem           the CA (self-signed)
     server.pem, server-key.pem   the daemon's certificate
@@ -19,11 +19,10 @@ from __future__ import annotations
 import datetime
 import enum
 import ipaddress
-import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import attrs
 from cryptography import x509
@@ -31,32 +30,40 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from pki._files import write_private_file
+from pki._errors import PkiError
+from pki._files import read_file, write_private_file
+from pki._index import Index, Issued, Revocation
+from pki._load import CLOCK_SKEW, load_certificate
 
+#: SPIFFE trust domain names (SPIFFE ID specification, section 2.1).
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+#: Client names become file names and the SPIFFE ID's path: keep them boring.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+#: Names whose files the CA uses itself. Compared case-insensitively, for
+#: case-insensitive file systems. Names ending in "-key" are refused as well:
+#: "<name>.pem" would be another name's key file ("ca-key" -> the CA key).
 _RESERVED_NAMES = frozenset({"ca", "server", "crl", "index"})
-#: Mozilla's "modern" TLS profile caps a server certificate's lifespan at 90 days
-#: (sslyze flags anything longer); renew_server() re-issues one for the same names.
-SERVER_VALIDITY_DAYS = 90
-#: Issued certificates start a little in the past, so a peer whose clock
-#: runs slightly behind does not reject a fresh certificate.
-_CLOCK_SKEW = datetime.timedelta(minutes=5)
+_DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
-
-class PkiError(Exception):
-    """A refused operation or unusable file; the message names which and why."""
+#: Mozilla's "modern" TLS profile caps a server certificate's lifespan at 90 days
+#: (sslyze flags anything longer); renew_server() re-issues one for the same names.
+SERVER_VALIDITY_DAYS = 90
 
 
 class KeyType(enum.Enum):
-    EC_P256 = "ec"
-    RSA_3072 = "rsa"
+    """The CA's key type; certificates it issues get keys of the same type."""
+
+    EC_P256 = "ec"  # the default: small, fast, and what TLS 1.3 peers all support
+    RSA_3072 = "rsa"  # for peers that still cannot do ECDSA
 
 
 @attrs.frozen
 class IssuedCertificate:
+    """Where an issued certificate and its key were written, and who it names."""
+
     name: str
     cert_path: Path
     key_path: Path
@@ -69,10 +76,23 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
+def _utc(time: datetime.datetime | None) -> datetime.datetime | None:
+    """A naive time means UTC, as it does to cryptography's builders."""
+    if time is None or time.tzinfo is not None:
+        return time
+    return time.replace(tzinfo=datetime.UTC)
+
+
 def _generate_key(key_type: KeyType) -> PrivateKey:
     if key_type is KeyType.RSA_3072:
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_type_of(key: PrivateKey) -> KeyType | None:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return KeyType.RSA_3072 if key.key_size == 3072 else None
+    return KeyType.EC_P256 if isinstance(key.curve, ec.SECP256R1) else None
 
 
 def _key_pem(key: PrivateKey) -> bytes:
@@ -83,6 +103,13 @@ def _key_pem(key: PrivateKey) -> bytes:
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _spki(key: PrivateKey | x509.Certificate) -> bytes:
+    public = key.public_key()
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _key_usage(
@@ -105,39 +132,8 @@ def _key_usage(
     )
 
 
-def _load_pem_file(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise PkiError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
-    data = _load_pem_file(path, what)
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise PkiError(f"{what} {path} is not a PEM certificate") from None
-
-
-def load_crl_serials(crl_path: str | Path, ca_cert_path: str | Path) -> frozenset[int]:
-    """The serials a CRL revokes, after checking its signature and freshness."""
-    crl_path, ca_cert_path = Path(crl_path), Path(ca_cert_path)
-    ca_cert = load_certificate(ca_cert_path, "CA certificate")
-    data = _load_pem_file(crl_path, "CRL")
-    try:
-        crl = x509.load_pem_x509_crl(data)
-    except ValueError:
-        raise PkiError(f"CRL {crl_path} is not a PEM CRL") from None
-    if crl.issuer != ca_cert.subject or not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
-        raise PkiError(f"CRL {crl_path} is not signed by the CA in {ca_cert_path}")
-    next_update = crl.next_update_utc
-    if next_update is not None and next_update < _now():
-        raise PkiError(
-            f"CRL {crl_path} expired at {next_update:%Y-%m-%d %H:%M} UTC; "
-            "refresh it (kmipd pki crl DIR)"
-        )
-    return frozenset(entry.serial_number for entry in crl)
+def _ca_name(trust_domain: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kmipd test CA {trust_domain}")])
 
 
 def _check_trust_domain(trust_domain: str) -> None:
@@ -148,63 +144,101 @@ def _check_trust_domain(trust_domain: str) -> None:
         )
 
 
-def _new_index(trust_domain: str, key_type: KeyType) -> dict[str, Any]:
-    return {
-        "trust_domain": trust_domain,
-        "key_type": key_type.value,
-        "crl_number": 0,
-        "issued": {},
-        "revoked": {},
-    }
+def _check_name(name: str) -> None:
+    lowered = name.lower()
+    if _NAME.fullmatch(name) is None or lowered in _RESERVED_NAMES or lowered.endswith("-key"):
+        raise PkiError(
+            f"client name {name!r} is invalid: use 1..64 of [A-Za-z0-9._-], not starting "
+            f"with '.' or '-', not ending in '-key', and none of "
+            f"{', '.join(sorted(_RESERVED_NAMES))}"
+        )
 
 
-def _load_ca_key(path: Path, cert: x509.Certificate, cert_path: Path) -> PrivateKey:
-    key_data = _load_pem_file(path, "CA key")
+def _server_names(
+    dns_names: Sequence[str], ip_addresses: Sequence[str]
+) -> tuple[str, list[x509.GeneralName]]:
+    """The server certificate's common name and SANs, checked before anything is written."""
+    sans: list[x509.GeneralName] = []
+    for dns in dns_names:
+        if len(dns) > 253 or _DNS_NAME.fullmatch(dns) is None:
+            raise PkiError(f"server DNS name {dns!r} is invalid")
+        sans.append(x509.DNSName(dns))
+    for ip in ip_addresses:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise PkiError(f"server IP address {ip!r} is invalid") from None
+    if not sans:
+        raise PkiError("the server certificate needs at least one DNS name or IP address")
+    common_name = str(dns_names[0] if dns_names else ip_addresses[0])
+    if len(common_name) > 64:
+        raise PkiError(f"server name {common_name!r} is too long for a common name (64 at most)")
+    return common_name, sans
+
+
+def _validity(
+    validity_days: int, not_before: datetime.datetime | None, not_after: datetime.datetime | None
+) -> tuple[datetime.datetime, datetime.datetime]:
+    """The validity period: explicit bounds win; otherwise from a little before now."""
+    if validity_days < 1:
+        raise PkiError("validity_days must be at least 1")
+    days = datetime.timedelta(days=validity_days)
+    now, start, end = _now(), _utc(not_before), _utc(not_after)
+    if start is None:
+        # Backdated so that a peer whose clock runs a little behind accepts it.
+        start = now - CLOCK_SKEW
+        if end is not None and end <= start:
+            # An already expired certificate (for negative tests): a period of
+            # the usual length that ended at not_after.
+            start = end - days
+    if end is None:
+        end = max(start, now) + days
+    if end <= start:
+        raise PkiError("a certificate's not_after must be later than its not_before")
+    return start, end
+
+
+def _load_ca_key(key_path: Path, cert: x509.Certificate, cert_path: Path) -> PrivateKey:
     try:
-        key = serialization.load_pem_private_key(key_data, password=None)
+        key = serialization.load_pem_private_key(read_file(key_path, "CA key"), password=None)
     except (ValueError, TypeError):
-        raise PkiError(f"CA key {path} is not an unencrypted PEM key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise PkiError(f"CA key {path} is neither EC nor RSA")
-    if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
-        raise PkiError(f"CA key {path} does not match {cert_path}")
+        raise PkiError(f"CA key {key_path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, PrivateKey):
+        raise PkiError(f"CA key {key_path} is neither an EC nor an RSA key")
+    if _spki(key) != _spki(cert):
+        raise PkiError(f"CA key {key_path} does not match the CA certificate {cert_path}")
     return key
 
 
-def _load_index(path: Path) -> dict[str, Any]:
-    try:
-        index = json.loads(_load_pem_file(path, "CA index"))
-    except ValueError:
-        index = None
-    required = {"trust_domain", "key_type", "crl_number", "issued", "revoked"}
-    if not isinstance(index, dict) or not required <= set(index):
-        raise PkiError(f"CA index {path} is corrupt")
-    return index
-
-
 class CertificateAuthority:
-    """A CA on disk. Create one with ``init``, open an existing one with ``load``."""
+    """A CA on disk. Create one with ``init``, open an existing one with ``load``.
+
+    The constructor is internal: it trusts its arguments to agree.
+    """
 
     def __init__(
-        self, directory: Path, key: PrivateKey, cert: x509.Certificate, index: dict[str, Any]
+        self, directory: Path, key: PrivateKey, cert: x509.Certificate, index: Index
     ) -> None:
         self.directory = directory
         self._key = key
         self._cert = cert
         self._index = index
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # the key stays out of reprs and logs
         return f"CertificateAuthority({str(self.directory)!r}, trust_domain={self.trust_domain!r})"
-
-    # -- paths --------------------------------------------------------------------------
 
     @property
     def trust_domain(self) -> str:
-        return str(self._index["trust_domain"])
+        return self._index.trust_domain
 
     @property
     def key_type(self) -> KeyType:
-        return KeyType(self._index["key_type"])
+        return KeyType(self._index.key_type)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The CA certificate, for tests that build odd certificates of their own."""
+        return self._cert
 
     @property
     def ca_cert_path(self) -> Path:
@@ -227,18 +261,19 @@ class CertificateAuthority:
         return self.directory / "server-key.pem"
 
     @property
-    def certificate(self) -> x509.Certificate:
-        return self._cert
+    def _index_path(self) -> Path:
+        return self.directory / "index.json"
 
     def identity_for(self, name: str) -> str:
+        """The SPIFFE ID a client certificate for ``name`` carries."""
         return f"spiffe://{self.trust_domain}/{name}"
 
-    # -- creating and opening --------------------------------------------------------------
+    # -- creating and opening -------------------------------------------------------------
 
     @classmethod
     def init(
         cls,
-        directory: str | Path,
+        directory: str | os.PathLike[str],
         *,
         trust_domain: str = "kmipd.test",
         key_type: KeyType = KeyType.EC_P256,
@@ -247,55 +282,83 @@ class CertificateAuthority:
         force: bool = False,
         validity_days: int = 3650,
     ) -> CertificateAuthority:
+        """Create a CA, a server certificate and an empty CRL in ``directory``.
+
+        Refuses to replace an existing CA unless ``force``: its key may be the
+        only thing that can still revoke certificates out in the field.
+        """
         directory = Path(directory)
+        # Every argument is checked before anything is written: bad input loses nothing.
         _check_trust_domain(trust_domain)
-        if not force and any((directory / f).exists() for f in ("ca.pem", "ca-key.pem")):
-            raise PkiError(f"{directory} already holds a CA; pass force to replace it")
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.chmod(0o700)
+        _server_names(dns_names, ip_addresses)
+        if validity_days < 1:
+            raise PkiError("validity_days must be at least 1")
+        existing = [f for f in ("ca.pem", "ca-key.pem") if (directory / f).exists()]
+        if existing and not force:
+            raise PkiError(
+                f"{directory} already holds a CA ({', '.join(existing)}); pass force to replace it"
+            )
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.chmod(0o700)  # an existing directory keeps its mode otherwise
+        except OSError as exc:
+            raise PkiError(
+                f"cannot create CA directory {directory}: {exc.strerror or exc}"
+            ) from None
 
         key = _generate_key(key_type)
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"kmipd test CA {trust_domain}")])
+        name = _ca_name(trust_domain)
         now = _now()
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
-            .issuer_name(name)
+            .issuer_name(name)  # self-signed: this is the root
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + datetime.timedelta(days=validity_days))
-            # A CA, and it signs only end-entity certificates (no intermediates).
+            # A CA, and it signs only end-entity certificates: pathlen 0 forbids intermediates.
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            # It signs certificates and CRLs, and nothing else.
+            # Certificates and CRLs, nothing else: the CA key never speaks TLS.
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
-            # Lets verifiers match issued certificates' AKI to this key.
+            # Lets verifiers match the AKI of what it signs to this key (RFC 5280 4.2.1.2).
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
             .sign(key, hashes.SHA256())
         )
-        index = _new_index(trust_domain, key_type)
         write_private_file(directory / "ca-key.pem", _key_pem(key))
         write_private_file(directory / "ca.pem", _cert_pem(cert), mode=0o644)
-        ca = cls(directory, key, cert, index)
-        ca.issue_server(dns_names=dns_names, ip_addresses=ip_addresses)
+        ca = cls(directory, key, cert, Index(trust_domain, key_type.value))
+        ca.issue_server(dns_names=dns_names, ip_addresses=ip_addresses, force=True)
         ca.write_crl()
         return ca
 
     @classmethod
-    def load(cls, directory: str | Path) -> CertificateAuthority:
+    def load(cls, directory: str | os.PathLike[str]) -> CertificateAuthority:
+        """Open the CA in ``directory``, checking that its files belong together."""
         directory = Path(directory)
-        cert = load_certificate(directory / "ca.pem", "CA certificate")
-        key = _load_ca_key(directory / "ca-key.pem", cert, directory / "ca.pem")
-        return cls(directory, key, cert, _load_index(directory / "index.json"))
+        cert_path, key_path = directory / "ca.pem", directory / "ca-key.pem"
+        cert = load_certificate(cert_path, "CA certificate")
+        key = _load_ca_key(key_path, cert, cert_path)
+        index_path = directory / "index.json"
+        index = Index.load(index_path)
+        key_type = _key_type_of(key)
+        if (
+            _TRUST_DOMAIN.fullmatch(index.trust_domain) is None
+            or _ca_name(index.trust_domain) != cert.subject
+            or key_type is None
+            or index.key_type != key_type.value
+        ):
+            raise PkiError(f"CA index {index_path} does not belong to the CA in {cert_path}")
+        return cls(directory, key, cert, index)
 
     @classmethod
     def adopt(
         cls,
-        directory: str | Path,
-        ca_cert: str | Path,
-        ca_key: str | Path,
+        directory: str | os.PathLike[str],
+        ca_cert: str | os.PathLike[str],
+        ca_key: str | os.PathLike[str],
         *,
         trust_domain: str,
     ) -> CertificateAuthority:
@@ -306,33 +369,31 @@ class CertificateAuthority:
         The CA files are copied into ``directory`` with a fresh index and CRL;
         the deployment's own CA directory and CRL are not touched.
         """
-        directory, ca_cert, ca_key = Path(directory), Path(ca_cert), Path(ca_key)
+        directory, cert_path, key_path = Path(directory), Path(ca_cert), Path(ca_key)
         _check_trust_domain(trust_domain)
-        cert = load_certificate(ca_cert, "CA certificate")
-        key = _load_ca_key(ca_key, cert, ca_cert)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        cert = load_certificate(cert_path, "CA certificate")
+        key = _load_ca_key(key_path, cert, cert_path)
+        key_type = _key_type_of(key)
+        if key_type is None:
+            raise PkiError(f"CA key {key_path} is neither EC P-256 nor RSA-3072")
         if any((directory / f).exists() for f in ("ca.pem", "ca-key.pem")):
             raise PkiError(f"{directory} already holds a CA")
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PkiError(f"cannot create {directory}: {exc.strerror or exc}") from None
         write_private_file(directory / "ca-key.pem", _key_pem(key))
         write_private_file(directory / "ca.pem", _cert_pem(cert), mode=0o644)
-        index = _new_index(
-            trust_domain,
-            KeyType.RSA_3072 if isinstance(key, rsa.RSAPrivateKey) else KeyType.EC_P256,
-        )
-        ca = cls(directory, key, cert, index)
+        ca = cls(directory, key, cert, Index(trust_domain, key_type.value))
         ca.write_crl()
         return ca
 
-    def _save_index(self) -> None:
-        data = json.dumps(self._index, indent=2, sort_keys=True).encode()
-        write_private_file(self.directory / "index.json", data, mode=0o644)
-
-    # -- issuing -----------------------------------------------------------------------------
+    # -- issuing --------------------------------------------------------------------------
 
     def _leaf(
         self,
         *,
-        subject_cn: str,
+        common_name: str,
         sans: list[x509.GeneralName],
         extended_key_usages: Sequence[ObjectIdentifier],
         not_before: datetime.datetime,
@@ -341,7 +402,7 @@ class CertificateAuthority:
         key = _generate_key(self.key_type)
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self._cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -349,20 +410,22 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             # An end entity: it may not sign certificates (X.509-SVID requires this).
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            # TLS signatures only; RSA keys also get keyEncipherment for
-            # verifiers that still expect it on TLS certificates.
+            # TLS handshake signatures only; RSA keys also get keyEncipherment
+            # for verifiers that still expect it on RSA TLS certificates.
             .add_extension(
                 _key_usage(
                     digital_signature=True, key_encipherment=self.key_type is KeyType.RSA_3072
                 ),
                 critical=True,
             )
-            # Names the peer verifies: the server's host names, the client's SPIFFE ID.
+            # The names the peer verifies: the server's host names and
+            # addresses, the client's SPIFFE ID. Not critical: the subject is not empty.
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            # Identifies this key, for tools that index certificates by it.
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
-            # Ties the certificate to the CA key that signed it.
+            # Names the CA key that signed it, so verifiers pick the right issuer.
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,
@@ -370,33 +433,25 @@ class CertificateAuthority:
         )
         if extended_key_usages:
             # One TLS role per certificate: a server certificate cannot act as
-            # a client and the reverse (single-purpose keys, SP 800-57).
+            # a client and the reverse (one purpose per key, SP 800-57).
+            # An empty list omits the extension, for negative tests.
             builder = builder.add_extension(
                 x509.ExtendedKeyUsage(list(extended_key_usages)), critical=False
             )
         return key, builder.sign(self._key, hashes.SHA256())
 
-    def _validity(
-        self,
-        validity_days: int,
-        not_before: datetime.datetime | None,
-        not_after: datetime.datetime | None,
-    ) -> tuple[datetime.datetime, datetime.datetime]:
-        now = _now()
-        start = not_before or now - _CLOCK_SKEW
-        end = not_after or now + datetime.timedelta(days=validity_days)
-        if end <= start:
-            raise PkiError("a certificate's not_after must be later than its not_before")
-        return start, end
-
     def _write_issued(
         self, name: str, kind: str, key: PrivateKey, cert: x509.Certificate, identity: str | None
     ) -> IssuedCertificate:
-        key_path, cert_path = self.directory / f"{name}-key.pem", self.directory / f"{name}.pem"
+        issued = Issued(cert.serial_number, kind, f"{name}.pem", f"{name}-key.pem")
+        # The index first: a certificate that exists must be revocable by name.
+        # A crash may leave the index knowing a serial that was never written
+        # out, which is harmless; the reverse would not be.
+        self._index.issued[name] = issued
+        self._index.save(self._index_path)
+        key_path, cert_path = self.directory / issued.key, self.directory / issued.cert
         write_private_file(key_path, _key_pem(key))
         write_private_file(cert_path, _cert_pem(cert), mode=0o644)
-        self._index["issued"][name] = {"serial": str(cert.serial_number), "kind": kind}
-        self._save_index()
         return IssuedCertificate(name, cert_path, key_path, cert.serial_number, identity)
 
     def issue_server(
@@ -405,24 +460,23 @@ class CertificateAuthority:
         dns_names: Sequence[str] = ("localhost",),
         ip_addresses: Sequence[str] = ("127.0.0.1",),
         validity_days: int = SERVER_VALIDITY_DAYS,
+        force: bool = True,
     ) -> IssuedCertificate:
-        """(Re)issue the daemon's certificate; used at init and to rotate it."""
-        try:
-            ips = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
-        except ValueError as exc:
-            raise PkiError(f"invalid server IP address: {exc}") from None
-        sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
-        sans += ips
-        if not sans:
-            raise PkiError("the server certificate needs at least one DNS name or IP address")
-        start, end = self._validity(validity_days, None, None)
-        cn = dns_names[0] if dns_names else ip_addresses[0]
+        """(Re)issue the daemon's certificate, at init and to rotate it.
+
+        ``force`` defaults to True because rotation is the usual reason to
+        call this; pass False to refuse replacing an existing one.
+        """
+        common_name, sans = _server_names(dns_names, ip_addresses)
+        if not force and self.server_cert_path.exists():
+            raise PkiError(f"{self.server_cert_path} already exists; pass force to replace it")
+        start, end = _validity(validity_days, None, None)
         key, cert = self._leaf(
-            subject_cn=cn,
+            common_name=common_name,
             sans=sans,
+            extended_key_usages=[ExtendedKeyUsageOID.SERVER_AUTH],
             not_before=start,
             not_after=end,
-            extended_key_usages=[ExtendedKeyUsageOID.SERVER_AUTH],
         )
         return self._write_issued("server", "server", key, cert, None)
 
@@ -451,17 +505,16 @@ class CertificateAuthority:
     ) -> IssuedCertificate:
         """Issue a client certificate whose identity is ``spiffe://<trust-domain>/<name>``.
 
+        ``not_before``/``not_after`` override the validity period (naive times
+        are UTC); a ``not_after`` in the past makes an expired certificate.
         ``extended_key_usages`` defaults to clientAuth; an empty list omits the
-        extension (for negative tests).
+        extension. Both exist for negative tests.
         """
-        if _NAME.fullmatch(name) is None or name in _RESERVED_NAMES:
-            raise PkiError(
-                f"client name {name!r} is invalid: use 1..64 of [A-Za-z0-9._-], not starting "
-                f"with '.' or '-', and none of {', '.join(sorted(_RESERVED_NAMES))}"
-            )
-        if not force and (self.directory / f"{name}.pem").exists():
+        _check_name(name)
+        start, end = _validity(validity_days, not_before, not_after)
+        paths = (self.directory / f"{name}.pem", self.directory / f"{name}-key.pem")
+        if not force and any(path.exists() for path in paths):
             raise PkiError(f"a certificate for {name!r} already exists; pass force to replace it")
-        start, end = self._validity(validity_days, not_before, not_after)
         identity = self.identity_for(name)
         usages = (
             [ExtendedKeyUsageOID.CLIENT_AUTH]
@@ -469,7 +522,8 @@ class CertificateAuthority:
             else extended_key_usages
         )
         key, cert = self._leaf(
-            subject_cn=name,
+            common_name=name,
+            # Exactly one URI SAN and no other name: the X.509-SVID shape.
             sans=[x509.UniformResourceIdentifier(identity)],
             extended_key_usages=usages,
             not_before=start,
@@ -477,57 +531,59 @@ class CertificateAuthority:
         )
         return self._write_issued(name, "client", key, cert, identity)
 
-    # -- revocation -----------------------------------------------------------------------------
+    # -- revocation -----------------------------------------------------------------------
 
     def revoke(self, name: str, *, reason: x509.ReasonFlags = x509.ReasonFlags.unspecified) -> None:
-        """Put the named certificate on the CRL; revoking twice changes nothing."""
-        issued = self._index["issued"].get(name)
+        """Put the certificate now issued under ``name`` on the CRL.
+
+        Revoking it again changes nothing (the first reason stands).
+        """
+        issued = self._index.issued.get(name)
         if issued is None:
-            raise PkiError(f"no certificate named {name!r} was issued by this CA")
-        serial = issued["serial"]
-        if serial in self._index["revoked"]:
+            raise PkiError(
+                f"no certificate named {name!r} was issued by the CA in {self.directory}"
+            )
+        if issued.serial in self._index.revoked:
             return
-        self._index["revoked"][serial] = {
-            "name": name,
-            "time": int(_now().timestamp()),
-            "reason": reason.name,
-        }
-        self._save_index()
+        self._index.revoked[issued.serial] = Revocation(issued.serial, name, _now(), reason)
         self.write_crl()
 
     def revoked_serials(self) -> frozenset[int]:
-        return frozenset(int(serial) for serial in self._index["revoked"])
+        return frozenset(self._index.revoked)
 
     def write_crl(self, *, next_update_days: int = 365) -> None:
-        """Sign and write the CRL with every revocation so far (also to refresh it)."""
+        """Sign and write the CRL with every revocation so far; also to refresh it."""
         if next_update_days < 1:
             raise PkiError("next_update_days must be at least 1")
+        self._index.crl_number += 1
+        # The index first: if the CRL write fails, the revocation and the CRL
+        # number are kept and the next write publishes them; the reverse order
+        # could publish a revocation that a later CRL forgets.
+        self._index.save(self._index_path)
         now = _now()
-        self._index["crl_number"] += 1
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self._cert.subject)
-            .last_update(now - _CLOCK_SKEW)
+            # Backdated like certificates: OpenSSL refuses a CRL from its future.
+            .last_update(now - CLOCK_SKEW)
             .next_update(now + datetime.timedelta(days=next_update_days))
-            # Lets a verifier tell a newer CRL from an older one.
-            .add_extension(x509.CRLNumber(self._index["crl_number"]), critical=False)
+            # Lets a verifier tell a newer CRL from an older one (RFC 5280 5.2.3).
+            .add_extension(x509.CRLNumber(self._index.crl_number), critical=False)
+            # Names the CA key that signed it (RFC 5280 5.2.1).
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
                 critical=False,
             )
         )
-        for serial, entry in self._index["revoked"].items():
-            revoked = (
+        for serial, revocation in sorted(self._index.revoked.items()):
+            entry = (
                 x509.RevokedCertificateBuilder()
-                .serial_number(int(serial))
-                .revocation_date(datetime.datetime.fromtimestamp(entry["time"], datetime.UTC))
+                .serial_number(serial)
+                .revocation_date(revocation.time)
             )
-            reason = x509.ReasonFlags[entry["reason"]]
-            if (
-                reason is not x509.ReasonFlags.unspecified
-            ):  # RFC 5280 5.3.1: omit, not "unspecified"
-                revoked = revoked.add_extension(x509.CRLReason(reason), critical=False)
-            builder = builder.add_revoked_certificate(revoked.build())
+            # RFC 5280 5.3.1: omit the reason code rather than say "unspecified".
+            if revocation.reason is not x509.ReasonFlags.unspecified:
+                entry = entry.add_extension(x509.CRLReason(revocation.reason), critical=False)
+            builder = builder.add_revoked_certificate(entry.build())
         crl = builder.sign(self._key, hashes.SHA256())
         write_private_file(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
-        self._save_index()

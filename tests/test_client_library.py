@@ -13,8 +13,11 @@ from kmipd.client import (
     DeadlineExceededError,
     DekCache,
     KeyWipedError,
+    KmipdError,
     UnavailableError,
 )
+from kmipd.client._keys import KeyKeeper
+from kmipd.protocol import ChangeInfo, ChangesResult
 from tests.conftest import RunningServer, ServerFactory
 from tests.processes import Daemon
 
@@ -199,3 +202,38 @@ async def test_hello_reports_the_store_identity(kmipd: RunningServer) -> None:
     assert info.identity == "spiffe://kmipd.test/storage"
     assert info.store_id == kmipd.store.store_id
     assert len(info.store_id) == 32
+
+
+async def test_revocation_reaches_the_cache(kmipd: RunningServer) -> None:
+    cache = DekCache(ttl=3600)
+
+    def work() -> None:
+        with kmipd.client(cache=cache, revocation_check=0) as kms, kmipd.client("admin") as admin:
+            dek = kms.create_dek("orders")
+            data_key = kms.generate_data_key("orders")
+            assert kms.get_dek(dek.dek_id).key_bytes() == dek.key_bytes()  # cached
+            admin.revoke("key-compromise", dek_id=dek.dek_id)
+            with pytest.raises(KmipdError, match="compromised"):
+                kms.get_dek(dek.dek_id)  # evicted, and the daemon refuses it
+            assert ("dek", dek.dek_id) not in cache._entries
+            # A KEK version's revocation evicts every key it wraps, data keys too.
+            admin.rotate_kek("orders")
+            admin.revoke("key-compromise", kek="orders", version=1)
+            with pytest.raises(KmipdError, match="compromised"):
+                kms.unwrap(data_key.blob)
+
+    await trio.to_thread.run_sync(work)
+
+
+def test_the_cache_asks_about_revocations_at_most_every_interval() -> None:
+    keeper = KeyKeeper(DekCache(), revocation_check=5.0)
+    assert keeper.changes_due(100.0)  # never asked: ask first
+    keeper.apply_changes(ChangesResult(changes=(), seq=42), 100.0)
+    assert not keeper.changes_due(104.9)
+    assert keeper.changes_due(105.0)  # the stated bound: 5 seconds
+    assert keeper.cache is not None
+    keeper.cache.store(("dek", "dek_a"), ("orders", 1), b"k" * 32)
+    revoked = ChangeInfo(seq=43, at=0, namespace="orders", state="compromised", dek_id="dek_a")
+    assert keeper.apply_changes(ChangesResult(changes=(revoked,), seq=43), 105.0) == 1
+    assert keeper.cached_dek("dek_a") is None
+    assert KeyKeeper(None, 5.0).changes_due(0) is False  # no cache, nothing to follow

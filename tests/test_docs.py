@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kmipd.client import ERROR_CLASSES
 from kmipd.config import SCHEMA
 from kmipd.protocol import OPERATIONS, ErrorCode
 
@@ -37,3 +38,11 @@ def test_readme_gives_the_two_setup_commands_that_ci_uses() -> None:
     assert "    bash .ci/setup && .venv/bin/kmipd demo\n" in README
     assert "    bash .ci/test\n" in README
     assert "bash .ci/test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_error_code_has_a_client_exception() -> None:
+    assert set(ERROR_CLASSES) == set(ErrorCode)
+    for code, cls in ERROR_CLASSES.items():
+        assert cls.__name__.lower().replace("error", "") == code.wire_name.replace("-", "") or (
+            code is ErrorCode.TIMEOUT
+        ), cls

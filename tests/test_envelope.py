@@ -42,7 +42,7 @@ async def test_round_trip_at_every_chunk_boundary(kmipd: RunningServer, size: in
     def work(kms: Client) -> bytes:
         envelope = kms.encrypt(data, "archive", {"object": "o1"}, chunk_size=CHUNK)
         assert envelope.startswith(MAGIC)
-        assert data not in envelope or size == 0
+        assert size < 16 or data not in envelope  # short strings may occur by chance
         return kms.decrypt(envelope)
 
     assert await in_thread(kmipd, work) == data

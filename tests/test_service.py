@@ -26,13 +26,13 @@ from kmipd.protocol import (
     encode_struct,
     parse_struct,
 )
-from kmipd.service import KeyService, ServiceError
+from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import KeyStore, StoreError
 from tests.conftest import make_policy
 
-STORAGE = "spiffe://kmipd.test/storage"
-ADMIN = "spiffe://kmipd.test/admin"
-TENANT = "spiffe://kmipd.test/tenant"
+STORAGE = Caller("spiffe://kmipd.test/storage", 1)
+ADMIN = Caller("spiffe://kmipd.test/admin", 2)
+TENANT = Caller("spiffe://kmipd.test/tenant", 3)
 
 
 def open_service(data: Path, *, on_demand: bool = True) -> KeyService:
@@ -53,7 +53,7 @@ async def service(tmp_path: Path) -> AsyncIterator[KeyService]:
     close_service(svc)
 
 
-async def refused(service: KeyService, identity: str, request: object) -> ServiceError:
+async def refused(service: KeyService, identity: Caller, request: object) -> ServiceError:
     with pytest.raises(ServiceError) as caught:
         await service.handle(identity, request)
     return caught.value

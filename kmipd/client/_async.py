@@ -26,6 +26,7 @@ from kmipd.client._common import (
     DEFAULT_TIMEOUT,
     ConnectionInfo,
     Endpoint,
+    key_ref,
     make_endpoints,
     new_idempotency_key,
     unwrap_outcome,
@@ -34,6 +35,7 @@ from kmipd.client._envelope import new_header, open_body, read_header, seal_body
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    NotAuthorizedError,
     ServerCertificateError,
     ServerTimeoutError,
     UnavailableError,
@@ -44,16 +46,36 @@ from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
 from kmipd.protocol import (
     NEED_DATA,
+    Activate,
+    ChangesResult,
+    ChangesSince,
     ClientConnection,
     ConnectionFailed,
     CreateDek,
     CreateKek,
     DataKeyResult,
+    Dependents,
+    DependentsResult,
+    Destroy,
     GenerateDataKey,
+    GetAttributes,
     GetDek,
+    GetJob,
+    JobInfo,
     KekInfo,
+    KeyAttributes,
+    ListJobs,
     ListKeks,
+    Locate,
+    LocateResult,
+    Recover,
     ResponseReceived,
+    Revoke,
+    RewrapBlob,
+    RewrapBlobResult,
+    RewrapDek,
+    RotateKek,
+    StartRewrap,
     Status,
     StatusResult,
     Unwrap,
@@ -261,6 +283,7 @@ class AsyncClient:
         client_name: str = "kmipd-python",
         pool_size: int = 2,
         cache: DekCache | None = None,
+        revocation_check: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 30.0,
     ) -> None:
@@ -284,7 +307,7 @@ class AsyncClient:
             clock=trio.current_time,  # only called from inside trio
         )
         self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
-        self._keys = KeyKeeper(cache)
+        self._keys = KeyKeeper(cache, revocation_check)
         self._closed = False
 
     @property
@@ -359,6 +382,8 @@ class AsyncClient:
                 except (UnavailableError, ServerCertificateError) as exc:
                     call.not_sent(server, exc)
                     continue
+                if not call.accepts(server, _store_id(connection)):
+                    continue
                 if inspect is not None:
                     inspect(connection)
                 if request is None:
@@ -381,14 +406,39 @@ class AsyncClient:
                 ),
             )
 
+    async def _follow_revocations(self) -> None:
+        """Before the cache serves anything: evict what the daemon revoked since last asked.
+
+        At most every ``revocation_check`` seconds (5 by default): a revoked
+        or destroyed key leaves the cache within that delay while a daemon
+        answers. During an outage the cache keeps serving (see stale_grace).
+        """
+        keys = self._keys
+        if not keys.changes_due(trio.current_time()):
+            return
+        try:
+            seq = 2**62 if keys.changes_seq is None else keys.changes_seq
+            result = await self.changes_since(seq)
+            while True:
+                keys.apply_changes(result, trio.current_time())
+                if len(result.changes) < 1000 or keys.changes_seq is None:
+                    break
+                result = await self.changes_since(keys.changes_seq)
+        except NotAuthorizedError:
+            keys.disable_changes("this identity may not call changes-since")
+        except (UnavailableError, DeadlineExceededError):
+            keys.changes_checked_at = trio.current_time()  # try again after the interval
+
     # -- operations ----------------------------------------------------------------
 
     async def create_dek(self, namespace: str, *, idempotency_key: bytes | None = None) -> Dek:
+        await self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
         result = await self._call(CreateDek(namespace=namespace, idempotency_key=key))
         return self._keys.keep_dek(result)
 
     async def get_dek(self, dek_id: str) -> Dek:
+        await self._follow_revocations()
         if (cached := self._keys.cached_dek(dek_id)) is not None:
             return cached
         try:
@@ -402,6 +452,7 @@ class AsyncClient:
 
     async def get_deks(self, dek_ids: Iterable[str]) -> list[Dek]:
         """Many DEKs concurrently (pipelined); raises the first error."""
+        await self._follow_revocations()
         ids = list(dek_ids)
         found: dict[str, Dek] = {}
 
@@ -414,6 +465,7 @@ class AsyncClient:
         return self._keys.hand_out(ids, found)
 
     async def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
+        await self._follow_revocations()
         context = dict(context or {})
         result: DataKeyResult = await self._call(GenerateDataKey(kek=kek, context=context))
         return self._keys.keep_data_key(
@@ -421,6 +473,7 @@ class AsyncClient:
         )
 
     async def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
+        await self._follow_revocations()
         blob, context = bytes(blob), dict(context or {})
         if (cached := self._keys.cached_data_key(blob, context)) is not None:
             return cached
@@ -461,15 +514,132 @@ class AsyncClient:
             open_body(data_key.key, header, prologue, source, sink)
         return sink.getvalue()
 
-    async def create_kek(self, name: str) -> KekInfo:
-        result: KekInfo = await self._call(CreateKek(name=name))
-        return result
-
     async def list_keks(self, prefix: str | None = None) -> list[KekInfo]:
         return list((await self._call(ListKeks(prefix=prefix))).keks)
 
     async def status(self) -> StatusResult:
         result: StatusResult = await self._call(Status())
+        return result
+
+    # -- key lifecycle (administrators; see PROTOCOL.md 4.3) --------------------------------
+
+    async def create_kek(
+        self, name: str, *, usage: Sequence[str] | None = None, activation: int | None = None
+    ) -> KekInfo:
+        """Create a namespace's KEK inside the HSM; a future ``activation`` makes it pre-active."""
+        result: KekInfo = await self._call(
+            CreateKek(
+                name=name, usage=None if usage is None else tuple(usage), activation=activation
+            )
+        )
+        return result
+
+    async def rotate_kek(self, name: str) -> KeyAttributes:
+        """A new KEK version; new wraps use it, older versions still unwrap."""
+        result: KeyAttributes = await self._call(RotateKek(name=name))
+        return result
+
+    async def activate(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = await self._call(Activate(key=key_ref(dek_id, kek, version)))
+        return result
+
+    async def revoke(
+        self,
+        reason: str,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        message: str | None = None,
+    ) -> KeyAttributes:
+        """key-compromise makes the key compromised; other reasons deactivate it."""
+        result: KeyAttributes = await self._call(
+            Revoke(key=key_ref(dek_id, kek, version), reason=reason, message=message)
+        )
+        return result
+
+    async def destroy(
+        self,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        force: bool = False,
+        purge_now: bool = False,
+    ) -> KeyAttributes:
+        """Crypto-shredding, after the soft-delete window (or now, with ``purge_now``)."""
+        result: KeyAttributes = await self._call(
+            Destroy(key=key_ref(dek_id, kek, version), force=force, purge_now=purge_now)
+        )
+        return result
+
+    async def recover(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        """Undo a destroy within the soft-delete window."""
+        result: KeyAttributes = await self._call(Recover(key=key_ref(dek_id, kek, version)))
+        return result
+
+    async def get_attributes(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = await self._call(GetAttributes(key=key_ref(dek_id, kek, version)))
+        return result
+
+    async def locate(
+        self,
+        *,
+        kind: str | None = None,
+        namespace: str | None = None,
+        state: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> LocateResult:
+        """Keys by kind, namespace (glob) and state; page on with ``after=result.next``."""
+        result: LocateResult = await self._call(
+            Locate(kind=kind, namespace=namespace, state=state, after=after, limit=limit)
+        )
+        return result
+
+    async def dependents(
+        self, kek: str, version: int, *, limit: int | None = None
+    ) -> DependentsResult:
+        """Which DEKs still depend on a KEK version (rewrap them before destroying it)."""
+        result: DependentsResult = await self._call(
+            Dependents(kek=kek, version=version, limit=limit)
+        )
+        return result
+
+    async def rewrap_dek(self, dek_id: str) -> KeyAttributes:
+        """Re-wrap a stored DEK under its KEK's newest version (the key stays inside)."""
+        result: KeyAttributes = await self._call(RewrapDek(dek_id=dek_id))
+        return result
+
+    async def rewrap_blob(
+        self, blob: bytes, context: dict[str, str] | None = None
+    ) -> RewrapBlobResult:
+        result: RewrapBlobResult = await self._call(
+            RewrapBlob(blob=bytes(blob), context=dict(context or {}))
+        )
+        return result
+
+    async def start_rewrap(self, namespace: str) -> JobInfo:
+        """A background job rewrapping the namespace's DEKs in batches."""
+        result: JobInfo = await self._call(StartRewrap(namespace=namespace))
+        return result
+
+    async def get_job(self, job_id: str) -> JobInfo:
+        result: JobInfo = await self._call(GetJob(job_id=job_id))
+        return result
+
+    async def list_jobs(self, state: str | None = None) -> list[JobInfo]:
+        return list((await self._call(ListJobs(state=state))).jobs)
+
+    async def changes_since(self, seq: int, *, limit: int | None = None) -> ChangesResult:
+        """State changes after ``seq``; the DEK cache uses this to evict revoked keys."""
+        result: ChangesResult = await self._call(ChangesSince(seq=seq, limit=limit))
         return result
 
 

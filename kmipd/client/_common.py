@@ -13,7 +13,7 @@ import attrs
 from kmipd._address import format_address, parse_address
 from kmipd.client._errors import KmipdError, remote_error
 from kmipd.client._tls import client_context
-from kmipd.protocol import OPERATIONS, ErrorInfo, HelloResult
+from kmipd.protocol import OPERATIONS, ErrorInfo, HelloResult, KeyRef
 
 DEFAULT_PORT = 5696
 DEFAULT_TIMEOUT = 10.0
@@ -135,6 +135,13 @@ def unwrap_outcome(outcome: Any, *, server: str, request_id: int) -> Any:
 
 def is_idempotent(request: Any) -> bool:
     return OPERATIONS[request.OPERATION].idempotent
+
+
+def key_ref(dek_id: str | None, kek: str | None, version: int | None) -> KeyRef:
+    """A DEK (``dek_id``) or a KEK version (``kek`` and ``version``), checked early."""
+    if (dek_id is None) == (kek is None) or (kek is None) != (version is None):
+        raise KmipdError("name a DEK (dek_id=...) or a KEK version (kek=..., version=...)")
+    return KeyRef(dek_id=dek_id, kek=kek, version=version)
 
 
 def new_idempotency_key() -> bytes:

@@ -85,6 +85,38 @@ class AlreadyExistsError(RemoteError):
     code = ErrorCode.ALREADY_EXISTS
 
 
+class WrongStateError(RemoteError):
+    code = ErrorCode.WRONG_STATE
+
+
+class UsageNotPermittedError(RemoteError):
+    code = ErrorCode.USAGE_NOT_PERMITTED
+
+
+class KeyNotActiveError(RemoteError):
+    code = ErrorCode.KEY_NOT_ACTIVE
+
+
+class KeyDeactivatedError(RemoteError):
+    code = ErrorCode.KEY_DEACTIVATED
+
+
+class ProtectStopPassedError(RemoteError):
+    code = ErrorCode.PROTECT_STOP_PASSED
+
+
+class KeyCompromisedError(RemoteError):
+    code = ErrorCode.KEY_COMPROMISED
+
+
+class KeyDestroyedError(RemoteError):
+    code = ErrorCode.KEY_DESTROYED
+
+
+class DependentsExistError(RemoteError):
+    code = ErrorCode.DEPENDENTS_EXIST
+
+
 class BusyError(RemoteError):
     code = ErrorCode.BUSY
 
@@ -99,6 +131,10 @@ class HsmUnavailableError(RemoteError):
 
 class InternalError(RemoteError):
     code = ErrorCode.INTERNAL
+
+
+class AuditUnavailableError(RemoteError):
+    code = ErrorCode.AUDIT_UNAVAILABLE
 
 
 class UnavailableError(KmipdError):
@@ -134,26 +170,7 @@ class OutcomeUnknownError(UnavailableError):
 
 
 ERROR_CLASSES: dict[ErrorCode, type[RemoteError]] = {
-    cls.code: cls
-    for cls in (
-        BadRequestError,
-        UnsupportedVersionError,
-        HelloRequiredError,
-        UnknownOperationError,
-        FrameTooLargeError,
-        DuplicateRequestIdError,
-        ServerTimeoutError,
-        CertificateRejectedError,
-        NotAuthorizedError,
-        NotFoundError,
-        IntegrityFailureError,
-        AlreadyExistsError,
-        BusyError,
-        ShuttingDownError,
-        HsmUnavailableError,
-        InternalError,
-    )
-    if cls.code is not None
+    cls.code: cls for cls in RemoteError.__subclasses__() if cls.code is not None
 }
 
 

@@ -157,7 +157,10 @@ class FailoverCall:
     def next_server(self) -> tuple[ServerState, float]:
         """The daemon to try now, and how long to wait first."""
         store = self._store
-        choice = self._servers.choose(self._tried, lambda s: store is None or s.store_id == store)
+        # A server not met yet may share the store: connecting tells (see accepts).
+        choice = self._servers.choose(
+            self._tried, lambda s: store is None or s.store_id in (None, store)
+        )
         if choice is None:
             raise self._final_error()
         server, wait = choice
@@ -183,6 +186,15 @@ class FailoverCall:
         if not all(carries_idempotency_key(r) for r in self._requests):
             raise error
         self._store = server.store_id
+
+    def accepts(self, server: ServerState, store_id: str | None) -> bool:
+        """Once connected (hello said its store): may this server receive the request?"""
+        if store_id is not None:
+            self._servers.succeeded(server, store_id)
+        if self._store is None or store_id == self._store:
+            return True
+        self._tried.add(server.address)  # another store cannot settle the unknown create
+        return False
 
     def answered(
         self, server: ServerState, store_id: str | None, outcomes: Sequence[object]

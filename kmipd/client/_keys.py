@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from types import TracebackType
 
 from kmipd.client._cache import DekCache
 from kmipd.client._memory import ProtectedKey
-from kmipd.protocol import DekResult, encode_deterministic
+from kmipd.protocol import ChangeInfo, ChangesResult, DekResult, encode_deterministic
 
 log = logging.getLogger("kmipd.client")
 
@@ -109,8 +110,47 @@ class KeyKeeper:
     Shared by both clients so that caching behaves the same in each.
     """
 
-    def __init__(self, cache: DekCache | None) -> None:
+    def __init__(self, cache: DekCache | None, revocation_check: float) -> None:
         self.cache = cache
+        self.revocation_check = revocation_check
+        #: The change feed position this cache has caught up to (None: not asked yet).
+        self.changes_seq: int | None = None
+        self.changes_checked_at = -math.inf
+        self.changes_allowed = True
+
+    def changes_due(self, now: float) -> bool:
+        """Whether to ask the daemon what was revoked since the last check."""
+        if self.cache is None or not self.changes_allowed:
+            return False
+        return self.changes_seq is None or now - self.changes_checked_at >= self.revocation_check
+
+    def apply_changes(self, result: ChangesResult, now: float) -> int:
+        """Evict every cached key the daemon revoked, destroyed or otherwise changed."""
+        assert self.cache is not None
+        evicted = 0
+        if self.changes_seq is not None:  # the first answer only says where the feed is
+            for change in result.changes:
+                evicted += self._evict(change)
+        self.changes_seq = result.seq
+        self.changes_checked_at = now
+        if evicted:
+            log.info("evicted %d cached key(s) after revocations", evicted)
+        return evicted
+
+    def _evict(self, change: ChangeInfo) -> int:
+        assert self.cache is not None
+        if change.dek_id is not None:
+            return int(self.cache.evict(("dek", change.dek_id)))
+        # A KEK version changed: every key it wraps goes (DEKs and data keys
+        # both carry (namespace or KEK, version) as their cache metadata).
+        target = (change.namespace, change.kek_version)
+        return self.cache.evict_where(lambda key, meta: tuple(meta) == target)
+
+    def disable_changes(self, why: str) -> None:
+        self.changes_allowed = False
+        log.warning(
+            "the DEK cache cannot follow revocations (%s): entries live until their TTL", why
+        )
 
     def cached_dek(self, dek_id: str, *, stale: bool = False) -> Dek | None:
         if self.cache is None:

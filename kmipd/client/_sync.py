@@ -28,6 +28,7 @@ from kmipd.client._common import (
     DEFAULT_TIMEOUT,
     ConnectionInfo,
     Endpoint,
+    key_ref,
     make_endpoints,
     new_idempotency_key,
     unwrap_outcome,
@@ -36,6 +37,7 @@ from kmipd.client._envelope import new_header, open_body, read_header, seal_body
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
+    NotAuthorizedError,
     ServerCertificateError,
     ServerTimeoutError,
     UnavailableError,
@@ -46,16 +48,36 @@ from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
 from kmipd.protocol import (
     NEED_DATA,
+    Activate,
+    ChangesResult,
+    ChangesSince,
     ClientConnection,
     ConnectionFailed,
     CreateDek,
     CreateKek,
     DataKeyResult,
+    Dependents,
+    DependentsResult,
+    Destroy,
     GenerateDataKey,
+    GetAttributes,
     GetDek,
+    GetJob,
+    JobInfo,
     KekInfo,
+    KeyAttributes,
+    ListJobs,
     ListKeks,
+    Locate,
+    LocateResult,
+    Recover,
     ResponseReceived,
+    Revoke,
+    RewrapBlob,
+    RewrapBlobResult,
+    RewrapDek,
+    RotateKek,
+    StartRewrap,
     Status,
     StatusResult,
     Unwrap,
@@ -263,6 +285,7 @@ class Client:
         client_name: str = "kmipd-python",
         pool_size: int = 4,
         cache: DekCache | None = None,
+        revocation_check: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 30.0,
     ) -> None:
@@ -281,7 +304,7 @@ class Client:
         self._timeout = timeout
         self._servers = ServerSet(endpoints, backoff_base=backoff_base, backoff_cap=backoff_cap)
         self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
-        self._keys = KeyKeeper(cache)
+        self._keys = KeyKeeper(cache, revocation_check)
 
     @property
     def cache(self) -> DekCache | None:
@@ -356,6 +379,10 @@ class Client:
             except (UnavailableError, ServerCertificateError) as exc:
                 call.not_sent(server, exc)
                 continue
+            hello = connection.protocol.hello
+            if not call.accepts(server, hello.store_id if hello else None):
+                pool.give_back(connection, reusable=True)
+                continue
             try:
                 if inspect is not None:
                     inspect(connection)
@@ -374,12 +401,34 @@ class Client:
                 pool.give_back(connection, reusable=False)
                 raise
             pool.give_back(connection, reusable=True)
-            hello = connection.protocol.hello
             if call.answered(server, hello.store_id if hello else None, outcomes):
                 return [
                     (outcome, server.address, request_id)
                     for outcome, (request_id, _) in zip(outcomes, frames, strict=True)
                 ]
+
+    def _follow_revocations(self) -> None:
+        """Before the cache serves anything: evict what the daemon revoked since last asked.
+
+        At most every ``revocation_check`` seconds (5 by default): a revoked
+        or destroyed key leaves the cache within that delay while a daemon
+        answers. During an outage the cache keeps serving (see stale_grace).
+        """
+        keys = self._keys
+        if not keys.changes_due(time.monotonic()):
+            return
+        try:
+            seq = 2**62 if keys.changes_seq is None else keys.changes_seq
+            result = self.changes_since(seq)
+            while True:
+                keys.apply_changes(result, time.monotonic())
+                if len(result.changes) < 1000 or keys.changes_seq is None:
+                    break
+                result = self.changes_since(keys.changes_seq)
+        except NotAuthorizedError:
+            keys.disable_changes("this identity may not call changes-since")
+        except (UnavailableError, DeadlineExceededError):
+            keys.changes_checked_at = time.monotonic()  # try again after the interval
 
     # -- operations ----------------------------------------------------------------
 
@@ -389,6 +438,7 @@ class Client:
         The request carries an idempotency key (random unless given): if its
         answer is lost, retrying with the same key can never create a second DEK.
         """
+        self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
         return self._keys.keep_dek(self._call(CreateDek(namespace=namespace, idempotency_key=key)))
 
@@ -398,6 +448,7 @@ class Client:
 
     def get_deks(self, dek_ids: Iterable[str]) -> list[Dek]:
         """Many DEKs: cached ones at once, the others in one pipelined round trip."""
+        self._follow_revocations()
         ids = list(dek_ids)
         found: dict[str, Dek] = {}
         for dek_id in set(ids):
@@ -418,6 +469,7 @@ class Client:
 
     def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
         """A fresh key plus its wrapped blob, bound to ``context``; store the blob yourself."""
+        self._follow_revocations()
         context = dict(context or {})
         result: DataKeyResult = self._call(GenerateDataKey(kek=kek, context=context))
         return self._keys.keep_data_key(
@@ -426,6 +478,7 @@ class Client:
 
     def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
         """Recover a blob's key (cached by blob and context); the context must match."""
+        self._follow_revocations()
         blob, context = bytes(blob), dict(context or {})
         if (cached := self._keys.cached_data_key(blob, context)) is not None:
             return cached
@@ -494,13 +547,124 @@ class Client:
         with self.unwrap(header.blob, header.context) as data_key:
             return open_body(data_key.key, header, prologue, source, sink)
 
-    def create_kek(self, name: str) -> KekInfo:
-        result: KekInfo = self._call(CreateKek(name=name))
-        return result
-
     def list_keks(self, prefix: str | None = None) -> list[KekInfo]:
         return list(self._call(ListKeks(prefix=prefix)).keks)
 
     def status(self) -> StatusResult:
         result: StatusResult = self._call(Status())
+        return result
+
+    # -- key lifecycle (administrators; see PROTOCOL.md 4.3) --------------------------------
+
+    def create_kek(
+        self, name: str, *, usage: Sequence[str] | None = None, activation: int | None = None
+    ) -> KekInfo:
+        """Create a namespace's KEK inside the HSM; a future ``activation`` makes it pre-active."""
+        result: KekInfo = self._call(
+            CreateKek(
+                name=name, usage=None if usage is None else tuple(usage), activation=activation
+            )
+        )
+        return result
+
+    def rotate_kek(self, name: str) -> KeyAttributes:
+        """A new KEK version; new wraps use it, older versions still unwrap."""
+        result: KeyAttributes = self._call(RotateKek(name=name))
+        return result
+
+    def activate(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = self._call(Activate(key=key_ref(dek_id, kek, version)))
+        return result
+
+    def revoke(
+        self,
+        reason: str,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        message: str | None = None,
+    ) -> KeyAttributes:
+        """key-compromise makes the key compromised; other reasons deactivate it."""
+        result: KeyAttributes = self._call(
+            Revoke(key=key_ref(dek_id, kek, version), reason=reason, message=message)
+        )
+        return result
+
+    def destroy(
+        self,
+        *,
+        dek_id: str | None = None,
+        kek: str | None = None,
+        version: int | None = None,
+        force: bool = False,
+        purge_now: bool = False,
+    ) -> KeyAttributes:
+        """Crypto-shredding, after the soft-delete window (or now, with ``purge_now``)."""
+        result: KeyAttributes = self._call(
+            Destroy(key=key_ref(dek_id, kek, version), force=force, purge_now=purge_now)
+        )
+        return result
+
+    def recover(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        """Undo a destroy within the soft-delete window."""
+        result: KeyAttributes = self._call(Recover(key=key_ref(dek_id, kek, version)))
+        return result
+
+    def get_attributes(
+        self, *, dek_id: str | None = None, kek: str | None = None, version: int | None = None
+    ) -> KeyAttributes:
+        result: KeyAttributes = self._call(GetAttributes(key=key_ref(dek_id, kek, version)))
+        return result
+
+    def locate(
+        self,
+        *,
+        kind: str | None = None,
+        namespace: str | None = None,
+        state: str | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> LocateResult:
+        """Keys by kind, namespace (glob) and state; page on with ``after=result.next``."""
+        result: LocateResult = self._call(
+            Locate(kind=kind, namespace=namespace, state=state, after=after, limit=limit)
+        )
+        return result
+
+    def dependents(self, kek: str, version: int, *, limit: int | None = None) -> DependentsResult:
+        """Which DEKs still depend on a KEK version (rewrap them before destroying it)."""
+        result: DependentsResult = self._call(Dependents(kek=kek, version=version, limit=limit))
+        return result
+
+    def rewrap_dek(self, dek_id: str) -> KeyAttributes:
+        """Re-wrap a stored DEK under its KEK's newest version (the key stays inside)."""
+        result: KeyAttributes = self._call(RewrapDek(dek_id=dek_id))
+        return result
+
+    def rewrap_blob(self, blob: bytes, context: dict[str, str] | None = None) -> RewrapBlobResult:
+        result: RewrapBlobResult = self._call(
+            RewrapBlob(blob=bytes(blob), context=dict(context or {}))
+        )
+        return result
+
+    def start_rewrap(self, namespace: str) -> JobInfo:
+        """A background job rewrapping the namespace's DEKs in batches."""
+        result: JobInfo = self._call(StartRewrap(namespace=namespace))
+        return result
+
+    def get_job(self, job_id: str) -> JobInfo:
+        result: JobInfo = self._call(GetJob(job_id=job_id))
+        return result
+
+    def list_jobs(self, state: str | None = None) -> list[JobInfo]:
+        return list((self._call(ListJobs(state=state))).jobs)
+
+    def changes_since(self, seq: int, *, limit: int | None = None) -> ChangesResult:
+        """State changes after ``seq``; the DEK cache uses this to evict revoked keys."""
+        result: ChangesResult = self._call(ChangesSince(seq=seq, limit=limit))
         return result

@@ -10,10 +10,12 @@ to its handle, so a KEK entry copied under another handle fails to load.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmipd.hsm._interface import HsmError, HsmIntegrityError, HsmKeyNotFoundError
-from kmipd.protocol import decode_item, encode_deterministic, encode_item
+from kmipd.protocol import ProtocolError, decode_item, encode_deterministic, encode_item
 from pki import write_private_file
 
 MASTER_KEY_SIZE = 32
@@ -61,15 +63,21 @@ def create_master_key(path: Path) -> None:
 
 
 class SoftwareHsm:
+    """KEKs sealed under the master key in one keyring file.
+
+    Several daemons sharing a store on one host may share the keyring too:
+    every change is a read-modify-write of the file under an exclusive lock
+    (so none is lost), and a handle this process does not know yet is looked
+    up in the file again before it is called unknown.
+    """
+
     name = "software"
 
     def __init__(self, master_key: bytes, keyring_path: Path) -> None:
         self._master = AESGCM(master_key)
         self._keyring_path = keyring_path
-        self._entries: dict[str, dict[str, Any]] = {}
-        self._keks: dict[str, AESGCM] = {}
-        self._write_lock = trio.Lock()
-        self._load()
+        self._lock_path = keyring_path.with_name(keyring_path.name + ".lock")
+        self._keks: dict[str, AESGCM] = self._open_all(self._read_entries())
 
     @classmethod
     def open(
@@ -83,11 +91,11 @@ class SoftwareHsm:
     def __repr__(self) -> str:
         return f"SoftwareHsm(keyring={str(self._keyring_path)!r}, keks={len(self._keks)})"
 
-    def _load(self) -> None:
+    def _read_entries(self) -> dict[str, dict[str, Any]]:
         try:
             raw = self._keyring_path.read_bytes()
         except FileNotFoundError:
-            return
+            return {}
         except OSError as exc:
             raise HsmError(f"cannot read keyring {self._keyring_path}: {exc.strerror}") from None
         try:
@@ -95,46 +103,61 @@ class SoftwareHsm:
             if doc.get("format") != _KEYRING_FORMAT:
                 raise HsmError(f"keyring {self._keyring_path} has an unknown format")
             entries: dict[str, dict[str, Any]] = doc["keks"]
-            for handle, entry in entries.items():
-                material = self._master.decrypt(
-                    entry["sealed"][:NONCE_SIZE],
-                    entry["sealed"][NONCE_SIZE:],
-                    _kek_entry_aad(handle),
+        except (KeyError, TypeError, AttributeError, ProtocolError) as exc:
+            raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
+        return entries
+
+    def _open_all(self, entries: dict[str, dict[str, Any]]) -> dict[str, AESGCM]:
+        try:
+            return {
+                handle: AESGCM(
+                    self._master.decrypt(
+                        entry["sealed"][:NONCE_SIZE],
+                        entry["sealed"][NONCE_SIZE:],
+                        _kek_entry_aad(handle),
+                    )
                 )
-                self._keks[handle] = AESGCM(material)
+                for handle, entry in entries.items()
+            }
         except InvalidTag:
             raise HsmError(
                 f"keyring {self._keyring_path} does not open with this master key "
                 "(wrong master key file, or the keyring was altered)"
             ) from None
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
-        self._entries = entries
 
-    async def _save(self, entries: dict[str, dict[str, Any]]) -> None:
-        data = encode_item({"format": _KEYRING_FORMAT, "keks": entries})
-        await trio.to_thread.run_sync(write_private_file, self._keyring_path, data)
+    def _change(self, edit: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+        """Read-modify-write the keyring under an exclusive lock (runs on a worker thread)."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            entries = self._read_entries()
+            edit(entries)
+            data = encode_item({"format": _KEYRING_FORMAT, "keks": entries})
+            write_private_file(self._keyring_path, data)
+            self._keks = self._open_all(entries)
+        finally:
+            os.close(fd)
 
     async def generate_kek(self, label: str) -> str:
         handle = f"soft-{secrets.token_hex(12)}"
         material = secrets.token_bytes(KEK_SIZE)
         nonce = os.urandom(NONCE_SIZE)
         sealed = nonce + self._master.encrypt(nonce, material, _kek_entry_aad(handle))
-        async with self._write_lock:
-            entries = dict(self._entries)
-            entries[handle] = {"label": label, "created": int(time.time()), "sealed": sealed}
-            await self._save(entries)
-            self._entries = entries
-            self._keks[handle] = AESGCM(material)
+        entry = {"label": label, "created": int(time.time()), "sealed": sealed}
+        await trio.to_thread.run_sync(self._change, lambda entries: entries.update({handle: entry}))
         return handle
 
     def _kek(self, handle: str) -> AESGCM:
-        try:
-            return self._keks[handle]
-        except KeyError:
-            raise HsmKeyNotFoundError(
-                f"no KEK with handle {handle!r} in the software HSM"
-            ) from None
+        kek = self._keks.get(handle)
+        if kek is None:
+            # Perhaps another daemon sharing the keyring created it since.
+            self._keks = self._open_all(self._read_entries())
+            kek = self._keks.get(handle)
+        if kek is None:
+            raise HsmKeyNotFoundError(f"no KEK with handle {handle!r} in the software HSM")
+        return kek
 
     async def wrap(self, handle: str, key: bytes, associated_data: bytes) -> bytes:
         nonce = os.urandom(NONCE_SIZE)
@@ -156,13 +179,11 @@ class SoftwareHsm:
             ) from None
 
     async def destroy_kek(self, handle: str) -> None:
-        async with self._write_lock:
-            if handle not in self._entries:
+        def remove(entries: dict[str, dict[str, Any]]) -> None:
+            if entries.pop(handle, None) is None:
                 raise HsmKeyNotFoundError(f"no KEK with handle {handle!r} in the software HSM")
-            entries = {h: e for h, e in self._entries.items() if h != handle}
-            await self._save(entries)
-            self._entries = entries
-            self._keks.pop(handle, None)
+
+        await trio.to_thread.run_sync(self._change, remove)
 
     async def check(self) -> None:
         """The software backend is in-process: it answers whenever the process does."""

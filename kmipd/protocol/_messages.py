@@ -19,6 +19,7 @@ import attrs
 
 from kmipd.protocol._errors import ErrorCode, ProtocolError
 from kmipd.protocol._schema import (
+    Bool,
     Bytes,
     ListOf,
     Struct,
@@ -48,6 +49,38 @@ CONTEXT = TextMap(
 BLOB = Bytes(max_length=1024)
 TIMESTAMP = UInt()  # seconds since the Unix epoch
 IDEMPOTENCY_KEY = Bytes(min_length=16, max_length=32)
+
+
+def _choice(*names: str, what: str) -> Text:
+    return Text(
+        max_length=32,
+        pattern=re.compile("|".join(re.escape(n) for n in names)),
+        description=f"{what} ({', '.join(names)})",
+    )
+
+
+STATE = _choice(
+    "pre-active",
+    "active",
+    "deactivated",
+    "compromised",
+    "destroyed",
+    "destroyed-compromised",
+    what="state",
+)
+KEK_USAGE = _choice("wrap", "unwrap", what="KEK usage")
+DEK_USAGE = _choice("encrypt", "decrypt", what="DEK usage")
+PURPOSE = _choice("encrypt", "decrypt", "recovery", what="purpose")
+REVOCATION_REASON = _choice(
+    "unspecified",
+    "key-compromise",
+    "ca-compromise",
+    "affiliation-changed",
+    "superseded",
+    "cessation-of-operation",
+    "privilege-withdrawn",
+    what="revocation reason",
+)
 VERSION = UInt(minimum=1, maximum=2**32 - 1)
 
 
@@ -98,12 +131,18 @@ class CreateDek:
     #: Names one logical create: a retry with the same key returns the DEK the
     #: first attempt made instead of making another (remembered 24 hours).
     idempotency_key: bytes | None = wire(IDEMPOTENCY_KEY, default=None, repr=False)
+    #: What the DEK may do, fixed for its life; both unless narrowed.
+    usage: tuple[str, ...] | None = wire(ListOf(DEK_USAGE, min_items=1, max_items=2), default=None)
 
 
 @attrs.frozen
 class GetDek:
     OPERATION: ClassVar[str] = "get-dek"
     dek_id: str = wire(DEK_ID)
+    #: "encrypt" needs the DEK before its protect-stop; "decrypt" (default)
+    #: before its deactivation; "recovery" (a separate grant) also reads a
+    #: deactivated or compromised DEK, to re-encrypt its data.
+    purpose: str | None = wire(PURPOSE, default=None)
 
 
 @attrs.frozen
@@ -168,6 +207,9 @@ class UnwrapResult:
 class CreateKek:
     OPERATION: ClassVar[str] = "create-kek"
     name: str = wire(NAMESPACE)
+    usage: tuple[str, ...] | None = wire(ListOf(KEK_USAGE, min_items=1, max_items=2), default=None)
+    #: A future activation date makes the KEK pre-active until then.
+    activation: int | None = wire(TIMESTAMP, default=None)
 
 
 @attrs.frozen
@@ -175,6 +217,8 @@ class KekInfo:
     name: str = wire(NAMESPACE)
     version: int = wire(VERSION)
     created: int = wire(TIMESTAMP)
+    #: The newest version's state.
+    state: str = wire(STATE)
 
 
 @attrs.frozen
@@ -186,6 +230,195 @@ class ListKeks:
 @attrs.frozen
 class ListKeksResult:
     keks: tuple[KekInfo, ...] = wire(ListOf(Struct(KekInfo), max_items=10_000))
+
+
+# -- lifecycle ---------------------------------------------------------------
+
+
+@attrs.frozen
+class KeyRef:
+    """A DEK (``dek-id``) or a KEK version (``kek`` and ``version``)."""
+
+    dek_id: str | None = wire(DEK_ID, default=None)
+    kek: str | None = wire(NAMESPACE, default=None)
+    version: int | None = wire(VERSION, default=None)
+
+
+@attrs.frozen
+class KeyAttributes:
+    kind: str = wire(_choice("dek", "kek", what="kind"))
+    namespace: str = wire(NAMESPACE)
+    #: The KEK version number; for a DEK, the version that wraps it.
+    version: int = wire(VERSION)
+    state: str = wire(STATE)
+    usage: tuple[str, ...] = wire(ListOf(Text(max_length=16), max_items=4))
+    created: int = wire(TIMESTAMP)
+    dek_id: str | None = wire(DEK_ID, default=None)
+    activation: int | None = wire(TIMESTAMP, default=None)
+    protect_stop: int | None = wire(TIMESTAMP, default=None)
+    process_start: int | None = wire(TIMESTAMP, default=None)
+    deactivation: int | None = wire(TIMESTAMP, default=None)
+    compromise_date: int | None = wire(TIMESTAMP, default=None)
+    destroy_date: int | None = wire(TIMESTAMP, default=None)
+    purge_at: int | None = wire(TIMESTAMP, default=None)
+    revocation_reason: str | None = wire(REVOCATION_REASON, default=None)
+    revocation_message: str | None = wire(Text(max_length=256), default=None)
+
+
+@attrs.frozen
+class RotateKek:
+    OPERATION: ClassVar[str] = "rotate-kek"
+    name: str = wire(NAMESPACE)
+
+
+@attrs.frozen
+class Activate:
+    OPERATION: ClassVar[str] = "activate"
+    key: KeyRef = wire(Struct(KeyRef))
+
+
+@attrs.frozen
+class Revoke:
+    OPERATION: ClassVar[str] = "revoke"
+    key: KeyRef = wire(Struct(KeyRef))
+    reason: str = wire(REVOCATION_REASON)
+    message: str | None = wire(Text(max_length=256), default=None)
+
+
+@attrs.frozen
+class Destroy:
+    OPERATION: ClassVar[str] = "destroy"
+    key: KeyRef = wire(Struct(KeyRef))
+    #: Destroy a KEK version even though DEKs still depend on it (they die with it).
+    force: bool = wire(Bool(), default=False)
+    #: Skip the soft-delete window: erase the material now, beyond recovery.
+    purge_now: bool = wire(Bool(), default=False)
+
+
+@attrs.frozen
+class Recover:
+    OPERATION: ClassVar[str] = "recover"
+    key: KeyRef = wire(Struct(KeyRef))
+
+
+@attrs.frozen
+class GetAttributes:
+    OPERATION: ClassVar[str] = "get-attributes"
+    key: KeyRef = wire(Struct(KeyRef))
+
+
+@attrs.frozen
+class Locate:
+    OPERATION: ClassVar[str] = "locate"
+    kind: str | None = wire(_choice("dek", "kek", what="kind"), default=None)
+    #: A namespace name or glob (``*`` matches across ``/``).
+    namespace: str | None = wire(Text(max_length=128), default=None)
+    state: str | None = wire(STATE, default=None)
+    #: Resume after this DEK id (the ``next`` of the previous page).
+    after: str | None = wire(Text(max_length=64), default=None)
+    limit: int | None = wire(UInt(minimum=1, maximum=1000), default=None)
+
+
+@attrs.frozen
+class LocateResult:
+    keys: tuple[KeyAttributes, ...] = wire(ListOf(Struct(KeyAttributes), max_items=10_000))
+    next: str | None = wire(Text(max_length=64), default=None)
+
+
+@attrs.frozen
+class Dependents:
+    OPERATION: ClassVar[str] = "dependents"
+    kek: str = wire(NAMESPACE)
+    version: int = wire(VERSION)
+    limit: int | None = wire(UInt(minimum=0, maximum=1000), default=None)
+
+
+@attrs.frozen
+class DependentsResult:
+    count: int = wire(UInt())
+    dek_ids: tuple[str, ...] = wire(ListOf(DEK_ID, max_items=1000))
+
+
+@attrs.frozen
+class RewrapDek:
+    OPERATION: ClassVar[str] = "rewrap-dek"
+    dek_id: str = wire(DEK_ID)
+
+
+@attrs.frozen
+class RewrapBlob:
+    OPERATION: ClassVar[str] = "rewrap-blob"
+    blob: bytes = wire(BLOB)
+    context: dict[str, str] = wire(CONTEXT, factory=dict)
+
+
+@attrs.frozen
+class RewrapBlobResult:
+    blob: bytes = wire(BLOB)
+    kek: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+
+
+@attrs.frozen
+class JobInfo:
+    job_id: str = wire(Text(max_length=64))
+    namespace: str = wire(NAMESPACE)
+    target_version: int = wire(VERSION)
+    state: str = wire(_choice("running", "done", "failed", what="job state"))
+    rewrapped: int = wire(UInt())
+    skipped: int = wire(UInt())
+    remaining: int = wire(UInt())
+    created: int = wire(TIMESTAMP)
+    updated: int = wire(TIMESTAMP)
+
+
+@attrs.frozen
+class StartRewrap:
+    OPERATION: ClassVar[str] = "start-rewrap"
+    namespace: str = wire(NAMESPACE)
+
+
+@attrs.frozen
+class GetJob:
+    OPERATION: ClassVar[str] = "get-job"
+    job_id: str = wire(Text(max_length=64))
+
+
+@attrs.frozen
+class ListJobs:
+    OPERATION: ClassVar[str] = "list-jobs"
+    state: str | None = wire(_choice("running", "done", "failed", what="job state"), default=None)
+
+
+@attrs.frozen
+class ListJobsResult:
+    jobs: tuple[JobInfo, ...] = wire(ListOf(Struct(JobInfo), max_items=10_000))
+
+
+@attrs.frozen
+class ChangeInfo:
+    seq: int = wire(UInt())
+    at: int = wire(TIMESTAMP)
+    namespace: str = wire(NAMESPACE)
+    state: str = wire(STATE)
+    dek_id: str | None = wire(DEK_ID, default=None)
+    kek_version: int | None = wire(VERSION, default=None)
+
+
+@attrs.frozen
+class ChangesSince:
+    """What changed state after ``seq``: clients evict revoked or destroyed keys they cache."""
+
+    OPERATION: ClassVar[str] = "changes-since"
+    seq: int = wire(UInt())
+    limit: int | None = wire(UInt(minimum=1, maximum=1000), default=None)
+
+
+@attrs.frozen
+class ChangesResult:
+    changes: tuple[ChangeInfo, ...] = wire(ListOf(Struct(ChangeInfo), max_items=1000))
+    #: The newest change's number: ask again from it.
+    seq: int = wire(UInt())
 
 
 # -- the operation table -----------------------------------------------------
@@ -211,6 +444,20 @@ OPERATIONS: dict[str, Operation] = {
         Operation("unwrap", Unwrap, UnwrapResult, idempotent=True),
         Operation("create-kek", CreateKek, KekInfo, idempotent=False),
         Operation("list-keks", ListKeks, ListKeksResult, idempotent=True),
+        Operation("rotate-kek", RotateKek, KeyAttributes, idempotent=False),
+        Operation("activate", Activate, KeyAttributes, idempotent=True),
+        Operation("revoke", Revoke, KeyAttributes, idempotent=True),
+        Operation("destroy", Destroy, KeyAttributes, idempotent=True),
+        Operation("recover", Recover, KeyAttributes, idempotent=True),
+        Operation("get-attributes", GetAttributes, KeyAttributes, idempotent=True),
+        Operation("locate", Locate, LocateResult, idempotent=True),
+        Operation("dependents", Dependents, DependentsResult, idempotent=True),
+        Operation("rewrap-dek", RewrapDek, KeyAttributes, idempotent=True),
+        Operation("rewrap-blob", RewrapBlob, RewrapBlobResult, idempotent=True),
+        Operation("start-rewrap", StartRewrap, JobInfo, idempotent=False),
+        Operation("get-job", GetJob, JobInfo, idempotent=True),
+        Operation("list-jobs", ListJobs, ListJobsResult, idempotent=True),
+        Operation("changes-since", ChangesSince, ChangesResult, idempotent=True),
     )
 }
 

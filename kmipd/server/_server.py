@@ -31,7 +31,7 @@ from kmipd.protocol import (
     ServerConnection,
 )
 from kmipd.server._tls import PeerRejectedError, ServerTls, TlsConfigError
-from kmipd.service import NOT_NOW, KeyService, ServiceError
+from kmipd.service import NOT_NOW, Caller, KeyService, ServiceError
 
 log = logging.getLogger("kmipd.server")
 
@@ -337,7 +337,9 @@ class _Connection:
         """Answer inline when the service can without waiting (a cached get-dek)."""
         assert self.conn is not None
         try:
-            result = self.server.service.handle_now(self.conn.identity, event.request)
+            result = self.server.service.handle_now(
+                Caller(self.conn.identity, event.request_id), event.request
+            )
         except ServiceError as exc:
             self.conn.send_error(event.request_id, exc.code, exc.message)
             return True
@@ -352,7 +354,9 @@ class _Connection:
         with trio.CancelScope() as scope:
             self._request_scopes[request_id] = scope
             try:
-                result = await self.server.service.handle(conn.identity, event.request)
+                result = await self.server.service.handle(
+                    Caller(conn.identity, request_id), event.request
+                )
             except ServiceError as exc:
                 conn.send_error(request_id, exc.code, exc.message)
             except Exception:

@@ -12,6 +12,7 @@ from kmipd.service._policy import (
 )
 from kmipd.service._service import (
     NOT_NOW,
+    Caller,
     KeyService,
     ServerInfo,
     ServiceError,
@@ -26,6 +27,7 @@ __all__ = [
     "GRANTABLE_OPERATIONS",
     "NOT_NOW",
     "OPERATION_GROUPS",
+    "Caller",
     "Grant",
     "KeyService",
     "Policy",

@@ -12,10 +12,32 @@ from collections.abc import Iterable
 
 import attrs
 
-#: Operations a storage system needs to read and write its data.
-DATA_OPERATIONS = frozenset({"create-dek", "get-dek", "generate-data-key", "unwrap"})
-#: Operations that administer KEKs.
-ADMIN_OPERATIONS = frozenset({"create-kek", "list-keks"})
+#: Operations a storage system needs to read and write its data (and to keep
+#: its DEK cache honest: changes-since tells it what was revoked).
+DATA_OPERATIONS = frozenset(
+    {"create-dek", "get-dek", "generate-data-key", "unwrap", "rewrap", "changes-since"}
+)
+#: Operations that administer keys and their lifecycles. "recovery" lets an
+#: administrator still read a deactivated or compromised key, to re-protect data.
+ADMIN_OPERATIONS = frozenset(
+    {
+        "create-kek",
+        "list-keks",
+        "rotate-kek",
+        "activate",
+        "revoke",
+        "destroy",
+        "recover",
+        "get-attributes",
+        "locate",
+        "dependents",
+        "rewrap",
+        "start-rewrap",
+        "get-job",
+        "list-jobs",
+        "recovery",
+    }
+)
 #: Allowed to every authenticated client: they reveal nothing about keys.
 UNRESTRICTED_OPERATIONS = frozenset({"hello", "status"})
 GRANTABLE_OPERATIONS = DATA_OPERATIONS | ADMIN_OPERATIONS
@@ -61,14 +83,28 @@ class Grant:
         )
 
 
+#: Decisions remembered per policy: a storage node asks the same question per block read.
+_DECISION_CACHE_SIZE = 65_536
+
+
 @attrs.frozen
 class Policy:
     grants: tuple[Grant, ...] = ()
+    _decisions: dict[tuple[str, str, str], bool] = attrs.field(
+        factory=dict, eq=False, repr=False, init=False
+    )
 
     def allows(self, identity: str, operation: str, namespace: str) -> bool:
         if operation in UNRESTRICTED_OPERATIONS:
             return True
-        return any(grant.allows(identity, operation, namespace) for grant in self.grants)
+        question = (identity, operation, namespace)
+        answer = self._decisions.get(question)
+        if answer is None:
+            answer = any(grant.allows(identity, operation, namespace) for grant in self.grants)
+            if len(self._decisions) >= _DECISION_CACHE_SIZE:
+                self._decisions.clear()  # a policy is replaced whole on reload; this just bounds
+            self._decisions[question] = answer
+        return answer
 
     def allows_anywhere(self, identity: str, operation: str) -> bool:
         """Whether some namespace would allow it: a cheap first check before a lookup."""

@@ -1,8 +1,9 @@
-"""The operations: authorize, then store, then HSM, then a result.
+"""The operations: authorize, then store, then HSM, then a result, with an audit record.
 
-The service performs no I/O of its own; it awaits the store and the HSM
-backend, and every refusal is a ServiceError carrying a wire error code.
-It never puts key material into an exception, a log line or a repr.
+The service performs no I/O of its own; it awaits the store, the HSM backend
+and the audit log, and every refusal is a ServiceError carrying a wire error
+code. It never puts key material into an exception, a log line, an audit
+record or a repr.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import fnmatch
 import logging
 import secrets
 import time
@@ -19,21 +21,58 @@ from typing import Any
 import attrs
 import trio
 
+from kmipd.audit import AuditError, AuditEvent, AuditLog
 from kmipd.hsm import HsmBackend, HsmError, HsmIntegrityError, HsmUnavailableError
+from kmipd.lifecycle import (
+    DEK_USAGES,
+    DESTROYED_STATES,
+    KEK_USAGES,
+    Event,
+    Lifecycle,
+    LifecycleError,
+    LifecyclePolicy,
+    RevocationReason,
+    State,
+    Usage,
+    revocation_event,
+)
 from kmipd.protocol import (
     KEY_SIZE,
+    Activate,
+    ChangeInfo,
+    ChangesResult,
+    ChangesSince,
     CreateDek,
     CreateKek,
     DataKeyBlob,
     DataKeyResult,
     DekResult,
+    Dependents,
+    DependentsResult,
+    Destroy,
     ErrorCode,
     GenerateDataKey,
+    GetAttributes,
     GetDek,
+    GetJob,
+    JobInfo,
     KekInfo,
+    KeyAttributes,
+    KeyRef,
+    ListJobs,
+    ListJobsResult,
     ListKeks,
     ListKeksResult,
+    Locate,
+    LocateResult,
     ProtocolError,
+    Recover,
+    Revoke,
+    RewrapBlob,
+    RewrapBlobResult,
+    RewrapDek,
+    RotateKek,
+    StartRewrap,
     Status,
     StatusResult,
     Unwrap,
@@ -52,12 +91,39 @@ from kmipd.store import (
     KekRecord,
     KekVersion,
     KeyStore,
+    RewrapJob,
     StoreError,
 )
 
 log = logging.getLogger("kmipd.service")
 
 DATA_KEY_BLOB_FORMAT = 1
+LOCATE_DEFAULT_LIMIT = 100
+
+#: Operations whose audit record is on disk before the client hears of them.
+STATE_CHANGING = frozenset(
+    {
+        "create-dek",
+        "create-kek",
+        "rotate-kek",
+        "activate",
+        "revoke",
+        "destroy",
+        "recover",
+        "rewrap-dek",
+        "start-rewrap",
+    }
+)
+
+_LIFECYCLE_CODES = {
+    "wrong-state": ErrorCode.WRONG_STATE,
+    "usage-not-permitted": ErrorCode.USAGE_NOT_PERMITTED,
+    "not-yet-active": ErrorCode.KEY_NOT_ACTIVE,
+    "deactivated": ErrorCode.KEY_DEACTIVATED,
+    "protect-stop-passed": ErrorCode.PROTECT_STOP_PASSED,
+    "compromised": ErrorCode.KEY_COMPROMISED,
+    "destroyed": ErrorCode.KEY_DESTROYED,
+}
 
 
 class ServiceError(Exception):
@@ -94,6 +160,45 @@ class ServerInfo:
     started_at: float = attrs.field(factory=time.monotonic)
 
 
+@attrs.frozen
+class Caller:
+    """Who asks (the SPIFFE ID from the verified certificate) and the request's id."""
+
+    identity: str
+    request_id: int | None = None
+
+
+@attrs.define
+class _Call:
+    """One operation in progress: what its audit record will say."""
+
+    caller: Caller
+    operation: str
+    namespace: str | None = None
+    dek_id: str | None = None
+    kek: str | None = None
+    kek_version: int | None = None
+    blob_mac: str | None = None
+    detail: str | None = None
+
+    def event(self, result: str) -> AuditEvent:
+        return AuditEvent(
+            identity=self.caller.identity,
+            operation=self.operation,
+            result=result,
+            request_id=self.caller.request_id,
+            namespace=self.namespace,
+            dek_id=self.dek_id,
+            kek=self.kek,
+            kek_version=self.kek_version,
+            blob_mac=self.blob_mac,
+            detail=self.detail,
+        )
+
+
+Handler = Callable[[_Call, Any], Awaitable[Any]]
+
+
 class KeyService:
     def __init__(
         self,
@@ -104,15 +209,21 @@ class KeyService:
         info: ServerInfo | None = None,
         clock: Callable[[], float] = time.time,
         create_kek_on_demand: bool = False,
+        lifecycle: LifecyclePolicy | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
         self.hsm = hsm
         self.policy = policy
+        self.lifecycle = lifecycle or LifecyclePolicy()
+        self.audit = audit
         self.info = info or ServerInfo()
         self._clock = clock
         self._create_kek_on_demand = create_kek_on_demand
-        self._kek_creation = trio.Lock()
-        self._handlers: dict[type[Any], Callable[[str, Any], Awaitable[Any]]] = {
+        self._kek_changes = trio.Lock()
+        #: Set when a rewrap job starts, so the job runner wakes at once.
+        self.jobs_waiting = trio.Event()
+        self._handlers: dict[type[Any], Handler] = {
             Status: self._status,
             CreateDek: self._create_dek,
             GetDek: self._get_dek,
@@ -120,49 +231,105 @@ class KeyService:
             Unwrap: self._unwrap,
             CreateKek: self._create_kek,
             ListKeks: self._list_keks,
+            RotateKek: self._rotate_kek,
+            Activate: self._activate,
+            Revoke: self._revoke,
+            Destroy: self._destroy,
+            Recover: self._recover,
+            GetAttributes: self._get_attributes,
+            Locate: self._locate,
+            Dependents: self._dependents,
+            RewrapDek: self._rewrap_dek,
+            RewrapBlob: self._rewrap_blob,
+            StartRewrap: self._start_rewrap,
+            GetJob: self._get_job,
+            ListJobs: self._list_jobs,
+            ChangesSince: self._changes_since,
         }
 
-    async def handle(self, identity: str, request: Any) -> Any:
-        """Run one request for an authenticated identity; raise ServiceError to refuse."""
-        with _backend_errors(request):
-            return await self._handlers[type(request)](identity, request)
+    # -- entry points ------------------------------------------------------------------
 
-    def handle_now(self, identity: str, request: Any) -> Any:
+    async def handle(self, caller: Caller, request: Any) -> Any:
+        """Run one request for an authenticated caller; raise ServiceError to refuse."""
+        call = _Call(caller, request.OPERATION)
+        try:
+            with _backend_errors(request):
+                if self.store.shared:
+                    await self.store.refresh_if_changed()  # see what the other daemons did
+                result = await self._handlers[type(request)](call, request)
+        except ServiceError as exc:
+            self._audit(call, exc.code.wire_name)
+            raise
+        seq = self._audit(call, "ok")
+        if seq is not None and call.operation in STATE_CHANGING:
+            assert self.audit is not None
+            try:
+                await self.audit.sync(seq)
+            except AuditError as exc:
+                raise _audit_failed(exc) from None
+        return result
+
+    def handle_now(self, caller: Caller, request: Any) -> Any:
         """Answer at once if that needs no waiting at all, else return NOT_NOW.
 
         The hot path of a storage system is get-dek of a DEK it used moments
         ago: with the wrapped row cached and an HSM backend that unwraps
         without blocking, the server answers inline instead of starting a
-        task for it. Same checks, same errors as ``handle``.
+        task for it. Same checks, same errors, same audit as ``handle``.
         """
         if type(request) is not GetDek:
             return NOT_NOW
         record = self.store.cached_dek(request.dek_id)
         if record is None:
             return NOT_NOW
-        with _backend_errors(request):
-            version = self._check_get_dek(identity, request, record)
-            with _unwrap_errors(version, _stored_dek_what(record)):
-                key = self.hsm.unwrap_now(
-                    version.hsm_handle, record.wrapped, _record_associated_data(record)
-                )
-        return NOT_NOW if key is None else _dek_result(record, key)
+        call = _Call(caller, request.OPERATION)
+        try:
+            with _backend_errors(request):
+                version = self._check_get_dek(call, request, record)
+                with _unwrap_errors(version, _stored_dek_what(record)):
+                    key = self.hsm.unwrap_now(
+                        version.hsm_handle, record.wrapped, _record_associated_data(record)
+                    )
+        except ServiceError as exc:
+            self._audit(call, exc.code.wire_name)
+            raise
+        if key is None:
+            return NOT_NOW
+        self._audit(call, "ok")
+        return _dek_result(record, key)
+
+    def _audit(self, call: _Call, result: str) -> int | None:
+        if self.audit is None or call.operation == "status":
+            return None
+        try:
+            return self.audit.append(call.event(result), self._clock())
+        except AuditError as exc:
+            log.error("%s", exc)
+            if self.audit.fail_open_reads and call.operation not in STATE_CHANGING:
+                return None
+            raise _audit_failed(exc) from None
+
+    # -- helpers -------------------------------------------------------------------------
 
     def _now(self) -> int:
         return int(self._clock())
 
-    def _authorize(self, identity: str, operation: str, namespace: str) -> None:
-        if not self.policy.allows(identity, operation, namespace):
+    def _authorize(self, call: _Call, operation: str, namespace: str) -> None:
+        call.namespace = namespace
+        if not self.policy.allows(call.caller.identity, operation, namespace):
             raise ServiceError(
                 ErrorCode.NOT_AUTHORIZED,
-                f"{identity} is not allowed {operation} in namespace {namespace!r}",
+                f"{call.caller.identity} is not allowed {operation} in namespace {namespace!r}",
             )
 
-    def _require_some_grant(self, identity: str, operation: str) -> None:
-        if not self.policy.allows_anywhere(identity, operation):
-            raise ServiceError(ErrorCode.NOT_AUTHORIZED, f"{identity} is not allowed {operation}")
+    def _require_some_grant(self, call: _Call, operation: str) -> None:
+        if not self.policy.allows_anywhere(call.caller.identity, operation):
+            raise ServiceError(
+                ErrorCode.NOT_AUTHORIZED, f"{call.caller.identity} is not allowed {operation}"
+            )
 
-    # -- KEK selection -------------------------------------------------------------
+    def _may(self, call: _Call, operation: str, namespace: str) -> bool:
+        return self.policy.allows(call.caller.identity, operation, namespace)
 
     async def _kek_for_new_key(self, namespace: str, identity: str) -> KekRecord:
         kek = self.store.get_kek(namespace)
@@ -174,21 +341,52 @@ class KeyService:
                 f"namespace {namespace!r} has no KEK; an administrator creates it "
                 f"(kmipd kek create {namespace})",
             )
-        async with self._kek_creation:
+        async with self._kek_changes:
             kek = self.store.get_kek(namespace)
-            if kek is None:
-                kek = await self._make_kek(namespace, identity)
-                log.info("created KEK %r on demand for %s", namespace, identity)
+            if kek is not None:
+                return kek
+            try:
+                kek = await self._make_kek(namespace, identity, KEK_USAGES, None)
+            except ServiceError as exc:
+                if exc.code is not ErrorCode.ALREADY_EXISTS or not self.store.shared:
+                    raise
+                # Another daemon sharing the store created it first: use theirs.
+                await self.store.refresh_if_changed()
+                kek = self.store.get_kek(namespace)
+                if kek is None:
+                    raise
+                return kek
+            log.info("created KEK %r on demand for %s", namespace, identity)
             return kek
 
-    async def _make_kek(self, name: str, identity: str) -> KekRecord:
+    async def _make_kek(
+        self, name: str, identity: str, usage: frozenset[Usage], activation: int | None
+    ) -> KekRecord:
+        now = self._now()
         handle = await self.hsm.generate_kek(f"{name}/v1")
-        version = KekVersion(name, 1, handle, self._now())
+        lifecycle = self.lifecycle.new_lifecycle("kek", name, now, usage, activation)
+        version = KekVersion(name, 1, handle, now, lifecycle)
         try:
             return await self.store.create_kek(name, version, identity)
         except AlreadyExistsError:
             await self.hsm.destroy_kek(handle)
             raise ServiceError(ErrorCode.ALREADY_EXISTS, f"KEK {name!r} already exists") from None
+
+    async def _version_for_protection(self, call: _Call, kek: KekRecord) -> KekVersion:
+        """The newest version that may wrap now; rotate first if it expired and that is on."""
+        now = self._now()
+        version = kek.for_protection(now)
+        if version is None and self.lifecycle.auto_rotate and _rotation_due(kek, now):
+            version = (await self.rotate(kek.name, "automatic: protect-stop reached")).latest
+        if version is None:
+            newest = kek.latest
+            with _lifecycle_errors():
+                newest.lifecycle.check_protect(Usage.WRAP, now, _kek_what(newest))
+            raise ServiceError(ErrorCode.WRONG_STATE, f"KEK {kek.name!r} has no version to wrap")
+        with _lifecycle_errors():
+            version.lifecycle.check_protect(Usage.WRAP, now, _kek_what(version))
+        call.kek, call.kek_version = version.kek, version.version
+        return version
 
     def _kek_version(self, name: str, number: int) -> KekVersion:
         kek = self.store.get_kek(name)
@@ -197,9 +395,31 @@ class KeyService:
             raise ServiceError(ErrorCode.NOT_FOUND, f"KEK {name!r} has no version {number}")
         return version
 
-    # -- operations ------------------------------------------------------------------
+    async def rotate(self, name: str, why: str) -> KekRecord:
+        """Make the KEK's next version (a new HSM key); new wraps use it from now on."""
+        async with self._kek_changes:
+            kek = self.store.get_kek(name)
+            if kek is None:
+                raise ServiceError(ErrorCode.NOT_FOUND, f"no KEK named {name!r}")
+            now = self._now()
+            latest = kek.latest
+            number = latest.version + 1
+            handle = await self.hsm.generate_kek(f"{name}/v{number}")
+            lifecycle = self.lifecycle.new_lifecycle("kek", name, now, latest.lifecycle.usage, None)
+            try:
+                kek = await self.store.add_kek_version(
+                    KekVersion(name, number, handle, now, lifecycle)
+                )
+            except AlreadyExistsError:
+                await self.hsm.destroy_kek(handle)  # another daemon rotated first
+                await self.store.refresh_if_changed()
+                return self.store.get_kek(name) or kek
+        log.info("rotated KEK %r to version %d (%s)", name, number, why)
+        return kek
 
-    async def _status(self, identity: str, request: Status) -> StatusResult:
+    # -- data operations -------------------------------------------------------------------
+
+    async def _status(self, call: _Call, request: Status) -> StatusResult:
         hsm_state = store_state = "ok"
         try:
             await self.hsm.check()
@@ -221,34 +441,41 @@ class KeyService:
             store=store_state,
         )
 
-    async def _create_dek(self, identity: str, request: CreateDek) -> DekResult:
+    async def _create_dek(self, call: _Call, request: CreateDek) -> DekResult:
         namespace = request.namespace
-        self._authorize(identity, "create-dek", namespace)
+        self._authorize(call, "create-dek", namespace)
+        identity = call.caller.identity
         if request.idempotency_key is not None:
-            earlier = await self._created_earlier(identity, request)
+            earlier = await self._created_earlier(call, request)
             if earlier is not None:
                 return earlier
-        version = (await self._kek_for_new_key(namespace, identity)).latest
+        version = await self._version_for_protection(
+            call, await self._kek_for_new_key(namespace, identity)
+        )
+        now = self._now()
+        usage = _usage(request.usage, DEK_USAGES)
         dek_id = new_dek_id()
+        call.dek_id = dek_id
         key = secrets.token_bytes(KEY_SIZE)
         wrapped = await self.hsm.wrap(
             version.hsm_handle, key, dek_associated_data(dek_id, namespace, version.version)
         )
-        record = DekRecord(dek_id, namespace, version.version, wrapped, self._now(), identity)
+        lifecycle = self.lifecycle.new_lifecycle("dek", namespace, now, usage, None)
+        record = DekRecord(dek_id, namespace, version.version, wrapped, now, identity, lifecycle)
         try:
             await self.store.put_dek(record, idempotency_key=request.idempotency_key)
         except IdempotencyKeyUsedError:
             # The same create, retried while the first attempt was committing.
-            earlier = await self._created_earlier(identity, request)
+            earlier = await self._created_earlier(call, request)
             assert earlier is not None
             return earlier
         # The row is durable from here on: nothing below may await (and be cancelled).
         return DekResult(dek_id=dek_id, namespace=namespace, kek_version=version.version, key=key)
 
-    async def _created_earlier(self, identity: str, request: CreateDek) -> DekResult | None:
+    async def _created_earlier(self, call: _Call, request: CreateDek) -> DekResult | None:
         """The DEK an earlier attempt of this create made, if there was one."""
         assert request.idempotency_key is not None
-        dek_id = await self.store.find_idempotent(identity, request.idempotency_key)
+        dek_id = await self.store.find_idempotent(call.caller.identity, request.idempotency_key)
         if dek_id is None:
             return None
         record = await self.store.get_dek(dek_id)
@@ -257,24 +484,43 @@ class KeyService:
                 ErrorCode.BAD_REQUEST,
                 "idempotency key already used for another create-dek; use a fresh key per create",
             )
-        return await self._get_dek(identity, GetDek(dek_id=dek_id))
+        return await self._get_dek(call, GetDek(dek_id=dek_id, purpose="encrypt"))
 
-    def _check_get_dek(
-        self, identity: str, request: GetDek, record: DekRecord | None
-    ) -> KekVersion:
-        self._require_some_grant(identity, "get-dek")
+    def _check_get_dek(self, call: _Call, request: GetDek, record: DekRecord | None) -> KekVersion:
+        self._require_some_grant(call, "get-dek")
+        call.dek_id = request.dek_id
         if record is None:
             raise ServiceError(ErrorCode.NOT_FOUND, f"no DEK with id {request.dek_id}")
-        if not self.policy.allows(identity, "get-dek", record.namespace):
+        call.namespace = record.namespace
+        call.kek, call.kek_version = record.namespace, record.kek_version
+        purpose = request.purpose or "decrypt"
+        call.detail = f"purpose {purpose}"
+        operation = "recovery" if purpose == "recovery" else "get-dek"
+        if not self._may(call, operation, record.namespace):
             raise ServiceError(
-                ErrorCode.NOT_AUTHORIZED, f"{identity} is not allowed get-dek on {record.dek_id}"
+                ErrorCode.NOT_AUTHORIZED,
+                f"{call.caller.identity} is not allowed {operation} on {record.dek_id}",
             )
-        return self._kek_version(record.namespace, record.kek_version)
+        now = self._clock()
+        what = f"DEK {record.dek_id}"
+        version = self._kek_version(record.namespace, record.kek_version)
+        with _lifecycle_errors():
+            if purpose == "encrypt":
+                record.lifecycle.check_protect(Usage.ENCRYPT, now, what)
+            elif purpose == "decrypt":
+                record.lifecycle.check_process(Usage.DECRYPT, now, what)
+            else:
+                record.lifecycle.check_recovery(Usage.DECRYPT, now, what)
+            if purpose == "recovery":
+                version.lifecycle.check_recovery(Usage.UNWRAP, now, _kek_what(version))
+            else:
+                version.lifecycle.check_process(Usage.UNWRAP, now, _kek_what(version))
+        return version
 
-    async def _get_dek(self, identity: str, request: GetDek) -> DekResult:
-        self._require_some_grant(identity, "get-dek")
+    async def _get_dek(self, call: _Call, request: GetDek) -> DekResult:
+        self._require_some_grant(call, "get-dek")
         record = await self.store.get_dek(request.dek_id)
-        version = self._check_get_dek(identity, request, record)
+        version = self._check_get_dek(call, request, record)
         assert record is not None
         with _unwrap_errors(version, _stored_dek_what(record)):
             key = await self.hsm.unwrap(
@@ -282,63 +528,449 @@ class KeyService:
             )
         return _dek_result(record, key)
 
-    async def _generate_data_key(self, identity: str, request: GenerateDataKey) -> DataKeyResult:
-        self._authorize(identity, "generate-data-key", request.kek)
-        version = (await self._kek_for_new_key(request.kek, identity)).latest
+    async def _generate_data_key(self, call: _Call, request: GenerateDataKey) -> DataKeyResult:
+        self._authorize(call, "generate-data-key", request.kek)
+        kek = await self._kek_for_new_key(request.kek, call.caller.identity)
+        version = await self._version_for_protection(call, kek)
         key = secrets.token_bytes(KEY_SIZE)
+        blob = await self._wrap_blob(version, key, request.context)
+        call.blob_mac = self._mac(blob)
+        return DataKeyResult(key=key, blob=blob, kek=request.kek, kek_version=version.version)
+
+    async def _wrap_blob(self, version: KekVersion, key: bytes, context: dict[str, str]) -> bytes:
         wrapped = await self.hsm.wrap(
-            version.hsm_handle,
-            key,
-            blob_associated_data(request.kek, version.version, request.context),
+            version.hsm_handle, key, blob_associated_data(version.kek, version.version, context)
         )
         blob = DataKeyBlob(
             format=DATA_KEY_BLOB_FORMAT,
-            kek=request.kek,
+            kek=version.kek,
             kek_version=version.version,
             wrapped=wrapped,
         )
-        return DataKeyResult(
-            key=key,
-            blob=encode_item(encode_struct(blob)),
-            kek=request.kek,
-            kek_version=version.version,
-        )
+        return encode_item(encode_struct(blob))
 
-    async def _unwrap(self, identity: str, request: Unwrap) -> UnwrapResult:
+    def _mac(self, blob: bytes) -> str | None:
+        return None if self.audit is None else self.audit.mac(blob)
+
+    async def _open_blob(
+        self,
+        call: _Call,
+        operation: str,
+        blob_bytes: bytes,
+        context: dict[str, str],
+        *,
+        recovery: bool = False,
+    ) -> tuple[bytes, KekVersion]:
+        call.blob_mac = self._mac(blob_bytes)
         try:
-            blob = parse_struct(DataKeyBlob, decode_item(request.blob), "blob")
+            blob = parse_struct(DataKeyBlob, decode_item(blob_bytes), "blob")
         except ProtocolError as exc:
             raise ServiceError(
                 ErrorCode.BAD_REQUEST, f"args.blob is not a kmipd data-key blob ({exc.message})"
             ) from None
-        self._authorize(identity, "unwrap", blob.kek)
+        self._authorize(call, operation, blob.kek)
+        call.kek, call.kek_version = blob.kek, blob.kek_version
         version = self._kek_version(blob.kek, blob.kek_version)
+        with _lifecycle_errors():
+            if recovery:
+                version.lifecycle.check_recovery(Usage.UNWRAP, self._clock(), _kek_what(version))
+            else:
+                version.lifecycle.check_process(Usage.UNWRAP, self._clock(), _kek_what(version))
         with _unwrap_errors(version, "data-key blob (wrong context, or the blob was altered)"):
             key = await self.hsm.unwrap(
                 version.hsm_handle,
                 blob.wrapped,
-                blob_associated_data(blob.kek, blob.kek_version, request.context),
+                blob_associated_data(blob.kek, blob.kek_version, context),
             )
-        return UnwrapResult(key=key, kek=blob.kek, kek_version=blob.kek_version)
+        return key, version
 
-    async def _create_kek(self, identity: str, request: CreateKek) -> KekInfo:
-        self._authorize(identity, "create-kek", request.name)
-        async with self._kek_creation:
+    async def _unwrap(self, call: _Call, request: Unwrap) -> UnwrapResult:
+        key, version = await self._open_blob(call, "unwrap", request.blob, request.context)
+        return UnwrapResult(key=key, kek=version.kek, kek_version=version.version)
+
+    # -- KEK administration -------------------------------------------------------------------
+
+    async def _create_kek(self, call: _Call, request: CreateKek) -> KekInfo:
+        self._authorize(call, "create-kek", request.name)
+        call.kek = request.name
+        now = self._now()
+        if request.activation is not None and request.activation < now:
+            raise ServiceError(
+                ErrorCode.BAD_REQUEST,
+                "args.activation is in the past; omit it to activate the KEK now",
+            )
+        usage = _usage(request.usage, KEK_USAGES)
+        async with self._kek_changes:
             if self.store.get_kek(request.name) is not None:
                 raise ServiceError(ErrorCode.ALREADY_EXISTS, f"KEK {request.name!r} already exists")
-            kek = await self._make_kek(request.name, identity)
-        log.info("created KEK %r for %s", request.name, identity)
-        return _kek_info(kek)
+            kek = await self._make_kek(
+                request.name, call.caller.identity, usage, request.activation
+            )
+        call.kek_version = 1
+        log.info("created KEK %r for %s", request.name, call.caller.identity)
+        return self._kek_info(kek)
 
-    async def _list_keks(self, identity: str, request: ListKeks) -> ListKeksResult:
-        self._require_some_grant(identity, "list-keks")
+    def _kek_info(self, kek: KekRecord) -> KekInfo:
+        return KekInfo(
+            name=kek.name,
+            version=kek.latest.version,
+            created=kek.created_at,
+            state=kek.latest.lifecycle.effective(self._clock()).value,
+        )
+
+    async def _list_keks(self, call: _Call, request: ListKeks) -> ListKeksResult:
+        self._require_some_grant(call, "list-keks")
         return ListKeksResult(
             keks=tuple(
-                _kek_info(kek)
+                self._kek_info(kek)
                 for kek in self.store.list_keks(request.prefix)
-                if self.policy.allows(identity, "list-keks", kek.name)
+                if self._may(call, "list-keks", kek.name)
             )
         )
+
+    async def _rotate_kek(self, call: _Call, request: RotateKek) -> KeyAttributes:
+        self._authorize(call, "rotate-kek", request.name)
+        call.kek = request.name
+        kek = await self.rotate(request.name, f"requested by {call.caller.identity}")
+        call.kek_version = kek.latest.version
+        return self._kek_attributes(kek.latest)
+
+    # -- lifecycle transitions ------------------------------------------------------------------
+
+    async def _resolve(self, call: _Call, operation: str, ref: KeyRef) -> DekRecord | KekVersion:
+        if ref.dek_id is not None and ref.kek is None and ref.version is None:
+            call.dek_id = ref.dek_id
+            self._require_some_grant(call, operation)
+            record = await self.store.get_dek(ref.dek_id)
+            if record is None:
+                raise ServiceError(ErrorCode.NOT_FOUND, f"no DEK with id {ref.dek_id}")
+            self._authorize(call, operation, record.namespace)
+            call.kek, call.kek_version = record.namespace, record.kek_version
+            return record
+        if ref.dek_id is None and ref.kek is not None and ref.version is not None:
+            call.kek, call.kek_version = ref.kek, ref.version
+            self._authorize(call, operation, ref.kek)
+            return self._kek_version(ref.kek, ref.version)
+        raise ServiceError(
+            ErrorCode.BAD_REQUEST,
+            "args.key: give either dek-id, or kek and version (a KEK version)",
+        )
+
+    async def _transition(
+        self, call: _Call, target: DekRecord | KekVersion, event: Event, **changes: Any
+    ) -> KeyAttributes:
+        now = self._now()
+        with _lifecycle_errors():
+            lifecycle = target.lifecycle.apply(event, now, **changes)
+        if isinstance(target, DekRecord):
+            updated = await self.store.set_dek_lifecycle(target, lifecycle)
+            return _dek_attributes(updated, now)
+        await self.store.set_kek_version_lifecycle(target, lifecycle)
+        return self._kek_attributes(self._kek_version(target.kek, target.version))
+
+    async def _activate(self, call: _Call, request: Activate) -> KeyAttributes:
+        target = await self._resolve(call, "activate", request.key)
+        return await self._transition(call, target, Event.ACTIVATE)
+
+    async def _revoke(self, call: _Call, request: Revoke) -> KeyAttributes:
+        target = await self._resolve(call, "revoke", request.key)
+        reason = RevocationReason(request.reason)
+        call.detail = f"reason {reason.value}"
+        attributes = await self._transition(
+            call,
+            target,
+            revocation_event(reason),
+            revocation_reason=reason,
+            revocation_message=request.message,
+        )
+        log.warning("revoked %s (%s) for %s", _what(target), reason.value, call.caller.identity)
+        return attributes
+
+    async def _destroy(self, call: _Call, request: Destroy) -> KeyAttributes:
+        target = await self._resolve(call, "destroy", request.key)
+        if isinstance(target, KekVersion) and not request.force:
+            count, ids = await self.store.dependents(target.kek, target.version, 5)
+            if count:
+                raise ServiceError(
+                    ErrorCode.DEPENDENTS_EXIST,
+                    f"{count} DEK(s) are wrapped only under {_kek_what(target)} "
+                    f"(e.g. {', '.join(ids)}); rewrap them first, or destroy with force "
+                    "to make them unrecoverable",
+                )
+        now = self._now()
+        purge_at = now if request.purge_now else now + self.lifecycle.soft_delete_seconds
+        call.detail = "purge now" if request.purge_now else f"purge at {purge_at}"
+        attributes = await self._transition(call, target, Event.DESTROY, purge_at=purge_at)
+        log.warning("destroyed %s for %s (%s)", _what(target), call.caller.identity, call.detail)
+        if request.purge_now:
+            await self.purge_due()
+            return await self._attributes_of(call, request.key)
+        return attributes
+
+    async def _recover(self, call: _Call, request: Recover) -> KeyAttributes:
+        target = await self._resolve(call, "recover", request.key)
+        lifecycle = target.lifecycle
+        if lifecycle.state in DESTROYED_STATES and lifecycle.purge_at is None:
+            raise ServiceError(
+                ErrorCode.KEY_DESTROYED,
+                f"{_what(target)} was purged: its material is gone and cannot be recovered",
+            )
+        return await self._transition(call, target, Event.RECOVER)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    async def _attributes_of(self, call: _Call, ref: KeyRef) -> KeyAttributes:
+        target = await self._resolve(call, "get-attributes", ref)
+        if isinstance(target, DekRecord):
+            return _dek_attributes(target, self._clock())
+        return self._kek_attributes(target)
+
+    async def _get_attributes(self, call: _Call, request: GetAttributes) -> KeyAttributes:
+        return await self._attributes_of(call, request.key)
+
+    def _kek_attributes(self, version: KekVersion) -> KeyAttributes:
+        return _attributes(
+            "kek",
+            namespace=version.kek,
+            version=version.version,
+            created=version.created_at,
+            lifecycle=version.lifecycle,
+            now=self._clock(),
+        )
+
+    async def _locate(self, call: _Call, request: Locate) -> LocateResult:
+        self._require_some_grant(call, "locate")
+        now = self._clock()
+        state = None if request.state is None else State(request.state)
+        limit = request.limit or LOCATE_DEFAULT_LIMIT
+        found: list[KeyAttributes] = []
+        if request.kind in (None, "kek"):
+            for kek in self.store.list_keks():
+                if not self._namespace_matches(kek.name, request.namespace):
+                    continue
+                if not self._may(call, "locate", kek.name):
+                    continue
+                found.extend(
+                    self._kek_attributes(version)
+                    for version in kek.versions
+                    if state is None or version.lifecycle.effective(now) is state
+                )
+        next_after = None
+        if request.kind in (None, "dek"):
+            records = await self.store.locate_deks(
+                namespace=request.namespace, state=None, after=request.after or "", limit=limit
+            )
+            for record in records:
+                if state is not None and record.lifecycle.effective(now) is not state:
+                    continue
+                if self._may(call, "locate", record.namespace):
+                    found.append(_dek_attributes(record, now))
+            if len(records) == limit:
+                next_after = records[-1].dek_id
+        return LocateResult(keys=tuple(found), next=next_after)
+
+    @staticmethod
+    def _namespace_matches(name: str, pattern: str | None) -> bool:
+        return pattern is None or fnmatch.fnmatchcase(name, pattern)
+
+    async def _dependents(self, call: _Call, request: Dependents) -> DependentsResult:
+        self._authorize(call, "dependents", request.kek)
+        call.kek, call.kek_version = request.kek, request.version
+        self._kek_version(request.kek, request.version)
+        count, ids = await self.store.dependents(
+            request.kek,
+            request.version,
+            LOCATE_DEFAULT_LIMIT if request.limit is None else request.limit,
+        )
+        return DependentsResult(count=count, dek_ids=tuple(ids))
+
+    async def _changes_since(self, call: _Call, request: ChangesSince) -> ChangesResult:
+        self._require_some_grant(call, "changes-since")
+        changes, newest = await self.store.changes_since(request.seq, request.limit or 1000)
+        visible = tuple(
+            ChangeInfo(
+                seq=c.seq,
+                at=c.at,
+                namespace=c.namespace,
+                state=c.state,
+                dek_id=c.dek_id,
+                kek_version=c.kek_version,
+            )
+            for c in changes
+            if self._may(call, "changes-since", c.namespace)
+        )
+        # Fewer than the limit means the caller has everything up to ``newest``.
+        seq = newest if len(changes) < (request.limit or 1000) else changes[-1].seq
+        return ChangesResult(changes=visible, seq=seq)
+
+    # -- rewrap -----------------------------------------------------------------------------
+
+    async def rewrap_record(self, record: DekRecord, target: KekVersion) -> bool:
+        """Re-wrap one stored DEK under ``target`` without the key leaving the daemon."""
+        wrapped = await self._rewrapped(record, target)
+        return await self.store.rewrap_dek(record, target.version, wrapped)
+
+    async def _rewrapped(self, record: DekRecord, target: KekVersion) -> bytes:
+        """The DEK's wrapping under ``target`` (unwrapped and re-wrapped inside the HSM path)."""
+        old = self._kek_version(record.namespace, record.kek_version)
+        with _lifecycle_errors():
+            old.lifecycle.check_recovery(Usage.UNWRAP, self._clock(), _kek_what(old))
+        with _unwrap_errors(old, _stored_dek_what(record)):
+            key = await self.hsm.unwrap(
+                old.hsm_handle, record.wrapped, _record_associated_data(record)
+            )
+        wrapped = await self.hsm.wrap(
+            target.hsm_handle,
+            key,
+            dek_associated_data(record.dek_id, record.namespace, target.version),
+        )
+        del key
+        return wrapped
+
+    async def _rewrap_dek(self, call: _Call, request: RewrapDek) -> KeyAttributes:
+        record = await self._resolve(call, "rewrap", KeyRef(dek_id=request.dek_id))
+        assert isinstance(record, DekRecord)
+        kek = self.store.get_kek(record.namespace)
+        assert kek is not None
+        target = await self._version_for_protection(call, kek)
+        if record.kek_version != target.version:
+            await self.rewrap_record(record, target)
+        updated = await self.store.get_dek(record.dek_id)
+        assert updated is not None
+        return _dek_attributes(updated, self._clock())
+
+    async def _rewrap_blob(self, call: _Call, request: RewrapBlob) -> RewrapBlobResult:
+        blob_bytes = request.blob
+        blob_kek = _blob_kek(blob_bytes)
+        recovery = blob_kek is not None and self._may(call, "recovery", blob_kek)
+        key, old = await self._open_blob(
+            call, "rewrap", blob_bytes, request.context, recovery=recovery
+        )
+        kek = self.store.get_kek(old.kek)
+        assert kek is not None
+        target = await self._version_for_protection(call, kek)
+        blob = await self._wrap_blob(target, key, request.context)
+        del key
+        return RewrapBlobResult(blob=blob, kek=target.kek, kek_version=target.version)
+
+    async def _start_rewrap(self, call: _Call, request: StartRewrap) -> JobInfo:
+        self._authorize(call, "start-rewrap", request.namespace)
+        kek = self.store.get_kek(request.namespace)
+        if kek is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, f"no KEK named {request.namespace!r}")
+        target = await self._version_for_protection(call, kek)
+        now = self._now()
+        job = RewrapJob(
+            job_id="job_" + secrets.token_hex(8),
+            namespace=request.namespace,
+            target=target.version,
+            cursor="",
+            rewrapped=0,
+            skipped=0,
+            remaining=await self.store.count_to_rewrap(request.namespace, target.version),
+            state="running",
+            created_at=now,
+            updated_at=now,
+            created_by=call.caller.identity,
+        )
+        await self.store.create_job(job)
+        call.detail = f"job {job.job_id}"
+        self.jobs_waiting.set()
+        log.info(
+            "rewrap job %s started: %s to version %d (%d DEKs)",
+            job.job_id,
+            job.namespace,
+            job.target,
+            job.remaining,
+        )
+        return _job_info(job)
+
+    async def _get_job(self, call: _Call, request: GetJob) -> JobInfo:
+        job = await self.store.get_job(request.job_id)
+        if job is None:
+            raise ServiceError(ErrorCode.NOT_FOUND, f"no job {request.job_id}")
+        self._authorize(call, "get-job", job.namespace)
+        return _job_info(job)
+
+    async def _list_jobs(self, call: _Call, request: ListJobs) -> ListJobsResult:
+        self._require_some_grant(call, "list-jobs")
+        jobs = await self.store.list_jobs(request.state)
+        return ListJobsResult(
+            jobs=tuple(_job_info(j) for j in jobs if self._may(call, "list-jobs", j.namespace))
+        )
+
+    async def run_rewrap_batch(self, job: RewrapJob, batch_size: int) -> RewrapJob:
+        """Advance a job by one batch.
+
+        The batch's new wrappings and the job's progress are committed in one
+        transaction, and each row is only replaced if it is still under the
+        version that was read: after a crash the job resumes at its last
+        commit, and no DEK is lost, skipped or counted twice.
+        """
+        records = await self.store.deks_to_rewrap(job.namespace, job.target, job.cursor, batch_size)
+        target = self._kek_version(job.namespace, job.target)
+        updates: list[tuple[DekRecord, bytes]] = []
+        skipped = 0
+        for record in records:
+            try:
+                updates.append((record, await self._rewrapped(record, target)))
+            except ServiceError as exc:
+                log.warning("rewrap job %s: skipping %s: %s", job.job_id, record.dek_id, exc)
+                skipped += 1
+        done = len(records) < batch_size
+        job = attrs.evolve(
+            job,
+            cursor=records[-1].dek_id if records else job.cursor,
+            skipped=job.skipped + skipped,
+            state="done" if done else "running",
+            updated_at=self._now(),
+        )
+        job = await self.store.commit_rewrap_batch(job, updates)
+        if done:
+            log.info(
+                "rewrap job %s done: %d rewrapped, %d skipped",
+                job.job_id,
+                job.rewrapped,
+                job.skipped,
+            )
+        return job
+
+    # -- maintenance: dates, automatic rotation, purging --------------------------------------
+
+    async def purge_due(self) -> int:
+        """Erase the material of destroyed keys whose soft-delete window ended."""
+        deks, versions = await self.store.due_for_purge(self._now())
+        for record in deks:
+            await self.store.purge_dek(record)
+            log.info("purged DEK %s", record.dek_id)
+        for version in versions:
+            if version.hsm_handle:
+                with contextlib.suppress(HsmError):
+                    await self.hsm.destroy_kek(version.hsm_handle)
+            orphans = await self.store.purge_kek_version(version)
+            log.warning(
+                "purged %s from the HSM; %d DEK(s) only it wrapped are gone",
+                _kek_what(version),
+                len(orphans),
+            )
+        if deks or versions:
+            await self.store.checkpoint()
+        return len(deks) + len(versions)
+
+    async def maintain(self) -> None:
+        """One maintenance pass: record date transitions, rotate due KEKs, purge."""
+        now = self._now()
+        for kek in self.store.list_keks():
+            for version in kek.versions:
+                effective = version.lifecycle.effective(now)
+                if effective is not version.lifecycle.state:
+                    changed = attrs.evolve(version.lifecycle, state=effective)
+                    await self.store.set_kek_version_lifecycle(version, changed)
+                    log.info("%s is now %s (its date passed)", _kek_what(version), effective.value)
+            fresh = self.store.get_kek(kek.name)
+            if fresh is not None and self.lifecycle.auto_rotate and _rotation_due(fresh, now):
+                await self.rotate(kek.name, "automatic: protect-stop reached")
+        await self.purge_due()
 
 
 class _NotNow(enum.Enum):
@@ -347,6 +979,41 @@ class _NotNow(enum.Enum):
 
 #: handle_now's answer when the request must go through handle().
 NOT_NOW = _NotNow.NOT_NOW
+
+
+def _rotation_due(kek: KekRecord, now: float) -> bool:
+    """The newest version reached protect-stop without being revoked or destroyed."""
+    latest = kek.latest.lifecycle
+    return (
+        latest.protect_stop is not None
+        and now >= latest.protect_stop
+        and latest.effective(now) in (State.ACTIVE, State.DEACTIVATED)
+        and latest.revocation_reason is None
+    )
+
+
+def _usage(requested: tuple[str, ...] | None, allowed: frozenset[Usage]) -> frozenset[Usage]:
+    if requested is None:
+        return allowed
+    usage = frozenset(Usage(u) for u in requested)
+    if not usage <= allowed:
+        raise ServiceError(
+            ErrorCode.BAD_REQUEST, "args.usage names a usage this kind of key cannot have"
+        )
+    return usage
+
+
+def _blob_kek(blob_bytes: bytes) -> str | None:
+    try:
+        return parse_struct(DataKeyBlob, decode_item(blob_bytes), "blob").kek
+    except ProtocolError:
+        return None
+
+
+def _audit_failed(exc: AuditError) -> ServiceError:
+    return ServiceError(
+        ErrorCode.AUDIT_UNAVAILABLE, "the audit trail cannot be written; see the server log"
+    )
 
 
 @contextlib.contextmanager
@@ -359,6 +1026,14 @@ def _backend_errors(request: Any) -> Iterator[None]:
     except StoreError as exc:
         log.error("store failure during %s: %s", request.OPERATION, exc)
         raise ServiceError(ErrorCode.INTERNAL, "the key store failed; see the server log") from None
+
+
+@contextlib.contextmanager
+def _lifecycle_errors() -> Iterator[None]:
+    try:
+        yield
+    except LifecycleError as exc:
+        raise ServiceError(_LIFECYCLE_CODES[exc.reason], exc.message) from None
 
 
 @contextlib.contextmanager
@@ -376,6 +1051,14 @@ def _unwrap_errors(version: KekVersion, what: str) -> Iterator[None]:
         ) from None
 
 
+def _kek_what(version: KekVersion) -> str:
+    return f"KEK {version.kek!r} version {version.version}"
+
+
+def _what(target: DekRecord | KekVersion) -> str:
+    return f"DEK {target.dek_id}" if isinstance(target, DekRecord) else _kek_what(target)
+
+
 def _stored_dek_what(record: DekRecord) -> str:
     return f"stored DEK {record.dek_id} (its row was altered or moved)"
 
@@ -390,5 +1073,58 @@ def _dek_result(record: DekRecord, key: bytes) -> DekResult:
     )
 
 
-def _kek_info(kek: KekRecord) -> KekInfo:
-    return KekInfo(name=kek.name, version=kek.latest.version, created=kek.created_at)
+def _attributes(
+    kind: str,
+    *,
+    namespace: str,
+    version: int,
+    created: int,
+    lifecycle: Lifecycle,
+    now: float,
+    dek_id: str | None = None,
+) -> KeyAttributes:
+    reason = lifecycle.revocation_reason
+    return KeyAttributes(
+        kind=kind,
+        namespace=namespace,
+        version=version,
+        dek_id=dek_id,
+        state=lifecycle.effective(now).value,
+        usage=tuple(sorted(u.value for u in lifecycle.usage)),
+        created=created,
+        activation=lifecycle.activation,
+        protect_stop=lifecycle.protect_stop,
+        process_start=lifecycle.process_start,
+        deactivation=lifecycle.deactivation,
+        compromise_date=lifecycle.compromise_date,
+        destroy_date=lifecycle.destroy_date,
+        purge_at=lifecycle.purge_at,
+        revocation_reason=None if reason is None else reason.value,
+        revocation_message=lifecycle.revocation_message,
+    )
+
+
+def _dek_attributes(record: DekRecord, now: float) -> KeyAttributes:
+    return _attributes(
+        "dek",
+        namespace=record.namespace,
+        version=record.kek_version,
+        created=record.created_at,
+        lifecycle=record.lifecycle,
+        now=now,
+        dek_id=record.dek_id,
+    )
+
+
+def _job_info(job: RewrapJob) -> JobInfo:
+    return JobInfo(
+        job_id=job.job_id,
+        namespace=job.namespace,
+        target_version=job.target,
+        state=job.state,
+        rewrapped=job.rewrapped,
+        skipped=job.skipped,
+        remaining=job.remaining,
+        created=job.created_at,
+        updated=job.updated_at,
+    )

@@ -3,21 +3,25 @@
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
     AlreadyExistsError,
+    Change,
     DekRecord,
     IdempotencyKeyUsedError,
     KekRecord,
     KekVersion,
     KeyStore,
+    RewrapJob,
     StoreError,
 )
 
 __all__ = [
     "IDEMPOTENCY_RETENTION",
     "AlreadyExistsError",
+    "Change",
     "DekRecord",
     "IdempotencyKeyUsedError",
     "KekRecord",
     "KekVersion",
     "KeyStore",
+    "RewrapJob",
     "StoreError",
 ]

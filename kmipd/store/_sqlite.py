@@ -13,18 +13,24 @@ path; one daemon owns the file (an exclusive lock enforces it), so the
 cache cannot go stale behind its back.
 """
 
+# ruff: noqa: S608 - queries interpolate only constant column lists and conditions;
+# every value is a bound parameter.
 from __future__ import annotations
 
 import collections
 import fcntl
+import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 import trio
+
+from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
 
 #: The schema, as the migrations that build it, in order. A store at
 #: user_version N has had the first N applied; opening it applies the rest in
@@ -71,6 +77,39 @@ CREATE TABLE idempotency_keys (
 ) STRICT;
 CREATE INDEX idempotency_keys_by_age ON idempotency_keys(created_at);
 """,
+    # 3: lifecycles (state column for queries, the rest as JSON), an ordered
+    # feed of state changes for clients' caches, and resumable rewrap jobs.
+    """
+ALTER TABLE kek_versions ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+ALTER TABLE kek_versions ADD COLUMN purge_at INTEGER;
+ALTER TABLE kek_versions ADD COLUMN lifecycle TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE deks ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+ALTER TABLE deks ADD COLUMN purge_at INTEGER;
+ALTER TABLE deks ADD COLUMN lifecycle TEXT NOT NULL DEFAULT '{}';
+CREATE INDEX deks_to_purge ON deks(purge_at) WHERE purge_at IS NOT NULL;
+CREATE INDEX kek_versions_to_purge ON kek_versions(purge_at) WHERE purge_at IS NOT NULL;
+CREATE TABLE changes (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          INTEGER NOT NULL,
+    namespace   TEXT NOT NULL,
+    dek_id      TEXT,
+    kek_version INTEGER,
+    state       TEXT NOT NULL
+) STRICT;
+CREATE TABLE rewrap_jobs (
+    id          TEXT PRIMARY KEY,
+    namespace   TEXT NOT NULL,
+    target      INTEGER NOT NULL,
+    cursor      TEXT NOT NULL DEFAULT '',
+    rewrapped   INTEGER NOT NULL DEFAULT 0,
+    skipped     INTEGER NOT NULL DEFAULT 0,
+    remaining   INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    created_by  TEXT NOT NULL
+) STRICT;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -96,17 +135,21 @@ class DekRecord:
     dek_id: str
     namespace: str
     kek_version: int
+    #: Empty once the DEK was destroyed and its material purged.
     wrapped: bytes = attrs.field(repr=False)
     created_at: int
     created_by: str
+    lifecycle: Lifecycle
 
 
 @attrs.frozen
 class KekVersion:
     kek: str
     version: int
+    #: Empty once the version was destroyed and its HSM object erased.
     hsm_handle: str
     created_at: int
+    lifecycle: Lifecycle
 
 
 @attrs.frozen
@@ -126,14 +169,62 @@ class KekRecord:
                 return version
         return None
 
+    def for_protection(self, now: float) -> KekVersion | None:
+        """The newest version that may wrap now (active, before its protect-stop)."""
+        for version in reversed(self.versions):
+            lifecycle = version.lifecycle
+            if lifecycle.effective(now) is State.ACTIVE and (
+                lifecycle.protect_stop is None or now < lifecycle.protect_stop
+            ):
+                return version
+        return None
+
+
+@attrs.frozen
+class Change:
+    """One entry of the change feed: a key's state changed (clients evict cached keys)."""
+
+    seq: int
+    at: int
+    namespace: str
+    dek_id: str | None
+    kek_version: int | None
+    state: str
+
+
+@attrs.frozen
+class RewrapJob:
+    job_id: str
+    namespace: str
+    target: int
+    cursor: str
+    rewrapped: int
+    skipped: int
+    remaining: int
+    state: str  # "running", "done", "failed"
+    created_at: int
+    updated_at: int
+    created_by: str
+
 
 T = TypeVar("T")
 
+_DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
+
 
 class KeyStore:
-    def __init__(self, path: Path, *, cache_size: int = 10_000) -> None:
+    """The store. One daemon owns it, or (``shared``) several on one host serve it together.
+
+    Shared mode is for availability: each daemon takes a shared lock instead
+    of an exclusive one, reads DEK rows from the database instead of its
+    cache, and reloads KEK metadata whenever another connection committed
+    (``refresh_if_changed``), so what one daemon creates the others serve.
+    """
+
+    def __init__(self, path: Path, *, cache_size: int = 10_000, shared: bool = False) -> None:
         self.path = path
-        self._lock_fd = _lock_exclusively(path)
+        self.shared = shared
+        self._lock_fd = _lock(path, shared=shared)
         try:
             self._writer = _connect(path)
             self._reader = _connect(path)
@@ -145,14 +236,15 @@ class KeyStore:
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
         self._cache_size = cache_size
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
+        self._data_version = _data_version(self._reader)
         (self.store_id,) = self._reader.execute(
             "SELECT value FROM store_meta WHERE name = 'store_id'"
         ).fetchone()
 
     @classmethod
-    def open(cls, path: Path, *, cache_size: int = 10_000) -> KeyStore:
+    def open(cls, path: Path, *, cache_size: int = 10_000, shared: bool = False) -> KeyStore:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(path, cache_size=cache_size)
+        return cls(path, cache_size=cache_size, shared=shared)
 
     def __repr__(self) -> str:
         return f"KeyStore({str(self.path)!r})"
@@ -201,6 +293,47 @@ class KeyStore:
         self._keks[name] = record
         return record
 
+    async def add_kek_version(self, version: KekVersion) -> KekRecord:
+        """Rotation: append the next version (its number must be the next one)."""
+
+        def insert(db: sqlite3.Connection) -> None:
+            try:
+                _insert_kek_version(db, version)
+            except sqlite3.IntegrityError:
+                raise AlreadyExistsError(
+                    f"KEK {version.kek!r} already has a version {version.version}"
+                ) from None
+
+        await self._write(insert)
+        kek = self._keks[version.kek]
+        self._keks[version.kek] = attrs.evolve(kek, versions=(*kek.versions, version))
+        return self._keks[version.kek]
+
+    async def set_kek_version_lifecycle(self, version: KekVersion, lifecycle: Lifecycle) -> None:
+        """Record a KEK version's new lifecycle and append it to the change feed."""
+
+        def update(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE kek_versions SET state = ?, purge_at = ?, lifecycle = ?"
+                " WHERE kek = ? AND version = ?",
+                (
+                    lifecycle.state.value,
+                    lifecycle.purge_at,
+                    json.dumps(lifecycle.to_json()),
+                    version.kek,
+                    version.version,
+                ),
+            )
+            _record_change(db, version.kek, None, version.version, lifecycle.state)
+
+        await self._write(update)
+        self._replace_version(attrs.evolve(version, lifecycle=lifecycle))
+
+    def _replace_version(self, version: KekVersion) -> None:
+        kek = self._keks[version.kek]
+        versions = tuple(version if v.version == version.version else v for v in kek.versions)
+        self._keks[version.kek] = attrs.evolve(kek, versions=versions)
+
     # -- DEKs --------------------------------------------------------------------
 
     async def put_dek(self, record: DekRecord, *, idempotency_key: bytes | None = None) -> None:
@@ -214,8 +347,7 @@ class KeyStore:
         def insert(db: sqlite3.Connection) -> None:
             try:
                 db.execute(
-                    "INSERT INTO deks (id, namespace, kek_version, wrapped, created_at, created_by)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         record.dek_id,
                         record.namespace,
@@ -223,6 +355,8 @@ class KeyStore:
                         record.wrapped,
                         record.created_at,
                         record.created_by,
+                        record.lifecycle.state.value,
+                        json.dumps(record.lifecycle.to_json()),
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -248,6 +382,8 @@ class KeyStore:
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
         """The row if it is in the cache; never touches the database."""
+        if self.shared:
+            return None  # another daemon may have changed it
         record = self._cache.get(dek_id)
         if record is not None:
             self._cache.move_to_end(dek_id)
@@ -271,23 +407,332 @@ class KeyStore:
             return record
 
         def select(db: sqlite3.Connection) -> DekRecord | None:
-            row = db.execute(
-                "SELECT id, namespace, kek_version, wrapped, created_at, created_by"
-                " FROM deks WHERE id = ?",
-                (dek_id,),
-            ).fetchone()
-            return None if row is None else DekRecord(*row)
+            row = db.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE id = ?", (dek_id,)).fetchone()
+            return None if row is None else _dek_from_row(row)
 
         record = await self._read(select)
         if record is not None:
             self._remember(record)
         return record
 
+    async def set_dek_lifecycle(self, record: DekRecord, lifecycle: Lifecycle) -> DekRecord:
+        """Record a DEK's new lifecycle and append it to the change feed."""
+
+        def update(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deks SET state = ?, purge_at = ?, lifecycle = ? WHERE id = ?",
+                (
+                    lifecycle.state.value,
+                    lifecycle.purge_at,
+                    json.dumps(lifecycle.to_json()),
+                    record.dek_id,
+                ),
+            )
+            _record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
+
+        await self._write(update)
+        updated = attrs.evolve(record, lifecycle=lifecycle)
+        self._forget(record.dek_id)
+        self._remember(updated)
+        return updated
+
+    async def rewrap_dek(self, record: DekRecord, version: int, wrapped: bytes) -> bool:
+        """Replace a DEK's wrapping, only if it is still under the version read.
+
+        Returns False (changing nothing) if another rewrap got there first,
+        so a DEK is never wrapped twice from one reading.
+        """
+
+        def update(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE deks SET kek_version = ?, wrapped = ? WHERE id = ? AND kek_version = ?",
+                (version, wrapped, record.dek_id, record.kek_version),
+            )
+            return cursor.rowcount == 1
+
+        changed = await self._write(update)
+        self._forget(record.dek_id)
+        return changed
+
     def _remember(self, record: DekRecord) -> None:
+        if self.shared:
+            return
         self._cache[record.dek_id] = record
         self._cache.move_to_end(record.dek_id)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+    def _forget(self, dek_id: str) -> None:
+        self._cache.pop(dek_id, None)
+
+    # -- queries ----------------------------------------------------------------------
+
+    async def locate_deks(
+        self, *, namespace: str | None, state: State | None, after: str, limit: int
+    ) -> list[DekRecord]:
+        """DEKs in id order after ``after``, optionally of one namespace (glob) and state."""
+        where, args = ["id > ?"], [after]
+        if namespace is not None:
+            where.append("namespace GLOB ?")
+            args.append(namespace)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state.value)
+
+        def select(db: sqlite3.Connection) -> list[DekRecord]:
+            rows = db.execute(
+                f"SELECT {_DEK_COLUMNS} FROM deks WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [_dek_from_row(row) for row in rows]
+
+        return await self._read(select)
+
+    async def dependents(self, kek: str, version: int, limit: int) -> tuple[int, list[str]]:
+        """How many not-destroyed DEKs are wrapped under this version, and the first ids."""
+        live = ("destroyed", "destroyed-compromised")
+
+        def select(db: sqlite3.Connection) -> tuple[int, list[str]]:
+            condition = "namespace = ? AND kek_version = ? AND state NOT IN (?, ?)"
+            (count,) = db.execute(
+                f"SELECT count(*) FROM deks WHERE {condition}", (kek, version, *live)
+            ).fetchone()
+            ids = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT id FROM deks WHERE {condition} ORDER BY id LIMIT ?",
+                    (kek, version, *live, limit),
+                )
+            ]
+            return int(count), ids
+
+        return await self._read(select)
+
+    async def changes_since(self, seq: int, limit: int) -> tuple[list[Change], int]:
+        """Feed entries after ``seq`` (at most ``limit``) and the newest sequence number."""
+
+        def select(db: sqlite3.Connection) -> tuple[list[Change], int]:
+            rows = db.execute(
+                "SELECT seq, at, namespace, dek_id, kek_version, state FROM changes"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            ).fetchall()
+            (newest,) = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+            return [Change(*row) for row in rows], int(newest)
+
+        return await self._read(select)
+
+    # -- destruction --------------------------------------------------------------------
+
+    async def due_for_purge(self, now: int) -> tuple[list[DekRecord], list[KekVersion]]:
+        """Destroyed keys whose soft-delete window has ended."""
+
+        def select(db: sqlite3.Connection) -> tuple[list[DekRecord], list[tuple[str, int]]]:
+            deks = [
+                _dek_from_row(row)
+                for row in db.execute(
+                    f"SELECT {_DEK_COLUMNS} FROM deks WHERE purge_at <= ?", (now,)
+                )
+            ]
+            versions = db.execute(
+                "SELECT kek, version FROM kek_versions WHERE purge_at <= ?", (now,)
+            ).fetchall()
+            return deks, versions
+
+        deks, refs = await self._read(select)
+        versions = []
+        for name, number in refs:
+            kek = self._keks.get(name)
+            found = kek.version(number) if kek is not None else None
+            if found is not None:
+                versions.append(found)
+        return deks, versions
+
+    async def purge_dek(self, record: DekRecord) -> None:
+        """Erase a destroyed DEK's wrapped material; its metadata stays (state destroyed)."""
+        lifecycle = attrs.evolve(record.lifecycle, purge_at=None)
+
+        def erase(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE deks SET wrapped = x'', purge_at = NULL, lifecycle = ? WHERE id = ?",
+                (json.dumps(lifecycle.to_json()), record.dek_id),
+            )
+            db.execute("DELETE FROM idempotency_keys WHERE dek_id = ?", (record.dek_id,))
+
+        await self._write(erase)
+        self._forget(record.dek_id)
+
+    async def purge_kek_version(self, version: KekVersion) -> list[str]:
+        """Erase a destroyed KEK version's handle; the DEKs only it wrapped go with it.
+
+        Returns the ids of those DEKs: they are marked destroyed and their
+        wrapped material erased too (it could never be unwrapped again).
+        """
+        lifecycle = attrs.evolve(version.lifecycle, purge_at=None)
+        now = int(time.time())
+
+        def erase(db: sqlite3.Connection) -> list[str]:
+            db.execute(
+                "UPDATE kek_versions SET hsm_handle = '', purge_at = NULL, lifecycle = ?"
+                " WHERE kek = ? AND version = ?",
+                (json.dumps(lifecycle.to_json()), version.kek, version.version),
+            )
+            orphans = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM deks"
+                    " WHERE namespace = ? AND kek_version = ? AND wrapped != x''",
+                    (version.kek, version.version),
+                )
+            ]
+            for dek_id in orphans:
+                (state, document, created) = db.execute(
+                    "SELECT state, lifecycle, created_at FROM deks WHERE id = ?", (dek_id,)
+                ).fetchone()
+                old = Lifecycle.from_json(
+                    state, json.loads(document), default_usage=DEK_USAGES, created_at=created
+                )
+                shredded = (
+                    State.DESTROYED_COMPROMISED
+                    if state in ("compromised", "destroyed-compromised")
+                    else State.DESTROYED
+                )
+                gone = attrs.evolve(
+                    old, state=shredded, purge_at=None, destroy_date=old.destroy_date or now
+                )
+                db.execute(
+                    "UPDATE deks SET wrapped = x'', state = ?, purge_at = NULL, lifecycle = ?"
+                    " WHERE id = ?",
+                    (shredded.value, json.dumps(gone.to_json()), dek_id),
+                )
+                _record_change(db, version.kek, dek_id, None, shredded)
+            return orphans
+
+        orphans = await self._write(erase)
+        self._replace_version(attrs.evolve(version, hsm_handle="", lifecycle=lifecycle))
+        for dek_id in orphans:
+            self._forget(dek_id)
+        return orphans
+
+    async def checkpoint(self) -> None:
+        """Move the WAL into the database file and truncate it: erased bytes leave both."""
+        await self._write(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+
+    # -- rewrap jobs ------------------------------------------------------------------------
+
+    async def create_job(self, job: RewrapJob) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO rewrap_jobs (id, namespace, target, cursor, rewrapped, skipped,"
+                " remaining, state, created_at, updated_at, created_by)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                attrs.astuple(job),
+            )
+
+        await self._write(insert)
+
+    async def commit_rewrap_batch(
+        self, job: RewrapJob, updates: list[tuple[DekRecord, bytes]]
+    ) -> RewrapJob:
+        """Apply a batch of rewrappings and the job's progress in one transaction.
+
+        A row is replaced only if it is still under the version read, so a
+        batch replayed after a crash changes nothing twice. Returns the job
+        with its counts as committed.
+        """
+
+        def apply(db: sqlite3.Connection) -> RewrapJob:
+            changed = 0
+            for record, wrapped in updates:
+                cursor = db.execute(
+                    "UPDATE deks SET kek_version = ?, wrapped = ? WHERE id = ? AND kek_version = ?",
+                    (job.target, wrapped, record.dek_id, record.kek_version),
+                )
+                changed += cursor.rowcount
+            (remaining,) = db.execute(
+                "SELECT count(*) FROM deks WHERE namespace = ? AND kek_version < ?"
+                " AND wrapped != x''",
+                (job.namespace, job.target),
+            ).fetchone()
+            saved = attrs.evolve(job, rewrapped=job.rewrapped + changed, remaining=remaining)
+            db.execute(
+                "UPDATE rewrap_jobs SET cursor = ?, rewrapped = ?, skipped = ?, remaining = ?,"
+                " state = ?, updated_at = ? WHERE id = ?",
+                (
+                    saved.cursor,
+                    saved.rewrapped,
+                    saved.skipped,
+                    saved.remaining,
+                    saved.state,
+                    saved.updated_at,
+                    saved.job_id,
+                ),
+            )
+            return saved
+
+        saved = await self._write(apply)
+        for record, _ in updates:
+            self._forget(record.dek_id)
+        return saved
+
+    async def get_job(self, job_id: str) -> RewrapJob | None:
+        def select(db: sqlite3.Connection) -> RewrapJob | None:
+            row = db.execute("SELECT * FROM rewrap_jobs WHERE id = ?", (job_id,)).fetchone()
+            return None if row is None else RewrapJob(*row)
+
+        return await self._read(select)
+
+    async def list_jobs(self, state: str | None = None) -> list[RewrapJob]:
+        def select(db: sqlite3.Connection) -> list[RewrapJob]:
+            rows = db.execute(
+                "SELECT * FROM rewrap_jobs WHERE ? IS NULL OR state = ? ORDER BY created_at",
+                (state, state),
+            ).fetchall()
+            return [RewrapJob(*row) for row in rows]
+
+        return await self._read(select)
+
+    async def deks_to_rewrap(
+        self, namespace: str, target: int, after: str, limit: int
+    ) -> list[DekRecord]:
+        """The next batch of a namespace's DEKs under an older version than ``target``."""
+
+        def select(db: sqlite3.Connection) -> list[DekRecord]:
+            rows = db.execute(
+                f"SELECT {_DEK_COLUMNS} FROM deks WHERE namespace = ? AND kek_version < ?"
+                " AND id > ? AND wrapped != x'' ORDER BY id LIMIT ?",
+                (namespace, target, after, limit),
+            ).fetchall()
+            return [_dek_from_row(row) for row in rows]
+
+        return await self._read(select)
+
+    async def count_to_rewrap(self, namespace: str, target: int) -> int:
+        def select(db: sqlite3.Connection) -> int:
+            (count,) = db.execute(
+                "SELECT count(*) FROM deks WHERE namespace = ? AND kek_version < ?"
+                " AND wrapped != x''",
+                (namespace, target),
+            ).fetchone()
+            return int(count)
+
+        return await self._read(select)
+
+    # -- health and shared mode ------------------------------------------------------------
+
+    async def refresh_if_changed(self) -> None:
+        """Shared mode: reload KEK metadata if any other connection committed since."""
+
+        def check(db: sqlite3.Connection) -> list[KekRecord] | None:
+            version = _data_version(db)
+            if version == self._data_version:
+                return None
+            self._data_version = version
+            return _load_keks(db)
+
+        keks = await self._read(check)
+        if keks is not None:
+            self._keks = {kek.name: kek for kek in keks}
 
     async def count_deks(self) -> int:
         return await self._read(
@@ -300,6 +745,23 @@ class KeyStore:
             await self._read(lambda db: db.execute("SELECT 1").fetchone())
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path} does not answer: {exc}") from None
+
+
+def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:
+    dek_id, namespace, version, wrapped, created_at, created_by, state, document = row
+    lifecycle = Lifecycle.from_json(
+        state, json.loads(document), default_usage=DEK_USAGES, created_at=created_at
+    )
+    return DekRecord(dek_id, namespace, version, wrapped, created_at, created_by, lifecycle)
+
+
+def _record_change(
+    db: sqlite3.Connection, namespace: str, dek_id: str | None, version: int | None, state: State
+) -> None:
+    db.execute(
+        "INSERT INTO changes (at, namespace, dek_id, kek_version, state) VALUES (?, ?, ?, ?, ?)",
+        (int(time.time()), namespace, dek_id, version, state.value),
+    )
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -324,30 +786,53 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _lock_exclusively(path: Path) -> int:
+def _lock(path: Path, *, shared: bool) -> int:
     lock_path = path.with_name(path.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreError(f"store {path} is in use by another kmipd process") from None
+        why = (
+            "by a kmipd that does not share it (store.shared is off there)"
+            if shared
+            else "by another kmipd process (set store.shared = true on every daemon to share it)"
+        )
+        raise StoreError(f"store {path} is in use {why}") from None
     return fd
+
+
+def _data_version(db: sqlite3.Connection) -> int:
+    """Changes whenever another connection commits (SQLite's PRAGMA data_version)."""
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
 
 
 def _insert_kek_version(db: sqlite3.Connection, version: KekVersion) -> None:
     db.execute(
-        "INSERT INTO kek_versions (kek, version, hsm_handle, created_at) VALUES (?, ?, ?, ?)",
-        (version.kek, version.version, version.hsm_handle, version.created_at),
+        "INSERT INTO kek_versions (kek, version, hsm_handle, created_at, state, purge_at,"
+        " lifecycle) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            version.kek,
+            version.version,
+            version.hsm_handle,
+            version.created_at,
+            version.lifecycle.state.value,
+            version.lifecycle.purge_at,
+            json.dumps(version.lifecycle.to_json()),
+        ),
     )
 
 
 def _load_keks(db: sqlite3.Connection) -> list[KekRecord]:
     versions: dict[str, list[KekVersion]] = collections.defaultdict(list)
-    for row in db.execute(
-        "SELECT kek, version, hsm_handle, created_at FROM kek_versions ORDER BY kek, version"
+    for kek, number, handle, created_at, state, document in db.execute(
+        "SELECT kek, version, hsm_handle, created_at, state, lifecycle FROM kek_versions"
+        " ORDER BY kek, version"
     ):
-        versions[row[0]].append(KekVersion(*row))
+        lifecycle = Lifecycle.from_json(
+            state, json.loads(document), default_usage=KEK_USAGES, created_at=created_at
+        )
+        versions[kek].append(KekVersion(kek, number, handle, created_at, lifecycle))
     return [
         KekRecord(name, created_at, created_by, tuple(versions[name]))
         for name, created_at, created_by in db.execute(

@@ -1,0 +1,278 @@
+"""The audit trail: one JSON line per key operation, hash-chained, never key material.
+
+Every key operation, successful or refused, appends a record: time, client
+identity, operation, key (DEK id, KEK and version), namespace, result and
+request id. Values that are sensitive yet must be correlatable (a data-key
+blob) are recorded as an HMAC under the audit key, as Vault's audit
+devices do: the same blob always gives the same MAC, and the MAC reveals
+nothing of the blob.
+
+Tamper evidence: each record carries ``prev``, the previous record's
+``hash``, and its own ``hash`` = SHA-256(prev || the record's canonical JSON
+without ``hash``); ``seq`` counts up from 1. ``verify`` walks the chain and
+names the first record that was edited, removed or moved. (A chain cannot
+show that records were cut off the *end*; keep the last hash elsewhere,
+e.g. in your log shipping, to detect that.)
+
+Durability: a record is written (``write(2)``) before the operation's
+response in every case, so a failing audit file fails the operation; for
+state-changing operations the daemon also waits until the record is on
+disk (``fsync``, committed in groups so concurrent requests share one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from pki import write_private_file
+
+GENESIS = "0" * 64
+AUDIT_KEY_SIZE = 32
+
+
+class AuditError(Exception):
+    """The audit trail cannot be written (or read): the message names the file."""
+
+
+@attrs.frozen
+class AuditEvent:
+    identity: str
+    operation: str
+    #: "ok", or the wire error name of the refusal.
+    result: str
+    request_id: int | None = None
+    namespace: str | None = None
+    dek_id: str | None = None
+    kek: str | None = None
+    kek_version: int | None = None
+    #: HMAC of a data-key blob under the audit key (never the blob itself).
+    blob_mac: str | None = None
+    #: A short note, e.g. a revocation reason. Never key material.
+    detail: str | None = None
+
+
+_EVENT_FIELDS = tuple(field.name for field in attrs.fields(AuditEvent))
+
+
+def _canonical(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _chain_hash(prev: str, record: dict[str, Any]) -> str:
+    return hashlib.sha256(bytes.fromhex(prev) + _canonical(record)).hexdigest()
+
+
+def read_audit_key(path: Path, *, create: bool) -> bytes:
+    if not path.exists():
+        if not create:
+            raise AuditError(f"audit key {path} does not exist")
+        write_private_file(path, secrets.token_bytes(AUDIT_KEY_SIZE))
+    info = path.stat()
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise AuditError(f"audit key {path} is accessible to group or others; it must be 0600")
+    data = path.read_bytes()
+    if len(data) != AUDIT_KEY_SIZE:
+        raise AuditError(f"audit key {path} must hold exactly {AUDIT_KEY_SIZE} bytes")
+    return data
+
+
+class AuditLog:
+    def __init__(self, path: Path, key: bytes, *, fail_open_reads: bool = False) -> None:
+        self.path = path
+        self.fail_open_reads = fail_open_reads
+        self._key = key
+        self._seq, self._prev = _tail(path)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from None
+        self._synced = self._seq
+        self._syncing: trio.Event | None = None
+
+    @classmethod
+    def open(cls, path: Path, key_path: Path, *, fail_open_reads: bool = False) -> AuditLog:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(path, read_audit_key(key_path, create=True), fail_open_reads=fail_open_reads)
+
+    def __repr__(self) -> str:
+        return f"AuditLog({str(self.path)!r}, seq={self._seq})"
+
+    def mac(self, data: bytes) -> str:
+        return hmac.new(self._key, data, hashlib.sha256).hexdigest()
+
+    def append(self, event: AuditEvent, now: float) -> int:
+        """Write one record (not yet fsynced); its sequence number. Raises AuditError."""
+        record: dict[str, Any] = {
+            "seq": self._seq + 1,
+            "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(),
+            "prev": self._prev,
+        }
+        for name in _EVENT_FIELDS:
+            value = getattr(event, name)
+            if value is not None:
+                record[name] = value
+        body = _canonical(record)
+        digest = hashlib.sha256(bytes.fromhex(self._prev) + body).hexdigest()
+        # The hash goes last; verify() recomputes it over the record without it.
+        line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+        try:
+            written = os.write(self._fd, line)
+        except OSError as exc:
+            raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from None
+        if written != len(line):
+            raise AuditError(f"short write to audit log {self.path}")
+        self._seq += 1
+        self._prev = digest
+        return self._seq
+
+    async def sync(self, seq: int) -> None:
+        """Return once record ``seq`` is on disk; concurrent callers share one fsync."""
+        while self._synced < seq:
+            if self._syncing is not None:
+                await self._syncing.wait()
+                continue
+            self._syncing = event = trio.Event()
+            target = self._seq
+            try:
+                await trio.to_thread.run_sync(os.fsync, self._fd)
+            except OSError as exc:
+                raise AuditError(f"cannot sync audit log {self.path}: {exc.strerror}") from None
+            finally:
+                self._syncing = None
+                event.set()
+            self._synced = max(self._synced, target)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _tail(path: Path) -> tuple[int, str]:
+    """The last record's seq and hash, to continue the chain after a restart."""
+    try:
+        with path.open("rb") as log:
+            log.seek(0, os.SEEK_END)
+            size = log.tell()
+            log.seek(max(0, size - 65536))
+            lines = log.read().splitlines()
+    except FileNotFoundError:
+        return 0, GENESIS
+    except OSError as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
+    if not lines:
+        return 0, GENESIS
+    try:
+        last = json.loads(lines[-1])
+        return int(last["seq"]), str(last["hash"])
+    except (ValueError, KeyError, TypeError):
+        raise AuditError(
+            f"audit log {path} ends in a damaged record; run kmipd audit verify on it"
+        ) from None
+
+
+# -- reading the trail -------------------------------------------------------------------
+
+
+@attrs.frozen
+class VerifyReport:
+    records: int
+    last_hash: str
+    #: None when the chain is intact, else what is wrong and where.
+    problem: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every line; AuditError for a line that is not JSON."""
+    try:
+        log = path.open("rb")
+    except OSError as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
+    with log:
+        for number, line in enumerate(log, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise AuditError(f"line {number}: not a JSON record (edited?)") from None
+            if not isinstance(record, dict):
+                raise AuditError(f"line {number}: not a JSON record (edited?)")
+            yield number, record
+
+
+def verify(path: Path) -> VerifyReport:
+    """Walk the chain; report the first record that was edited, removed or reordered."""
+    prev, expected_seq, count = GENESIS, 1, 0
+    try:
+        for line, record in records(path):
+            seq = record.get("seq")
+            claimed = record.pop("hash", None)
+            if record.get("prev") != prev:
+                what = "removed or reordered" if seq != expected_seq else "edited"
+                problem = (
+                    f"line {line} (seq {seq}): its prev does not match the record before it: "
+                    f"a record was {what}"
+                )
+                return VerifyReport(count, prev, problem)
+            if seq != expected_seq:
+                problem = (
+                    f"line {line}: seq {seq} where {expected_seq} was expected: "
+                    "a record was removed or reordered"
+                )
+                return VerifyReport(count, prev, problem)
+            if claimed != _chain_hash(prev, record):
+                return VerifyReport(
+                    count, prev, f"line {line} (seq {seq}): hash mismatch: the record was edited"
+                )
+            prev, expected_seq, count = str(claimed), expected_seq + 1, count + 1
+    except AuditError as exc:
+        return VerifyReport(count, prev, str(exc))
+    return VerifyReport(count, prev)
+
+
+#: Operations that hand a key to the caller.
+KEY_DELIVERING = frozenset({"create-dek", "get-dek", "generate-data-key", "unwrap"})
+
+
+def query(
+    path: Path,
+    *,
+    identity: str | None = None,
+    dek_id: str | None = None,
+    since: datetime.datetime | None = None,
+    until: datetime.datetime | None = None,
+    delivered_only: bool = True,
+) -> list[dict[str, Any]]:
+    """Records matching every given filter; by default only successful key deliveries.
+
+    Answers "which DEKs did identity X receive between T1 and T2" and "which
+    clients received DEK Y".
+    """
+    found = []
+    for _, record in records(path):
+        if delivered_only and (
+            record.get("operation") not in KEY_DELIVERING or record.get("result") != "ok"
+        ):
+            continue
+        if identity is not None and record.get("identity") != identity:
+            continue
+        if dek_id is not None and record.get("dek_id") != dek_id:
+            continue
+        when = datetime.datetime.fromisoformat(str(record.get("time")))
+        if (since is not None and when < since) or (until is not None and when > until):
+            continue
+        found.append(record)
+    return found
