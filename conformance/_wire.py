@@ -178,7 +178,8 @@ def cbor_map(*pairs: tuple[bytes, bytes]) -> bytes:
 # -- rendering, for reports ----------------------------------------------------------------
 
 
-def hex_preview(data: bytes, limit: int = 24) -> str:
+def hex_preview(data: bytes, limit: int = 16) -> str:
+    """The first bytes of a frame; 16 stop short of any key a result carries."""
     shown = data[:limit].hex(" ")
     return shown + (f" ... ({len(data)} bytes)" if len(data) > limit else "")
 

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from conformance._case import CaseFailed, CaseSkipped, case
 from conformance._context import Context
@@ -52,6 +52,13 @@ def ensure_sslyze(venv: Path, *, install: bool) -> Path:
         return python
     if not install:
         raise CaseSkipped(f"sslyze is not installed in {venv} and --no-sslyze-install was given")
+    try:
+        return _install(venv, python)
+    except OSError as exc:
+        _unavailable(f"cannot create sslyze's virtual environment in {venv}: {exc}")
+
+
+def _install(venv: Path, python: Path) -> Path:
     venv.parent.mkdir(parents=True, exist_ok=True)
     with (venv.parent / f".{venv.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once install it once
@@ -86,7 +93,7 @@ def ensure_sslyze(venv: Path, *, install: bool) -> Path:
     return python
 
 
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str) -> NoReturn:
     if os.environ.get("CI"):
         raise CaseFailed(reason + " (under CI this group must run)")
     raise CaseSkipped(reason)
