@@ -28,6 +28,12 @@ from pki import PkiError, load_crl_serials
 
 #: TLS 1.2 is off unless enabled; when on, only forward-secret AEAD suites.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+#: The one key-exchange group offered. OpenSSL 3 would also accept X448 and
+#: secp521r1, which Mozilla's "modern" profile forbids (sslyze flags them), and
+#: Python 3.11's ssl can only set a single group (set_ecdh_curve), not a list.
+#: P-256 is the group every TLS 1.3 stack has, FIPS-validated ones included; a
+#: client that leads with an X25519 key share gets one HelloRetryRequest.
+KEY_EXCHANGE_GROUP = "prime256v1"
 
 
 class TlsConfigError(Exception):
@@ -130,6 +136,7 @@ def _server_context(settings: TlsSettings) -> ssl.SSLContext:
         context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     context.num_tickets = settings.session_tickets
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
