@@ -24,16 +24,11 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from kmipd._tls_policy import KEY_EXCHANGE_GROUP
 from pki import PkiError, load_crl_serials
 
 #: TLS 1.2 is off unless enabled; when on, only forward-secret AEAD suites.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-#: The one key-exchange group offered. OpenSSL 3 would also accept X448 and
-#: secp521r1, which Mozilla's "modern" profile forbids (sslyze flags them), and
-#: Python 3.11's ssl can only set a single group (set_ecdh_curve), not a list.
-#: P-256 is the group every TLS 1.3 stack has, FIPS-validated ones included; a
-#: client that leads with an X25519 key share gets one HelloRetryRequest.
-KEY_EXCHANGE_GROUP = "prime256v1"
 
 
 class TlsConfigError(Exception):
