@@ -146,15 +146,23 @@ class Supervisor:
         try:
             prepared = await trio.to_thread.run_sync(prepare_reload, self.config.source)
         except (ConfigError, TlsConfigError) as exc:
-            self.metrics.reloads["refused"] += 1
-            log.error("reload refused, the running configuration stays in force: %s", exc)
-            self.notifier.ready(f"{self.serving_status()}; last reload refused (see the log)")
+            self._refused(f"reload refused, the running configuration stays in force: {exc}")
+            return
+        except Exception:
+            # Whatever went wrong, a reload must never take the serving daemon down.
+            log.exception("reload failed unexpectedly")
+            self._refused("reload refused, the running configuration stays in force")
             return
         for warning in prepared.warnings:
             log.warning("%s", warning)
         self._apply(prepared)
         self.metrics.reloads["applied"] += 1
         self.notifier.ready(self.serving_status())
+
+    def _refused(self, message: str) -> None:
+        self.metrics.reloads["refused"] += 1
+        log.error("%s", message)
+        self.notifier.ready(f"{self.serving_status()}; last reload refused (see the log)")
 
     def _apply(self, prepared: PreparedReload) -> None:
         old, new = self.config, prepared.config

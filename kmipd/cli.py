@@ -40,7 +40,7 @@ from kmipd.hsm import HsmError, create_master_key
 from kmipd.lifecycle import RevocationReason, State
 from kmipd.server import TlsConfigError
 from kmipd.store import StoreError
-from pki import CertificateAuthority, KeyType, PkiError
+from pki import SERVER_VALIDITY_DAYS, CertificateAuthority, KeyType, PkiError
 
 DEFAULT_DEV_DIR = Path("kmipd-dev")
 DEFAULT_DEV_LISTEN = "127.0.0.1:5696"
@@ -158,6 +158,13 @@ def _add_pki_commands(commands: Any) -> None:
         "--reason", default="unspecified", choices=[r.name for r in x509.ReasonFlags]
     )
     revoke.set_defaults(handler=_pki_revoke)
+
+    renew = pki.add_parser(
+        "renew-server", help="re-issue the server certificate for the same names (new key)"
+    )
+    renew.add_argument("directory", type=Path)
+    renew.add_argument("--days", type=int, default=SERVER_VALIDITY_DAYS)
+    renew.set_defaults(handler=_pki_renew_server)
 
     crl = pki.add_parser("crl", help="re-sign the CRL (do it before it expires)")
     crl.add_argument("directory", type=Path)
@@ -508,6 +515,13 @@ def _pki_revoke(args: argparse.Namespace) -> int:
     ca.revoke(args.name, reason=x509.ReasonFlags[args.reason])
     print(f"revoked {args.name}; CRL updated: {ca.crl_path}")
     print("a running daemon applies it to new connections after a reload")
+    return 0
+
+
+def _pki_renew_server(args: argparse.Namespace) -> int:
+    issued = CertificateAuthority.load(args.directory).renew_server(validity_days=args.days)
+    print(f"server certificate re-issued, valid {args.days} days: {issued.cert_path}")
+    print("restart the daemon to serve it")
     return 0
 
 

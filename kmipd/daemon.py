@@ -95,6 +95,11 @@ async def run_daemon(
         server = KmipServer(service, tls, config.limits, metrics=metrics)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
         listeners = await _client_listeners(config, manager)
+        metrics_listeners = (
+            await _open_listeners([config.metrics_listen], "metrics.listen", config)
+            if config.metrics_listen
+            else []
+        )
         addresses = [format_address(*lst.socket.getsockname()[:2]) for lst in listeners]
         async with trio.open_nursery() as nursery:
 
@@ -106,8 +111,7 @@ async def run_daemon(
                 nursery.start_soon(supervisor.handle_signals)
             nursery.start_soon(_maintain, service, config.check_interval)
             nursery.start_soon(_run_rewrap_jobs, service, config.rewrap_batch, config.rewrap_pause)
-            if config.metrics_listen:
-                metrics_listeners = await open_listeners([config.metrics_listen])
+            if metrics_listeners:
                 await nursery.start(serve_metrics, metrics_listeners, MetricsExporter(server))
                 log.info(
                     "Prometheus metrics on http://%s/metrics",
@@ -124,10 +128,22 @@ async def run_daemon(
         log.info("stopped")
 
 
+async def _open_listeners(
+    addresses: list[str], key: str, config: Config
+) -> list[trio.SocketListener]:
+    try:
+        return await open_listeners(addresses)
+    except OSError as exc:
+        raise ConfigError(
+            config.source,
+            [f"{key}: cannot listen on {', '.join(addresses)}: {exc.strerror or exc}"],
+        ) from None
+
+
 async def _client_listeners(config: Config, manager: ServiceManager) -> list[trio.SocketListener]:
     """The sockets systemd passed (socket activation), else those in server.listen."""
     if not manager.sockets:
-        return await open_listeners(list(config.listen))
+        return await _open_listeners(list(config.listen), "server.listen", config)
     log.info(
         "socket activation: serving on the %d socket(s) systemd passed (%s); "
         "server.listen is not used",

@@ -11,14 +11,18 @@ Layout of the data directory (reused on restart):
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 from kmipd.config import render_config
 from kmipd.hsm import create_master_key
-from pki import CertificateAuthority
+from pki import CertificateAuthority, load_certificate
 
 DEV_TRUST_DOMAIN = "kmipd.test"
 DEV_CLIENTS = ("admin", "storage")
+#: Server certificates live 90 days (pki.SERVER_VALIDITY_DAYS); a restart renews one
+#: that has less than this left, so a dev server never serves an expired certificate.
+RENEW_SERVER_CERT_BEFORE = datetime.timedelta(days=30)
 
 
 def prepare_dev(data_dir: Path, listen: str) -> Path:
@@ -27,6 +31,9 @@ def prepare_dev(data_dir: Path, listen: str) -> Path:
     pki_dir = data_dir / "pki"
     if (pki_dir / "ca.pem").exists():
         ca = CertificateAuthority.load(pki_dir)
+        expires = load_certificate(ca.server_cert_path, "server certificate").not_valid_after_utc
+        if expires - datetime.datetime.now(datetime.UTC) < RENEW_SERVER_CERT_BEFORE:
+            ca.renew_server()
     else:
         ca = CertificateAuthority.init(
             pki_dir,

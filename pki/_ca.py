@@ -48,6 +48,10 @@ _DNS_NAME = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
+#: Mozilla's "modern" TLS profile caps a server certificate's lifespan at 90 days
+#: (sslyze flags anything longer); renew_server() re-issues one for the same names.
+SERVER_VALIDITY_DAYS = 90
+
 
 class KeyType(enum.Enum):
     """The CA's key type; certificates it issues get keys of the same type."""
@@ -194,6 +198,18 @@ def _validity(
     return start, end
 
 
+def _load_ca_key(key_path: Path, cert: x509.Certificate, cert_path: Path) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(read_file(key_path, "CA key"), password=None)
+    except (ValueError, TypeError):
+        raise PkiError(f"CA key {key_path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, PrivateKey):
+        raise PkiError(f"CA key {key_path} is neither an EC nor an RSA key")
+    if _spki(key) != _spki(cert):
+        raise PkiError(f"CA key {key_path} does not match the CA certificate {cert_path}")
+    return key
+
+
 class CertificateAuthority:
     """A CA on disk. Create one with ``init``, open an existing one with ``load``.
 
@@ -324,14 +340,7 @@ class CertificateAuthority:
         directory = Path(directory)
         cert_path, key_path = directory / "ca.pem", directory / "ca-key.pem"
         cert = load_certificate(cert_path, "CA certificate")
-        try:
-            key = serialization.load_pem_private_key(read_file(key_path, "CA key"), password=None)
-        except (ValueError, TypeError):
-            raise PkiError(f"CA key {key_path} is not an unencrypted PEM private key") from None
-        if not isinstance(key, PrivateKey):
-            raise PkiError(f"CA key {key_path} is neither an EC nor an RSA key")
-        if _spki(key) != _spki(cert):
-            raise PkiError(f"CA key {key_path} does not match the CA certificate {cert_path}")
+        key = _load_ca_key(key_path, cert, cert_path)
         index_path = directory / "index.json"
         index = Index.load(index_path)
         key_type = _key_type_of(key)
@@ -343,6 +352,41 @@ class CertificateAuthority:
         ):
             raise PkiError(f"CA index {index_path} does not belong to the CA in {cert_path}")
         return cls(directory, key, cert, index)
+
+    @classmethod
+    def adopt(
+        cls,
+        directory: str | os.PathLike[str],
+        ca_cert: str | os.PathLike[str],
+        ca_key: str | os.PathLike[str],
+        *,
+        trust_domain: str,
+    ) -> CertificateAuthority:
+        """Issue with an existing CA's certificate and key, from a new directory.
+
+        For tools given a deployment's CA key (the conformance suite makes
+        expired, wrong-usage and foreign-domain client certificates with it).
+        The CA files are copied into ``directory`` with a fresh index and CRL;
+        the deployment's own CA directory and CRL are not touched.
+        """
+        directory, cert_path, key_path = Path(directory), Path(ca_cert), Path(ca_key)
+        _check_trust_domain(trust_domain)
+        cert = load_certificate(cert_path, "CA certificate")
+        key = _load_ca_key(key_path, cert, cert_path)
+        key_type = _key_type_of(key)
+        if key_type is None:
+            raise PkiError(f"CA key {key_path} is neither EC P-256 nor RSA-3072")
+        if any((directory / f).exists() for f in ("ca.pem", "ca-key.pem")):
+            raise PkiError(f"{directory} already holds a CA")
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PkiError(f"cannot create {directory}: {exc.strerror or exc}") from None
+        write_private_file(directory / "ca-key.pem", _key_pem(key))
+        write_private_file(directory / "ca.pem", _cert_pem(cert), mode=0o644)
+        ca = cls(directory, key, cert, Index(trust_domain, key_type.value))
+        ca.write_crl()
+        return ca
 
     # -- issuing --------------------------------------------------------------------------
 
@@ -415,7 +459,7 @@ class CertificateAuthority:
         *,
         dns_names: Sequence[str] = ("localhost",),
         ip_addresses: Sequence[str] = ("127.0.0.1",),
-        validity_days: int = 825,
+        validity_days: int = SERVER_VALIDITY_DAYS,
         force: bool = True,
     ) -> IssuedCertificate:
         """(Re)issue the daemon's certificate, at init and to rotate it.
@@ -435,6 +479,19 @@ class CertificateAuthority:
             not_after=end,
         )
         return self._write_issued("server", "server", key, cert, None)
+
+    def renew_server(self, *, validity_days: int = SERVER_VALIDITY_DAYS) -> IssuedCertificate:
+        """Re-issue the server certificate, with a new key, for the names the current one has."""
+        current = load_certificate(self.server_cert_path, "server certificate")
+        try:
+            sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise PkiError(f"{self.server_cert_path} names no host (no subjectAltName)") from None
+        return self.issue_server(
+            dns_names=sans.get_values_for_type(x509.DNSName),
+            ip_addresses=[str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+            validity_days=validity_days,
+        )
 
     def issue_client(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import tomllib
 from pathlib import Path
 
@@ -138,6 +139,19 @@ def test_serve_refuses_what_the_serving_checks_refuse(tmp_path: Path, config_pat
     result = run_kmipd("serve", "--config", config_path)
     assert result.returncode == 1
     assert "does not chain to the CA" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_port_in_use_is_named_not_a_traceback(config_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        rewrite(config_path, metrics={"listen": f"127.0.0.1:{port}"})
+        result = run_kmipd("serve", "--config", config_path)
+    assert result.returncode == 1
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use" in (
+        result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 

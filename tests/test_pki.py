@@ -26,7 +26,9 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
+from kmipd.dev import prepare_dev
 from pki import (
+    SERVER_VALIDITY_DAYS,
     CertificateAuthority,
     IssuedCertificate,
     KeyType,
@@ -742,3 +744,57 @@ def test_cli_init_issue_revoke(tmp_path: Path) -> None:
     server = load_certificate(directory / "server.pem")
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["kms1"]
+
+
+def san_names(path: Path) -> set[str]:
+    sans = load_certificate(path).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    return {str(name.value) for name in sans.value}
+
+
+def test_server_certificate_lives_90_days_and_renews_for_the_same_names(
+    ca: CertificateAuthority,
+) -> None:
+    # Mozilla's "modern" profile (checked by the conformance suite's sslyze group).
+    first = load_certificate(ca.server_cert_path)
+    lifespan = first.not_valid_after_utc - first.not_valid_before_utc
+    assert lifespan.days == SERVER_VALIDITY_DAYS == 90
+    old_key = ca.server_key_path.read_bytes()
+    ca.renew_server()
+    renewed = load_certificate(ca.server_cert_path)
+    assert san_names(ca.server_cert_path) == {"kms.example.org", "localhost", "127.0.0.1", "::1"}
+    assert renewed.serial_number != first.serial_number
+    assert ca.server_key_path.read_bytes() != old_key
+    assert mode(ca.server_key_path) == 0o600
+
+
+def test_dev_setup_renews_a_server_certificate_near_its_end(tmp_path: Path) -> None:
+    prepare_dev(tmp_path / "dev", "127.0.0.1:0")
+    ca = CertificateAuthority.load(tmp_path / "dev" / "pki")
+    ca.issue_server(dns_names=("localhost",), ip_addresses=("127.0.0.1",), validity_days=20)
+    prepare_dev(tmp_path / "dev", "127.0.0.1:0")
+    cert = load_certificate(ca.server_cert_path)
+    assert cert.not_valid_after_utc - NOW > datetime.timedelta(days=80)
+    assert san_names(ca.server_cert_path) == {"localhost", "127.0.0.1"}
+
+
+def test_adopting_a_ca_issues_without_touching_its_directory(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    before = {p.name: p.read_bytes() for p in ca.directory.iterdir()}
+    adopted = CertificateAuthority.adopt(
+        tmp_path / "scratch", ca.ca_cert_path, ca.ca_key_path, trust_domain="other.test"
+    )
+    issued = adopted.issue_client("probe")
+    assert issued.identity == "spiffe://other.test/probe"
+    chain = load_certificate(issued.cert_path)
+    chain.verify_directly_issued_by(load_certificate(ca.ca_cert_path))
+    assert {p.name: p.read_bytes() for p in ca.directory.iterdir()} == before
+    with pytest.raises(PkiError, match="already holds a CA"):
+        CertificateAuthority.adopt(
+            tmp_path / "scratch", ca.ca_cert_path, ca.ca_key_path, trust_domain="other.test"
+        )
+    other = CertificateAuthority.init(tmp_path / "other")
+    with pytest.raises(PkiError, match="does not match"):
+        CertificateAuthority.adopt(
+            tmp_path / "mismatch", ca.ca_cert_path, other.ca_key_path, trust_domain="x.test"
+        )

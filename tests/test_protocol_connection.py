@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kmipd.protocol import (
+    ANSWERED,
     NEED_DATA,
     PAUSED,
     SERVER_TRANSITIONS,
@@ -57,9 +58,12 @@ def responses(conn: ServerConnection) -> list[dict[str, Any]]:
 
 
 def drain_events(conn: ServerConnection) -> list[object]:
+    """Events until the connection needs something; ANSWERED ("ask again") is skipped."""
     events = []
     while True:
         event = conn.next_event()
+        if event is ANSWERED:
+            continue
         if event is NEED_DATA or event is PAUSED or isinstance(event, ConnectionEnded):
             events.append(event)
             return events
@@ -209,7 +213,7 @@ def test_duplicate_in_flight_id_is_refused_without_an_id() -> None:
             cbor2.dumps({"id": 9, "op": "status", "extra": 1}),
             ErrorCode.BAD_REQUEST,
             True,
-            "top-level",
+            "unknown top-level field 'extra'",
         ),
         (
             cbor2.dumps({"id": 9, "op": "unwrap", "args": {"blob": b"", "context": {"k": 1}}}),
@@ -257,6 +261,7 @@ def test_draining_refuses_new_requests_but_lets_in_flight_ones_finish() -> None:
     assert isinstance(conn.next_event(), RequestReceived)
     conn.start_draining()
     conn.receive_data(frame({"id": 3, "op": "status"}))
+    assert conn.next_event() is ANSWERED  # refused by the connection itself
     assert conn.next_event() is NEED_DATA
     conn.send_error(2, ErrorCode.INTERNAL, "x")
     assert [r["error"]["name"] for r in responses(conn)] == ["shutting-down", "internal"]
@@ -417,3 +422,15 @@ def test_client_survives_any_server_bytes(data: bytes) -> None:
     client.receive_data(data)
     event = client.next_event()
     assert event is NEED_DATA or isinstance(event, ResponseReceived | ConnectionFailed)
+
+
+def test_frames_answered_by_the_connection_come_out_one_per_call() -> None:
+    # The server shell lets other clients run between these: a flood of bad
+    # frames must not be parsed in one uninterruptible call.
+    conn = ready_server()
+    conn.receive_data(encode_frame(b"\x1c") * 5 + frame({"id": 3, "op": "status"}))
+    events = [conn.next_event() for _ in range(7)]
+    assert events[:5] == [ANSWERED] * 5
+    assert isinstance(events[5], RequestReceived)
+    assert events[6] is NEED_DATA
+    assert [r["error"]["name"] for r in responses(conn)] == ["bad-request"] * 5

@@ -246,3 +246,25 @@ async def test_unreachable_server_is_unavailable(ca: CertificateAuthority) -> No
 
         with pytest.raises(UnavailableError, match="cannot connect"):
             await trio.to_thread.run_sync(call)
+
+
+@pytest.mark.parametrize("group", ["X448", "secp521r1", "secp384r1", "X25519"])
+async def test_key_exchange_is_p256_only(kmipd: RunningServer, group: str) -> None:
+    # Mozilla's "modern" profile forbids X448 and secp521r1 (OpenSSL's defaults
+    # offer them); Python 3.11 can set one group only, so the server offers P-256.
+    context = client_context(**credentials(kmipd.ca, "storage"))
+    context.set_ecdh_curve(group)
+    with pytest.raises(TlsHandshakeError) as refused:
+        await RawConnection.open(kmipd.address, kmipd.ca, "storage", context=context)
+    assert refused.value.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE"
+    await assert_server_still_serves(kmipd)
+
+
+async def test_a_client_leading_with_an_x25519_key_share_still_connects(
+    kmipd: RunningServer,
+) -> None:
+    # OpenSSL clients send an X25519 key share first; the server asks again for P-256.
+    raw = await RawConnection.open(kmipd.address, kmipd.ca, "storage")
+    await raw.send({"id": 0, "op": "hello", "args": {"versions": [1]}})
+    assert "result" in await raw.receive()
+    await raw.aclose()

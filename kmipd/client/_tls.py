@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from kmipd._tls_policy import KEY_EXCHANGE_GROUP
 from kmipd.client._errors import KmipdError
 
 
@@ -21,6 +22,9 @@ def client_context(
     except (OSError, ssl.SSLError) as exc:
         raise KmipdError(f"cannot load CA certificate {ca}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2 if allow_tls12 else ssl.TLSVersion.TLSv1_3
+    # kmipd servers accept only this group (see kmipd.server._tls): offering its
+    # key share first saves the HelloRetryRequest round trip on every connect.
+    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     try:
         context.load_cert_chain(str(cert), str(key))

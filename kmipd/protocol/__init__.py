@@ -7,6 +7,7 @@ around these objects. conformance/protocol.cddl is the normative schema.
 
 from kmipd.protocol._codec import decode_item, encode_deterministic, encode_item
 from kmipd.protocol._connection import (
+    ANSWERED,
     NEED_DATA,
     PAUSED,
     SERVER_TRANSITIONS,
@@ -75,6 +76,7 @@ from kmipd.protocol._messages import (
 from kmipd.protocol._schema import encode_struct, parse_struct
 
 __all__ = [
+    "ANSWERED",
     "CONNECTION_FATAL",
     "DEFAULT_MAX_FRAME_SIZE",
     "KEY_SIZE",

@@ -158,6 +158,8 @@ def encode_deterministic(item: object) -> bytes:
     rule); RFC 8949 sorts by the bytewise order of the encoded keys, so the
     maps are sorted here before cbor2 writes them (it keeps insertion order).
     """
+    if isinstance(item, list) and not any(isinstance(x, dict | list | tuple) for x in item):
+        return cbor2.dumps(item)  # no maps to sort: the common case (associated data)
     return cbor2.dumps(_sorted_maps(item))
 
 

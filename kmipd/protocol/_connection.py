@@ -34,12 +34,17 @@ from kmipd.protocol._messages import (
 class _Sentinel(enum.Enum):
     NEED_DATA = "need-data"
     PAUSED = "paused"
+    ANSWERED = "answered"
 
 
 #: More bytes must arrive before another event can be produced.
 NEED_DATA: Final = _Sentinel.NEED_DATA
 #: The server has max_in_flight requests unanswered: answer one, then ask again.
 PAUSED: Final = _Sentinel.PAUSED
+#: A frame was answered by the connection itself (an error, hello): ask again.
+#: One per frame, so a shell can let other connections run between the frames
+#: of one client's flood of bad requests instead of parsing them all at once.
+ANSWERED: Final = _Sentinel.ANSWERED
 
 
 @attrs.frozen
@@ -171,9 +176,7 @@ class ServerConnection:
             if frame is None:
                 return ConnectionEnded() if self._peer_closed else NEED_DATA
             self.frames_received += 1
-            event = self._process_frame(frame)
-            if event is not None:
-                return event
+            return self._process_frame(frame) or ANSWERED
 
     def _process_frame(self, frame: bytes) -> RequestReceived | None:
         try:

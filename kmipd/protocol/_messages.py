@@ -26,6 +26,7 @@ from kmipd.protocol._schema import (
     Text,
     TextMap,
     UInt,
+    _quote,
     encode_struct,
     parse_struct,
     redacted,
@@ -495,8 +496,12 @@ def parse_request(item: object) -> tuple[int, Any]:
 
 
 def _parse_request_body(item: dict[Any, Any]) -> Any:
-    if any(key not in _REQUEST_KEYS for key in item):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "request: unknown top-level field")
+    unknown = [key for key in item if key not in _REQUEST_KEYS]
+    if unknown:
+        # PROTOCOL.md: the message names the field (cut short: it is peer input).
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"request: unknown top-level field {_quote(unknown[0])}"
+        )
     op_name = item.get("op")
     if type(op_name) is not str:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "request.op: missing or not text")

@@ -25,6 +25,7 @@ from kmipd._address import format_address
 from kmipd._metrics import ServerMetrics
 from kmipd._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.protocol import (
+    ANSWERED,
     NEED_DATA,
     PAUSED,
     ConnectionEnded,
@@ -43,6 +44,12 @@ LINGER = 1.0
 
 #: How often, at most, a new connection makes the server look for a new CRL.
 CRL_CHECK_INTERVAL = 1.0
+
+#: Frames one connection may have handled in a row before other connections get
+#: a turn: trio is single-threaded, and a client's burst of bad or cached
+#: requests is answered without an await, so without a checkpoint it would
+#: hold up every other client until the whole burst is parsed.
+FRAMES_PER_TURN = 4
 
 #: accept() errors that mean "out of resources right now", not "listener broken".
 _ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
@@ -287,8 +294,15 @@ class _Connection:
     async def _read_loop(self, requests: trio.Nursery) -> None:
         assert self.conn is not None
         conn = self.conn
+        handled = 0
         while True:
             event = conn.next_event()
+            if event is ANSWERED or isinstance(event, RequestReceived):
+                handled += 1
+                if handled % FRAMES_PER_TURN == 0:
+                    await trio.lowlevel.checkpoint()
+            if event is ANSWERED:
+                continue
             if event is NEED_DATA:
                 # Send what is queued (answers given inline, errors the
                 # connection queued itself) before waiting for more.

@@ -24,6 +24,7 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from kmipd._tls_policy import KEY_EXCHANGE_GROUP
 from pki import PkiError, load_crl_serials
 
 #: TLS 1.2 is off unless enabled; when on, only forward-secret AEAD suites.
@@ -145,6 +146,7 @@ def _server_context(settings: TlsSettings) -> ssl.SSLContext:
         context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.set_ecdh_curve(KEY_EXCHANGE_GROUP)
     context.num_tickets = settings.session_tickets
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT

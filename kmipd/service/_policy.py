@@ -83,14 +83,28 @@ class Grant:
         )
 
 
+#: Decisions remembered per policy: a storage node asks the same question per block read.
+_DECISION_CACHE_SIZE = 65_536
+
+
 @attrs.frozen
 class Policy:
     grants: tuple[Grant, ...] = ()
+    _decisions: dict[tuple[str, str, str], bool] = attrs.field(
+        factory=dict, eq=False, repr=False, init=False
+    )
 
     def allows(self, identity: str, operation: str, namespace: str) -> bool:
         if operation in UNRESTRICTED_OPERATIONS:
             return True
-        return any(grant.allows(identity, operation, namespace) for grant in self.grants)
+        question = (identity, operation, namespace)
+        answer = self._decisions.get(question)
+        if answer is None:
+            answer = any(grant.allows(identity, operation, namespace) for grant in self.grants)
+            if len(self._decisions) >= _DECISION_CACHE_SIZE:
+                self._decisions.clear()  # a policy is replaced whole on reload; this just bounds
+            self._decisions[question] = answer
+        return answer
 
     def allows_anywhere(self, identity: str, operation: str) -> bool:
         """Whether some namespace would allow it: a cheap first check before a lookup."""
