@@ -243,21 +243,33 @@ def test_reload_rotates_the_server_certificate_without_dropping_connections(
         assert service.stop() == 0
 
 
-def test_reload_applies_a_new_policy(tmp_path: Path, data: Path, notify: NotifySocket) -> None:
+def test_reload_applies_new_grants_and_crypto_periods(
+    tmp_path: Path, data: Path, notify: NotifySocket
+) -> None:
     service, address = start(data, notify, tmp_path / "kmipd.log")
     try:
-        with Client(address, **credentials(data)) as kms:
+        with (
+            Client(address, **credentials(data)) as kms,
+            Client(address, **credentials(data, "admin")) as admin,
+        ):
+            before = admin.create_dek("orders")
+            assert admin.get_attributes(dek_id=before.dek_id).protect_stop is None
             kms.create_dek("orders")
             config = data / "kmipd.toml"
             document = tomllib.loads(config.read_text())
-            document["grant"] = [g for g in document["grant"] if "storage" not in g["identity"]]
-            grants = document.pop("grant")
-            config.write_text(render_config(document, grants))
+            grants = [g for g in document.pop("grant") if "storage" not in g["identity"]]
+            config.write_text(
+                render_config(document, grants)
+                + '[[crypto_period]]\napplies_to = "dek"\nprotect_days = 30\n'
+            )
             service.signal(signal.SIGHUP)
             notify.wait_for_field("RELOADING")
             notify.wait_for_field("READY")
             with pytest.raises(NotAuthorizedError):
-                kms.create_dek("orders")  # same client, same connection: the new policy rules
+                kms.create_dek("orders")  # same client, same connection: the new grants rule
+            after = admin.get_attributes(dek_id=admin.create_dek("orders").dek_id)
+            assert after.protect_stop == after.created + 30 * 86400
+        assert "reloaded: certificates, CRL, 1 grant(s)" in service.log()
     finally:
         assert service.stop() == 0
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pty
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from kmipd._logging import (
     EventFormatter,
@@ -19,6 +22,7 @@ from kmipd._logging import (
     encode_journal_fields,
 )
 from kmipd._systemd import Notifier, SystemdError, inherited_sockets, watchdog_interval
+from kmipd.hsm import HsmUnavailableError, SoftwareHsm
 from tests.systemd_harness import NotifySocket
 
 
@@ -235,3 +239,31 @@ def reset_logging() -> None:
 def test_journal_fields_round_trip() -> None:
     fields = {"MESSAGE": "a\nb", "PRIORITY": "6", "KMIPD_PEER": "x=y"}
     assert decode_journal_fields(encode_journal_fields(fields)) == fields
+
+
+# -- the HSM check the watchdog relies on -------------------------------------------------------
+
+
+async def test_a_hung_hsm_check_is_shared_by_later_checks_not_repeated(tmp_path: Path) -> None:
+    hsm = SoftwareHsm.open(tmp_path / "master.key", tmp_path / "keyring.cbor", create=True)
+    await hsm.check()
+    lock = os.open(tmp_path / "keyring.cbor.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the keyring's lock, held by a wedged writer
+        threads = threading.active_count()
+        runs = set()
+        for _ in range(5):
+            with trio.move_on_after(0.05) as waited:
+                await hsm.check()
+            assert waited.cancelled_caught
+            runs.add(id(hsm._check_run))
+        assert len(runs) == 1  # one read, hanging; the others waited on it
+        assert threading.active_count() <= threads + 1
+    finally:
+        os.close(lock)
+    with trio.fail_after(10):
+        await hsm.check()  # the hung read finishes, and checks pass again
+    (tmp_path / "keyring.cbor").write_bytes(b"garbage")
+    with pytest.raises(HsmUnavailableError, match="is malformed"):
+        await hsm.check()
+    hsm.close()

@@ -102,6 +102,14 @@ def keyring_handles(raw: bytes, keyring_path: Path) -> frozenset[str]:
     return frozenset(_parse_keyring(raw, keyring_path))
 
 
+class _CheckRun:
+    """One keyring read for check(); every check meanwhile waits for its outcome."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.problem: str | None = None
+
+
 class SoftwareHsm:
     """KEKs sealed under the master key in one keyring file.
 
@@ -118,6 +126,7 @@ class SoftwareHsm:
         self._keyring_path = keyring_path
         self._lock_path = keyring_path.with_name(keyring_path.name + ".lock")
         self._keks: dict[str, AESGCM] = self._open_all(self._read_entries())
+        self._check_run: _CheckRun | None = None
 
     @classmethod
     def open(
@@ -221,17 +230,35 @@ class SoftwareHsm:
     async def check(self) -> None:
         """Read the keyring file under its lock: a keyring that cannot be read (a dead
         file system, a lock held forever by a wedged process) makes this hang or fail,
-        and the daemon's watchdog then stops vouching for it."""
+        and the daemon's watchdog then stops vouching for it.
 
+        One read at a time: while a read hangs, later checks wait for that same
+        read instead of each leaving another worker thread stuck behind it.
+        """
+        run = self._check_run
+        if run is None:
+            run = self._check_run = _CheckRun()
+            trio.lowlevel.spawn_system_task(self._read_keyring_for_check, run)
+        await run.done.wait()
+        if run.problem is not None:
+            raise HsmUnavailableError(run.problem)
+
+    async def _read_keyring_for_check(self, run: _CheckRun) -> None:
         def read_and_parse() -> None:
             data = read_keyring_file(self._keyring_path)
             if data is not None:
                 _parse_keyring(data, self._keyring_path)
 
         try:
+            # Abandoned (not waited for) only when the whole run ends.
             await trio.to_thread.run_sync(read_and_parse, abandon_on_cancel=True)
         except HsmError as exc:
-            raise HsmUnavailableError(str(exc)) from None
+            run.problem = str(exc)
+        except Exception as exc:  # a system task must not raise: report it as the check's
+            run.problem = f"keyring check failed: {exc!r}"
+        finally:
+            self._check_run = None
+            run.done.set()
 
     def close(self) -> None:
         self._keks.clear()

@@ -275,19 +275,34 @@ class _Connection:
             try:
                 await self.channel.handshake()
             except TlsHandshakeError as exc:
-                log.info("TLS handshake with %s refused: %s", self.peer, exc.reason or exc)
-                self.server.metrics.handshake_failures[_handshake_reason(exc)] += 1
+                reason = _handshake_reason(exc)
+                log.info(
+                    "TLS handshake with %s refused: %s",
+                    self.peer,
+                    exc.reason or exc,
+                    extra={"fields": {"peer": self.peer, "reason": reason}},
+                )
+                self.server.metrics.handshake_failures[reason] += 1
                 return None
             try:
                 return tls.verify_peer(self.channel.ssl_object.getpeercert(binary_form=True))
             except PeerRejectedError as exc:
-                log.info("client %s refused: %s", self.peer, exc)
+                log.info(
+                    "client %s refused: %s",
+                    self.peer,
+                    exc,
+                    extra={"fields": {"peer": self.peer, "reason": exc.reason}},
+                )
                 self.server.metrics.handshake_failures[exc.reason] += 1
                 refusal = ServerConnection(identity="", server_name="", store_id="")
                 refusal.fail(ErrorCode.CERTIFICATE_REJECTED, f"certificate rejected: {exc}")
                 await self.channel.send_all(refusal.data_to_send())
                 return None
-        log.info("TLS handshake with %s timed out", self.peer)
+        log.info(
+            "TLS handshake with %s timed out",
+            self.peer,
+            extra={"fields": {"peer": self.peer, "reason": "timeout"}},
+        )
         self.server.metrics.handshake_failures["timeout"] += 1
         return None
 
@@ -336,7 +351,12 @@ class _Connection:
                 self._receive_scope = None
         if self._draining and self.conn.in_flight == 0:
             return None
-        log.info("closing connection from %s: %s", self.peer, self._deadline_reason)
+        log.info(
+            "closing connection from %s: %s",
+            self.peer,
+            self._deadline_reason,
+            extra={"fields": {"peer": self.peer, "identity": self.conn.identity}},
+        )
         self.conn.fail(ErrorCode.TIMEOUT, self._deadline_reason)
         return None
 
