@@ -464,9 +464,9 @@ def rotate_kek(ctx: Context) -> None:
 
 @case(
     "PROTO-041",
-    "revoke (superseded) deactivates a DEK: get-dek then gets key-deactivated; destroying an "
-    "active DEK is wrong-state; destroy then recover work on the revoked one, and a destroyed "
-    "DEK gets key-destroyed (administrator).",
+    "revoke (superseded) deactivates a DEK (key-deactivated); destroying an active DEK is "
+    "wrong-state; destroy schedules it (destroy-pending), recover cancels that, and purge-now "
+    "destroys it for good (key-destroyed) (administrator).",
 )
 def revoke_destroy_recover(ctx: Context) -> None:
     _need_ops(ctx, "revoke", "destroy", "recover", "get-attributes")
@@ -486,14 +486,22 @@ def revoke_destroy_recover(ctx: Context) -> None:
         )
         ctx.expect(revoked["state"] == "deactivated", f"revoked (superseded) -> {revoked['state']}")
         _expect_code(ctx, data, "get-dek", key, "key-deactivated")
-        destroyed = ctx.expect_result(ctx.request(c, "destroy", {"key": key}), "key-attributes")
-        ctx.expect(destroyed["state"] == "destroyed", f"destroyed -> {destroyed['state']}")
-        _expect_code(ctx, data, "get-dek", key, "key-destroyed")
+        pending = ctx.expect_result(ctx.request(c, "destroy", {"key": key}), "key-attributes")
+        ctx.expect(
+            pending["state"] == "deactivated" and "purge-at" in pending,
+            f"a scheduled destroy -> state {pending['state']}, purge-at {pending.get('purge-at')}",
+        )
+        _expect_code(ctx, data, "get-dek", key, "destroy-pending")
         recovered = ctx.expect_result(ctx.request(c, "recover", {"key": key}), "key-attributes")
-        ctx.expect(recovered["state"] != "destroyed", f"recover left it {recovered['state']}")
+        ctx.expect("purge-at" not in recovered, "recover left the destroy scheduled")
         ctx.expect(
             _state(ctx, c, key) == recovered["state"], "get-attributes disagrees with recover"
         )
+        destroyed = ctx.expect_result(
+            ctx.request(c, "destroy", {"key": key, "purge-now": True}), "key-attributes"
+        )
+        ctx.expect(destroyed["state"] == "destroyed", f"purge-now -> {destroyed['state']}")
+        _expect_code(ctx, data, "get-dek", key, "key-destroyed")
 
 
 @case(

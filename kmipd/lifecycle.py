@@ -12,10 +12,14 @@ States and the only transitions between them (KMIP 2.1, "Object States"):
     pre-active, deactivated ──destroy──▶ destroyed
     compromised ──destroy──▶ destroyed-compromised
     destroyed ──revoke (key compromise)──▶ destroyed-compromised
-    destroyed, destroyed-compromised ──recover (within the soft-delete window)──▶ the state before
 
 An active key cannot be destroyed: revoke (deactivate) it first, as KMIP
-requires. Dates (seconds since the epoch, unset = no bound):
+requires. "Destroyed" means the material is gone. The soft-delete window
+(like Azure Key Vault's) comes *before* that transition: a destroy request
+schedules it (``purge_at``), the key stays in its state but refuses every
+use, ``recover`` cancels the schedule, and when the window ends the DESTROY
+transition is applied and the material erased. Dates (seconds since the
+epoch, unset = no bound):
 
 * activation: the key may be used from then on;
 * protect-stop: end of the originator usage period: no new wrapping, no new
@@ -49,17 +53,13 @@ class Event(enum.Enum):
     ACTIVATE = "activate"  # the operation, or the activation date reached
     DEACTIVATE = "deactivate"  # a non-compromise revocation, or the deactivation date
     COMPROMISE = "compromise"  # revocation with reason key-compromise
-    DESTROY = "destroy"
-    RECOVER = "recover"  # undo a destroy within the soft-delete window
+    DESTROY = "destroy"  # applied when the material is erased (end of the soft-delete window)
 
 
 _S, _E = State, Event
 
-#: Recover returns to the state recorded when the key was destroyed.
-PREVIOUS: Final = "previous"
-
 #: (state, event) -> next state. Anything not listed is refused (wrong-state).
-TRANSITIONS: Final[dict[tuple[State, Event], State | str]] = {
+TRANSITIONS: Final[dict[tuple[State, Event], State]] = {
     (_S.PRE_ACTIVE, _E.ACTIVATE): _S.ACTIVE,
     (_S.PRE_ACTIVE, _E.DEACTIVATE): _S.DEACTIVATED,
     (_S.PRE_ACTIVE, _E.COMPROMISE): _S.COMPROMISED,
@@ -70,8 +70,6 @@ TRANSITIONS: Final[dict[tuple[State, Event], State | str]] = {
     (_S.DEACTIVATED, _E.DESTROY): _S.DESTROYED,
     (_S.COMPROMISED, _E.DESTROY): _S.DESTROYED_COMPROMISED,
     (_S.DESTROYED, _E.COMPROMISE): _S.DESTROYED_COMPROMISED,
-    (_S.DESTROYED, _E.RECOVER): PREVIOUS,
-    (_S.DESTROYED_COMPROMISED, _E.RECOVER): PREVIOUS,
 }
 
 DESTROYED_STATES = frozenset({State.DESTROYED, State.DESTROYED_COMPROMISED})
@@ -113,7 +111,8 @@ class LifecycleError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         #: "wrong-state", "usage-not-permitted", "not-yet-active", "protect-stop-passed",
-        #: "deactivated", "compromised", "destroyed": the service maps these to wire codes.
+        #: "deactivated", "compromised", "destroyed", "destroy-pending": the service maps
+        #: these to wire codes.
         self.reason = reason
         self.message = message
 
@@ -128,11 +127,11 @@ class Lifecycle:
     deactivation: int | None = None
     compromise_date: int | None = None
     destroy_date: int | None = None
-    #: When a destroyed key's material is erased for good (end of the soft-delete window).
+    #: Set while a destroy is pending: when the soft-delete window ends and the
+    #: material is erased. Until then ``recover`` cancels it.
     purge_at: int | None = None
     revocation_reason: RevocationReason | None = None
     revocation_message: str | None = None
-    state_before_destroy: State | None = None
 
     # -- persistence: a JSON document beside the state column ----------------------------
 
@@ -153,8 +152,6 @@ class Lifecycle:
                 doc[name] = value
         if self.revocation_reason is not None:
             doc["revocation_reason"] = self.revocation_reason.value
-        if self.state_before_destroy is not None:
-            doc["state_before_destroy"] = self.state_before_destroy.value
         return doc
 
     @classmethod
@@ -173,7 +170,7 @@ class Lifecycle:
             return None if value is None else int(value)  # type: ignore[call-overload]
 
         usage = doc.get("usage")
-        reason, before = doc.get("revocation_reason"), doc.get("state_before_destroy")
+        reason = doc.get("revocation_reason")
         message = doc.get("revocation_message")
         return cls(
             state=State(state),
@@ -187,14 +184,18 @@ class Lifecycle:
             purge_at=optional_int("purge_at"),
             revocation_reason=None if reason is None else RevocationReason(reason),
             revocation_message=None if message is None else str(message),
-            state_before_destroy=None if before is None else State(before),
         )
 
     # -- the state as of now, dates applied ----------------------------------------------
 
     def effective(self, now: float) -> State:
-        """The state once the dates that passed are applied (KMIP's automatic transitions)."""
+        """The state once the dates that passed are applied (KMIP's automatic transitions).
+
+        A key scheduled for destruction is frozen in its state until then.
+        """
         state = self.state
+        if self.destroy_pending:
+            return state
         if state is State.PRE_ACTIVE and self.activation is not None and now >= self.activation:
             state = State.ACTIVE
         if (
@@ -205,6 +206,10 @@ class Lifecycle:
             state = State.DEACTIVATED
         return state
 
+    @property
+    def destroy_pending(self) -> bool:
+        return self.purge_at is not None and self.state not in DESTROYED_STATES
+
     def apply(self, event: Event, now: int, **changes: Any) -> Lifecycle:
         """The lifecycle after ``event``, or LifecycleError if the table does not allow it."""
         current = self.effective(now)
@@ -213,19 +218,9 @@ class Lifecycle:
             raise LifecycleError(
                 "wrong-state", f"cannot {event.value} a key that is {current.value}"
             )
-        if target == PREVIOUS:
-            if current is State.DESTROYED_COMPROMISED:
-                previous = State.COMPROMISED  # compromised since: it stays so
-            else:
-                previous = self.state_before_destroy or State.DEACTIVATED
-            return attrs.evolve(
-                self, state=previous, destroy_date=None, purge_at=None,
-                state_before_destroy=None, **changes,
-            )  # fmt: skip
-        assert isinstance(target, State)
         if event is Event.DESTROY:
-            changes.setdefault("state_before_destroy", current)
             changes.setdefault("destroy_date", now)
+            changes.setdefault("purge_at", None)
         if event is Event.ACTIVATE and (self.activation is None or self.activation > now):
             changes.setdefault("activation", now)
         if event is Event.DEACTIVATE and (self.deactivation is None or self.deactivation > now):
@@ -233,6 +228,24 @@ class Lifecycle:
         if event is Event.COMPROMISE:
             changes.setdefault("compromise_date", now)
         return attrs.evolve(self, state=target, **changes)
+
+    def schedule_destroy(self, now: int, purge_at: int) -> Lifecycle:
+        """Start the soft-delete window: the key refuses every use until recovered."""
+        current = self.effective(now)
+        if (current, Event.DESTROY) not in TRANSITIONS:
+            raise LifecycleError("wrong-state", f"cannot destroy a key that is {current.value}")
+        if self.destroy_pending:
+            raise LifecycleError("destroy-pending", "the key is already scheduled for destruction")
+        return attrs.evolve(self, purge_at=purge_at)
+
+    def cancel_destroy(self) -> Lifecycle:
+        if self.state in DESTROYED_STATES:
+            raise LifecycleError(
+                "destroyed", "the key was destroyed: its material is gone and cannot be recovered"
+            )
+        if not self.destroy_pending:
+            raise LifecycleError("wrong-state", "the key is not scheduled for destruction")
+        return attrs.evolve(self, purge_at=None)
 
     # -- may it be used now ----------------------------------------------------------------
 
@@ -267,6 +280,11 @@ class Lifecycle:
             raise _state_error(state, what)
 
     def _check_usage(self, usage: Usage, what: str) -> None:
+        if self.destroy_pending:
+            raise LifecycleError(
+                "destroy-pending",
+                f"{what} is scheduled for destruction at {self.purge_at}; recover it to use it",
+            )
         if usage not in self.usage:
             allowed = ", ".join(sorted(u.value for u in self.usage))
             raise LifecycleError(

@@ -120,18 +120,14 @@ async def kms(tmp_path: Path) -> AsyncIterator[Harness]:
 @given(st.sampled_from(list(State)), st.sampled_from(list(Event)))
 def test_every_state_event_pair_follows_the_table(state: State, event: Event) -> None:
     # No dates: the stored state is the effective state.
-    lifecycle = Lifecycle(state=state, usage=KEK_USAGES, state_before_destroy=State.DEACTIVATED)
+    lifecycle = Lifecycle(state=state, usage=KEK_USAGES)
     expected = TRANSITIONS.get((state, event))
     if expected is None:
         with pytest.raises(LifecycleError) as caught:
             lifecycle.apply(event, 100)
         assert caught.value.reason == "wrong-state"
     else:
-        after = lifecycle.apply(event, 100).state
-        if expected == "previous":
-            assert after in (State.DEACTIVATED, State.COMPROMISED)
-        else:
-            assert after is expected
+        assert lifecycle.apply(event, 100).state is expected
 
 
 @given(st.lists(st.sampled_from(list(Event)), max_size=12))
@@ -147,11 +143,12 @@ def test_no_event_sequence_revives_a_compromised_or_destroyed_key(events: list[E
             seen_compromise = True
         if seen_compromise:
             assert lifecycle.state in (State.COMPROMISED, State.DESTROYED_COMPROMISED)
-        assert not (event is Event.RECOVER and lifecycle.state is State.ACTIVE)
+        if lifecycle.state in (State.DESTROYED, State.DESTROYED_COMPROMISED):
+            assert lifecycle.destroy_date == 100
 
 
 def test_table_has_kmip_transitions_and_no_others() -> None:
-    assert len(TRANSITIONS) == 12
+    assert len(TRANSITIONS) == 10
     assert (State.ACTIVE, Event.DESTROY) not in TRANSITIONS  # revoke first, as KMIP says
     assert (State.COMPROMISED, Event.ACTIVATE) not in TRANSITIONS
 
@@ -333,16 +330,22 @@ async def test_destroy_soft_delete_recover_then_purge_for_good(kms: Harness) -> 
     active = await kms.refused(ADMIN, Destroy(key=ref))
     assert active.code is ErrorCode.WRONG_STATE  # revoke first
     await kms.ok(ADMIN, Revoke(key=ref, reason="cessation-of-operation"))
-    destroyed = await kms.ok(ADMIN, Destroy(key=ref))
-    assert (destroyed.state, destroyed.purge_at) == ("destroyed", T0 + DAY)
+    pending = await kms.ok(ADMIN, Destroy(key=ref))
+    assert (pending.state, pending.purge_at) == ("deactivated", T0 + DAY)  # not destroyed yet
+    refused = await kms.refused(ADMIN, GetDek(dek_id=dek.dek_id, purpose="recovery"))
+    assert refused.code is ErrorCode.DESTROY_PENDING  # but no longer usable
     recovered = await kms.ok(ADMIN, Recover(key=ref))
-    assert recovered.state == "deactivated"
+    assert (recovered.state, recovered.purge_at) == ("deactivated", None)
+    assert (await kms.ok(ADMIN, GetDek(dek_id=dek.dek_id, purpose="recovery"))).key == dek.key
     await kms.ok(ADMIN, Destroy(key=ref))
+    kms.clock.now = T0 + DAY - 1
+    assert await kms.service.purge_due() == 0
     kms.clock.now = T0 + DAY  # the soft-delete window ends
     assert await kms.service.purge_due() == 1
     gone = await kms.refused(ADMIN, Recover(key=ref))
     assert gone.code is ErrorCode.KEY_DESTROYED
-    assert (await kms.ok(ADMIN, GetAttributes(key=ref))).state == "destroyed"
+    destroyed = await kms.ok(ADMIN, GetAttributes(key=ref))
+    assert (destroyed.state, destroyed.destroy_date) == ("destroyed", T0 + DAY)
     kms.service.store.close()
     on_disk = b"".join(p.read_bytes() for p in kms.data.glob("kmipd.db*"))
     assert dek.key not in on_disk
@@ -482,9 +485,10 @@ def test_lifecycle_from_the_command_line(tmp_path: Path) -> None:
         assert revoked["state"] == "deactivated"
         listed = kmipd("admin", "key", "list", "--kind", "dek", "--state", "deactivated")
         assert [k["dek_id"] for k in listed["keys"]] == [dek["dek_id"]]
-        destroyed = kmipd("admin", "dek", "destroy", dek["dek_id"])
-        assert destroyed["state"] == "destroyed"
-        assert kmipd("admin", "dek", "recover", dek["dek_id"])["state"] == "deactivated"
+        pending = kmipd("admin", "dek", "destroy", dek["dek_id"])
+        assert (pending["state"], pending["purge_at"] is not None) == ("deactivated", True)
+        recovered = kmipd("admin", "dek", "recover", dek["dek_id"])
+        assert (recovered["state"], recovered["purge_at"]) == ("deactivated", None)
         refused = run_kmipd(
             "dek", "revoke", dek["dek_id"], "--reason", "bored", "--server", daemon.address
         )

@@ -117,6 +117,10 @@ class DependentsExistError(RemoteError):
     code = ErrorCode.DEPENDENTS_EXIST
 
 
+class DestroyPendingError(RemoteError):
+    code = ErrorCode.DESTROY_PENDING
+
+
 class BusyError(RemoteError):
     code = ErrorCode.BUSY
 

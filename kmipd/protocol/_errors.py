@@ -34,6 +34,7 @@ class ErrorCode(enum.IntEnum):
     KEY_COMPROMISED = 208
     KEY_DESTROYED = 209
     DEPENDENTS_EXIST = 210
+    DESTROY_PENDING = 211
 
     BUSY = 300
     SHUTTING_DOWN = 301

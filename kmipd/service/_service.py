@@ -25,7 +25,6 @@ from kmipd.audit import AuditError, AuditEvent, AuditLog
 from kmipd.hsm import HsmBackend, HsmError, HsmIntegrityError, HsmUnavailableError
 from kmipd.lifecycle import (
     DEK_USAGES,
-    DESTROYED_STATES,
     KEK_USAGES,
     Event,
     Lifecycle,
@@ -125,6 +124,7 @@ _LIFECYCLE_CODES = {
     "protect-stop-passed": ErrorCode.PROTECT_STOP_PASSED,
     "compromised": ErrorCode.KEY_COMPROMISED,
     "destroyed": ErrorCode.KEY_DESTROYED,
+    "destroy-pending": ErrorCode.DESTROY_PENDING,
 }
 
 
@@ -662,9 +662,12 @@ class KeyService:
     async def _transition(
         self, call: _Call, target: DekRecord | KekVersion, event: Event, **changes: Any
     ) -> KeyAttributes:
-        now = self._now()
         with _lifecycle_errors():
-            lifecycle = target.lifecycle.apply(event, now, **changes)
+            lifecycle = target.lifecycle.apply(event, self._now(), **changes)
+        return await self._record(target, lifecycle)
+
+    async def _record(self, target: DekRecord | KekVersion, lifecycle: Lifecycle) -> KeyAttributes:
+        now = self._now()
         if isinstance(target, DekRecord):
             updated = await self.store.set_dek_lifecycle(target, lifecycle)
             return _dek_attributes(updated, now)
@@ -703,22 +706,20 @@ class KeyService:
         now = self._now()
         purge_at = now if request.purge_now else now + self.lifecycle.soft_delete_seconds
         call.detail = "purge now" if request.purge_now else f"purge at {purge_at}"
-        attributes = await self._transition(call, target, Event.DESTROY, purge_at=purge_at)
-        log.warning("destroyed %s for %s (%s)", _what(target), call.caller.identity, call.detail)
-        if request.purge_now:
+        with _lifecycle_errors():
+            scheduled = target.lifecycle.schedule_destroy(now, purge_at)
+        attributes = await self._record(target, scheduled)
+        log.warning("destroying %s for %s (%s)", _what(target), call.caller.identity, call.detail)
+        if purge_at <= now:
             await self.purge_due()
             return await self._attributes_of(call, request.key)
         return attributes
 
     async def _recover(self, call: _Call, request: Recover) -> KeyAttributes:
         target = await self._resolve(call, "recover", request.key)
-        lifecycle = target.lifecycle
-        if lifecycle.state in DESTROYED_STATES and lifecycle.purge_at is None:
-            raise ServiceError(
-                ErrorCode.KEY_DESTROYED,
-                f"{_what(target)} was purged: its material is gone and cannot be recovered",
-            )
-        return await self._transition(call, target, Event.RECOVER)
+        with _lifecycle_errors():
+            lifecycle = target.lifecycle.cancel_destroy()
+        return await self._record(target, lifecycle)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -942,15 +943,18 @@ class KeyService:
 
     async def purge_due(self) -> int:
         """Erase the material of destroyed keys whose soft-delete window ended."""
-        deks, versions = await self.store.due_for_purge(self._now())
+        now = self._now()
+        deks, versions = await self.store.due_for_purge(now)
         for record in deks:
-            await self.store.purge_dek(record)
-            log.info("purged DEK %s", record.dek_id)
+            await self.store.purge_dek(record, record.lifecycle.apply(Event.DESTROY, now))
+            log.info("destroyed DEK %s: its wrapped material is erased", record.dek_id)
         for version in versions:
             if version.hsm_handle:
                 with contextlib.suppress(HsmError):
                     await self.hsm.destroy_kek(version.hsm_handle)
-            orphans = await self.store.purge_kek_version(version)
+            orphans = await self.store.purge_kek_version(
+                version, version.lifecycle.apply(Event.DESTROY, now)
+            )
             log.warning(
                 "purged %s from the HSM; %d DEK(s) only it wrapped are gone",
                 _kek_what(version),

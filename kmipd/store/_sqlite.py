@@ -548,35 +548,42 @@ class KeyStore:
                 versions.append(found)
         return deks, versions
 
-    async def purge_dek(self, record: DekRecord) -> None:
-        """Erase a destroyed DEK's wrapped material; its metadata stays (state destroyed)."""
-        lifecycle = attrs.evolve(record.lifecycle, purge_at=None)
+    async def purge_dek(self, record: DekRecord, lifecycle: Lifecycle) -> None:
+        """Erase a DEK's wrapped material and record it destroyed; its metadata stays."""
 
         def erase(db: sqlite3.Connection) -> None:
             db.execute(
-                "UPDATE deks SET wrapped = x'', purge_at = NULL, lifecycle = ? WHERE id = ?",
-                (json.dumps(lifecycle.to_json()), record.dek_id),
+                "UPDATE deks SET wrapped = x'', state = ?, purge_at = NULL, lifecycle = ?"
+                " WHERE id = ?",
+                (lifecycle.state.value, json.dumps(lifecycle.to_json()), record.dek_id),
             )
             db.execute("DELETE FROM idempotency_keys WHERE dek_id = ?", (record.dek_id,))
+            _record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
 
         await self._write(erase)
         self._forget(record.dek_id)
 
-    async def purge_kek_version(self, version: KekVersion) -> list[str]:
-        """Erase a destroyed KEK version's handle; the DEKs only it wrapped go with it.
+    async def purge_kek_version(self, version: KekVersion, lifecycle: Lifecycle) -> list[str]:
+        """Record a KEK version destroyed (its HSM object is gone); its DEKs go with it.
 
-        Returns the ids of those DEKs: they are marked destroyed and their
-        wrapped material erased too (it could never be unwrapped again).
+        Returns the ids of the DEKs wrapped only under it: they are marked
+        destroyed and their wrapped material erased too, since it could
+        never be unwrapped again (crypto-shredding).
         """
-        lifecycle = attrs.evolve(version.lifecycle, purge_at=None)
         now = int(time.time())
 
         def erase(db: sqlite3.Connection) -> list[str]:
             db.execute(
-                "UPDATE kek_versions SET hsm_handle = '', purge_at = NULL, lifecycle = ?"
+                "UPDATE kek_versions SET hsm_handle = '', state = ?, purge_at = NULL, lifecycle = ?"
                 " WHERE kek = ? AND version = ?",
-                (json.dumps(lifecycle.to_json()), version.kek, version.version),
+                (
+                    lifecycle.state.value,
+                    json.dumps(lifecycle.to_json()),
+                    version.kek,
+                    version.version,
+                ),
             )
+            _record_change(db, version.kek, None, version.version, lifecycle.state)
             orphans = [
                 row[0]
                 for row in db.execute(
