@@ -80,9 +80,9 @@ def inspect_snapshot(path: Path) -> StoreSnapshot:
         (store_id,) = db.execute("SELECT value FROM store_meta WHERE name = 'store_id'").fetchone()
         (deks,) = db.execute("SELECT count(*) FROM deks").fetchone()
         columns = {row[1] for row in db.execute("PRAGMA table_info(kek_versions)")}
-        query = "SELECT hsm_handle FROM kek_versions"
+        query = "SELECT hsm_handle FROM kek_versions WHERE hsm_handle != ''"
         if "state" in columns:
-            query += " WHERE state NOT IN (?, ?)"
+            query += " AND state NOT IN (?, ?)"
             rows = db.execute(query, _DESTROYED_STATES).fetchall()
         else:
             rows = db.execute(query).fetchall()
