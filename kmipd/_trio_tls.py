@@ -125,13 +125,24 @@ class TlsChannel:
             if out:
                 await self.transport.send_all(out)
 
-    async def aclose(self) -> None:
-        """Send close_notify (best effort) and close the transport."""
+    async def aclose(self, *, linger: float = 0.0) -> None:
+        """Send close_notify (best effort) and close the transport.
+
+        With ``linger``, half-close first and read (and drop) what the peer
+        still sends until it closes too, for at most ``linger`` seconds:
+        closing a TCP socket with unread data makes the kernel send a reset,
+        which can destroy the last answers still on their way to the peer.
+        """
         try:
             with trio.move_on_after(ALERT_FLUSH_TIMEOUT):
                 with contextlib.suppress(ssl.SSLError):  # want-read: we do not wait for theirs
                     self._tls.unwrap()
                 await self._flush()
+            if linger > 0 and isinstance(self.transport, trio.abc.HalfCloseableStream):
+                with trio.move_on_after(linger):
+                    await self.transport.send_eof()
+                    while await self.transport.receive_some(RECEIVE_SIZE):
+                        pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             pass
         finally:

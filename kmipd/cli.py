@@ -10,6 +10,7 @@ import argparse
 import base64
 import contextlib
 import datetime
+import functools
 import json
 import os
 import sys
@@ -23,8 +24,11 @@ import trio
 from cryptography import x509
 
 from kmipd import client as km
+from kmipd._admin_cli import add_operations_commands
+from kmipd._backup import BackupError
 from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable
 from kmipd._logging import configure_logging
+from kmipd._systemd import ServiceManager, SystemdError
 from kmipd.audit import AuditError
 from kmipd.audit import query as audit_query
 from kmipd.audit import verify as audit_verify
@@ -63,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         HsmError,
         StoreError,
         TlsConfigError,
+        SystemdError,
+        BackupError,
     ) as exc:
         print(f"kmipd: error: {exc}", file=sys.stderr)
         return 1
@@ -111,6 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_lifecycle_commands(commands, dek_actions, kek_actions)
     _add_audit_commands(commands)
     _add_envelope_commands(commands)
+    add_operations_commands(commands)
     return parser
 
 
@@ -403,6 +410,7 @@ def _serve(args: argparse.Namespace) -> int:
     config_path = prepare_dev(args.data, args.listen) if args.dev else args.config
     config = load_config(config_path)
     configure_logging(config.log_level)
+    manager = ServiceManager.from_environment()
 
     def announce(daemon: RunningDaemon) -> None:
         if args.dev:
@@ -412,7 +420,7 @@ def _serve(args: argparse.Namespace) -> int:
         # The last line, and the one to wait for: everything is ready.
         print(f"kmipd: listening on {', '.join(daemon.addresses)}", flush=True)
 
-    trio.run(run_daemon, config, announce)
+    trio.run(functools.partial(run_daemon, config, announce, manager=manager))
     return 0
 
 

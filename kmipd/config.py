@@ -9,6 +9,9 @@ an integer, got text``. Relative paths are relative to the config file.
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -71,6 +74,23 @@ def _addresses(value: list[Any]) -> str | None:
         except ValueError as exc:
             return str(exc)
     return None
+
+
+def _loopback_address(value: str) -> str | None:
+    """The metrics endpoint is for a local scraper only: refuse anything else."""
+    if value == "":
+        return None
+    try:
+        host, _ = parse_address(value)
+    except ValueError as exc:
+        return str(exc)
+    if host == "localhost":
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return None if loopback else f"{value} is not a loopback address (127.0.0.1, [::1])"
 
 
 def _one_of(*choices: str) -> Callable[[str], str | None]:
@@ -143,6 +163,11 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
     },
+    "metrics": {
+        "listen": Option(
+            str, "", "Prometheus endpoint, loopback HOST:PORT; empty: off", _loopback_address
+        ),
+    },
 }
 
 _PATH_KEYS = {
@@ -183,6 +208,47 @@ class Config:
     audit_key: Path
     audit_fail_open_reads: bool
     log_level: str
+    metrics_listen: str | None
+
+
+#: ``${NAME}`` or ``${NAME:-default}`` in a path: the directories systemd
+#: passes a service (LoadCredential=, StateDirectory=, LogsDirectory=, ...).
+DIRECTORY_VARIABLES = (
+    "CREDENTIALS_DIRECTORY",
+    "STATE_DIRECTORY",
+    "LOGS_DIRECTORY",
+    "RUNTIME_DIRECTORY",
+    "CACHE_DIRECTORY",
+    "CONFIGURATION_DIRECTORY",
+)
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_path(text: str, base: Path, environ: Mapping[str, str]) -> Path:
+    """A path option's value as a path: variables expanded, relative to ``base``.
+
+    Raises ValueError naming the variable when it cannot be expanded.
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name not in DIRECTORY_VARIABLES:
+            raise ValueError(
+                f"${{{name}}} is not one of the directories systemd passes "
+                f"({', '.join(DIRECTORY_VARIABLES)})"
+            )
+        value = environ.get(name)
+        if value:
+            # Several StateDirectory= entries give a colon-separated list: the first is ours.
+            return value.split(":")[0]
+        if default is not None:
+            return default
+        raise ValueError(
+            f"${{{name}}} is not set (not running under systemd?); "
+            f"give a default for other uses: ${{{name}:-/some/directory}}"
+        )
+
+    return base / Path(_VARIABLE.sub(substitute, text))
 
 
 def load_config(path: Path) -> Config:
@@ -199,7 +265,13 @@ def load_config(path: Path) -> Config:
     return parse_config(document, source=str(path), base=path.parent)
 
 
-def parse_config(document: Mapping[str, Any], *, source: str, base: Path) -> Config:
+def parse_config(
+    document: Mapping[str, Any],
+    *,
+    source: str,
+    base: Path,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
     problems: list[str] = []
     for section in document:
         if section not in SCHEMA and section not in ("grant", "crypto_period"):
@@ -211,10 +283,15 @@ def parse_config(document: Mapping[str, Any], *, source: str, base: Path) -> Con
     }
     grants = _parse_grants(document.get("grant", []), problems)
     kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
+    env = os.environ if environ is None else environ
+    for section, key in sorted(_PATH_KEYS):
+        if isinstance(values[(section, key)], str):
+            try:
+                values[(section, key)] = expand_path(values[(section, key)], base, env)
+            except ValueError as exc:
+                problems.append(f"{section}.{key}: {exc}")
     if problems:
         raise ConfigError(source, problems)
-    for section, key in _PATH_KEYS:
-        values[(section, key)] = base / Path(values[(section, key)])
 
     def v(section: str, key: str) -> Any:
         return values[(section, key)]
@@ -268,6 +345,7 @@ def parse_config(document: Mapping[str, Any], *, source: str, base: Path) -> Con
         audit_key=v("audit", "key"),
         audit_fail_open_reads=v("audit", "fail_open_reads"),
         log_level=v("logging", "level"),
+        metrics_listen=v("metrics", "listen") or None,
     )
 
 

@@ -1,18 +1,28 @@
-"""Assembling the daemon from a Config: store, HSM, TLS, service, server, signals."""
+"""Assembling the daemon from a Config: store, HSM, TLS, service, server, signals.
+
+Under systemd (``kmipd._systemd``) it also reports its progress and
+readiness over sd_notify, serves on socket-activated listeners when it is
+given some, and pings the watchdog; ``kmipd._supervision`` handles
+signals, reloads and the watchdog.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 from collections.abc import Callable
 
 import attrs
 import trio
 
 from kmipd._address import format_address
+from kmipd._checks import check_serving_config
+from kmipd._metrics import MeasuredHsm, ServerMetrics
+from kmipd._prometheus import MetricsExporter, serve_metrics
+from kmipd._supervision import Supervisor
+from kmipd._systemd import ServiceManager
 from kmipd.audit import AuditLog
-from kmipd.config import Config
+from kmipd.config import Config, ConfigError
 from kmipd.hsm import SoftwareHsm
 from kmipd.server import KmipServer, ServerTls, open_listeners
 from kmipd.service import KeyService, ServerInfo
@@ -27,9 +37,10 @@ class RunningDaemon:
 
     addresses: list[str]
     server: KmipServer
+    supervisor: Supervisor
 
     def stop(self) -> None:
-        self.server.request_shutdown()
+        self.supervisor.stop("stop requested")
 
 
 async def run_daemon(
@@ -37,37 +48,58 @@ async def run_daemon(
     on_ready: Callable[[RunningDaemon], None] | None = None,
     *,
     handle_signals: bool = True,
+    manager: ServiceManager | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT (or ``stop()``), then drain and return.
 
     ``on_ready`` is called once the store is open, the HSM answers and the
-    listeners accept. Signals can only be handled on the main thread; an
-    embedding program passes ``handle_signals=False`` and calls ``stop()``.
+    listeners accept; that is also when systemd hears ``READY=1``. Signals
+    can only be handled on the main thread; an embedding program passes
+    ``handle_signals=False`` and calls ``stop()``. ``manager`` is what
+    systemd passed (``ServiceManager.from_environment()``); none by default.
     """
+    manager = manager or ServiceManager()
+    notifier = manager.notifier
+    notifier.status("checking the TLS material and the policy")
+    report = check_serving_config(config)
+    if report.problems:
+        raise ConfigError(config.source, report.problems)
+    for warning in report.warnings:
+        log.warning("%s", warning)
     tls = ServerTls.load(config.tls)
     with contextlib.ExitStack() as resources:
+        notifier.status(f"opening the key store {config.store_path}")
         store = KeyStore.open(
             config.store_path, cache_size=config.store_cache_size, shared=config.store_shared
         )
         resources.callback(store.close)
+        notifier.status("opening the HSM backend")
         hsm = SoftwareHsm.open(config.master_key, config.keyring)
         resources.callback(hsm.close)
         audit = AuditLog.open(
             config.audit_path, config.audit_key, fail_open_reads=config.audit_fail_open_reads
         )
         resources.callback(audit.close)
+        notifier.status("waiting for the HSM backend to answer")
         await hsm.check()
+        metrics = ServerMetrics()
         service = KeyService(
             store=store,
-            hsm=hsm,
+            hsm=MeasuredHsm(hsm, metrics),
             policy=config.policy,
             info=ServerInfo(name=config.server_name),
             create_kek_on_demand=config.create_kek_on_demand,
             lifecycle=config.lifecycle,
             audit=audit,
         )
-        server = KmipServer(service, tls, config.limits)
-        listeners = await open_listeners(list(config.listen))
+        server = KmipServer(service, tls, config.limits, metrics=metrics)
+        supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
+        listeners = await _client_listeners(config, manager)
+        metrics_listeners = (
+            await _open_listeners([config.metrics_listen], "metrics.listen", config)
+            if config.metrics_listen
+            else []
+        )
         addresses = [format_address(*lst.socket.getsockname()[:2]) for lst in listeners]
         async with trio.open_nursery() as nursery:
 
@@ -76,14 +108,52 @@ async def run_daemon(
                 nursery.cancel_scope.cancel()  # the signal watcher and the jobs are done too
 
             if handle_signals:
-                nursery.start_soon(_stop_on_signal, server)
+                nursery.start_soon(supervisor.handle_signals)
             nursery.start_soon(_maintain, service, config.check_interval)
             nursery.start_soon(_run_rewrap_jobs, service, config.rewrap_batch, config.rewrap_pause)
+            if metrics_listeners:
+                await nursery.start(serve_metrics, metrics_listeners, MetricsExporter(server))
+                log.info(
+                    "Prometheus metrics on http://%s/metrics",
+                    format_address(*metrics_listeners[0].socket.getsockname()[:2]),
+                )
             await nursery.start(serve_then_stop)
+            if manager.watchdog_interval is not None:
+                nursery.start_soon(supervisor.watchdog, manager.watchdog_interval)
             log.info("listening on %s", ", ".join(addresses))
+            supervisor.ready(addresses)
             if on_ready is not None:
-                on_ready(RunningDaemon(addresses, server))
+                on_ready(RunningDaemon(addresses, server, supervisor))
+        notifier.status("stopped")
         log.info("stopped")
+
+
+async def _open_listeners(
+    addresses: list[str], key: str, config: Config
+) -> list[trio.SocketListener]:
+    try:
+        return await open_listeners(addresses)
+    except OSError as exc:
+        raise ConfigError(
+            config.source,
+            [f"{key}: cannot listen on {', '.join(addresses)}: {exc.strerror or exc}"],
+        ) from None
+
+
+async def _client_listeners(config: Config, manager: ServiceManager) -> list[trio.SocketListener]:
+    """The sockets systemd passed (socket activation), else those in server.listen."""
+    if not manager.sockets:
+        return await _open_listeners(list(config.listen), "server.listen", config)
+    log.info(
+        "socket activation: serving on the %d socket(s) systemd passed (%s); "
+        "server.listen is not used",
+        len(manager.sockets),
+        ", ".join(inherited.name for inherited in manager.sockets),
+    )
+    return [
+        trio.SocketListener(trio.socket.from_stdlib_socket(inherited.socket))
+        for inherited in manager.sockets
+    ]
 
 
 async def _maintain(service: KeyService, interval: float) -> None:
@@ -115,18 +185,3 @@ async def _run_rewrap_jobs(service: KeyService, batch: int, pause: float) -> Non
                 await trio.sleep(pause)  # spare the HSM: operators set the pace
             else:
                 await trio.lowlevel.checkpoint()
-
-
-async def _stop_on_signal(server: KmipServer) -> None:
-    # Keeps the handlers installed until the daemon is done, so a second
-    # SIGTERM during the drain does not kill it with the default action.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        draining = False
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if draining:
-                log.info("%s: already draining", name)
-                continue
-            log.info("%s: draining and stopping", name)
-            draining = True
-            server.request_shutdown()

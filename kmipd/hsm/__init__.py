@@ -7,7 +7,13 @@ from kmipd.hsm._interface import (
     HsmKeyNotFoundError,
     HsmUnavailableError,
 )
-from kmipd.hsm._software import SoftwareHsm, create_master_key, read_master_key
+from kmipd.hsm._software import (
+    SoftwareHsm,
+    create_master_key,
+    keyring_handles,
+    read_keyring_file,
+    read_master_key,
+)
 
 __all__ = [
     "HsmBackend",
@@ -17,5 +23,7 @@ __all__ = [
     "HsmUnavailableError",
     "SoftwareHsm",
     "create_master_key",
+    "keyring_handles",
+    "read_keyring_file",
     "read_master_key",
 ]

@@ -23,7 +23,12 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kmipd.hsm._interface import HsmError, HsmIntegrityError, HsmKeyNotFoundError
+from kmipd.hsm._interface import (
+    HsmError,
+    HsmIntegrityError,
+    HsmKeyNotFoundError,
+    HsmUnavailableError,
+)
 from kmipd.protocol import ProtocolError, decode_item, encode_deterministic, encode_item
 from pki import write_private_file
 
@@ -62,6 +67,49 @@ def create_master_key(path: Path) -> None:
     write_private_file(path, secrets.token_bytes(MASTER_KEY_SIZE))
 
 
+def read_keyring_file(keyring_path: Path) -> bytes | None:
+    """The keyring file's bytes (sealed KEKs), read under its lock so no change is
+    half-seen; None if there is no keyring yet. Blocks while a writer holds the lock."""
+    lock_path = keyring_path.with_name(keyring_path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise HsmError(f"cannot open keyring lock {lock_path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return keyring_path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise HsmError(f"cannot read keyring {keyring_path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _parse_keyring(raw: bytes, keyring_path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        doc = decode_item(raw)
+        if doc.get("format") != _KEYRING_FORMAT:
+            raise HsmError(f"keyring {keyring_path} has an unknown format")
+        entries: dict[str, dict[str, Any]] = doc["keks"]
+    except (KeyError, TypeError, AttributeError, ProtocolError) as exc:
+        raise HsmError(f"keyring {keyring_path} is malformed") from exc
+    return entries
+
+
+def keyring_handles(raw: bytes, keyring_path: Path) -> frozenset[str]:
+    """The handles of the KEKs a keyring file's bytes hold (still sealed)."""
+    return frozenset(_parse_keyring(raw, keyring_path))
+
+
+class _CheckRun:
+    """One keyring read for check(); every check meanwhile waits for its outcome."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.problem: str | None = None
+
+
 class SoftwareHsm:
     """KEKs sealed under the master key in one keyring file.
 
@@ -78,6 +126,7 @@ class SoftwareHsm:
         self._keyring_path = keyring_path
         self._lock_path = keyring_path.with_name(keyring_path.name + ".lock")
         self._keks: dict[str, AESGCM] = self._open_all(self._read_entries())
+        self._check_run: _CheckRun | None = None
 
     @classmethod
     def open(
@@ -98,14 +147,7 @@ class SoftwareHsm:
             return {}
         except OSError as exc:
             raise HsmError(f"cannot read keyring {self._keyring_path}: {exc.strerror}") from None
-        try:
-            doc = decode_item(raw)
-            if doc.get("format") != _KEYRING_FORMAT:
-                raise HsmError(f"keyring {self._keyring_path} has an unknown format")
-            entries: dict[str, dict[str, Any]] = doc["keks"]
-        except (KeyError, TypeError, AttributeError, ProtocolError) as exc:
-            raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
-        return entries
+        return _parse_keyring(raw, self._keyring_path)
 
     def _open_all(self, entries: dict[str, dict[str, Any]]) -> dict[str, AESGCM]:
         try:
@@ -186,7 +228,37 @@ class SoftwareHsm:
         await trio.to_thread.run_sync(self._change, remove)
 
     async def check(self) -> None:
-        """The software backend is in-process: it answers whenever the process does."""
+        """Read the keyring file under its lock: a keyring that cannot be read (a dead
+        file system, a lock held forever by a wedged process) makes this hang or fail,
+        and the daemon's watchdog then stops vouching for it.
+
+        One read at a time: while a read hangs, later checks wait for that same
+        read instead of each leaving another worker thread stuck behind it.
+        """
+        run = self._check_run
+        if run is None:
+            run = self._check_run = _CheckRun()
+            trio.lowlevel.spawn_system_task(self._read_keyring_for_check, run)
+        await run.done.wait()
+        if run.problem is not None:
+            raise HsmUnavailableError(run.problem)
+
+    async def _read_keyring_for_check(self, run: _CheckRun) -> None:
+        def read_and_parse() -> None:
+            data = read_keyring_file(self._keyring_path)
+            if data is not None:
+                _parse_keyring(data, self._keyring_path)
+
+        try:
+            # Abandoned (not waited for) only when the whole run ends.
+            await trio.to_thread.run_sync(read_and_parse, abandon_on_cancel=True)
+        except HsmError as exc:
+            run.problem = str(exc)
+        except Exception as exc:  # a system task must not raise: report it as the check's
+            run.problem = f"keyring check failed: {exc!r}"
+        finally:
+            self._check_run = None
+            run.done.set()
 
     def close(self) -> None:
         self._keks.clear()

@@ -8,6 +8,7 @@ a clock or a thread, so every rule here is testable byte by byte.
 
 from __future__ import annotations
 
+import collections
 import enum
 from typing import Any, Final
 
@@ -123,9 +124,13 @@ class ServerConnection:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_in_flight: int = 64,
         versions: tuple[int, ...] = PROTOCOL_VERSIONS,
+        error_counts: collections.Counter[ErrorCode] | None = None,
     ) -> None:
         self.identity = identity
         self.state = ServerState.AWAITING_HELLO
+        #: Errors this connection sent on its own (not through send_error), by code;
+        #: the server passes one counter shared by all connections, for its metrics.
+        self.error_counts = collections.Counter() if error_counts is None else error_counts
         self.version: int | None = None
         self._server_name = server_name
         self._store_id = store_id
@@ -250,7 +255,7 @@ class ServerConnection:
 
     def send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
         self._finish(request_id)
-        self._queue_error(request_id, code, message)
+        self._queue(error_to_wire(request_id, code, message))
 
     def _finish(self, request_id: int) -> None:
         try:
@@ -285,6 +290,7 @@ class ServerConnection:
         self._outgoing += encode_frame(encode_item(message))
 
     def _queue_error(self, request_id: int | None, code: ErrorCode, message: str) -> None:
+        self.error_counts[code] += 1
         self._queue(error_to_wire(request_id, code, message))
 
 

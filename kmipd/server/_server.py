@@ -14,12 +14,15 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import select
 import ssl
+import time
 
 import attrs
 import trio
 
 from kmipd._address import format_address
+from kmipd._metrics import ServerMetrics
 from kmipd._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.protocol import (
     ANSWERED,
@@ -34,6 +37,10 @@ from kmipd.server._tls import PeerRejectedError, ServerTls, TlsConfigError
 from kmipd.service import NOT_NOW, Caller, KeyService, ServiceError
 
 log = logging.getLogger("kmipd.server")
+
+#: After a drain, how long a client still sending gets to see our close and stop,
+#: before the socket is closed (on unread data, which makes the kernel reset it).
+LINGER = 1.0
 
 #: How often, at most, a new connection makes the server look for a new CRL.
 CRL_CHECK_INTERVAL = 1.0
@@ -68,8 +75,10 @@ class KmipServer:
         limits: ServerLimits,
         *,
         crl_check_interval: float = CRL_CHECK_INTERVAL,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.service = service
+        self.metrics = metrics or ServerMetrics()
         #: Replaced as a whole on reload; each handshake reads it once.
         self.tls = tls
         self.limits = limits
@@ -136,11 +145,13 @@ class KmipServer:
                 await trio.sleep(0.1)  # back off until descriptors free up
                 continue
             if len(self._connections) >= self.limits.max_connections:
+                self.metrics.connections_refused += 1
                 log.warning(
                     "connection limit (%d) reached: refusing a client", self.limits.max_connections
                 )
                 await stream.aclose()
                 continue
+            self.metrics.connections_accepted += 1
             self._pick_up_new_crl()
             connection = _Connection(self, stream)
             self._connections.add(connection)
@@ -190,12 +201,13 @@ class _Connection:
         self.server = server
         self.limits = server.limits
         self.peer = _peer_name(stream)
+        self._stream = stream
         self.channel = TlsChannel(stream, server.tls.context, server_side=True)
         self.conn: ServerConnection | None = None
-        self._reader_scope = trio.CancelScope()
         self._request_scopes: dict[int, trio.CancelScope] = {}
         self._capacity = trio.Event()
         self._draining = False
+        self._heard_while_draining = False
         self._partial_since: float | None = None
         self._partial_frames = 0
         self._receive_scope: trio.CancelScope | None = None
@@ -204,8 +216,16 @@ class _Connection:
         self._writing = True
 
     def start_draining(self) -> None:
+        """Refuse every new request with shutting-down, finish those in flight, hang up.
+
+        The reader goes on reading until then, so a client pipelining into
+        the drain hears shutting-down for each request instead of silence,
+        and the socket is not closed on unread data (which would reset it).
+        """
         self._draining = True
-        self._reader_scope.cancel()
+        if self.conn is not None:
+            self.conn.start_draining()
+        self._update_receive_deadline()
 
     def cut_off(self) -> None:
         for scope in self._request_scopes.values():
@@ -222,19 +242,32 @@ class _Connection:
                 store_id=self.server.service.store.store_id,
                 max_frame_size=self.limits.max_frame_size,
                 max_in_flight=self.limits.max_in_flight,
+                error_counts=self.server.metrics.protocol_errors,
             )
+            if self._draining:
+                self.conn.start_draining()
             async with trio.open_nursery() as writer:
                 writer.start_soon(self._write_loop)
                 async with trio.open_nursery() as requests:
-                    with self._reader_scope:
-                        await self._read_loop(requests)
+                    await self._read_loop(requests)
                     if self._draining:
-                        self.conn.start_draining()
                         await self._refuse_buffered_requests()
                 self._writing = False  # every request has answered: send the rest and stop
                 self._output_ready.set()
         finally:
-            await self.channel.aclose()
+            await self.channel.aclose(linger=LINGER if self._client_still_sending() else 0)
+
+    def _client_still_sending(self) -> bool:
+        """While draining: did the client send after we stopped reading (or may it)?"""
+        if not self._draining:
+            return False
+        if self._heard_while_draining:
+            return True
+        try:
+            readable, _, _ = select.select([self._stream.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     async def _handshake(self) -> str | None:
         tls = self.server.tls
@@ -242,17 +275,35 @@ class _Connection:
             try:
                 await self.channel.handshake()
             except TlsHandshakeError as exc:
-                log.info("TLS handshake with %s refused: %s", self.peer, exc.reason or exc)
+                reason = _handshake_reason(exc)
+                log.info(
+                    "TLS handshake with %s refused: %s",
+                    self.peer,
+                    exc.reason or exc,
+                    extra={"fields": {"peer": self.peer, "reason": reason}},
+                )
+                self.server.metrics.handshake_failures[reason] += 1
                 return None
             try:
                 return tls.verify_peer(self.channel.ssl_object.getpeercert(binary_form=True))
             except PeerRejectedError as exc:
-                log.info("client %s refused: %s", self.peer, exc)
+                log.info(
+                    "client %s refused: %s",
+                    self.peer,
+                    exc,
+                    extra={"fields": {"peer": self.peer, "reason": exc.reason}},
+                )
+                self.server.metrics.handshake_failures[exc.reason] += 1
                 refusal = ServerConnection(identity="", server_name="", store_id="")
                 refusal.fail(ErrorCode.CERTIFICATE_REJECTED, f"certificate rejected: {exc}")
                 await self.channel.send_all(refusal.data_to_send())
                 return None
-        log.info("TLS handshake with %s timed out", self.peer)
+        log.info(
+            "TLS handshake with %s timed out",
+            self.peer,
+            extra={"fields": {"peer": self.peer, "reason": "timeout"}},
+        )
+        self.server.metrics.handshake_failures["timeout"] += 1
         return None
 
     async def _read_loop(self, requests: trio.Nursery) -> None:
@@ -273,7 +324,10 @@ class _Connection:
                 await self._send_queued()
                 data = await self._receive()
                 if data is not None:
+                    self._heard_while_draining |= self._draining
                     conn.receive_data(data)
+                elif self._draining and conn.in_flight == 0:
+                    return  # drained: every request has its answer
             elif event is PAUSED:
                 self._output_ready.set()
                 self._capacity = trio.Event()
@@ -295,7 +349,14 @@ class _Connection:
                 return await self.channel.receive_some()
             finally:
                 self._receive_scope = None
-        log.info("closing connection from %s: %s", self.peer, self._deadline_reason)
+        if self._draining and self.conn.in_flight == 0:
+            return None
+        log.info(
+            "closing connection from %s: %s",
+            self.peer,
+            self._deadline_reason,
+            extra={"fields": {"peer": self.peer, "identity": self.conn.identity}},
+        )
         self.conn.fail(ErrorCode.TIMEOUT, self._deadline_reason)
         return None
 
@@ -305,7 +366,9 @@ class _Connection:
         if scope is None or conn is None:
             return
         now = trio.current_time()
-        if conn.has_partial_frame:
+        if self._draining and conn.in_flight == 0:
+            scope.deadline = -math.inf  # nothing left to answer: stop reading now
+        elif conn.has_partial_frame:
             # The clock runs from when the current partial frame began: a
             # sender that keeps completing frames is making progress.
             if self._partial_since is None or self._partial_frames != conn.frames_received:
@@ -336,21 +399,30 @@ class _Connection:
     def _answer_now(self, event: RequestReceived) -> bool:
         """Answer inline when the service can without waiting (a cached get-dek)."""
         assert self.conn is not None
+        start = time.perf_counter()
         try:
             result = self.server.service.handle_now(
                 Caller(self.conn.identity, event.request_id), event.request
             )
         except ServiceError as exc:
             self.conn.send_error(event.request_id, exc.code, exc.message)
+            self.server.metrics.record_request(
+                event.request.OPERATION, time.perf_counter() - start, exc.code
+            )
             return True
         if result is NOT_NOW:
             return False
         self.conn.send_result(event.request_id, result)
+        self.server.metrics.record_request(
+            event.request.OPERATION, time.perf_counter() - start, None
+        )
         return True
 
     async def _run_request(self, event: RequestReceived) -> None:
         assert self.conn is not None
         conn, request_id = self.conn, event.request_id
+        start = time.perf_counter()
+        error: ErrorCode | None = None
         with trio.CancelScope() as scope:
             self._request_scopes[request_id] = scope
             try:
@@ -358,9 +430,11 @@ class _Connection:
                     Caller(conn.identity, request_id), event.request
                 )
             except ServiceError as exc:
+                error = exc.code
                 conn.send_error(request_id, exc.code, exc.message)
             except Exception:
                 log.exception("request %s (%s) failed", request_id, event.request.OPERATION)
+                error = ErrorCode.INTERNAL
                 conn.send_error(
                     request_id, ErrorCode.INTERNAL, "internal error; see the server log"
                 )
@@ -368,7 +442,11 @@ class _Connection:
                 conn.send_result(request_id, result)
         del self._request_scopes[request_id]
         if scope.cancelled_caught:
+            error = ErrorCode.SHUTTING_DOWN
             conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "cut off by server shutdown")
+        self.server.metrics.record_request(
+            event.request.OPERATION, time.perf_counter() - start, error
+        )
         self._capacity.set()
         self._update_receive_deadline()
         self._output_ready.set()
@@ -406,6 +484,13 @@ def _only_disconnects(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_only_disconnects(member) for member in exc.exceptions)
     return isinstance(exc, _DISCONNECTS)
+
+
+def _handshake_reason(exc: TlsHandshakeError) -> str:
+    """OpenSSL's short reason as a metric label: "certificate-verify-failed"..."""
+    if not exc.reason:
+        return "peer-closed" if "closed" in str(exc) else "other"
+    return exc.reason.lower().replace("_", "-").replace(" ", "-")
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

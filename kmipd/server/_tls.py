@@ -36,7 +36,14 @@ class TlsConfigError(Exception):
 
 
 class PeerRejectedError(Exception):
-    """The client's certificate passed OpenSSL but not our identity rules."""
+    """The client's certificate passed OpenSSL but not our identity rules.
+
+    ``reason`` is a short fixed slug for metrics (handshake failures by reason).
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @attrs.frozen
@@ -77,21 +84,24 @@ class ServerTls:
     def verify_peer(self, der: bytes | None, now: datetime.datetime | None = None) -> str:
         """Return the peer's identity (its SPIFFE ID) or raise PeerRejectedError."""
         if der is None:
-            raise PeerRejectedError("no client certificate")
+            raise PeerRejectedError("no client certificate", "no-certificate")
         cert = x509.load_der_x509_certificate(der)
         now = now or datetime.datetime.now(datetime.UTC)
         if cert.serial_number in self.revoked:
-            raise PeerRejectedError("client certificate is revoked")
+            raise PeerRejectedError("client certificate is revoked", "revoked")
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise PeerRejectedError("client certificate is outside its validity period")
+            raise PeerRejectedError("client certificate is outside its validity period", "expired")
         try:
             usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
             raise PeerRejectedError(
-                "client certificate has no extendedKeyUsage; kmipd requires clientAuth"
+                "client certificate has no extendedKeyUsage; kmipd requires clientAuth",
+                "no-client-auth",
             ) from None
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
-            raise PeerRejectedError("client certificate lacks the clientAuth extended key usage")
+            raise PeerRejectedError(
+                "client certificate lacks the clientAuth extended key usage", "no-client-auth"
+            )
         return _spiffe_identity(cert, self.settings.trust_domain)
 
 
@@ -99,16 +109,21 @@ def _spiffe_identity(cert: x509.Certificate, trust_domain: str) -> str:
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise PeerRejectedError("client certificate has no SPIFFE ID (no URI SAN)") from None
+        raise PeerRejectedError(
+            "client certificate has no SPIFFE ID (no URI SAN)", "no-spiffe-id"
+        ) from None
     uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1 or not uris[0].startswith("spiffe://"):
         # X.509-SVID: exactly one URI SAN, and it is the SPIFFE ID.
-        raise PeerRejectedError("client certificate must carry exactly one spiffe:// URI SAN")
+        raise PeerRejectedError(
+            "client certificate must carry exactly one spiffe:// URI SAN", "no-spiffe-id"
+        )
     identity = uris[0]
     domain = identity[len("spiffe://") :].split("/", 1)[0]
     if domain != trust_domain:
         raise PeerRejectedError(
-            f"client identity is in trust domain {domain!r}, not {trust_domain!r}"
+            f"client identity is in trust domain {domain!r}, not {trust_domain!r}",
+            "wrong-trust-domain",
         )
     return identity
 

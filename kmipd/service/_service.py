@@ -97,6 +97,8 @@ from kmipd.store import (
 log = logging.getLogger("kmipd.service")
 
 DATA_KEY_BLOB_FORMAT = 1
+#: Seconds the status operation waits for the HSM backend to answer its check.
+STATUS_CHECK_TIMEOUT = 2.0
 LOCATE_DEFAULT_LIMIT = 100
 
 #: Operations whose audit record is on disk before the client hears of them.
@@ -422,8 +424,9 @@ class KeyService:
     async def _status(self, call: _Call, request: Status) -> StatusResult:
         hsm_state = store_state = "ok"
         try:
-            await self.hsm.check()
-        except HsmError:
+            with trio.fail_after(STATUS_CHECK_TIMEOUT):  # a wedged HSM must not wedge status
+                await self.hsm.check()
+        except (HsmError, trio.TooSlowError):
             hsm_state = "unavailable"
         try:
             await self.store.check()

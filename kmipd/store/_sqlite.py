@@ -746,6 +746,20 @@ class KeyStore:
             lambda db: int(db.execute("SELECT count(*) FROM deks").fetchone()[0])
         )
 
+    async def count_by_state(self) -> dict[tuple[str, str], int]:
+        """(kind, state) -> how many, kind "dek" or "kek-version": for metrics."""
+
+        def select(db: sqlite3.Connection) -> dict[tuple[str, str], int]:
+            counts = {}
+            for kind, table in (("dek", "deks"), ("kek-version", "kek_versions")):
+                for state, count in db.execute(
+                    f"SELECT state, count(*) FROM {table} GROUP BY state"
+                ):
+                    counts[(kind, state)] = int(count)
+            return counts
+
+        return await self._read(select)
+
     async def check(self) -> None:
         """Raise StoreError unless the database answers a trivial query."""
         try:

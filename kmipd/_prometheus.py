@@ -1,0 +1,271 @@
+"""The optional Prometheus endpoint: a loopback-only HTTP listener apart from KMIP.
+
+``[metrics] listen = "127.0.0.1:9696"`` turns it on; the config refuses any
+address that is not loopback, so the numbers (key counts, error rates,
+client activity) are only for a scraper on the same host, or one that
+reaches it through an authenticated tunnel. ``GET /metrics`` answers with
+the Prometheus text format, written by prometheus-client from the
+daemon's own counters (``kmipd._metrics``) when a scrape asks.
+
+What needs I/O is gathered before each scrape, bounded: key counts by
+state from the store (at most every ``KEY_COUNT_MAX_AGE`` seconds: a
+count over millions of rows is not free) and whether the HSM answers.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+from collections.abc import Iterator
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from kmipd._metrics import LATENCY_BUCKETS, Histogram
+from kmipd.hsm import HsmError
+from kmipd.server import KmipServer
+from kmipd.store import StoreError
+
+log = logging.getLogger("kmipd.metrics")
+
+KEY_COUNT_MAX_AGE = 30.0
+HSM_CHECK_TIMEOUT = 2.0
+#: A scraper gets this long to send its request and read the answer.
+REQUEST_TIMEOUT = 10.0
+MAX_REQUEST_HEAD = 8192
+
+
+class MetricsExporter:
+    """The registry a scrape renders, and what must be fetched before rendering it."""
+
+    def __init__(self, server: KmipServer) -> None:
+        self.server = server
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_KmipdCollector(self))
+        self.key_counts: dict[tuple[str, str], int] = {}
+        self.hsm_up: bool | None = None
+        self._counted_at = -math.inf
+
+    async def refresh(self) -> None:
+        service = self.server.service
+        now = trio.current_time()
+        if now - self._counted_at >= KEY_COUNT_MAX_AGE:
+            try:
+                self.key_counts = await service.store.count_by_state()
+                self._counted_at = now
+            except StoreError as exc:
+                log.warning("metrics: cannot count keys: %s", exc)
+        self.hsm_up = False
+        with trio.move_on_after(HSM_CHECK_TIMEOUT):
+            try:
+                await service.hsm.check()
+                self.hsm_up = True
+            except HsmError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kmipd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _KmipdCollector(Collector):
+    def __init__(self, exporter: MetricsExporter) -> None:
+        self.exporter = exporter
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.exporter.server
+        metrics = server.metrics
+        info = InfoMetricFamily("kmipd_build", "kmipd version and server name")
+        info.add_metric([], {"version": _version(), "server": server.service.info.name})
+        yield info
+
+        requests = CounterMetricFamily(
+            "kmipd_requests", "Requests answered, by operation", labels=["operation"]
+        )
+        latency = HistogramMetricFamily(
+            "kmipd_request_duration_seconds",
+            "Time from a request's arrival to its answer, by operation",
+            labels=["operation"],
+        )
+        for operation, histogram in sorted(metrics.request_latency.items()):
+            requests.add_metric([operation], histogram.count)
+            _add_histogram(latency, [operation], histogram)
+        yield requests
+        yield latency
+
+        errors = CounterMetricFamily(
+            "kmipd_request_errors",
+            "Requests answered with an error, by operation and wire error code",
+            labels=["operation", "code"],
+        )
+        for (operation, code), count in sorted(metrics.request_errors.items()):
+            errors.add_metric([operation, code.wire_name], count)
+        yield errors
+        protocol = CounterMetricFamily(
+            "kmipd_protocol_errors",
+            "Errors the protocol layer sent (bad frames, no hello, refusals while draining)",
+            labels=["code"],
+        )
+        for code, count in sorted(metrics.protocol_errors.items()):
+            protocol.add_metric([code.wire_name], count)
+        yield protocol
+
+        yield GaugeMetricFamily(
+            "kmipd_connections", "Client connections open now", value=server.connection_count
+        )
+        yield CounterMetricFamily(
+            "kmipd_connections_accepted",
+            "Client connections accepted",
+            value=metrics.connections_accepted,
+        )
+        yield CounterMetricFamily(
+            "kmipd_connections_refused",
+            "Connections closed at once because server.max_connections was reached",
+            value=metrics.connections_refused,
+        )
+        handshakes = CounterMetricFamily(
+            "kmipd_tls_handshake_failures",
+            "Failed TLS handshakes and refused client certificates, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(metrics.handshake_failures.items()):
+            handshakes.add_metric([reason], count)
+        yield handshakes
+
+        hsm = HistogramMetricFamily(
+            "kmipd_hsm_call_duration_seconds", "HSM backend call latency, by call", labels=["call"]
+        )
+        for call, histogram in sorted(metrics.hsm_latency.items()):
+            _add_histogram(hsm, [call], histogram)
+        yield hsm
+        if self.exporter.hsm_up is not None:
+            yield GaugeMetricFamily(
+                "kmipd_hsm_up",
+                "1 if the HSM backend answered a check during this scrape",
+                value=int(self.exporter.hsm_up),
+            )
+
+        keys = GaugeMetricFamily(
+            "kmipd_keys",
+            f"Keys in the store by kind and state (counted at most every {KEY_COUNT_MAX_AGE:g} s)",
+            labels=["kind", "state"],
+        )
+        for (kind, state), count in sorted(self.exporter.key_counts.items()):
+            keys.add_metric([kind, state], count)
+        yield keys
+
+        reloads = CounterMetricFamily(
+            "kmipd_reloads", "Configuration reloads (SIGHUP), by result", labels=["result"]
+        )
+        for result, count in sorted(metrics.reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
+    cumulative = 0
+    buckets = []
+    for bound, count in zip((*LATENCY_BUCKETS, math.inf), histogram.counts, strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+    family.add_metric(labels, buckets, histogram.sum)
+
+
+# -- the HTTP listener ----------------------------------------------------------------------
+
+
+async def serve_metrics(
+    listeners: list[trio.SocketListener],
+    exporter: MetricsExporter,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Answer scrapes until cancelled; one request per connection."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await _answer(stream, exporter)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.debug("metrics: scraper went away: %r", exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(trio.serve_listeners, handle, [listener])
+        task_status.started()
+
+
+async def _answer(stream: trio.SocketStream, exporter: MetricsExporter) -> None:
+    head = b""
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        if len(head) > MAX_REQUEST_HEAD:
+            await stream.send_all(_response(431, b"request head too large\n"))
+            return
+        data = await stream.receive_some(4096)
+        if not data:
+            return
+        head += data
+    request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        await stream.send_all(_response(400, b"bad request\n"))
+        return
+    method, target = parts[0], parts[1].split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        await stream.send_all(_response(405, b"GET /metrics only\n", allow="GET, HEAD"))
+        return
+    if target != "/metrics":
+        await stream.send_all(_response(404, b"the metrics are at /metrics\n"))
+        return
+    await exporter.refresh()
+    body = exporter.render()
+    await stream.send_all(
+        _response(200, body, content_type=CONTENT_TYPE_LATEST, head_only=method == "HEAD")
+    )
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+}
+
+
+def _response(
+    status: int,
+    body: bytes,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    allow: str | None = None,
+    head_only: bool = False,
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {_REASONS[status]}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    if allow:
+        lines.append(f"Allow: {allow}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
