@@ -42,7 +42,7 @@ import attrs
 import trio
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
-from pkcs11._pkcs11 import lib as _Pkcs11Lib
+from pkcs11._pkcs11 import lib as _pkcs11_lib
 from pkcs11.mechanisms import GCMParams
 
 from kmipd.hsm._interface import (
@@ -179,7 +179,7 @@ class _FunctionList(ctypes.Structure):
     )
 
 
-class _PreInitialisedLib(_Pkcs11Lib):
+class _PreInitialisedLib(_pkcs11_lib):
     """python-pkcs11's library object, minus its ``C_Initialize(NULL)``.
 
     Relies on a python-pkcs11 internal (``lib.initialize`` is a cpdef method
@@ -372,6 +372,9 @@ class _Worker:
             try:
                 found = self.session.get_key(object_class=ObjectClass.SECRET_KEY, id=cka_id)
             except p11.NoSuchKey:
+                # A removed token finds nothing either: make sure it is still there
+                # (this raises if not) before saying there is no such KEK.
+                self.session.token.slot.get_token()
                 raise HsmKeyNotFoundError(
                     f"no KEK with handle {HANDLE_PREFIX}{cka_id.hex()} on the token"
                 ) from None
@@ -450,6 +453,8 @@ class Pkcs11Hsm:
         self.down_reason: str | None = None
         self._pin_refused: str | None = None
         self._recovery: trio.CancelScope | None = None
+        self._up = trio.Event()
+        self._up.set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -679,6 +684,8 @@ class Pkcs11Hsm:
                 self.settings.retry_interval,
             )
         self.down_reason = reason
+        if self._up.is_set():
+            self._up = trio.Event()
         if self._recovery is None and not self._closed:
             self._recovery = trio.CancelScope()
             trio.lowlevel.spawn_system_task(self._recover, self._recovery)
@@ -695,6 +702,7 @@ class Pkcs11Hsm:
                     continue
                 log.info("HSM back: the %s answers again", self.settings.token)
                 self.down_reason = None
+                self._up.set()
         self._recovery = None
 
     def _note_pin_refusal(self) -> None:
@@ -702,6 +710,10 @@ class Pkcs11Hsm:
         if self._pin_refused is not None:
             self.down_reason = self._pin_refused
             log.error("%s", self._pin_refused)
+
+    async def wait_until_up(self) -> None:
+        """Return once the token answers (at once, unless the backend is down)."""
+        await self._up.wait()
 
     # -- the HsmBackend interface ----------------------------------------------------------------
 
