@@ -31,8 +31,8 @@ from kmipd.hsm import (
     Pkcs11Hsm,
     Pkcs11Settings,
     SoftwareHsm,
+    _pkcs11,
 )
-from kmipd.hsm import _pkcs11
 from pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN, RunningServer, ServerFactory, credentials
 from tests.processes import Daemon, run_kmipd
@@ -96,12 +96,8 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftTok
     conf = home / "softhsm2.conf"
     conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\n")
     monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL]
-        + ["--so-pin", SO_PIN, "--pin", PIN],
-        check=True,
-        capture_output=True,
-    )
+    init = ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL]
+    subprocess.run([*init, "--so-pin", SO_PIN, "--pin", PIN], check=True, capture_output=True)
     pin_file = home / "pin"
     pin_file.write_text(PIN + "\n")
     pin_file.chmod(0o600)
@@ -117,7 +113,7 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftTok
 @contextlib.asynccontextmanager
 async def token_held(directory: Path) -> AsyncIterator[None]:
     """Another process holds the token's file locks (a hung token) until the block ends."""
-    helper = subprocess.Popen(
+    helper = subprocess.Popen(  # noqa: ASYNC220 - starting it is quick; its output is awaited
         [sys.executable, str(Path(__file__).with_name("token_lock.py")), str(directory)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -213,7 +209,7 @@ async def test_wrong_pin_unknown_token_and_unknown_library_are_clear_errors(
     assert "not retried" in str(refused.value)
     with pytest.raises(HsmError, match=r"no token labelled 'nope'.*'kmipd-test'"):
         await softhsm.open(token_label="nope")
-    with pytest.raises(HsmError, match="hsm.library: cannot load"):
+    with pytest.raises(HsmError, match=r"hsm\.library: cannot load"):
         await softhsm.open(library=tmp_path / "missing.so")
     with pytest.raises(HsmError, match="no token with serial 'no-such-serial'"):
         await softhsm.open(token_label=None, token_serial="no-such-serial")
@@ -367,7 +363,9 @@ async def test_thirty_seconds_of_concurrent_gets_crash_nothing_and_leak_nothing(
     server, hsm = await start_pkcs11_server(start_server, softhsm)
     async with server.async_client("admin") as admin:
         await admin.create_kek("load")
-        deks = {d.dek_id: d.key_bytes() for d in [await admin.create_dek("load") for _ in range(40)]}
+        deks = {
+            d.dek_id: d.key_bytes() for d in [await admin.create_dek("load") for _ in range(40)]
+        }
         blob = (await admin.generate_data_key("load", {"n": "1"})).blob
     objects_before, sessions_before = await hsm.count_objects(), hsm.open_sessions
     counts = {"ok": 0, "integrity": 0, "abandoned": 0}
@@ -419,7 +417,7 @@ async def test_thirty_seconds_of_concurrent_gets_crash_nothing_and_leak_nothing(
     print(f"load: {counts}")
 
 
-# -- configuration, the CLI and the daemon ----------------------------------------------------------
+# -- configuration, the CLI and the daemon ---------------------------------------------------
 
 
 def write_config(path: Path, ca: CertificateAuthority, token: SoftToken, **hsm: Any) -> Path:
@@ -460,7 +458,7 @@ operations = ["data"]
 
 def test_config_refuses_what_would_go_wrong_naming_each_key(tmp_path: Path) -> None:
     base = {
-        "tls": {k: "x" for k in ("ca", "cert", "key", "crl", "trust_domain")},
+        "tls": dict.fromkeys(("ca", "cert", "key", "crl", "trust_domain"), "x"),
         "store": {"path": "kmipd.db"},
     }
 
@@ -580,3 +578,23 @@ def test_hsm_init_then_the_daemon_serves_from_the_token(
 def test_load_config_reads_a_pkcs11_file(softhsm: SoftToken, ca: CertificateAuthority) -> None:
     config = load_config(write_config(softhsm.conf.parent / "k.toml", ca, softhsm))
     assert config.pkcs11 == softhsm.settings(timeout=5.0, retry_interval=5.0)
+
+
+@pytest.mark.slow
+def test_without_softhsm_these_tests_skip_but_under_ci_they_fail(tmp_path: Path) -> None:
+    env = {**os.environ, "KMIPD_TEST_PKCS11_LIBRARY": str(tmp_path / "absent.so")}
+    env.pop("CI", None)
+    test = f"{__file__}::test_blobs_move_between_the_software_and_the_pkcs11_backend"
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test]
+    root = Path(__file__).parent.parent
+    skipped = subprocess.run(
+        command, check=False, env=env, cwd=root, capture_output=True, text=True
+    )
+    assert skipped.returncode == 0, skipped.stdout
+    assert "1 skipped" in skipped.stdout
+    assert f"SoftHSM2 is not installed: no {tmp_path / 'absent.so'}" in skipped.stdout
+    failed = subprocess.run(
+        command, check=False, env={**env, "CI": "true"}, cwd=root, capture_output=True, text=True
+    )
+    assert failed.returncode == 1, failed.stdout
+    assert "CI must run the PKCS#11 tests" in failed.stdout
