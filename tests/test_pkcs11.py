@@ -41,6 +41,15 @@ SOFTHSM_LIBRARY = Path(
     os.environ.get("KMIPD_TEST_PKCS11_LIBRARY", "/usr/lib/softhsm/libsofthsm2.so")
 )
 TOKEN_LABEL = "kmipd-test"
+
+#: python-pkcs11 0.10 bug: a search whose C_FindObjectsInit fails (the token is gone)
+#: stays "active", and its __del__ later ends it on a session that no longer exists,
+#: raising where nobody can catch it (Python prints it on stderr). Only for the tests
+#: that take the token away; every other test keeps warnings as errors.
+PKCS11_SEARCH_LEFTOVER = pytest.mark.filterwarnings(
+    r"ignore:Exception ignored in. 'pkcs11\._pkcs11\.OperationContext\.__del__'"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
 PIN = "246813"
 SO_PIN = "97531864"
 
@@ -257,6 +266,7 @@ async def test_every_flow_through_the_server_on_softhsm(
         assert await hsm.count_objects() == (1, 0)
 
 
+@PKCS11_SEARCH_LEFTOVER
 async def test_purge_keeps_the_row_while_the_token_cannot_destroy(
     softhsm: SoftToken, start_server: ServerFactory, tmp_path: Path
 ) -> None:
@@ -331,6 +341,7 @@ async def test_kek_generated_after_its_caller_gave_up_is_destroyed(softhsm: Soft
         hsm.close()
 
 
+@PKCS11_SEARCH_LEFTOVER
 async def test_removed_token_answers_hsm_unavailable_then_recovers(
     softhsm: SoftToken, start_server: ServerFactory, tmp_path: Path
 ) -> None:

@@ -27,6 +27,7 @@ retried: retrying would lock the token.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -34,6 +35,7 @@ import queue
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -369,12 +371,14 @@ class _Worker:
     def key(self, cka_id: bytes) -> Any:
         found = self.keys.get(cka_id)
         if found is None:
+            # Is the token there? (This raises if not.) A search on a removed token
+            # finds nothing, which is not "no such KEK"; and python-pkcs11 0.10 leaves
+            # a search whose C_FindObjectsInit failed to be ended by the garbage
+            # collector, which then reports an error nobody can catch.
+            self.session.token.slot.get_token()
             try:
                 found = self.session.get_key(object_class=ObjectClass.SECRET_KEY, id=cka_id)
             except p11.NoSuchKey:
-                # A removed token finds nothing either: make sure it is still there
-                # (this raises if not) before saying there is no such KEK.
-                self.session.token.slot.get_token()
                 raise HsmKeyNotFoundError(
                     f"no KEK with handle {HANDLE_PREFIX}{cka_id.hex()} on the token"
                 ) from None
@@ -504,35 +508,46 @@ class Pkcs11Hsm:
             ) from None
 
     def _connect(self) -> None:
-        """(Re)open every session and log in; the sessions of before are closed."""
+        """Open a fresh set of sessions and log in; then close the sessions of before.
+
+        The new set replaces the old one in one assignment, so a worker never sees
+        half of it; opening before closing keeps the login (it ends with the last session).
+        """
         if self._pin_refused is not None:
             raise HsmUnavailableError(self._pin_refused)
         with self._connect_lock:
-            for session in self._sessions:
-                try:
-                    self._library.close_session(session.handle)
-                except Exception:  # a gone session is already closed
-                    log.debug("closing an old PKCS#11 session failed", exc_info=True)
-            self._sessions = []
+            sessions: list[Any] = []
             try:
                 token = self._find_token()
-                sessions = [token.open(rw=True) for _ in range(self.settings.sessions)]
-                self._sessions = sessions
+                for _ in range(self.settings.sessions):
+                    sessions.append(token.open(rw=True))
                 self._library.login(sessions[0].handle, self._pin)
-            except _PinRefusedError as exc:
-                self._pin_refused = (
-                    f"{exc} for the {self.settings.token}; not retried (that would lock "
-                    "the token): fix the PIN and restart kmipd"
-                )
-                raise HsmError(self._pin_refused) from None
-            except _GONE as exc:
-                raise _TokenGoneError(
-                    f"cannot open a session on the {self.settings.token}: {_describe(exc)}"
-                ) from None
-            except p11.PKCS11Error as exc:
-                raise HsmError(f"{self.settings.token}: {_describe(exc)}") from None
+            except BaseException as exc:
+                self._close_sessions(sessions)
+                if isinstance(exc, _PinRefusedError):
+                    self._pin_refused = (
+                        f"{exc} for the {self.settings.token}; not retried (that would lock "
+                        "the token): fix the PIN and restart kmipd"
+                    )
+                    raise HsmError(self._pin_refused) from None
+                if isinstance(exc, _GONE):
+                    raise _TokenGoneError(
+                        f"cannot open a session on the {self.settings.token}: {_describe(exc)}"
+                    ) from None
+                if isinstance(exc, p11.PKCS11Error):
+                    raise HsmError(f"{self.settings.token}: {_describe(exc)}") from None
+                raise
+            old, self._sessions = self._sessions, sessions
             self._token = token
             self._generation += 1
+            self._close_sessions(old)
+
+    def _close_sessions(self, sessions: list[Any]) -> None:
+        for session in sessions:
+            try:
+                self._library.close_session(session.handle)
+            except Exception:  # a gone session is already closed
+                log.debug("closing a PKCS#11 session failed", exc_info=True)
 
     def _reconnect(self, worker: _Worker) -> None:
         """The probe: log in again; if the token is still missing, re-initialise the library."""
@@ -811,8 +826,12 @@ class Pkcs11Hsm:
         # Token info and one object search: both read the token's state, so a
         # token that hangs or has gone fails here (python-pkcs11 runs them without the GIL).
         self._token.slot.get_token()
-        for _ in worker.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-            break
+        # Closed here, not by the garbage collector: that would end the search
+        # (C_FindObjectsFinal) later, perhaps on a session closed meanwhile.
+        with contextlib.closing(
+            worker.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})
+        ) as objects:
+            next(objects, None)
 
     async def check(self) -> None:
         if self._pin_refused is not None:
@@ -865,17 +884,13 @@ class Pkcs11Hsm:
             self._recovery.cancel()
         for _ in self._threads:
             self._queue.put(_STOP)
-        stuck = False
+        deadline = time.monotonic() + 2.0  # for all: a thread stuck in a hung token stays
         for thread in self._threads:
-            thread.join(timeout=2.0)
-            stuck = stuck or thread.is_alive()
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        stuck = any(thread.is_alive() for thread in self._threads)
         if not stuck:
             with self._connect_lock:
-                for session in self._sessions:
-                    try:
-                        self._library.close_session(session.handle)
-                    except Exception:
-                        log.debug("closing a PKCS#11 session failed", exc_info=True)
+                self._close_sessions(self._sessions)
                 self._sessions = []
         # A thread still stuck in the library: finalising under it could crash the process.
         _release_library(self._library, finalize=not stuck)
