@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from kmipd import client as km
 from kmipd._supervision import restart_only_changes
@@ -326,17 +327,26 @@ async def test_hung_token_answers_hsm_unavailable_then_recovers(
     assert await hsm.count_objects() == (1, 0)
 
 
-async def test_kek_generated_after_its_caller_gave_up_is_destroyed(softhsm: SoftToken) -> None:
+async def test_a_call_given_up_never_runs_or_has_its_kek_destroyed(
+    softhsm: SoftToken, caplog: pytest.LogCaptureFixture
+) -> None:
     # One session: the recovery probe runs only after the stuck call (and its cleanup).
     hsm = await softhsm.open(timeout=0.5, sessions=1)
     try:
         await hsm.generate_kek("kept/v1")
-        async with token_held(softhsm.token_dir):
+
+        async def give_up(label: str) -> None:
             with pytest.raises(HsmUnavailableError):
-                await hsm.generate_kek("late/v1")
+                await hsm.generate_kek(label)
+
+        async with token_held(softhsm.token_dir), trio.open_nursery() as nursery:
+            nursery.start_soon(give_up, "late/v1")  # the worker takes it, stuck in the token
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(give_up, "never/v1")  # queued behind it: never runs
         with trio.fail_after(10):
             await hsm.wait_until_up()
         assert await labels(hsm) == {"kmipd/kept/v1"}
+        assert "generated after its caller gave up" in caplog.text  # "late": made, then destroyed
     finally:
         hsm.close()
 
