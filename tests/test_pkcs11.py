@@ -37,6 +37,7 @@ from kmipd.hsm import (
 from pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN, RunningServer, ServerFactory, credentials
 from tests.processes import Daemon, run_kmipd
+from tests.systemd_harness import NotifySocket, ServiceProcess, kmipd_serve, ready_address
 
 SOFTHSM_LIBRARY = Path(
     os.environ.get("KMIPD_TEST_PKCS11_LIBRARY", "/usr/lib/softhsm/libsofthsm2.so")
@@ -120,23 +121,43 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SoftTok
     assert not leaked, "a PKCS#11 backend was not closed"
 
 
-@contextlib.asynccontextmanager
-async def token_held(directory: Path) -> AsyncIterator[None]:
-    """Another process holds the token's file locks (a hung token) until the block ends."""
-    helper = subprocess.Popen(  # noqa: ASYNC220 - starting it is quick; its output is awaited
+def _hold_token(directory: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("token_lock.py")), str(directory)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def _release_token(helper: subprocess.Popen[str]) -> None:
     assert helper.stdin is not None and helper.stdout is not None
+    helper.stdin.close()  # its read() returns, it exits, the locks go
+    helper.wait(10)
+    helper.stdout.close()
+
+
+@contextlib.asynccontextmanager
+async def token_held(directory: Path) -> AsyncIterator[None]:
+    """Another process holds the token's file locks (a hung token) until the block ends."""
+    helper = _hold_token(directory)
+    assert helper.stdout is not None
     try:
         assert await trio.to_thread.run_sync(helper.stdout.readline) == "READY\n"
         yield
     finally:
-        helper.stdin.close()  # its read() returns, it exits, the locks go
-        await trio.to_thread.run_sync(helper.wait, 10)
-        helper.stdout.close()
+        await trio.to_thread.run_sync(_release_token, helper)
+
+
+@contextlib.contextmanager
+def token_held_sync(directory: Path) -> Iterator[None]:
+    helper = _hold_token(directory)
+    assert helper.stdout is not None
+    try:
+        assert helper.stdout.readline() == "READY\n"
+        yield
+    finally:
+        _release_token(helper)
 
 
 async def start_pkcs11_server(
@@ -594,6 +615,36 @@ def test_hsm_init_then_the_daemon_serves_from_the_token(
     with km.Client(again_daemon.address, **credentials(ca, "storage")) as kms:
         assert kms.get_dek(dek.dek_id).key_bytes() == dek.key_bytes()  # nothing lost
     assert again_daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_watchdog_pings_stop_while_the_token_hangs(
+    softhsm: SoftToken, ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "kmipd.toml", ca, softhsm, timeout=0.5, retry_interval=0.1)
+    notify = NotifySocket(tmp_path)
+    service = ServiceProcess(
+        kmipd_serve(config),
+        log=tmp_path / "kmipd.log",
+        env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "1000000"},
+    )
+    try:
+        address = ready_address(notify.wait_for_field("READY"))
+        notify.wait_for_field("WATCHDOG")
+        with token_held_sync(softhsm.token_dir):
+            notify.wait_for(lambda m: "HSM NOT ANSWERING" in m.get("STATUS", ""))
+            silent = notify.collect(2.5)  # five ping periods
+            assert not [m for m in silent if "WATCHDOG" in m], silent
+            with km.Client(address, **credentials(ca, "storage")) as kms:
+                status = kms.status()
+            assert (status.state, status.hsm) == ("degraded", "pkcs11: unavailable")
+            assert "HSM down" in service.log()
+        notify.wait_for_field("WATCHDOG")  # back by itself: pings again
+        notify.wait_for(lambda m: m.get("STATUS", "").startswith("serving on"))
+        assert "answers again" in service.log()
+    finally:
+        assert service.stop() == 0
+        notify.close()
 
 
 def test_load_config_reads_a_pkcs11_file(softhsm: SoftToken, ca: CertificateAuthority) -> None:

@@ -435,6 +435,14 @@ class _Call(Generic[T]):
 _STOP = object()
 
 
+class _CheckRun:
+    """One check of the token; every check() meanwhile waits for its outcome."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.problem: str | None = None
+
+
 class Pkcs11Hsm:
     """KEKs on a PKCS#11 token, used through a fixed pool of worker sessions."""
 
@@ -459,6 +467,7 @@ class Pkcs11Hsm:
         self._recovery: trio.CancelScope | None = None
         self._up = trio.Event()
         self._up.set()
+        self._check_run: _CheckRun | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -834,9 +843,33 @@ class Pkcs11Hsm:
             next(objects, None)
 
     async def check(self) -> None:
+        """One token call at a time, bounded by hsm.timeout, whoever stops waiting.
+
+        Single-flight: while a check is with the token, later checks (the watchdog,
+        status, metrics) wait for that one instead of each taking another session.
+        It runs on its own, so a check that hangs still marks the backend down after
+        hsm.timeout even if its callers stopped waiting long before.
+        """
         if self._pin_refused is not None:
             raise HsmUnavailableError(self._pin_refused)
-        await self._call("check", self._check)
+        run = self._check_run
+        if run is None:
+            run = self._check_run = _CheckRun()
+            trio.lowlevel.spawn_system_task(self._run_check, run)
+        await run.done.wait()
+        if run.problem is not None:
+            raise HsmUnavailableError(run.problem)
+
+    async def _run_check(self, run: _CheckRun) -> None:
+        try:
+            await self._call("check", self._check)
+        except HsmError as exc:
+            run.problem = str(exc)
+        except Exception as exc:  # a system task must not raise: report it as the check's
+            run.problem = f"check failed: {exc!r}"
+        finally:
+            self._check_run = None
+            run.done.set()
 
     async def list_objects(self) -> list[dict[str, Any]]:
         """kmipd's KEK objects on the token (labels under hsm.label_prefix), never values."""
