@@ -170,6 +170,20 @@ def check_transport_certificate(
     return kem
 
 
+def check_still_valid(
+    cert: x509.Certificate, trust: TransportTrust, now: datetime.datetime | None = None
+) -> None:
+    """What can change after registration: the validity period and the CRL."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    if not cert.not_valid_before_utc - _SKEW <= now <= cert.not_valid_after_utc:
+        raise TransportCertError(
+            "it is outside its validity period "
+            f"(until {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)"
+        )
+    if cert.serial_number in trust.revoked:
+        raise TransportCertError("it is revoked (on the CA's CRL)")
+
+
 def _check_issuer(cert: x509.Certificate, ca_cert: x509.Certificate) -> None:
     try:
         cert.verify_directly_issued_by(ca_cert)
