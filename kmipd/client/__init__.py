@@ -34,12 +34,17 @@ from kmipd.client._errors import (
     KmipdError,
     NotAuthorizedError,
     NotFoundError,
+    NoTransportCertificateError,
     OutcomeUnknownError,
     ProtectStopPassedError,
     RemoteError,
+    SealedDeliveryRequiredError,
+    SealedKeyError,
     ServerCertificateError,
     ServerTimeoutError,
     ShuttingDownError,
+    TransportCertificateError,
+    TransportCertificateRejectedError,
     UnavailableError,
     UnknownOperationError,
     UnsupportedVersionError,
@@ -50,7 +55,9 @@ from kmipd.client._keys import DataKey, Dek
 from kmipd.client._memory import KeyWipedError, ProtectedKey
 from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
-from kmipd.protocol import KekInfo, StatusResult
+from kmipd.crypto import TransportKey
+from kmipd.protocol import KekInfo, StatusResult, TransportCertInfo
+from pki import TransportKem
 
 __all__ = [
     "ERROR_CLASSES",
@@ -83,16 +90,24 @@ __all__ = [
     "KeyNotActiveError",
     "KeyWipedError",
     "KmipdError",
+    "NoTransportCertificateError",
     "NotAuthorizedError",
     "NotFoundError",
     "OutcomeUnknownError",
     "ProtectStopPassedError",
     "ProtectedKey",
     "RemoteError",
+    "SealedDeliveryRequiredError",
+    "SealedKeyError",
     "ServerCertificateError",
     "ServerTimeoutError",
     "ShuttingDownError",
     "StatusResult",
+    "TransportCertInfo",
+    "TransportCertificateError",
+    "TransportCertificateRejectedError",
+    "TransportKem",
+    "TransportKey",
     "UnavailableError",
     "UnknownOperationError",
     "UnsupportedVersionError",
