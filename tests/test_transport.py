@@ -7,11 +7,8 @@ daemon over mutual TLS keeps the directory and seals, both clients open.
 from __future__ import annotations
 
 import datetime
-import io
-import ssl
 import stat
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
@@ -23,9 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from kmipd.client import (
     CertificateRejectedError,
-    EnvelopeError,
-    KmipdError,
-    NotFoundError,
+    Client,
     NoTransportCertificateError,
     SealedDeliveryRequiredError,
     SealedKeyError,
@@ -36,15 +31,8 @@ from kmipd.client import (
 )
 from kmipd.client._transport import SealedDelivery, verify_fetched
 from kmipd.crypto import (
-    HpkeError,
-    SealedEnvelopeError,
-    TransportTrust,
     certificate_fingerprint,
-    check_transport_certificate,
     open_sealed,
-    open_stream,
-    read_header,
-    seal_stream,
 )
 from kmipd.crypto._hpke import hpke_private_key
 from kmipd.protocol import GetDek, SealedDekResult, TransportCertInfo
@@ -60,7 +48,7 @@ from pki import (
     load_certificate,
     load_transport_keys,
 )
-from tests.conftest import TRUST_DOMAIN, RunningServer, ServerFactory, credentials
+from tests.conftest import TRUST_DOMAIN, RunningServer
 
 STORAGE = f"spiffe://{TRUST_DOMAIN}/storage"
 TENANT = f"spiffe://{TRUST_DOMAIN}/tenant"
@@ -208,3 +196,318 @@ async def test_sealed_delivery_through_a_callable_opener(kmipd: RunningServer) -
     await trio.to_thread.run_sync(work)
     assert len(calls) == 2  # the pair check, then the delivery
     assert b"kmipd/sealed-key/v1" in calls[1]
+
+
+async def _register(kmipd: RunningServer, name: str, key: TransportKey) -> None:
+    def work() -> None:
+        with kmipd.client(name) as kms:
+            kms.register_transport_certificate(key.certificate)
+
+    await trio.to_thread.run_sync(work)
+
+
+async def test_a_sealed_dek_opens_only_for_its_own_request(kmipd: RunningServer) -> None:
+    """Another request id, identity, key, operation, certificate or one flipped bit: refused."""
+    key = transport_key(kmipd.ca.issue_transport("storage"))
+    await _register(kmipd, "storage", key)
+
+    def work() -> str:
+        with kmipd.client() as kms, kms.create_dek("tenant-a") as dek:
+            return dek.dek_id
+
+    dek_id = await trio.to_thread.run_sync(work)
+    request = GetDek(dek_id=dek_id, seal_to=key.fingerprint)
+    result = await kmipd.service.handle(Caller(STORAGE, request_id=7), request)
+    assert isinstance(result, SealedDekResult)
+    assert "sealed_key=<" in repr(result)  # redacted
+    delivery = SealedDelivery(key)
+    opened = delivery.dek(result, "get-dek", server="s", request_id=7)
+    assert len(opened.key) == 32
+
+    def refused(result: SealedDekResult, *, operation: str = "get-dek", rid: int = 7) -> str:
+        with pytest.raises(SealedKeyError, match="does not open") as raised:
+            SealedDelivery(key).dek(result, operation, server="s", request_id=rid)
+        return str(raised.value)
+
+    assert "request 8" in refused(result, rid=8)  # replayed into another request
+    refused(result, operation="create-dek")  # another operation
+    refused(attrs.evolve(result, dek_id="dek_other"))  # another key's metadata
+    refused(attrs.evolve(result, kek_version=result.kek_version + 1))
+    flipped = bytearray(result.sealed_key)
+    flipped[-1] ^= 1
+    refused(attrs.evolve(result, sealed_key=bytes(flipped)))
+    flipped = bytearray(result.sealed_key)
+    flipped[0] ^= 1  # inside the KEM encapsulation
+    refused(attrs.evolve(result, sealed_key=bytes(flipped)))
+    # Another identity with another key cannot open it, nor can the same
+    # identity's next certificate.
+    other = transport_key(kmipd.ca.issue_transport("tenant"))
+    with pytest.raises(SealedKeyError):
+        SealedDelivery(other).dek(result, "get-dek", server="s", request_id=7)
+    renewed = transport_key(kmipd.ca.issue_transport("storage", force=True))
+    with pytest.raises(SealedKeyError):
+        SealedDelivery(renewed).dek(result, "get-dek", server="s", request_id=7)
+    # The daemon seals only to the caller's own registered certificate.
+    with pytest.raises(ServiceError) as denied:
+        await kmipd.service.handle(Caller(TENANT, request_id=9), request)
+    assert denied.value.code.wire_name == "no-transport-certificate"
+
+
+def _ca_key(ca: CertificateAuthority) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(ca.ca_key_path.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return key
+
+
+def _odd_certificate(
+    ca: CertificateAuthority,
+    *,
+    name: str = "storage",
+    usage: dict[str, bool] | None = None,
+    eku: bool = False,
+    not_after: datetime.datetime | None = None,
+    signer: ec.EllipticCurvePrivateKey | None = None,
+) -> x509.Certificate:
+    """A transport-looking certificate with one thing wrong, signed by the CA's key."""
+    now = datetime.datetime.now(datetime.UTC)
+    flags = dict.fromkeys(
+        (
+            "digital_signature",
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ),
+        False,
+    )
+    flags.update(usage or {"key_agreement": True})
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(x25519.X25519PrivateKey.generate().public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(not_after or now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(**flags), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}/{name}")]
+            ),
+            critical=False,
+        )
+    )
+    if eku:
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+    return builder.sign(signer or _ca_key(ca), hashes.SHA256())
+
+
+async def test_registration_refusals_keep_the_registered_certificate(
+    kmipd: RunningServer, tmp_path: Path
+) -> None:
+    ca = kmipd.ca
+    good = transport_key(ca.issue_transport("storage"))
+    other_ca = CertificateAuthority.init(tmp_path / "other", trust_domain=TRUST_DOMAIN)
+    other_ca.issue_client("storage")
+    foreign = load_certificate(other_ca.issue_transport("storage").cert_path)
+    tenant = load_certificate(ca.issue_transport("tenant").cert_path)
+    revoked = ca.issue_transport("storage", force=True)
+    ca.revoke("storage-transport")
+    kmipd.server.tls = type(kmipd.server.tls).load(kmipd.server.tls.settings)  # as a new CRL
+    expired_at = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+    cases: dict[str, tuple[x509.Certificate, str]] = {
+        "wrong usage": (
+            _odd_certificate(ca, usage={"key_agreement": True, "digital_signature": True}),
+            "keyUsage must be exactly keyAgreement",
+        ),
+        "another identity": (tenant, f"names {TENANT}, not {STORAGE}"),
+        "another CA": (foreign, "not issued by this CA"),
+        "the TLS certificate": (
+            load_certificate(ca.directory / "storage.pem"),
+            "extendedKeyUsage: it is a TLS certificate",
+        ),
+        "a TLS EKU": (_odd_certificate(ca, eku=True), "extendedKeyUsage"),
+        "expired": (_odd_certificate(ca, not_after=expired_at), "outside its validity period"),
+        "revoked": (load_certificate(revoked.cert_path), "revoked"),
+    }
+
+    def work() -> dict[str, str]:
+        messages = {}
+        with kmipd.client() as kms:
+            kms.register_transport_certificate(good.certificate)
+            for what, (cert, _) in cases.items():
+                with pytest.raises(TransportCertificateRejectedError) as refused:
+                    kms.register_transport_certificate(cert)
+                messages[what] = str(refused.value)
+                # Nothing lost: the good certificate is still the registered one.
+                fetched = kms.get_transport_certificate(STORAGE)
+                assert certificate_fingerprint(fetched) == good.fingerprint, what
+        return messages
+
+    messages = await trio.to_thread.run_sync(work)
+    for what, (_, expected) in cases.items():
+        assert expected in messages[what], (what, messages[what])
+        assert "the registered one (if any) stays" in messages[what]
+
+
+async def test_a_transport_certificate_cannot_authenticate_tls(kmipd: RunningServer) -> None:
+    issued = kmipd.ca.issue_transport("storage", kem=TransportKem.P256)
+
+    def work() -> None:
+        with (
+            pytest.raises((CertificateRejectedError, UnavailableError)) as refused,
+            Client(
+                kmipd.address, ca=kmipd.ca.ca_cert_path, cert=issued.cert_path, key=issued.key_path
+            ) as kms,
+        ):
+            kms.status()
+        assert "extendedKeyUsage" in str(refused.value)
+
+    await trio.to_thread.run_sync(work)
+    assert kmipd.server.metrics.handshake_failures == {"no-client-auth": 1}
+
+
+def test_client_side_verification_refuses_another_cas_certificate(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    other = CertificateAuthority.init(tmp_path / "other", trust_domain=TRUST_DOMAIN)
+    other.issue_client("storage")
+    foreign = load_certificate(other.issue_transport("storage").cert_path)
+    info = TransportCertInfo(
+        identity=STORAGE,
+        certificate=der(foreign),
+        fingerprint=certificate_fingerprint(foreign),
+        suite="x25519",
+        registered=0,
+        not_after=0,
+    )
+    with pytest.raises(TransportCertificateError, match="does not verify against this client's CA"):
+        verify_fetched(info, STORAGE, [ca.certificate], server="s")
+    mine = load_certificate(ca.issue_transport("storage").cert_path)
+    good = attrs.evolve(info, certificate=der(mine), fingerprint=certificate_fingerprint(mine))
+    assert verify_fetched(good, STORAGE, [ca.certificate], server="s") == mine
+    with pytest.raises(TransportCertificateError, match="names"):
+        verify_fetched(good, TENANT, [ca.certificate], server="s")
+    with pytest.raises(TransportCertificateError, match="fingerprint"):
+        verify_fetched(
+            attrs.evolve(good, fingerprint=b"\x00" * 32), STORAGE, [ca.certificate], server="s"
+        )
+
+
+async def test_namespace_policy_requires_sealed_delivery(kmipd: RunningServer) -> None:
+    kmipd.service.require_sealed = ("secret", "secret/*")
+    key = transport_key(kmipd.ca.issue_transport("storage"))
+    await _register(kmipd, "storage", key)
+
+    def work() -> None:
+        with kmipd.client(transport=key) as sealed, kmipd.client() as clear:
+            with pytest.raises(SealedDeliveryRequiredError, match="only sealed"):
+                clear.create_dek("secret")
+            with pytest.raises(SealedDeliveryRequiredError):
+                clear.generate_data_key("secret/x")
+            with sealed.create_dek("secret") as dek:
+                dek_id = dek.dek_id
+            with sealed.generate_data_key("secret/x") as data_key:
+                blob = data_key.blob
+            for _ in range(2):  # the second get is answered inline (handle_now)
+                with pytest.raises(SealedDeliveryRequiredError):
+                    clear.get_dek(dek_id)
+                with sealed.get_dek(dek_id) as dek:
+                    assert len(bytes(dek.key)) == 32
+            with pytest.raises(SealedDeliveryRequiredError):
+                clear.unwrap(blob)
+            with sealed.unwrap(blob) as opened:
+                assert len(bytes(opened.key)) == 32
+            # Other namespaces are unaffected.
+            with clear.create_dek("orders") as dek:
+                assert len(bytes(dek.key)) == 32
+
+    await trio.to_thread.run_sync(work)
+    # The refused creates made nothing: one DEK in "secret", one in "orders".
+    assert await kmipd.store.count_deks() == 2
+
+
+async def test_no_transport_certificate_is_a_clear_error(kmipd: RunningServer) -> None:
+    key = transport_key(kmipd.ca.issue_transport("storage"))
+
+    def work() -> None:
+        with kmipd.client(transport=key) as kms:
+            with pytest.raises(NoTransportCertificateError, match="register one first"):
+                kms.create_dek("orders")
+            with pytest.raises(NoTransportCertificateError, match="has no registered"):
+                kms.get_transport_certificate(TENANT)
+            kms.register_transport_certificate()
+            # Replaced by a newer certificate: the old fingerprint is refused.
+            kms.register_transport_certificate(
+                load_certificate(kmipd.ca.issue_transport("storage", force=True).cert_path)
+            )
+            with pytest.raises(NoTransportCertificateError, match="replaced meanwhile"):
+                kms.create_dek("orders")
+
+    await trio.to_thread.run_sync(work)
+    assert await kmipd.store.count_deks() == 0
+
+
+async def test_revocation_stops_fetches_and_seals(kmipd: RunningServer) -> None:
+    key = transport_key(kmipd.ca.issue_transport("storage"))
+    await _register(kmipd, "storage", key)
+    kmipd.ca.revoke("storage-transport")
+    kmipd.server.tls = type(kmipd.server.tls).load(kmipd.server.tls.settings)
+
+    def work() -> None:
+        with kmipd.client(transport=key) as kms:
+            with pytest.raises(TransportCertificateRejectedError, match="revoked"):
+                kms.create_dek("orders")
+            with pytest.raises(TransportCertificateRejectedError, match="revoked"):
+                kms.get_transport_certificate(STORAGE)
+
+    await trio.to_thread.run_sync(work)
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+def test_migration_4_adds_the_directory_and_keeps_the_data(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("".join(MIGRATIONS[:3]) + "PRAGMA user_version = 3;")
+    db.execute("INSERT INTO keks (name, created_at, created_by) VALUES ('orders', 1, 'me')")
+    db.commit()
+    db.close()
+    store = KeyStore.open(path)
+    try:
+        assert store.get_kek("orders") is not None
+        assert store.get_transport_cert(STORAGE) is None
+    finally:
+        store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+    db.close()
+
+
+async def test_shared_stores_see_each_others_registrations(tmp_path: Path) -> None:
+    first = KeyStore.open(tmp_path / "s.db", shared=True)
+    second = KeyStore.open(tmp_path / "s.db", shared=True)
+    try:
+        record = TransportCertRecord(STORAGE, b"cert", b"\x01" * 32, 5)
+        await first.put_transport_cert(record)
+        assert second.get_transport_cert(STORAGE) is None
+        await second.refresh_if_changed()
+        assert second.get_transport_cert(STORAGE) == record
+        await first.put_transport_cert(attrs.evolve(record, fingerprint=b"\x02" * 32))
+        await second.refresh_if_changed()
+        found = second.get_transport_cert(STORAGE)
+        assert found is not None
+        assert found.fingerprint == b"\x02" * 32
+    finally:
+        first.close()
+        second.close()
