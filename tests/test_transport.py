@@ -153,7 +153,7 @@ async def test_sealed_delivery_round_trips_in_both_clients(
             assert kms.decrypt(envelope) == b"hello"
             return first, created.dek_id, blob
 
-    first, dek_id, blob = await trio.to_thread.run_sync(blocking)
+    first, dek_id, _ = await trio.to_thread.run_sync(blocking)
 
     # The clear key seen by a client without a transport key is the same key.
     def clear() -> bytes:
@@ -167,9 +167,9 @@ async def test_sealed_delivery_round_trips_in_both_clients(
         created = await kms.create_dek("orders")
         with created:
             assert len(bytes(created.key)) == 32
-        with await kms.generate_data_key("orders") as data_key:
-            with await kms.unwrap(data_key.blob) as opened:
-                assert bytes(opened.key) == bytes(data_key.key)
+        data_key = await kms.generate_data_key("orders")
+        with data_key, await kms.unwrap(data_key.blob) as opened:
+            assert bytes(opened.key) == bytes(data_key.key)
 
 
 async def test_sealed_delivery_through_a_callable_opener(kmipd: RunningServer) -> None:
@@ -475,8 +475,6 @@ async def test_revocation_stops_fetches_and_seals(kmipd: RunningServer) -> None:
 
 
 def test_migration_4_adds_the_directory_and_keeps_the_data(tmp_path: Path) -> None:
-    import sqlite3
-
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.executescript("".join(MIGRATIONS[:3]) + "PRAGMA user_version = 3;")
