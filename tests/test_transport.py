@@ -7,6 +7,7 @@ daemon over mutual TLS keeps the directory and seals, both clients open.
 from __future__ import annotations
 
 import datetime
+import sqlite3
 import stat
 from pathlib import Path
 
