@@ -7,6 +7,9 @@ daemon over mutual TLS keeps the directory and seals, both clients open.
 from __future__ import annotations
 
 import datetime
+import filecmp
+import json
+import os
 import sqlite3
 import stat
 from pathlib import Path
@@ -50,6 +53,7 @@ from pki import (
     load_transport_keys,
 )
 from tests.conftest import TRUST_DOMAIN, RunningServer
+from tests.processes import Daemon, run_kmipd
 
 STORAGE = f"spiffe://{TRUST_DOMAIN}/storage"
 TENANT = f"spiffe://{TRUST_DOMAIN}/tenant"
@@ -510,3 +514,102 @@ async def test_shared_stores_see_each_others_registrations(tmp_path: Path) -> No
     finally:
         first.close()
         second.close()
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_seal_open_a_large_file_and_refuse_damage(tmp_path: Path) -> None:
+    data_dir = tmp_path / "dev"
+    daemon = Daemon("--dev", "--data", data_dir, "--listen", "127.0.0.1:0", log=tmp_path / "d.log")
+    try:
+        pki = data_dir / "pki"
+        for name, kem in (("storage", "mlkem768-x25519"), ("admin", "p256")):
+            issued = run_kmipd("pki", "issue-transport", pki, name, "--kem", kem)
+            assert issued.returncode == 0, issued.stderr
+            assert f"{name}-transport-key.pem" in issued.stdout
+
+        def connection(name: str) -> list[str | Path]:
+            return [
+                "--server",
+                daemon.address,
+                "--ca",
+                pki / "ca.pem",
+                "--cert",
+                pki / f"{name}.pem",
+                "--key",
+                pki / f"{name}-key.pem",
+            ]
+
+        storage_key = ["--transport-cert", pki / "storage-transport.pem"]
+        storage_key += ["--transport-key", pki / "storage-transport-key.pem"]
+        registered = run_kmipd("transport", "register", *connection("storage"), *storage_key)
+        assert registered.returncode == 0, registered.stderr
+        assert '"suite": "mlkem768-x25519"' in registered.stdout
+        # The TLS certificate is refused as a transport certificate, with the reason.
+        wrong = run_kmipd("transport", "register", pki / "admin.pem", *connection("admin"))
+        assert wrong.returncode == 1
+        assert "TLS certificate" in wrong.stderr
+        fetched = run_kmipd("transport", "get", "storage", *connection("admin"))
+        assert fetched.returncode == 0, fetched.stderr
+        assert '"verified": "against this client' in fetched.stdout
+
+        # Sealed delivery from the dek command: the same key as in the clear.
+        created = run_kmipd(
+            "dek",
+            "create",
+            "--namespace",
+            "orders",
+            "--reveal",
+            *connection("storage"),
+            *storage_key,
+        )
+        assert created.returncode == 0, created.stderr
+        dek = json.loads(created.stdout)
+        clear = run_kmipd("dek", "get", dek["dek_id"], "--reveal", *connection("storage"))
+        assert json.loads(clear.stdout)["key"] == dek["key"]
+
+        plain = tmp_path / "big.bin"
+        with plain.open("wb") as out:
+            for _ in range(24):
+                out.write(os.urandom(1 << 20))
+        sealed = tmp_path / "big.sealed"
+        made = run_kmipd("seal", "--to", "storage", plain, "-o", sealed, *connection("admin"))
+        assert made.returncode == 0, made.stderr
+        assert stat.S_IMODE(sealed.stat().st_mode) == 0o600
+        back = tmp_path / "back.bin"
+        opened = run_kmipd("open", sealed, "-o", back, *storage_key)
+        assert opened.returncode == 0, opened.stderr
+        assert stat.S_IMODE(back.stat().st_mode) == 0o600
+        assert filecmp.cmp(back, plain, shallow=False)
+
+        # Cut short, or one bit changed: a clear error, and no output file at all.
+        cut = tmp_path / "cut.sealed"
+        cut.write_bytes(sealed.read_bytes()[: sealed.stat().st_size // 2])
+        refused = run_kmipd("open", cut, "-o", tmp_path / "out.bin", *storage_key)
+        assert refused.returncode == 1
+        assert "truncated" in refused.stderr
+        assert "out.bin was not written" in refused.stderr
+        damaged = bytearray(sealed.read_bytes())
+        damaged[len(damaged) // 2] ^= 1
+        (tmp_path / "damaged.sealed").write_bytes(bytes(damaged))
+        refused = run_kmipd(
+            "open", tmp_path / "damaged.sealed", "-o", tmp_path / "out.bin", *storage_key
+        )
+        assert refused.returncode == 1
+        assert "does not authenticate" in refused.stderr
+        assert not (tmp_path / "out.bin").exists()
+        assert not list(tmp_path.glob(".out.bin*"))
+        # Another client's key cannot open it.
+        admin_key = ["--transport-cert", pki / "admin-transport.pem"]
+        admin_key += ["--transport-key", pki / "admin-transport-key.pem"]
+        other = run_kmipd("open", sealed, "-o", tmp_path / "out.bin", *admin_key)
+        assert other.returncode == 1
+        assert "not to this key" in other.stderr
+        assert not (tmp_path / "out.bin").exists()
+        # Nothing lost: the original envelope still opens.
+        again = run_kmipd("open", sealed, "-o", back, *storage_key)
+        assert again.returncode == 0, again.stderr
+    finally:
+        assert daemon.stop() == 0
