@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import filecmp
+import io
 import json
 import os
 import sqlite3
@@ -15,6 +16,7 @@ import stat
 from pathlib import Path
 
 import attrs
+import cbor2
 import pytest
 import trio
 from cryptography import x509
@@ -25,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kmipd.client import (
     CertificateRejectedError,
     Client,
+    EnvelopeError,
     NoTransportCertificateError,
     SealedDeliveryRequiredError,
     SealedKeyError,
@@ -35,8 +38,12 @@ from kmipd.client import (
 )
 from kmipd.client._transport import SealedDelivery, verify_fetched
 from kmipd.crypto import (
+    SealedEnvelopeError,
     certificate_fingerprint,
     open_sealed,
+    open_stream,
+    read_header,
+    seal_stream,
 )
 from kmipd.crypto._hpke import hpke_private_key
 from kmipd.protocol import GetDek, SealedDekResult, TransportCertInfo
@@ -613,3 +620,106 @@ def test_cli_seal_open_a_large_file_and_refuse_damage(tmp_path: Path) -> None:
         assert again.returncode == 0, again.stderr
     finally:
         assert daemon.stop() == 0
+
+
+# -- the sealed envelope --------------------------------------------------------------------
+
+
+@pytest.fixture
+def recipient(ca: CertificateAuthority) -> TransportKey:
+    return transport_key(ca.issue_transport("storage"))
+
+
+def _sealed(recipient: TransportKey, data: bytes, chunk_size: int = 1024) -> bytes:
+    sink = io.BytesIO()
+    assert seal_stream(recipient.certificate, io.BytesIO(data), sink, chunk_size=chunk_size) == len(
+        data
+    )
+    return sink.getvalue()
+
+
+def _open(recipient: TransportKey, envelope: bytes) -> bytes:
+    sink = io.BytesIO()
+    open_stream(recipient, io.BytesIO(envelope), sink)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize("size", [0, 1, 1023, 1024, 1025, 5000])
+def test_envelope_round_trips_at_chunk_boundaries(recipient: TransportKey, size: int) -> None:
+    data = os.urandom(size)
+    envelope = _sealed(recipient, data)
+    assert _open(recipient, envelope) == data
+    # One self-described CBOR item: the tag, then the header and the chunks.
+    decoded = cbor2.loads(envelope)
+    assert set(decoded) == {"header", "chunks"}
+    assert envelope[:3] == b"\xd9\xd9\xf7"
+    header, encoded = read_header(io.BytesIO(envelope))
+    assert cbor2.loads(decoded["header"]) == cbor2.loads(encoded)
+    assert header.recipient == STORAGE
+    assert header.recipient_fingerprint == recipient.fingerprint
+    assert len(decoded["chunks"]) == max(1, -(-size // 1024))
+
+
+def test_envelope_refuses_every_damage_with_a_clear_message(recipient: TransportKey) -> None:
+    data = os.urandom(3000)
+    envelope = _sealed(recipient, data)
+    _, encoded = read_header(io.BytesIO(envelope))
+    start = envelope.index(encoded)
+    cases = {
+        "not an envelope": (b"hello world, this is not sealed", "not a kmipd sealed envelope"),
+        "cut in the header": (envelope[: start + 10], "truncated inside the header"),
+        "cut in a chunk": (envelope[:-40], "truncated inside a chunk"),
+        "last chunk dropped": (
+            # the last chunk (952 + 16 bytes, a 3-byte bstr head) and the break, cut
+            envelope[: -(3 + 952 + 16 + 1)] + b"\xff",
+            "does not authenticate",
+        ),
+        "data after the end": (envelope + b"\x00", "data after its end"),
+        "header bit flipped": (
+            envelope[: start + len(encoded) - 1]
+            + bytes([envelope[start + len(encoded) - 1] ^ 1])
+            + envelope[start + len(encoded) :],
+            "",
+        ),
+        "body bit flipped": (
+            envelope[:-100] + bytes([envelope[-100] ^ 1]) + envelope[-99:],
+            "does not authenticate",
+        ),
+    }
+    for what, (damaged, expected) in cases.items():
+        with pytest.raises(SealedEnvelopeError) as refused:
+            _open(recipient, damaged)
+        assert expected in str(refused.value), (what, str(refused.value))
+    # Nothing lost: the intact envelope still opens.
+    assert _open(recipient, envelope) == data
+
+
+def test_envelope_checks_a_chunk_length_before_reading_it(recipient: TransportKey) -> None:
+    """A forged length (4 GiB) is refused at once, never allocated or read."""
+    envelope = _sealed(recipient, b"")
+    _, encoded = read_header(io.BytesIO(envelope))
+    head = envelope[: envelope.index(encoded) + len(encoded) + len(b"\x66chunks\x9f")]
+    forged = head + b"\x5a\xff\xff\xff\xff"
+    with pytest.raises(SealedEnvelopeError, match="a chunk of 4294967295 bytes"):
+        _open(recipient, forged)
+
+
+def test_envelope_chunk_size_is_bounded(recipient: TransportKey) -> None:
+    for size in (1023, 1024 * 1024 + 1):
+        with pytest.raises(SealedEnvelopeError, match="chunk_size"):
+            _sealed(recipient, b"x", chunk_size=size)
+
+
+async def test_async_client_seals_and_opens(kmipd: RunningServer) -> None:
+    storage = transport_key(kmipd.ca.issue_transport("storage"))
+    await _register(kmipd, "storage", storage)
+    async with kmipd.async_client("admin") as sender:
+        envelope = await sender.seal(b"for storage only", STORAGE)
+        with pytest.raises(NoTransportCertificateError):
+            await sender.seal(b"x", TENANT)
+    async with kmipd.async_client(transport=storage) as receiver:
+        assert await receiver.open(envelope) == b"for storage only"
+    tenant = transport_key(kmipd.ca.issue_transport("tenant"))
+    async with kmipd.async_client("tenant", transport=tenant) as other:
+        with pytest.raises(EnvelopeError, match="not to this key"):
+            await other.open(envelope)
