@@ -17,6 +17,7 @@ from pathlib import Path
 
 import attrs
 import cbor2
+import pycddl
 import pytest
 import trio
 from cryptography import x509
@@ -723,3 +724,51 @@ async def test_async_client_seals_and_opens(kmipd: RunningServer) -> None:
     async with kmipd.async_client("tenant", transport=tenant) as other:
         with pytest.raises(EnvelopeError, match="not to this key"):
             await other.open(envelope)
+
+
+# -- the schema -----------------------------------------------------------------------------
+
+SCHEMA_TEXT = (Path(__file__).parent.parent / "conformance" / "protocol.cddl").read_text()
+
+
+async def test_real_transport_messages_and_envelopes_match_the_cddl(kmipd: RunningServer) -> None:
+    messages = pycddl.Schema(SCHEMA_TEXT)
+    key = transport_key(kmipd.ca.issue_transport("storage", kem=TransportKem.MLKEM768_X25519))
+    raw = await kmipd.raw("storage")
+    requests = [
+        {"id": 1, "op": "register-transport-cert", "args": {"certificate": der(key.certificate)}},
+        {"id": 2, "op": "get-transport-cert", "args": {"identity": STORAGE}},
+        {"id": 3, "op": "create-dek", "args": {"namespace": "orders", "seal-to": key.fingerprint}},
+        {"id": 4, "op": "generate-data-key", "args": {"kek": "orders", "seal-to": key.fingerprint}},
+        {"id": 5, "op": "get-transport-cert", "args": {"identity": TENANT}},
+        {"id": 6, "op": "register-transport-cert", "args": {"certificate": b"not a cert"}},
+    ]
+    responses = {}
+    for request in requests:
+        messages.validate_cbor(cbor2.dumps(request))
+        await raw.send(request)
+        response = await raw.receive()
+        messages.validate_cbor(cbor2.dumps(response))
+        responses[response["id"]] = response
+    assert set(responses[3]["result"]) == {"dek-id", "namespace", "kek-version", "sealed-key"}
+    blob = responses[4]["result"]["blob"]
+    for request in (
+        {
+            "id": 7,
+            "op": "get-dek",
+            "args": {"dek-id": responses[3]["result"]["dek-id"], "seal-to": key.fingerprint},
+        },
+        {"id": 8, "op": "unwrap", "args": {"blob": blob, "seal-to": key.fingerprint}},
+    ):
+        messages.validate_cbor(cbor2.dumps(request))
+        await raw.send(request)
+        response = await raw.receive()
+        messages.validate_cbor(cbor2.dumps(response))
+        assert "sealed-key" in response["result"]
+    assert responses[5]["error"]["name"] == "no-transport-certificate"
+    assert responses[6]["error"]["name"] == "transport-certificate-rejected"
+    await raw.aclose()
+    envelope = _sealed(key, os.urandom(5000))
+    pycddl.Schema("root = sealed-envelope\n" + SCHEMA_TEXT).validate_cbor(envelope)
+    _, encoded = read_header(io.BytesIO(envelope))
+    pycddl.Schema("root = sealed-envelope-header\n" + SCHEMA_TEXT).validate_cbor(encoded)
