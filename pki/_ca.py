@@ -5,6 +5,8 @@ One directory (mode 0700) holds everything::
     ca.pem, ca-key.pem           the CA (self-signed)
     server.pem, server-key.pem   the daemon's certificate
     <name>.pem, <name>-key.pem   client certificates
+    <name>-transport.pem, <name>-transport-key.pem
+                                 key-transport certificates (pki._transport)
     crl.pem                      the CRL the daemon checks on every handshake
     index.json                   trust domain, issued names and serials, revocations
 

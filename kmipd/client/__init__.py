@@ -5,6 +5,8 @@ this client's certificate, keep long-lived connections to one or more
 daemons and fail over between them, and raise exceptions named after the
 wire error codes. Keys come back in protected memory (``Dek``, ``DataKey``:
 locked, never dumped, zeroed when closed), optionally through a ``DekCache``.
+With a ``TransportKey`` they ask for every key sealed to it (HPKE) and open
+it themselves, and they seal and open files for one another (``seal``/``open``).
 """
 
 from kmipd.client._async import AsyncClient
