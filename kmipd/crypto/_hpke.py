@@ -33,7 +33,8 @@ from kmipd.crypto._transport_cert import (
 from pki import PkiError, TransportKem, TransportPrivateKey, load_transport_keys
 from pki import transport_kem_of_keys as _kem_of_keys
 
-#: The RFC 9180 identifiers of each suite (KEM, KDF, AEAD).
+#: The IANA HPKE identifiers of each suite (KEM, KDF, AEAD); the hybrid's KEM id is
+#: the one draft-ietf-hpke-pq assigns to MLKEM768-X25519 (X-Wing).
 SUITE_IDS: dict[TransportKem, tuple[int, int, int]] = {
     TransportKem.X25519: (0x0020, 0x0001, 0x0002),
     TransportKem.P256: (0x0010, 0x0001, 0x0002),
