@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import trio
 
+from kmipd._commit import request_scope
 from kmipd.audit import AuditError, AuditEvent, AuditLog
 from kmipd.hsm import HsmBackend, HsmError, HsmIntegrityError, HsmUnavailableError
 from kmipd.lifecycle import (
@@ -254,21 +255,22 @@ class KeyService:
     async def handle(self, caller: Caller, request: Any) -> Any:
         """Run one request for an authenticated caller; raise ServiceError to refuse."""
         call = _Call(caller, request.OPERATION)
-        try:
-            with _backend_errors(request):
-                if self.store.shared:
-                    await self.store.refresh_if_changed()  # see what the other daemons did
-                result = await self._handlers[type(request)](call, request)
-        except ServiceError as exc:
-            self._audit(call, exc.code.wire_name)
-            raise
-        seq = self._audit(call, "ok")
-        if seq is not None and call.operation in STATE_CHANGING:
-            assert self.audit is not None
+        with request_scope():  # shielded from the first durable write on: see kmipd._commit
             try:
-                await self.audit.sync(seq)
-            except AuditError as exc:
-                raise _audit_failed(exc) from None
+                with _backend_errors(request):
+                    if self.store.shared:
+                        await self.store.refresh_if_changed()  # see what the other daemons did
+                    result = await self._handlers[type(request)](call, request)
+            except ServiceError as exc:
+                self._audit(call, exc.code.wire_name)
+                raise
+            seq = self._audit(call, "ok")
+            if seq is not None and call.operation in STATE_CHANGING:
+                assert self.audit is not None
+                try:
+                    await self.audit.sync(seq)
+                except AuditError as exc:
+                    raise _audit_failed(exc) from None
         return result
 
     def handle_now(self, caller: Caller, request: Any) -> Any:
