@@ -23,6 +23,7 @@ import attrs
 import trio
 from cryptography import x509
 
+from kmipd._commit import request_scope
 from kmipd.audit import AuditError, AuditEvent, AuditLog
 from kmipd.crypto import (
     TransportCertError,
@@ -287,21 +288,22 @@ class KeyService:
     async def handle(self, caller: Caller, request: Any) -> Any:
         """Run one request for an authenticated caller; raise ServiceError to refuse."""
         call = _Call(caller, request.OPERATION)
-        try:
-            with _backend_errors(request):
-                if self.store.shared:
-                    await self.store.refresh_if_changed()  # see what the other daemons did
-                result = await self._handlers[type(request)](call, request)
-        except ServiceError as exc:
-            self._audit(call, exc.code.wire_name)
-            raise
-        seq = self._audit(call, "ok")
-        if seq is not None and call.operation in STATE_CHANGING:
-            assert self.audit is not None
+        with request_scope():  # shielded from the first durable write on: see kmipd._commit
             try:
-                await self.audit.sync(seq)
-            except AuditError as exc:
-                raise _audit_failed(exc) from None
+                with _backend_errors(request):
+                    if self.store.shared:
+                        await self.store.refresh_if_changed()  # see what the other daemons did
+                    result = await self._handlers[type(request)](call, request)
+            except ServiceError as exc:
+                self._audit(call, exc.code.wire_name)
+                raise
+            seq = self._audit(call, "ok")
+            if seq is not None and call.operation in STATE_CHANGING:
+                assert self.audit is not None
+                try:
+                    await self.audit.sync(seq)
+                except AuditError as exc:
+                    raise _audit_failed(exc) from None
         return result
 
     def handle_now(self, caller: Caller, request: Any) -> Any:

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from kmipd._commit import point_of_no_return
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
 
 #: The schema, as the migrations that build it, in order. A store at
@@ -275,6 +276,8 @@ class KeyStore:
         os.close(self._lock_fd)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
+
         def run() -> T:
             with self._writer:  # one transaction: commit on success, roll back on error
                 return fn(self._writer)
