@@ -6,6 +6,7 @@ daemon over mutual TLS keeps the directory and seals, both clients open.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import filecmp
 import io
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kmipd.audit import AuditLog
 from kmipd.client import (
     CertificateRejectedError,
     Client,
@@ -40,6 +42,7 @@ from kmipd.client import (
 from kmipd.client._transport import SealedDelivery, verify_fetched
 from kmipd.crypto import (
     SealedEnvelopeError,
+    TransportTrust,
     certificate_fingerprint,
     open_sealed,
     open_stream,
@@ -47,8 +50,15 @@ from kmipd.crypto import (
     seal_stream,
 )
 from kmipd.crypto._hpke import hpke_private_key
-from kmipd.protocol import GetDek, SealedDekResult, TransportCertInfo
-from kmipd.service import Caller, ServiceError
+from kmipd.hsm import SoftwareHsm
+from kmipd.protocol import (
+    CreateDek,
+    GetDek,
+    RegisterTransportCert,
+    SealedDekResult,
+    TransportCertInfo,
+)
+from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import KeyStore, TransportCertRecord
 from kmipd.store._sqlite import MIGRATIONS
 from pki import (
@@ -60,7 +70,7 @@ from pki import (
     load_certificate,
     load_transport_keys,
 )
-from tests.conftest import TRUST_DOMAIN, RunningServer, ServerFactory
+from tests.conftest import TRUST_DOMAIN, RunningServer, ServerFactory, make_policy
 from tests.processes import Daemon, run_kmipd
 
 STORAGE = f"spiffe://{TRUST_DOMAIN}/storage"
@@ -773,3 +783,45 @@ async def test_real_transport_messages_and_envelopes_match_the_cddl(kmipd: Runni
     pycddl.Schema("root = sealed-envelope\n" + SCHEMA_TEXT).validate_cbor(envelope)
     _, encoded = read_header(io.BytesIO(envelope))
     pycddl.Schema("root = sealed-envelope-header\n" + SCHEMA_TEXT).validate_cbor(encoded)
+
+
+# -- the audit trail ------------------------------------------------------------------------
+
+
+async def test_registrations_and_sealed_deliveries_are_audited_without_keys(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    service = KeyService(
+        store=KeyStore.open(tmp_path / "kmipd.db"),
+        hsm=SoftwareHsm.open(tmp_path / "master.key", tmp_path / "keyring.cbor", create=True),
+        policy=make_policy(),
+        create_kek_on_demand=True,
+        audit=AuditLog.open(tmp_path / "audit.log", tmp_path / "audit.key"),
+        transport_trust=TransportTrust(ca.certificate, TRUST_DOMAIN),
+    )
+    key = transport_key(ca.issue_transport("storage"))
+    try:
+        await service.handle(Caller(STORAGE, 1), RegisterTransportCert(der(key.certificate)))
+        tls = load_certificate(ca.directory / "storage.pem")
+        with pytest.raises(ServiceError):
+            await service.handle(Caller(STORAGE, 2), RegisterTransportCert(der(tls)))
+        sealed = await service.handle(
+            Caller(STORAGE, 3), CreateDek(namespace="orders", seal_to=key.fingerprint)
+        )
+        opened = SealedDelivery(key).dek(sealed, "create-dek", server="s", request_id=3)
+    finally:
+        service.store.close()
+        service.hsm.close()
+        assert service.audit is not None
+        service.audit.close()
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [(r["operation"], r["result"], r["request_id"]) for r in records] == [
+        ("register-transport-cert", "ok", 1),
+        ("register-transport-cert", "transport-certificate-rejected", 2),
+        ("create-dek", "ok", 3),
+    ]
+    assert "sealed" in records[2]["detail"]
+    text = (tmp_path / "audit.log").read_bytes()
+    for secret in (opened.key, sealed.sealed_key):
+        assert secret.hex().encode() not in text
+        assert base64.b64encode(secret) not in text
