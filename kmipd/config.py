@@ -93,6 +93,13 @@ def _loopback_address(value: str) -> str | None:
     return None if loopback else f"{value} is not a loopback address (127.0.0.1, [::1])"
 
 
+def _namespace_globs(value: list[Any]) -> str | None:
+    for item in value:
+        if not isinstance(item, str) or not _namespace_glob_ok(item):
+            return "must be a list of namespace names or globs"
+    return None
+
+
 def _one_of(*choices: str) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
@@ -160,6 +167,14 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "key": Option(str, "audit.key", "HMAC key for audit values (32 bytes, 0600)"),
         "fail_open_reads": Option(bool, False, "serve reads even when the audit cannot be written"),
     },
+    "transport": {
+        "require_sealed": Option(
+            list,
+            [],
+            "namespaces (globs) whose keys leave the daemon only sealed (HPKE)",
+            _namespace_globs,
+        ),
+    },
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
     },
@@ -209,6 +224,7 @@ class Config:
     audit_fail_open_reads: bool
     log_level: str
     metrics_listen: str | None
+    require_sealed: tuple[str, ...] = ()
 
 
 #: ``${NAME}`` or ``${NAME:-default}`` in a path: the directories systemd
@@ -346,6 +362,7 @@ def parse_config(
         audit_fail_open_reads=v("audit", "fail_open_reads"),
         log_level=v("logging", "level"),
         metrics_listen=v("metrics", "listen") or None,
+        require_sealed=tuple(v("transport", "require_sealed")),
     )
 
 
