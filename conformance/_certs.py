@@ -144,6 +144,21 @@ class CertificateFactory:
             ),
         )
 
+    def with_transport(self, identity: str) -> tuple[Credentials, Credentials]:
+        """A fresh TLS certificate for ``identity`` (same identity, same grants, a new key)
+        and a key-transport certificate for it: (TLS, transport)."""
+        name = identity.removeprefix(f"spiffe://{self._trust_domain}/")
+        if name == identity or "/" in name:
+            raise CaseSkipped(f"cannot issue certificates for {identity} with the built-in CA")
+        authority = self._authority("transport", self._trust_domain)
+        with self._lock:
+            if "transport" not in self._made:
+                tls = authority.issue_client(name)
+                transport = authority.issue_transport(name)
+                self._made["transport"] = Credentials(tls.cert_path, tls.key_path)
+                self._made["transport-key"] = Credentials(transport.cert_path, transport.key_path)
+            return self._made["transport"], self._made["transport-key"]
+
     def revoked(self) -> Credentials:
         if self._revoked is not None:
             return self._revoked

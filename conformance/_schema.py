@@ -40,6 +40,10 @@ class RequestShape:
     args_optional: bool
 
 
+class ValidatorCrashedError(Exception):
+    """The CDDL validator itself failed on an item, so it cannot say if it is valid."""
+
+
 class Schema:
     def __init__(self, text: str) -> None:
         self.text = text
@@ -64,6 +68,14 @@ class Schema:
         except pycddl.ValidationError as exc:
             # pycddl quotes byte strings as lists of numbers: they may be keys.
             return _BYTES_LIST.sub("<bytes>", str(exc))[:400]
+        except BaseException as exc:
+            # A Rust panic inside pycddl surfaces as pyo3's PanicException, which
+            # derives from BaseException: the item is then neither valid nor invalid.
+            if type(exc).__name__ != "PanicException":
+                raise
+            raise ValidatorCrashedError(
+                f"pycddl crashed validating a {len(payload)}-byte item against {rule!r}"
+            ) from None
         return None
 
 

@@ -3,9 +3,15 @@ request ids, pipelining, the in-flight limit, and the drain on shutdown."""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from typing import Any
+
+import cbor2
+from cryptography import x509
+from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from conformance._case import CaseFailed, CaseSkipped, Informational, When, case
 from conformance._connection import Connection, ConnectionClosed, Message
@@ -21,6 +27,8 @@ SERVER_CONDITIONS = {
     "internal",
     "protect-stop-passed",
     "audit-unavailable",
+    # Only where the server's configuration requires sealed delivery (transport.require_sealed).
+    "sealed-delivery-required",
 }
 
 
@@ -927,3 +935,116 @@ def drain_on_shutdown(ctx: Context) -> None:
     )
     # Requests the server never read are not lost: the client knows they were never answered.
     ctx.expect(len(answered) == len(replies), "a request was answered twice")
+
+
+# -- key transport (PROTOCOL.md 4.5) ---------------------------------------------------------
+
+
+@case(
+    "PROTO-050",
+    "Key transport refusals: the client's own TLS certificate is refused as a transport "
+    "certificate (transport-certificate-rejected), an identity without one is "
+    "no-transport-certificate, and a create-dek sealed to an unregistered fingerprint is "
+    "no-transport-certificate and creates nothing.",
+)
+def transport_refusals(ctx: Context) -> None:
+    _need_ops(ctx, "register-transport-cert", "get-transport-cert")
+    own = x509.load_pem_x509_certificate(ctx.run.target.client.cert.read_bytes())
+    with ctx.connect() as c:
+        reply = ctx.request(
+            c,
+            "register-transport-cert",
+            {"certificate": own.public_bytes(serialization.Encoding.DER)},
+        )
+        ctx.expect_error(reply, "transport-certificate-rejected")
+        stranger = ctx.run.identity.rsplit("/", 1)[0] + f"/nobody-{secrets.token_hex(4)}"
+        reply = ctx.request(c, "get-transport-cert", {"identity": stranger})
+        ctx.expect_error(reply, "no-transport-certificate")
+        namespace = ctx.run.namespace("transport-refused")
+        reply = ctx.request(
+            c, "create-dek", {"namespace": namespace, "seal-to": secrets.token_bytes(32)}
+        )
+        ctx.expect_error(reply, "no-transport-certificate")
+        listed = ctx.request(c, "locate", {"kind": "dek", "namespace": namespace})
+        if not listed.is_error:
+            ctx.expect(not listed.result["keys"], "a refused sealed create-dek created a DEK")
+
+
+@case(
+    "PROTO-051",
+    "Sealed delivery: a key-transport certificate from the server's CA registers and is "
+    "fetched back; create-dek and get-dek with seal-to answer sealed-dek-result whose "
+    "sealed-key opens with HPKE (RFC 9180) and the documented info, to the same key.",
+)
+def sealed_delivery(ctx: Context) -> None:
+    _need_ops(ctx, "register-transport-cert", "get-transport-cert")
+    if not ctx.certs.can_mint:
+        raise CaseSkipped("needs the server's CA key (--ca-key or --ca-dir)")
+    tls, transport = ctx.certs.with_transport(ctx.run.identity)
+    cert = x509.load_pem_x509_certificate(transport.cert.read_bytes())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    private = serialization.load_pem_private_key(transport.key.read_bytes(), password=None)
+    if not isinstance(private, x25519.X25519PrivateKey):
+        raise CaseFailed("the built-in CA's default transport key is not X25519")
+    fingerprint = hashlib.sha256(der).digest()
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    with ctx.connect(tls) as c:
+        info = ctx.expect_result(
+            ctx.request(c, "register-transport-cert", {"certificate": der}), "transport-cert-info"
+        )
+        ctx.expect(info["fingerprint"] == fingerprint, "registered fingerprint differs")
+        fetched = ctx.expect_result(
+            ctx.request(c, "get-transport-cert", {"identity": ctx.run.identity}),
+            "transport-cert-info",
+        )
+        ctx.expect(fetched["certificate"] == der, "fetched another certificate")
+        namespace = ctx.run.namespace("sealed")
+        created = _open_sealed(
+            ctx,
+            c,
+            suite=suite,
+            private=private,
+            fingerprint=fingerprint,
+            op="create-dek",
+            args={"namespace": namespace},
+        )
+        again = _open_sealed(
+            ctx,
+            c,
+            suite=suite,
+            private=private,
+            fingerprint=fingerprint,
+            op="get-dek",
+            args={"dek-id": created[0]},
+        )
+        keys = [created[1], again[1]]
+        ctx.expect(len(keys[0]) == 32 and keys[0] == keys[1], "sealed keys differ")
+
+
+def _open_sealed(
+    ctx: Context,
+    c: Connection,
+    *,
+    suite: hpke.Suite,
+    private: x25519.X25519PrivateKey,
+    fingerprint: bytes,
+    op: str,
+    args: dict[str, Any],
+) -> tuple[str, bytes]:
+    """Send ``op`` with seal-to; open the sealed key with the info PROTOCOL.md 4.5 gives."""
+    request_id = ctx.next_id()
+    reply = c.request(request_id, op, {**args, "seal-to": fingerprint}, ctx.options.timeout)
+    result = ctx.expect_result(reply, "sealed-dek-result", request_id=request_id)
+    binding = [result["dek-id"], result["namespace"], result["kek-version"]]
+    info = cbor2.dumps(
+        ["kmipd/sealed-key/v1", op, request_id, ctx.run.identity, fingerprint, binding]
+    )
+    try:
+        key = suite.decrypt(result["sealed-key"], private, info=info)
+    except Exception:
+        raise CaseFailed(f"the {op} sealed-key does not open with the documented info") from None
+    try:
+        suite.decrypt(result["sealed-key"], private, info=info + b"x")
+    except Exception:
+        return str(result["dek-id"]), bytes(key)
+    raise CaseFailed("a sealed-key opened with another info: the info is not bound")

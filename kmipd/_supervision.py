@@ -34,7 +34,9 @@ from kmipd.server import KmipServer, ServerTls, TlsConfigError
 log = logging.getLogger("kmipd.daemon")
 
 #: Config fields a reload applies; any other change waits for a restart.
-RELOADED_FIELDS = frozenset({"source", "tls", "policy", "lifecycle", "limits", "log_level"})
+RELOADED_FIELDS = frozenset(
+    {"source", "tls", "policy", "lifecycle", "limits", "log_level", "require_sealed"}
+)
 
 #: Config field -> the key an operator edits, for "needs a restart" messages.
 _CONFIG_KEYS = {
@@ -183,6 +185,7 @@ class Supervisor:
         self.server.limits = new.limits
         self.server.service.policy = new.policy
         self.server.service.lifecycle = new.lifecycle
+        self.server.service.require_sealed = new.require_sealed
         set_level(new.log_level)
         self.config = new
         pending = restart_only_changes(old, new)

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 import attrs
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from kmipd import client as km
 from kmipd._admin_cli import add_operations_commands
@@ -34,6 +35,13 @@ from kmipd.audit import AuditError
 from kmipd.audit import query as audit_query
 from kmipd.audit import verify as audit_verify
 from kmipd.config import ConfigError, load_config
+from kmipd.crypto import DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE
+from kmipd.crypto import (
+    SealedEnvelopeError,
+    certificate_fingerprint,
+    transport_kem,
+)
+from kmipd.crypto import open_stream as open_sealed_stream
 from kmipd.daemon import RunningDaemon, run_daemon
 from kmipd.demo import run_demo
 from kmipd.dev import client_command, prepare_dev
@@ -42,7 +50,7 @@ from kmipd.lifecycle import RevocationReason, State
 from kmipd.server import TlsConfigError
 from kmipd.service import ServiceError
 from kmipd.store import StoreError
-from pki import SERVER_VALIDITY_DAYS, CertificateAuthority, KeyType, PkiError
+from pki import SERVER_VALIDITY_DAYS, CertificateAuthority, KeyType, PkiError, TransportKem
 
 DEFAULT_DEV_DIR = Path("kmipd-dev")
 DEFAULT_DEV_LISTEN = "127.0.0.1:5696"
@@ -168,6 +176,22 @@ def _add_pki_commands(commands: Any) -> None:
     renew.add_argument("--days", type=int, default=SERVER_VALIDITY_DAYS)
     renew.set_defaults(handler=_pki_renew_server)
 
+    transport = pki.add_parser(
+        "issue-transport",
+        help="issue NAME's key-transport certificate (receives sealed keys; never TLS)",
+    )
+    transport.add_argument("directory", type=Path)
+    transport.add_argument("name")
+    transport.add_argument(
+        "--kem",
+        default=TransportKem.X25519.value,
+        choices=[kem.value for kem in TransportKem],
+        help="key type (default x25519; mlkem768-x25519 is the post-quantum hybrid)",
+    )
+    transport.add_argument("--days", type=int, default=365)
+    transport.add_argument("--force", action="store_true", help="replace an existing one")
+    transport.set_defaults(handler=_pki_issue_transport)
+
     crl = pki.add_parser("crl", help="re-sign the CRL (do it before it expires)")
     crl.add_argument("directory", type=Path)
     crl.add_argument("--days", type=int, default=365, help="validity of the new CRL")
@@ -211,6 +235,15 @@ def _client_options() -> argparse.ArgumentParser:
     ):
         group.add_argument(flag, default=os.environ.get(env), help=what)
     group.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    transport = parent.add_argument_group(
+        "sealed delivery (or KMIPD_TRANSPORT_CERT, KMIPD_TRANSPORT_KEY): keys come sealed "
+        "to this key-transport key (HPKE) instead of in the clear inside TLS"
+    )
+    for flag, env, what in (
+        ("--transport-cert", "KMIPD_TRANSPORT_CERT", "key-transport certificate (PEM)"),
+        ("--transport-key", "KMIPD_TRANSPORT_KEY", "key-transport private key (PEM)"),
+    ):
+        transport.add_argument(flag, type=Path, default=os.environ.get(env), help=what)
     return parent
 
 
@@ -420,6 +453,52 @@ def _add_envelope_commands(commands: Any) -> None:
     decrypt.add_argument("input", nargs="?", default="-", help="envelope (default: stdin)")
     decrypt.set_defaults(handler=_decrypt)
 
+    seal = commands.add_parser(
+        "seal",
+        parents=[common, progress],
+        help="seal a file for another client (its certified transport key; HPKE)",
+    )
+    seal.add_argument("input", nargs="?", default="-", help="file to seal (default: stdin)")
+    seal.add_argument(
+        "--to", required=True, metavar="NAME", help="recipient: a client name or SPIFFE ID"
+    )
+    seal.add_argument("--chunk-size", type=int, default=SEALED_CHUNK_SIZE)
+    seal.set_defaults(handler=_seal)
+    opening = commands.add_parser(
+        "open",
+        parents=[progress],
+        help="open a file sealed to this client's transport key (no daemon needed)",
+    )
+    opening.add_argument("input", nargs="?", default="-", help="sealed file (default: stdin)")
+    for flag, env, what in (
+        ("--transport-cert", "KMIPD_TRANSPORT_CERT", "key-transport certificate (PEM)"),
+        ("--transport-key", "KMIPD_TRANSPORT_KEY", "key-transport private key (PEM)"),
+    ):
+        opening.add_argument(flag, type=Path, default=os.environ.get(env), help=what)
+    opening.set_defaults(handler=_open)
+
+    transport = commands.add_parser(
+        "transport", help="key-transport certificates (the daemon's directory)"
+    ).add_subparsers(metavar="ACTION")
+    register = transport.add_parser(
+        "register", parents=[common], help="register this client's transport certificate"
+    )
+    register.add_argument(
+        "certificate",
+        nargs="?",
+        type=Path,
+        help="certificate (PEM); default: --transport-cert",
+    )
+    register.set_defaults(handler=_transport_register)
+    fetch = transport.add_parser(
+        "get",
+        parents=[common],
+        help="fetch and verify a client's transport certificate",
+    )
+    fetch.add_argument("identity", metavar="NAME", help="a client name or SPIFFE ID")
+    fetch.add_argument("-o", "--output", type=Path, help="write the certificate (PEM) here")
+    fetch.set_defaults(handler=_transport_get)
+
 
 # -- handlers ----------------------------------------------------------------------------
 
@@ -550,6 +629,16 @@ def _pki_crl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pki_issue_transport(args: argparse.Namespace) -> int:
+    issued = CertificateAuthority.load(args.directory).issue_transport(
+        args.name, kem=TransportKem(args.kem), validity_days=args.days, force=args.force
+    )
+    print(f"issued a {args.kem} key-transport certificate for {issued.identity}")
+    print(f"  certificate: {issued.cert_path}\n  key: {issued.key_path}")
+    print(f"revoke it with: kmipd pki revoke {args.directory} {issued.name}")
+    return 0
+
+
 def _hsm_software_init(args: argparse.Namespace) -> int:
     create_master_key(args.master_key)
     print(f"created master key {args.master_key} (mode 0600); back it up somewhere safe")
@@ -583,7 +672,107 @@ def _connect(args: argparse.Namespace) -> km.Client:
     if missing:
         raise CliError("missing " + ", ".join(f"--{f}" for f in missing))
     servers = [address.strip() for address in args.server.split(",")]
-    return km.Client(servers, ca=args.ca, cert=args.cert, key=args.key, timeout=args.timeout)
+    return km.Client(
+        servers,
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+        timeout=args.timeout,
+        transport=_transport_key(args, required=False),
+    )
+
+
+def _transport_key(args: argparse.Namespace, *, required: bool) -> km.TransportKey | None:
+    cert, key = args.transport_cert, args.transport_key
+    if cert is None and key is None and not required:
+        return None
+    if cert is None or key is None:
+        raise CliError("give both --transport-cert and --transport-key")
+    try:
+        return km.TransportKey.from_files(cert, key)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _recipient(client: km.Client, name: str) -> str:
+    """A SPIFFE ID as given, or a client name in our own trust domain."""
+    if name.startswith("spiffe://"):
+        return name
+    domain = client.connect().identity[len("spiffe://") :].split("/", 1)[0]
+    return f"spiffe://{domain}/{name}"
+
+
+def _transport_register(args: argparse.Namespace) -> int:
+    path = args.certificate or args.transport_cert
+    if path is None:
+        raise CliError("give the certificate file or --transport-cert")
+    try:
+        certificate = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:
+        raise CliError(f"{path} is not a PEM certificate") from None
+    with _connect(args) as client:
+        info = client.register_transport_certificate(certificate)
+    print(json.dumps(_certificate_json(info), indent=2))
+    return 0
+
+
+def _transport_get(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        identity = _recipient(client, args.identity)
+        certificate = client.get_transport_certificate(identity)
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    if args.output is not None:
+        with _output(args) as sink:
+            sink.write(pem)
+    print(
+        json.dumps(
+            {
+                "identity": identity,
+                "suite": transport_kem(certificate).value,
+                "fingerprint": certificate_fingerprint(certificate).hex(),
+                "not_after": certificate.not_valid_after_utc.isoformat(),
+                "verified": "against this client's CA",
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _certificate_json(info: km.TransportCertInfo) -> dict[str, Any]:
+    return {
+        "identity": info.identity,
+        "suite": info.suite,
+        "fingerprint": info.fingerprint.hex(),
+        "registered": info.registered,
+        "not_after": info.not_after,
+    }
+
+
+def _seal(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        recipient = _recipient(client, args.to)
+        with _input(args) as source, _output(args) as sink:
+            client.seal_stream(source, sink, recipient, chunk_size=args.chunk_size)
+    return 0
+
+
+def _open(args: argparse.Namespace) -> int:
+    key = _transport_key(args, required=True)
+    assert key is not None
+    with _input(args) as source, _output(args) as sink:
+        try:
+            open_sealed_stream(key, source, sink)
+        except SealedEnvelopeError as exc:
+            lost = (
+                f"{args.output} was not written"
+                if args.output is not None
+                else "discard what reached stdout"
+            )
+            raise CliError(f"{exc}; {lost}") from None
+    return 0
 
 
 def _encrypt(args: argparse.Namespace) -> int:
@@ -629,7 +818,10 @@ def _output(args: argparse.Namespace) -> Iterator[BinaryIO]:
         return
     partial = args.output.with_name(f".{args.output.name}.partial")
     try:
-        sink = open(partial, "wb")  # noqa: SIM115 - closed below
+        # 0600 from the first byte: the output may be plaintext (decrypt, open).
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(fd, 0o600)  # a partial file left by a crash keeps no wider mode
+        sink = os.fdopen(fd, "wb")
     except OSError as exc:
         raise CliError(f"cannot write {args.output}: {exc.strerror}") from None
     try:

@@ -109,6 +109,13 @@ def _sessions(value: int) -> str | None:
     return None if 1 <= value <= 256 else "must be 1..256"
 
 
+def _namespace_globs(value: list[Any]) -> str | None:
+    for item in value:
+        if not isinstance(item, str) or not _namespace_glob_ok(item):
+            return "must be a list of namespace names or globs"
+    return None
+
+
 def _one_of(*choices: str) -> Callable[[str], str | None]:
     def check(value: str) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
@@ -189,6 +196,14 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "key": Option(str, "audit.key", "HMAC key for audit values (32 bytes, 0600)"),
         "fail_open_reads": Option(bool, False, "serve reads even when the audit cannot be written"),
     },
+    "transport": {
+        "require_sealed": Option(
+            list,
+            [],
+            "namespaces (globs) whose keys leave the daemon only sealed (HPKE)",
+            _namespace_globs,
+        ),
+    },
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
     },
@@ -265,6 +280,7 @@ class Config:
     audit_fail_open_reads: bool
     log_level: str
     metrics_listen: str | None
+    require_sealed: tuple[str, ...] = ()
 
     def software_files(self) -> tuple[Path, Path]:
         """(master key, keyring) of the software backend; only for that backend."""
@@ -410,6 +426,7 @@ def parse_config(
         audit_fail_open_reads=v("audit", "fail_open_reads"),
         log_level=v("logging", "level"),
         metrics_listen=v("metrics", "listen") or None,
+        require_sealed=tuple(v("transport", "require_sealed")),
     )
 
 

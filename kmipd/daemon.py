@@ -91,6 +91,8 @@ async def run_daemon(
             create_kek_on_demand=config.create_kek_on_demand,
             lifecycle=config.lifecycle,
             audit=audit,
+            transport_trust=tls.transport_trust,
+            require_sealed=config.require_sealed,
         )
         server = KmipServer(service, tls, config.limits, metrics=metrics)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)

@@ -21,7 +21,7 @@ from kmipd import client as km
 from kmipd.config import load_config
 from kmipd.daemon import RunningDaemon, run_daemon
 from kmipd.dev import prepare_dev
-from pki import CertificateAuthority
+from pki import CertificateAuthority, load_certificate
 
 
 class DemoFailedError(Exception):
@@ -133,6 +133,60 @@ def _storage_system(data: Path, address: str, tmp: Path, out: Callable[[str], No
         out(f"   refused by the daemon: {exc}")
     else:
         raise DemoFailedError("a certificate from another CA was accepted")
+
+    _asymmetric_flow(data, address, dek.dek_id, plaintext, out)
+
+
+def _asymmetric_flow(
+    data: Path, address: str, dek_id: str, plaintext: bytes, out: Callable[[str], None]
+) -> None:
+    pki_dir = data / "pki"
+    out("\nThe asymmetric flow: keys and files sealed to certified recipient keys (HPKE).")
+    ca = CertificateAuthority.load(pki_dir)
+    ca.issue_transport("storage", force=True)
+    out("   the CA issued storage a key-transport certificate (X25519, keyAgreement only,")
+    out("   no TLS usage): a second key for the same identity, for receiving keys only")
+
+    def client(name: str, transport: km.TransportKey | None = None) -> km.Client:
+        return km.Client(
+            address,
+            ca=pki_dir / "ca.pem",
+            cert=pki_dir / f"{name}.pem",
+            key=pki_dir / f"{name}-key.pem",
+            transport=transport,
+        )
+
+    storage_key = km.TransportKey.from_files(
+        pki_dir / "storage-transport.pem", pki_dir / "storage-transport-key.pem"
+    )
+    with client("storage", storage_key) as kms:
+        kms.register_transport_certificate()
+        out("   storage registered its certificate; the daemon checked CA, CRL, identity, usage")
+        try:
+            kms.register_transport_certificate(load_certificate(pki_dir / "storage.pem"))
+        except km.TransportCertificateRejectedError as exc:
+            reason = exc.detail.split("refused: ", 1)[-1].split(";")[0]
+            out(f"   its TLS certificate is refused as a transport key: {reason}")
+        else:
+            raise DemoFailedError("a TLS certificate was registered as a transport key")
+        with kms.get_dek(dek_id) as sealed, client("storage") as clear:
+            out(
+                "   get-dek sealed: the daemon sealed the DEK to storage's transport key, "
+                "bound to this request"
+            )
+            out("   (id, operation, identity, key); the client opened it into protected memory")
+            with clear.get_dek(dek_id) as dek:
+                _check(bytes(sealed.key) == bytes(dek.key), "sealed and clear DEKs agree")
+    with client("admin") as sender:
+        envelope = sender.seal(plaintext, storage_key.identity)
+    out(
+        f"   admin sealed a record for {storage_key.identity}: fetched and verified its "
+        f"certificate, {len(envelope)}-byte envelope"
+    )
+    with client("storage", storage_key) as receiver:
+        opened = receiver.open(envelope)
+    _check(opened == plaintext, "the recipient opens the sealed record")
+    out(f"   storage opened it with its transport key: {opened.decode()!r}")
 
 
 if __name__ == "__main__":

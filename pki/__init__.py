@@ -9,14 +9,28 @@ from pki._ca import SERVER_VALIDITY_DAYS, CertificateAuthority, IssuedCertificat
 from pki._errors import PkiError
 from pki._files import write_private_file
 from pki._load import load_certificate, load_crl_serials
+from pki._transport import (
+    HYBRID_X25519_OID,
+    TRANSPORT_SUFFIX,
+    TransportKem,
+    TransportPrivateKey,
+    load_transport_keys,
+    transport_kem_of_keys,
+)
 
 __all__ = [
+    "HYBRID_X25519_OID",
     "SERVER_VALIDITY_DAYS",
+    "TRANSPORT_SUFFIX",
     "CertificateAuthority",
     "IssuedCertificate",
     "KeyType",
     "PkiError",
+    "TransportKem",
+    "TransportPrivateKey",
     "load_certificate",
     "load_crl_serials",
+    "load_transport_keys",
+    "transport_kem_of_keys",
     "write_private_file",
 ]

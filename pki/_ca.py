@@ -5,6 +5,8 @@ One directory (mode 0700) holds everything::
     ca.pem, ca-key.pem           the CA (self-signed)
     server.pem, server-key.pem   the daemon's certificate
     <name>.pem, <name>-key.pem   client certificates
+    <name>-transport.pem, <name>-transport-key.pem
+                                 key-transport certificates (pki._transport)
     crl.pem                      the CRL the daemon checks on every handshake
     index.json                   trust domain, issued names and serials, revocations
 
@@ -27,13 +29,20 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from pki._errors import PkiError
 from pki._files import read_file, write_private_file
 from pki._index import Index, Issued, Revocation
 from pki._load import CLOCK_SKEW, load_certificate
+from pki._transport import (
+    TRANSPORT_SUFFIX,
+    TransportKem,
+    generate_transport_keys,
+    hybrid_extension,
+    transport_keys_pem,
+)
 
 #: SPIFFE trust domain names (SPIFFE ID specification, section 2.1).
 _TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
@@ -116,6 +125,7 @@ def _key_usage(
     *,
     digital_signature: bool = False,
     key_encipherment: bool = False,
+    key_agreement: bool = False,
     key_cert_sign: bool = False,
     crl_sign: bool = False,
 ) -> x509.KeyUsage:
@@ -124,7 +134,7 @@ def _key_usage(
         content_commitment=False,
         key_encipherment=key_encipherment,
         data_encipherment=False,
-        key_agreement=False,
+        key_agreement=key_agreement,
         key_cert_sign=key_cert_sign,
         crl_sign=crl_sign,
         encipher_only=False,
@@ -146,10 +156,14 @@ def _check_trust_domain(trust_domain: str) -> None:
 
 def _check_name(name: str) -> None:
     lowered = name.lower()
-    if _NAME.fullmatch(name) is None or lowered in _RESERVED_NAMES or lowered.endswith("-key"):
+    if (
+        _NAME.fullmatch(name) is None
+        or lowered in _RESERVED_NAMES
+        or lowered.endswith(("-key", TRANSPORT_SUFFIX))
+    ):
         raise PkiError(
             f"client name {name!r} is invalid: use 1..64 of [A-Za-z0-9._-], not starting "
-            f"with '.' or '-', not ending in '-key', and none of "
+            f"with '.' or '-', not ending in '-key' or '{TRANSPORT_SUFFIX}', and none of "
             f"{', '.join(sorted(_RESERVED_NAMES))}"
         )
 
@@ -530,6 +544,83 @@ class CertificateAuthority:
             not_after=end,
         )
         return self._write_issued(name, "client", key, cert, identity)
+
+    def issue_transport(
+        self,
+        name: str,
+        *,
+        kem: TransportKem = TransportKem.X25519,
+        validity_days: int = 365,
+        not_before: datetime.datetime | None = None,
+        not_after: datetime.datetime | None = None,
+        force: bool = False,
+    ) -> IssuedCertificate:
+        """Issue ``name``'s key-transport certificate, beside its TLS certificate.
+
+        Same SPIFFE ID as the TLS certificate; a separate key that may only
+        receive keys (keyAgreement, or keyEncipherment for the ML-KEM hybrid),
+        no extendedKeyUsage, so it can never authenticate TLS. Written to
+        ``NAME-transport.pem`` / ``NAME-transport-key.pem`` and recorded as
+        ``NAME-transport`` (``revoke(f"{name}-transport")`` revokes it).
+        """
+        _check_name(name)
+        start, end = _validity(validity_days, not_before, not_after)
+        issued = self._index.issued.get(name)
+        if issued is None or issued.kind != "client" or not (self.directory / issued.cert).exists():
+            raise PkiError(
+                f"{name!r} has no client TLS certificate from this CA; issue it first "
+                f"(kmipd pki issue {self.directory} {name})"
+            )
+        record_name = name + TRANSPORT_SUFFIX
+        paths = (self.directory / f"{record_name}.pem", self.directory / f"{record_name}-key.pem")
+        if not force and any(path.exists() for path in paths):
+            raise PkiError(
+                f"a transport certificate for {name!r} already exists; pass force to replace it"
+            )
+        identity = self.identity_for(name)
+        keys = generate_transport_keys(kem)
+        public = keys[0].public_key()
+        hybrid = kem is TransportKem.MLKEM768_X25519
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, record_name)]))
+            .issuer_name(self._cert.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            # An end entity: it may not sign certificates.
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            # Receives keys, nothing else: no digitalSignature, so it cannot sign a
+            # TLS handshake. A KEM encapsulates (keyEncipherment); a DH key agrees.
+            .add_extension(
+                _key_usage(key_agreement=not hybrid, key_encipherment=hybrid), critical=True
+            )
+            # The same identity as the client's TLS certificate (no EKU: not for TLS).
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity)]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        if hybrid:
+            # Critical: a verifier that cannot read the X25519 half must refuse the
+            # certificate instead of encrypting to the ML-KEM half alone.
+            second = keys[1].public_key()
+            assert isinstance(second, x25519.X25519PublicKey)
+            builder = builder.add_extension(hybrid_extension(second), critical=True)
+        cert = builder.sign(self._key, hashes.SHA256())
+        self._index.issued[record_name] = Issued(
+            cert.serial_number, "transport", paths[0].name, paths[1].name
+        )
+        self._index.save(self._index_path)
+        write_private_file(paths[1], transport_keys_pem(keys))
+        write_private_file(paths[0], _cert_pem(cert), mode=0o644)
+        return IssuedCertificate(record_name, paths[0], paths[1], cert.serial_number, identity)
 
     # -- revocation -----------------------------------------------------------------------
 

@@ -198,4 +198,5 @@ def test_demo_walks_the_flow_and_verifies_every_step() -> None:
     for step in range(1, 10):
         assert f"\n{step}. " in result.stdout
     assert "refused by the daemon" in result.stdout
+    assert "storage opened it with its transport key" in result.stdout
     assert "All steps verified." in result.stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from kmipd.audit import AuditLog
 from kmipd.hsm import HsmError, HsmIntegrityError, SoftwareHsm
 from kmipd.protocol import (
     CreateDek,
@@ -226,3 +227,44 @@ def test_store_refuses_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     (tmp_path / "kmipd.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="cannot open store"):
         KeyStore.open(tmp_path / "kmipd.db")
+
+
+class CancellingAuditLog(AuditLog):
+    """Cancels ``scope`` when asked to sync a record: after the write it records."""
+
+    scope: trio.CancelScope | None = None
+
+    async def sync(self, seq: int) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        await super().sync(seq)
+
+
+async def test_a_request_cut_off_by_shutdown_was_either_answered_or_not_applied(
+    tmp_path: Path,
+) -> None:
+    """The drain bound cancels requests still running, and ``shutting-down`` promises
+    "not applied". So a request cancelled before it writes leaves nothing behind, and
+    one cancelled after its write (here: while its audit record is synced) still
+    finishes and is answered; never stored yet reported as cut off."""
+    svc = open_service(tmp_path)
+    audit = CancellingAuditLog.open(tmp_path / "audit.log", tmp_path / "audit.key")
+    assert isinstance(audit, CancellingAuditLog)
+    svc.audit = audit
+    try:
+        with trio.CancelScope() as early:
+            early.cancel()
+            await svc.handle(STORAGE, CreateDek(namespace="orders"))
+        assert early.cancelled_caught
+        assert await svc.store.count_deks() == 0
+        assert svc.store.get_kek("orders") is None  # not even its KEK, made on demand
+
+        with trio.CancelScope() as late:
+            audit.scope = late
+            created = await svc.handle(STORAGE, CreateDek(namespace="orders"))
+        assert not late.cancelled_caught
+        assert await svc.store.get_dek(created.dek_id) is not None
+        assert await svc.store.count_deks() == 1
+    finally:
+        audit.close()
+        close_service(svc)

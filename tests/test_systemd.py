@@ -343,5 +343,15 @@ def test_sigterm_during_a_pipelined_burst_loses_no_acknowledged_dek(
         with Client(address, **credentials(data)) as kms:
             fetched = kms.get_deks(list(burst.acknowledged))
         assert {d.dek_id: bytes(d.key) for d in fetched} == burst.acknowledged
+        # shutting-down means "not applied": nothing was stored beyond what was answered.
+        with Client(address, **credentials(data, "admin")) as admin:
+            stored, after = 0, None
+            while True:
+                page = admin.locate(kind="dek", namespace="orders", after=after)
+                stored += len(page.keys)
+                if page.next is None:
+                    break
+                after = page.next
+        assert stored == len(burst.acknowledged)
     finally:
         assert again.stop() == 0

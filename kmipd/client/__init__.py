@@ -5,6 +5,8 @@ this client's certificate, keep long-lived connections to one or more
 daemons and fail over between them, and raise exceptions named after the
 wire error codes. Keys come back in protected memory (``Dek``, ``DataKey``:
 locked, never dumped, zeroed when closed), optionally through a ``DekCache``.
+With a ``TransportKey`` they ask for every key sealed to it (HPKE) and open
+it themselves, and they seal and open files for one another (``seal``/``open``).
 """
 
 from kmipd.client._async import AsyncClient
@@ -34,12 +36,17 @@ from kmipd.client._errors import (
     KmipdError,
     NotAuthorizedError,
     NotFoundError,
+    NoTransportCertificateError,
     OutcomeUnknownError,
     ProtectStopPassedError,
     RemoteError,
+    SealedDeliveryRequiredError,
+    SealedKeyError,
     ServerCertificateError,
     ServerTimeoutError,
     ShuttingDownError,
+    TransportCertificateError,
+    TransportCertificateRejectedError,
     UnavailableError,
     UnknownOperationError,
     UnsupportedVersionError,
@@ -50,7 +57,9 @@ from kmipd.client._keys import DataKey, Dek
 from kmipd.client._memory import KeyWipedError, ProtectedKey
 from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
-from kmipd.protocol import KekInfo, StatusResult
+from kmipd.crypto import TransportKey
+from kmipd.protocol import KekInfo, StatusResult, TransportCertInfo
+from pki import TransportKem
 
 __all__ = [
     "ERROR_CLASSES",
@@ -83,16 +92,24 @@ __all__ = [
     "KeyNotActiveError",
     "KeyWipedError",
     "KmipdError",
+    "NoTransportCertificateError",
     "NotAuthorizedError",
     "NotFoundError",
     "OutcomeUnknownError",
     "ProtectStopPassedError",
     "ProtectedKey",
     "RemoteError",
+    "SealedDeliveryRequiredError",
+    "SealedKeyError",
     "ServerCertificateError",
     "ServerTimeoutError",
     "ShuttingDownError",
     "StatusResult",
+    "TransportCertInfo",
+    "TransportCertificateError",
+    "TransportCertificateRejectedError",
+    "TransportKem",
+    "TransportKey",
     "UnavailableError",
     "UnknownOperationError",
     "UnsupportedVersionError",

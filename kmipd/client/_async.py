@@ -18,8 +18,10 @@ from types import TracebackType
 from typing import Any
 
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE
+from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
 from kmipd._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.client._cache import DekCache
 from kmipd.client._common import (
@@ -31,7 +33,14 @@ from kmipd.client._common import (
     new_idempotency_key,
     unwrap_outcome,
 )
-from kmipd.client._envelope import new_header, open_body, read_header, seal_body, write_header
+from kmipd.client._envelope import (
+    EnvelopeError,
+    new_header,
+    open_body,
+    read_header,
+    seal_body,
+    write_header,
+)
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
@@ -44,6 +53,9 @@ from kmipd.client._errors import (
 )
 from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
+from kmipd.client._transport import SealedDelivery, client_ca_certificates, verify_fetched
+from kmipd.crypto import DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE
+from kmipd.crypto import SealedEnvelopeError, TransportKey, open_stream, seal_stream
 from kmipd.protocol import (
     NEED_DATA,
     Activate,
@@ -61,6 +73,7 @@ from kmipd.protocol import (
     GetAttributes,
     GetDek,
     GetJob,
+    GetTransportCert,
     JobInfo,
     KekInfo,
     KeyAttributes,
@@ -69,6 +82,7 @@ from kmipd.protocol import (
     Locate,
     LocateResult,
     Recover,
+    RegisterTransportCert,
     ResponseReceived,
     Revoke,
     RewrapBlob,
@@ -78,6 +92,7 @@ from kmipd.protocol import (
     StartRewrap,
     Status,
     StatusResult,
+    TransportCertInfo,
     Unwrap,
     UnwrapResult,
 )
@@ -286,9 +301,13 @@ class AsyncClient:
         revocation_check: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 30.0,
+        transport: TransportKey | None = None,
     ) -> None:
+        """``transport``: this client's key-transport key; every DEK-returning call
+        then asks for the key sealed to it (HPKE) and opens it here."""
         if timeout <= 0 or pool_size < 1:
             raise KmipdError("timeout must be positive and pool_size at least 1")
+        self._sealed = None if transport is None else SealedDelivery(transport)
         endpoints = make_endpoints(
             address,
             ca=ca,
@@ -309,6 +328,23 @@ class AsyncClient:
         self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
         self._keys = KeyKeeper(cache, revocation_check)
         self._closed = False
+        self._context = endpoints[0].context
+
+    @property
+    def transport(self) -> TransportKey | None:
+        return None if self._sealed is None else self._sealed.key
+
+    @property
+    def _seal_to(self) -> bytes | None:
+        return None if self._sealed is None else self._sealed.seal_to
+
+    async def _call_dek(self, request: Any) -> Any:
+        """A DEK result in the clear, opened here when it came sealed."""
+        outcome, server, request_id = await self._run(request)
+        result = unwrap_outcome(outcome, server=server, request_id=request_id)
+        if self._sealed is None:
+            return result
+        return self._sealed.dek(result, request.OPERATION, server=server, request_id=request_id)
 
     @property
     def cache(self) -> DekCache | None:
@@ -434,7 +470,9 @@ class AsyncClient:
     async def create_dek(self, namespace: str, *, idempotency_key: bytes | None = None) -> Dek:
         await self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
-        result = await self._call(CreateDek(namespace=namespace, idempotency_key=key))
+        result = await self._call_dek(
+            CreateDek(namespace=namespace, idempotency_key=key, seal_to=self._seal_to)
+        )
         return self._keys.keep_dek(result)
 
     async def get_dek(self, dek_id: str) -> Dek:
@@ -442,7 +480,7 @@ class AsyncClient:
         if (cached := self._keys.cached_dek(dek_id)) is not None:
             return cached
         try:
-            result = await self._call(GetDek(dek_id=dek_id))
+            result = await self._call_dek(GetDek(dek_id=dek_id, seal_to=self._seal_to))
         except (UnavailableError, DeadlineExceededError):
             stale = self._keys.stale_deks([dek_id])
             if stale is None:
@@ -467,7 +505,12 @@ class AsyncClient:
     async def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
         await self._follow_revocations()
         context = dict(context or {})
-        result: DataKeyResult = await self._call(GenerateDataKey(kek=kek, context=context))
+        request = GenerateDataKey(kek=kek, context=context, seal_to=self._seal_to)
+        outcome, server, request_id = await self._run(request)
+        result = unwrap_outcome(outcome, server=server, request_id=request_id)
+        if self._sealed is not None:
+            result = self._sealed.data_key(result, server=server, request_id=request_id)
+        assert isinstance(result, DataKeyResult)
         return self._keys.keep_data_key(
             result.blob, context, result.kek, result.kek_version, result.key
         )
@@ -478,14 +521,81 @@ class AsyncClient:
         if (cached := self._keys.cached_data_key(blob, context)) is not None:
             return cached
         try:
-            result: UnwrapResult = await self._call(Unwrap(blob=blob, context=context))
+            outcome, server, request_id = await self._run(
+                Unwrap(blob=blob, context=context, seal_to=self._seal_to)
+            )
         except (UnavailableError, DeadlineExceededError):
             stale = self._keys.cached_data_key(blob, context, stale=True)
             if stale is None:
                 raise
             log.warning("daemons unreachable: serving a stale cached data key")
             return stale
+        result = unwrap_outcome(outcome, server=server, request_id=request_id)
+        if self._sealed is not None:
+            result = self._sealed.unwrapped(result, blob, server=server, request_id=request_id)
+        assert isinstance(result, UnwrapResult)
         return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+
+    # -- key transport: the certificate directory, client-to-client sealing ----------------
+
+    async def register_transport_certificate(
+        self, certificate: x509.Certificate | None = None
+    ) -> TransportCertInfo:
+        """Register our key-transport certificate (by default the ``transport`` key's)."""
+        if certificate is None:
+            if self._sealed is None:
+                raise KmipdError("give a certificate or construct the client with transport=")
+            certificate = self._sealed.key.certificate
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        result: TransportCertInfo = await self._call(RegisterTransportCert(certificate=der))
+        return result
+
+    async def get_transport_certificate(self, identity: str) -> x509.Certificate:
+        """``identity``'s current transport certificate, verified against our own CA."""
+        outcome, server, request_id = await self._run(GetTransportCert(identity=identity))
+        info = unwrap_outcome(outcome, server=server, request_id=request_id)
+        return verify_fetched(info, identity, client_ca_certificates(self._context), server=server)
+
+    async def seal(
+        self, data: bytes, recipient: str, *, chunk_size: int = SEALED_CHUNK_SIZE
+    ) -> bytes:
+        """Seal ``data`` for ``recipient`` (a SPIFFE ID) in one self-describing envelope."""
+        sink = io.BytesIO()
+        await self.seal_stream(io.BytesIO(data), sink, recipient, chunk_size=chunk_size)
+        return sink.getvalue()
+
+    async def seal_stream(
+        self,
+        source: Readable,
+        sink: Writable,
+        recipient: str,
+        *,
+        chunk_size: int = SEALED_CHUNK_SIZE,
+    ) -> int:
+        """Seal a stream of any size in bounded memory (on a worker thread); bytes read."""
+        certificate = await self.get_transport_certificate(recipient)
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: seal_stream(certificate, source, sink, chunk_size=chunk_size)
+            )
+        except SealedEnvelopeError as exc:
+            raise EnvelopeError(str(exc)) from None
+
+    async def open(self, envelope: bytes) -> bytes:
+        """Open an envelope sealed to this client's transport key (no daemon needed)."""
+        sink = io.BytesIO()
+        await self.open_stream(io.BytesIO(envelope), sink)
+        return sink.getvalue()
+
+    async def open_stream(self, source: Readable, sink: Writable) -> int:
+        """Open a sealed stream (on a worker thread); if this raises, discard ``sink``."""
+        if self._sealed is None:
+            raise KmipdError("opening needs the client's transport key (transport=)")
+        key = self._sealed.key
+        try:
+            return await trio.to_thread.run_sync(lambda: open_stream(key, source, sink))
+        except SealedEnvelopeError as exc:
+            raise EnvelopeError(str(exc)) from None
 
     async def encrypt(
         self,

@@ -121,6 +121,24 @@ class DestroyPendingError(RemoteError):
     code = ErrorCode.DESTROY_PENDING
 
 
+class TransportCertificateRejectedError(RemoteError):
+    """The daemon refused a transport certificate (registration), or no longer accepts it."""
+
+    code = ErrorCode.TRANSPORT_CERTIFICATE_REJECTED
+
+
+class NoTransportCertificateError(RemoteError):
+    """No transport certificate is registered for that identity (or seal-to names another)."""
+
+    code = ErrorCode.NO_TRANSPORT_CERTIFICATE
+
+
+class SealedDeliveryRequiredError(RemoteError):
+    """The namespace's keys leave the daemon only sealed: give the client a transport key."""
+
+    code = ErrorCode.SEALED_DELIVERY_REQUIRED
+
+
 class BusyError(RemoteError):
     code = ErrorCode.BUSY
 
@@ -139,6 +157,18 @@ class InternalError(RemoteError):
 
 class AuditUnavailableError(RemoteError):
     code = ErrorCode.AUDIT_UNAVAILABLE
+
+
+class SealedKeyError(KmipdError):
+    """A sealed key from the daemon did not open with this client's transport key.
+
+    Raised instead of handing out a key: the sealed key was altered, belongs to
+    another request, identity or certificate, or the transport key is wrong.
+    """
+
+
+class TransportCertificateError(KmipdError):
+    """A transport certificate fetched from the daemon does not verify against our CA."""
 
 
 class UnavailableError(KmipdError):

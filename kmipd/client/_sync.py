@@ -22,6 +22,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
 from kmipd.client._cache import DekCache
 from kmipd.client._common import (
@@ -33,7 +36,14 @@ from kmipd.client._common import (
     new_idempotency_key,
     unwrap_outcome,
 )
-from kmipd.client._envelope import new_header, open_body, read_header, seal_body, write_header
+from kmipd.client._envelope import (
+    EnvelopeError,
+    new_header,
+    open_body,
+    read_header,
+    seal_body,
+    write_header,
+)
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
@@ -46,6 +56,16 @@ from kmipd.client._errors import (
 )
 from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
+from kmipd.client._transport import SealedDelivery, client_ca_certificates, verify_fetched
+from kmipd.crypto import (
+    DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE,
+)
+from kmipd.crypto import (
+    SealedEnvelopeError,
+    TransportKey,
+    open_stream,
+    seal_stream,
+)
 from kmipd.protocol import (
     NEED_DATA,
     Activate,
@@ -63,6 +83,7 @@ from kmipd.protocol import (
     GetAttributes,
     GetDek,
     GetJob,
+    GetTransportCert,
     JobInfo,
     KekInfo,
     KeyAttributes,
@@ -71,6 +92,7 @@ from kmipd.protocol import (
     Locate,
     LocateResult,
     Recover,
+    RegisterTransportCert,
     ResponseReceived,
     Revoke,
     RewrapBlob,
@@ -80,6 +102,7 @@ from kmipd.protocol import (
     StartRewrap,
     Status,
     StatusResult,
+    TransportCertInfo,
     Unwrap,
     UnwrapResult,
 )
@@ -288,9 +311,13 @@ class Client:
         revocation_check: float = 5.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 30.0,
+        transport: TransportKey | None = None,
     ) -> None:
+        """``transport``: this client's key-transport key; every DEK-returning call
+        then asks for the key sealed to it (HPKE) and opens it here."""
         if timeout <= 0 or pool_size < 1:
             raise KmipdError("timeout must be positive and pool_size at least 1")
+        self._sealed = None if transport is None else SealedDelivery(transport)
         endpoints = make_endpoints(
             address,
             ca=ca,
@@ -305,6 +332,11 @@ class Client:
         self._servers = ServerSet(endpoints, backoff_base=backoff_base, backoff_cap=backoff_cap)
         self._pools = {s.address: _Pool(s, pool_size) for s in self._servers.servers}
         self._keys = KeyKeeper(cache, revocation_check)
+        self._context = endpoints[0].context
+
+    @property
+    def transport(self) -> TransportKey | None:
+        return None if self._sealed is None else self._sealed.key
 
     @property
     def cache(self) -> DekCache | None:
@@ -360,6 +392,23 @@ class Client:
 
     def _call(self, request: Any) -> Any:
         return self._call_many([request])[0]
+
+    def _call_many_ids(self, requests: Sequence[Any]) -> list[tuple[Any, str, int]]:
+        """Results with the server and the id of the request that was answered."""
+        return [
+            (unwrap_outcome(outcome, server=server, request_id=request_id), server, request_id)
+            for outcome, server, request_id in self._run(list(requests))
+        ]
+
+    @property
+    def _seal_to(self) -> bytes | None:
+        return None if self._sealed is None else self._sealed.seal_to
+
+    def _clear_dek(self, answer: tuple[Any, str, int], operation: str) -> Any:
+        result, server, request_id = answer
+        if self._sealed is None:
+            return result
+        return self._sealed.dek(result, operation, server=server, request_id=request_id)
 
     def _run(
         self, requests: list[Any], *, inspect: Callable[[_Connection], None] | None = None
@@ -440,7 +489,9 @@ class Client:
         """
         self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
-        return self._keys.keep_dek(self._call(CreateDek(namespace=namespace, idempotency_key=key)))
+        request = CreateDek(namespace=namespace, idempotency_key=key, seal_to=self._seal_to)
+        (answer,) = self._call_many_ids([request])
+        return self._keys.keep_dek(self._clear_dek(answer, "create-dek"))
 
     def get_dek(self, dek_id: str) -> Dek:
         """The DEK, from the cache when fresh there, else from a daemon."""
@@ -457,13 +508,16 @@ class Client:
         missing = [dek_id for dek_id in set(ids) if dek_id not in found]
         if missing:
             try:
-                results = self._call_many([GetDek(dek_id=dek_id) for dek_id in missing])
+                answers = self._call_many_ids(
+                    [GetDek(dek_id=dek_id, seal_to=self._seal_to) for dek_id in missing]
+                )
             except (UnavailableError, DeadlineExceededError):
                 stale = self._keys.stale_deks(missing)
                 if stale is None:
                     raise
                 found.update(stale)
             else:
+                results = [self._clear_dek(answer, "get-dek") for answer in answers]
                 found.update((r.dek_id, self._keys.keep_dek(r)) for r in results)
         return self._keys.hand_out(ids, found)
 
@@ -471,7 +525,11 @@ class Client:
         """A fresh key plus its wrapped blob, bound to ``context``; store the blob yourself."""
         self._follow_revocations()
         context = dict(context or {})
-        result: DataKeyResult = self._call(GenerateDataKey(kek=kek, context=context))
+        request = GenerateDataKey(kek=kek, context=context, seal_to=self._seal_to)
+        ((result, server, request_id),) = self._call_many_ids([request])
+        if self._sealed is not None:
+            result = self._sealed.data_key(result, server=server, request_id=request_id)
+        assert isinstance(result, DataKeyResult)
         return self._keys.keep_data_key(
             result.blob, context, result.kek, result.kek_version, result.key
         )
@@ -483,14 +541,77 @@ class Client:
         if (cached := self._keys.cached_data_key(blob, context)) is not None:
             return cached
         try:
-            result: UnwrapResult = self._call(Unwrap(blob=blob, context=context))
+            ((result, server, request_id),) = self._call_many_ids(
+                [Unwrap(blob=blob, context=context, seal_to=self._seal_to)]
+            )
         except (UnavailableError, DeadlineExceededError):
             stale = self._keys.cached_data_key(blob, context, stale=True)
             if stale is None:
                 raise
             log.warning("daemons unreachable: serving a stale cached data key")
             return stale
+        if self._sealed is not None:
+            result = self._sealed.unwrapped(result, blob, server=server, request_id=request_id)
+        assert isinstance(result, UnwrapResult)
         return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+
+    # -- key transport: the certificate directory, client-to-client sealing ----------------
+
+    def register_transport_certificate(
+        self, certificate: x509.Certificate | None = None
+    ) -> TransportCertInfo:
+        """Register our key-transport certificate (by default the ``transport`` key's)."""
+        if certificate is None:
+            if self._sealed is None:
+                raise KmipdError("give a certificate or construct the client with transport=")
+            certificate = self._sealed.key.certificate
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        result: TransportCertInfo = self._call(RegisterTransportCert(certificate=der))
+        return result
+
+    def get_transport_certificate(self, identity: str) -> x509.Certificate:
+        """``identity``'s current transport certificate, verified against our own CA."""
+        ((info, server, _),) = self._call_many_ids([GetTransportCert(identity=identity)])
+        return verify_fetched(info, identity, client_ca_certificates(self._context), server=server)
+
+    def seal(self, data: bytes, recipient: str, *, chunk_size: int = SEALED_CHUNK_SIZE) -> bytes:
+        """Seal ``data`` for ``recipient`` (a SPIFFE ID) in one self-describing envelope."""
+        sink = io.BytesIO()
+        self.seal_stream(io.BytesIO(data), sink, recipient, chunk_size=chunk_size)
+        return sink.getvalue()
+
+    def seal_stream(
+        self,
+        source: Readable,
+        sink: Writable,
+        recipient: str,
+        *,
+        chunk_size: int = SEALED_CHUNK_SIZE,
+    ) -> int:
+        """Seal a stream of any size in bounded memory; returns bytes read."""
+        certificate = self.get_transport_certificate(recipient)
+        try:
+            return seal_stream(certificate, source, sink, chunk_size=chunk_size)
+        except SealedEnvelopeError as exc:
+            raise EnvelopeError(str(exc)) from None
+
+    def open(self, envelope: bytes) -> bytes:
+        """Open an envelope sealed to this client's transport key (no daemon needed)."""
+        sink = io.BytesIO()
+        self.open_stream(io.BytesIO(envelope), sink)
+        return sink.getvalue()
+
+    def open_stream(self, source: Readable, sink: Writable) -> int:
+        """Open a sealed stream; each chunk is written once it authenticated.
+
+        If this raises, discard what reached ``sink``.
+        """
+        if self._sealed is None:
+            raise KmipdError("opening needs the client's transport key (transport=)")
+        try:
+            return open_stream(self._sealed.key, source, sink)
+        except SealedEnvelopeError as exc:
+            raise EnvelopeError(str(exc)) from None
 
     def encrypt(
         self,

@@ -35,6 +35,10 @@ class ErrorCode(enum.IntEnum):
     KEY_DESTROYED = 209
     DEPENDENTS_EXIST = 210
     DESTROY_PENDING = 211
+    #: 22x: key transport (sealed delivery, transport certificates).
+    TRANSPORT_CERTIFICATE_REJECTED = 220
+    NO_TRANSPORT_CERTIFICATE = 221
+    SEALED_DELIVERY_REQUIRED = 222
 
     BUSY = 300
     SHUTTING_DOWN = 301

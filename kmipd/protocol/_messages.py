@@ -49,6 +49,14 @@ CONTEXT = TextMap(
 BLOB = Bytes(max_length=1024)
 TIMESTAMP = UInt()  # seconds since the Unix epoch
 IDEMPOTENCY_KEY = Bytes(min_length=16, max_length=32)
+#: SHA-256 of a registered key-transport certificate (DER): "seal the key to this".
+FINGERPRINT = Bytes(min_length=32, max_length=32)
+#: HPKE enc || ct of a 32-byte key (1168 bytes for the ML-KEM-768 hybrid).
+SEALED_KEY = Bytes(min_length=32 + 16 + 32, max_length=2048)
+CERTIFICATE = Bytes(min_length=1, max_length=8192)
+SPIFFE_ID = Text(
+    max_length=2048, pattern=re.compile(r"spiffe://[^/]+(/.*)?"), description="SPIFFE ID"
+)
 
 
 def _choice(*names: str, what: str) -> Text:
@@ -133,6 +141,9 @@ class CreateDek:
     idempotency_key: bytes | None = wire(IDEMPOTENCY_KEY, default=None, repr=False)
     #: What the DEK may do, fixed for its life; both unless narrowed.
     usage: tuple[str, ...] | None = wire(ListOf(DEK_USAGE, min_items=1, max_items=2), default=None)
+    #: Deliver the key sealed to the caller's registered transport certificate
+    #: with this fingerprint (SealedDekResult) instead of in the clear.
+    seal_to: bytes | None = wire(FINGERPRINT, default=None)
 
 
 @attrs.frozen
@@ -143,6 +154,7 @@ class GetDek:
     #: before its deactivation; "recovery" (a separate grant) also reads a
     #: deactivated or compromised DEK, to re-encrypt its data.
     purpose: str | None = wire(PURPOSE, default=None)
+    seal_to: bytes | None = wire(FINGERPRINT, default=None)
 
 
 @attrs.frozen
@@ -153,6 +165,16 @@ class DekResult:
     key: bytes = wire(KEY, repr=redacted)
 
 
+@attrs.frozen
+class SealedDekResult:
+    """A DekResult whose key is HPKE-sealed to the caller (see kmipd.crypto._delivery)."""
+
+    dek_id: str = wire(DEK_ID)
+    namespace: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+    sealed_key: bytes = wire(SEALED_KEY, repr=redacted)
+
+
 # -- stateless data keys (the caller keeps the wrapped blob) -----------------
 
 
@@ -161,11 +183,20 @@ class GenerateDataKey:
     OPERATION: ClassVar[str] = "generate-data-key"
     kek: str = wire(NAMESPACE)
     context: dict[str, str] = wire(CONTEXT, factory=dict)
+    seal_to: bytes | None = wire(FINGERPRINT, default=None)
 
 
 @attrs.frozen
 class DataKeyResult:
     key: bytes = wire(KEY, repr=redacted)
+    blob: bytes = wire(BLOB)
+    kek: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+
+
+@attrs.frozen
+class SealedDataKeyResult:
+    sealed_key: bytes = wire(SEALED_KEY, repr=redacted)
     blob: bytes = wire(BLOB)
     kek: str = wire(NAMESPACE)
     kek_version: int = wire(VERSION)
@@ -191,6 +222,7 @@ class Unwrap:
     OPERATION: ClassVar[str] = "unwrap"
     blob: bytes = wire(BLOB)
     context: dict[str, str] = wire(CONTEXT, factory=dict)
+    seal_to: bytes | None = wire(FINGERPRINT, default=None)
 
 
 @attrs.frozen
@@ -198,6 +230,42 @@ class UnwrapResult:
     key: bytes = wire(KEY, repr=redacted)
     kek: str = wire(NAMESPACE)
     kek_version: int = wire(VERSION)
+
+
+@attrs.frozen
+class SealedUnwrapResult:
+    sealed_key: bytes = wire(SEALED_KEY, repr=redacted)
+    kek: str = wire(NAMESPACE)
+    kek_version: int = wire(VERSION)
+
+
+# -- key-transport certificates (the daemon is their directory) ---------------
+
+
+@attrs.frozen
+class RegisterTransportCert:
+    """Register the caller's own key-transport certificate (DER), replacing its previous one."""
+
+    OPERATION: ClassVar[str] = "register-transport-cert"
+    certificate: bytes = wire(CERTIFICATE)
+
+
+@attrs.frozen
+class GetTransportCert:
+    """An identity's current key-transport certificate."""
+
+    OPERATION: ClassVar[str] = "get-transport-cert"
+    identity: str = wire(SPIFFE_ID)
+
+
+@attrs.frozen
+class TransportCertInfo:
+    identity: str = wire(SPIFFE_ID)
+    certificate: bytes = wire(CERTIFICATE)
+    fingerprint: bytes = wire(FINGERPRINT)
+    suite: str = wire(_choice("x25519", "p256", "mlkem768-x25519", what="transport key type"))
+    registered: int = wire(TIMESTAMP)
+    not_after: int = wire(TIMESTAMP)
 
 
 # -- KEK administration --------------------------------------------------------
@@ -431,6 +499,8 @@ class Operation:
     result: type[Any]
     #: Safe to send again after an unknown outcome (the client may retry it).
     idempotent: bool
+    #: The result when the request asks for sealed delivery (``seal-to``).
+    sealed_result: type[Any] | None = None
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -438,10 +508,10 @@ OPERATIONS: dict[str, Operation] = {
     for op in (
         Operation("hello", Hello, HelloResult, idempotent=True),
         Operation("status", Status, StatusResult, idempotent=True),
-        Operation("create-dek", CreateDek, DekResult, idempotent=False),
-        Operation("get-dek", GetDek, DekResult, idempotent=True),
-        Operation("generate-data-key", GenerateDataKey, DataKeyResult, idempotent=True),
-        Operation("unwrap", Unwrap, UnwrapResult, idempotent=True),
+        Operation("create-dek", CreateDek, DekResult, False, SealedDekResult),
+        Operation("get-dek", GetDek, DekResult, True, SealedDekResult),
+        Operation("generate-data-key", GenerateDataKey, DataKeyResult, True, SealedDataKeyResult),
+        Operation("unwrap", Unwrap, UnwrapResult, True, SealedUnwrapResult),
         Operation("create-kek", CreateKek, KekInfo, idempotent=False),
         Operation("list-keks", ListKeks, ListKeksResult, idempotent=True),
         Operation("rotate-kek", RotateKek, KeyAttributes, idempotent=False),
@@ -458,14 +528,22 @@ OPERATIONS: dict[str, Operation] = {
         Operation("get-job", GetJob, JobInfo, idempotent=True),
         Operation("list-jobs", ListJobs, ListJobsResult, idempotent=True),
         Operation("changes-since", ChangesSince, ChangesResult, idempotent=True),
+        # Appended: the operations above keep their places in the table.
+        Operation(
+            "register-transport-cert", RegisterTransportCert, TransportCertInfo, idempotent=True
+        ),
+        Operation("get-transport-cert", GetTransportCert, TransportCertInfo, idempotent=True),
     )
 }
 
-_RESULT_FOR_REQUEST = {op.request: op.result for op in OPERATIONS.values()}
+_OPERATION_FOR_REQUEST = {op.request: op for op in OPERATIONS.values()}
 
 
 def result_type(request: object) -> type[Any]:
-    return _RESULT_FOR_REQUEST[type(request)]
+    operation = _OPERATION_FOR_REQUEST[type(request)]
+    if operation.sealed_result is not None and getattr(request, "seal_to", None) is not None:
+        return operation.sealed_result
+    return operation.result
 
 
 # -- envelopes -----------------------------------------------------------------

@@ -91,6 +91,16 @@ class KmipServer:
         self._refused_crl_stamp: tuple[int, int, int] | None = None
 
     @property
+    def tls(self) -> ServerTls:
+        return self._tls
+
+    @tls.setter
+    def tls(self, tls: ServerTls) -> None:
+        """A new CRL or a reload: transport certificates are checked against it too."""
+        self._tls = tls
+        self.service.transport_trust = tls.transport_trust
+
+    @property
     def connection_count(self) -> int:
         return len(self._connections)
 

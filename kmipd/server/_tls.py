@@ -25,7 +25,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd._tls_policy import KEY_EXCHANGE_GROUP
-from pki import PkiError, load_crl_serials
+from kmipd.crypto import TransportTrust
+from pki import PkiError, load_certificate, load_crl_serials
 
 #: TLS 1.2 is off unless enabled; when on, only forward-secret AEAD suites.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -67,15 +68,19 @@ class ServerTls:
     revoked: frozenset[int]
     #: The CRL file's identity when loaded, to notice a new CRL (see crl_changed).
     crl_stamp: tuple[int, int, int]
+    #: The same CA and CRL, for key-transport certificates (the service checks them).
+    transport_trust: TransportTrust
 
     @classmethod
     def load(cls, settings: TlsSettings) -> ServerTls:
         stamp = _file_stamp(settings.crl)
         try:
             revoked = load_crl_serials(settings.crl, settings.ca)
+            ca_cert = load_certificate(settings.ca, "CA certificate")
         except PkiError as exc:
             raise TlsConfigError(str(exc)) from None
-        return cls(settings, _server_context(settings), revoked, stamp)
+        trust = TransportTrust(ca_cert, settings.trust_domain, revoked)
+        return cls(settings, _server_context(settings), revoked, stamp, trust)
 
     def current_crl_stamp(self) -> tuple[int, int, int]:
         """The CRL file's identity now; differs from crl_stamp once it was replaced."""

@@ -39,7 +39,9 @@ ADMIN_OPERATIONS = frozenset(
     }
 )
 #: Allowed to every authenticated client: they reveal nothing about keys.
-UNRESTRICTED_OPERATIONS = frozenset({"hello", "status"})
+UNRESTRICTED_OPERATIONS = frozenset(
+    {"hello", "status", "register-transport-cert", "get-transport-cert"}
+)
 GRANTABLE_OPERATIONS = DATA_OPERATIONS | ADMIN_OPERATIONS
 
 #: Names usable in a grant's operations list beside single operation names.

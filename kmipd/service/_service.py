@@ -12,6 +12,7 @@ import base64
 import contextlib
 import enum
 import fnmatch
+import hmac
 import logging
 import secrets
 import time
@@ -20,8 +21,23 @@ from typing import Any
 
 import attrs
 import trio
+from cryptography import x509
 
+from kmipd._commit import request_scope
 from kmipd.audit import AuditError, AuditEvent, AuditLog
+from kmipd.crypto import (
+    TransportCertError,
+    TransportTrust,
+    certificate_fingerprint,
+    check_transport_certificate,
+    data_key_binding,
+    dek_binding,
+    delivery_info,
+    parse_certificate,
+    seal_to_certificate,
+    transport_kem,
+)
+from kmipd.crypto._transport_cert import check_still_valid
 from kmipd.hsm import (
     HsmBackend,
     HsmError,
@@ -60,6 +76,7 @@ from kmipd.protocol import (
     GetAttributes,
     GetDek,
     GetJob,
+    GetTransportCert,
     JobInfo,
     KekInfo,
     KeyAttributes,
@@ -72,14 +89,19 @@ from kmipd.protocol import (
     LocateResult,
     ProtocolError,
     Recover,
+    RegisterTransportCert,
     Revoke,
     RewrapBlob,
     RewrapBlobResult,
     RewrapDek,
     RotateKek,
+    SealedDataKeyResult,
+    SealedDekResult,
+    SealedUnwrapResult,
     StartRewrap,
     Status,
     StatusResult,
+    TransportCertInfo,
     Unwrap,
     UnwrapResult,
     decode_item,
@@ -98,6 +120,7 @@ from kmipd.store import (
     KeyStore,
     RewrapJob,
     StoreError,
+    TransportCertRecord,
 )
 
 log = logging.getLogger("kmipd.service")
@@ -119,6 +142,7 @@ STATE_CHANGING = frozenset(
         "recover",
         "rewrap-dek",
         "start-rewrap",
+        "register-transport-cert",
     }
 )
 
@@ -219,12 +243,20 @@ class KeyService:
         create_kek_on_demand: bool = False,
         lifecycle: LifecyclePolicy | None = None,
         audit: AuditLog | None = None,
+        transport_trust: TransportTrust | None = None,
+        require_sealed: tuple[str, ...] = (),
     ) -> None:
         self.store = store
         self.hsm = hsm
         self.policy = policy
         self.lifecycle = lifecycle or LifecyclePolicy()
         self.audit = audit
+        #: The CA and CRL transport certificates are checked against; the server
+        #: replaces it whenever it loads a new CRL or reloads its TLS material.
+        self.transport_trust = transport_trust
+        #: Namespace globs where keys leave the daemon only sealed (transport.require_sealed).
+        self.require_sealed = require_sealed
+        self._parsed_certs: dict[bytes, x509.Certificate] = {}
         self.info = info or ServerInfo()
         self._clock = clock
         self._create_kek_on_demand = create_kek_on_demand
@@ -253,6 +285,8 @@ class KeyService:
             GetJob: self._get_job,
             ListJobs: self._list_jobs,
             ChangesSince: self._changes_since,
+            RegisterTransportCert: self._register_transport_cert,
+            GetTransportCert: self._get_transport_cert,
         }
 
     # -- entry points ------------------------------------------------------------------
@@ -260,21 +294,22 @@ class KeyService:
     async def handle(self, caller: Caller, request: Any) -> Any:
         """Run one request for an authenticated caller; raise ServiceError to refuse."""
         call = _Call(caller, request.OPERATION)
-        try:
-            with _backend_errors(request):
-                if self.store.shared:
-                    await self.store.refresh_if_changed()  # see what the other daemons did
-                result = await self._handlers[type(request)](call, request)
-        except ServiceError as exc:
-            self._audit(call, exc.code.wire_name)
-            raise
-        seq = self._audit(call, "ok")
-        if seq is not None and call.operation in STATE_CHANGING:
-            assert self.audit is not None
+        with request_scope():  # shielded from the first durable write on: see kmipd._commit
             try:
-                await self.audit.sync(seq)
-            except AuditError as exc:
-                raise _audit_failed(exc) from None
+                with _backend_errors(request):
+                    if self.store.shared:
+                        await self.store.refresh_if_changed()  # see what the other daemons did
+                    result = await self._handlers[type(request)](call, request)
+            except ServiceError as exc:
+                self._audit(call, exc.code.wire_name)
+                raise
+            seq = self._audit(call, "ok")
+            if seq is not None and call.operation in STATE_CHANGING:
+                assert self.audit is not None
+                try:
+                    await self.audit.sync(seq)
+                except AuditError as exc:
+                    raise _audit_failed(exc) from None
         return result
 
     def handle_now(self, caller: Caller, request: Any) -> Any:
@@ -303,8 +338,13 @@ class KeyService:
             raise
         if key is None:
             return NOT_NOW
+        try:
+            result = self._dek_delivery(call, request.seal_to, record, key)
+        except ServiceError as exc:
+            self._audit(call, exc.code.wire_name)
+            raise
         self._audit(call, "ok")
-        return _dek_result(record, key)
+        return result
 
     def _audit(self, call: _Call, result: str) -> int | None:
         if self.audit is None or call.operation == "status":
@@ -450,10 +490,13 @@ class KeyService:
             store=store_state,
         )
 
-    async def _create_dek(self, call: _Call, request: CreateDek) -> DekResult:
+    async def _create_dek(self, call: _Call, request: CreateDek) -> DekResult | SealedDekResult:
         namespace = request.namespace
         self._authorize(call, "create-dek", namespace)
         identity = call.caller.identity
+        self._check_sealed_policy(call, namespace, request.seal_to)
+        if request.seal_to is not None:
+            self._seal_target(call, request.seal_to)  # refuse before anything is created
         if request.idempotency_key is not None:
             earlier = await self._created_earlier(call, request)
             if earlier is not None:
@@ -479,9 +522,11 @@ class KeyService:
             assert earlier is not None
             return earlier
         # The row is durable from here on: nothing below may await (and be cancelled).
-        return DekResult(dek_id=dek_id, namespace=namespace, kek_version=version.version, key=key)
+        return self._dek_delivery(call, request.seal_to, record, key)
 
-    async def _created_earlier(self, call: _Call, request: CreateDek) -> DekResult | None:
+    async def _created_earlier(
+        self, call: _Call, request: CreateDek
+    ) -> DekResult | SealedDekResult | None:
         """The DEK an earlier attempt of this create made, if there was one."""
         assert request.idempotency_key is not None
         dek_id = await self.store.find_idempotent(call.caller.identity, request.idempotency_key)
@@ -493,7 +538,9 @@ class KeyService:
                 ErrorCode.BAD_REQUEST,
                 "idempotency key already used for another create-dek; use a fresh key per create",
             )
-        return await self._get_dek(call, GetDek(dek_id=dek_id, purpose="encrypt"))
+        return await self._get_dek(
+            call, GetDek(dek_id=dek_id, purpose="encrypt", seal_to=request.seal_to)
+        )
 
     def _check_get_dek(self, call: _Call, request: GetDek, record: DekRecord | None) -> KekVersion:
         self._require_some_grant(call, "get-dek")
@@ -510,6 +557,7 @@ class KeyService:
                 ErrorCode.NOT_AUTHORIZED,
                 f"{call.caller.identity} is not allowed {operation} on {record.dek_id}",
             )
+        self._check_sealed_policy(call, record.namespace, request.seal_to)
         now = self._clock()
         what = f"DEK {record.dek_id}"
         version = self._kek_version(record.namespace, record.kek_version)
@@ -526,25 +574,159 @@ class KeyService:
                 version.lifecycle.check_process(Usage.UNWRAP, now, _kek_what(version))
         return version
 
-    async def _get_dek(self, call: _Call, request: GetDek) -> DekResult:
+    async def _get_dek(self, call: _Call, request: GetDek) -> DekResult | SealedDekResult:
         self._require_some_grant(call, "get-dek")
         record = await self.store.get_dek(request.dek_id)
         version = self._check_get_dek(call, request, record)
         assert record is not None
+        if request.seal_to is not None:
+            self._seal_target(call, request.seal_to)
         with _unwrap_errors(version, _stored_dek_what(record)):
             key = await self.hsm.unwrap(
                 version.hsm_handle, record.wrapped, _record_associated_data(record)
             )
-        return _dek_result(record, key)
+        return self._dek_delivery(call, request.seal_to, record, key)
 
-    async def _generate_data_key(self, call: _Call, request: GenerateDataKey) -> DataKeyResult:
+    async def _generate_data_key(
+        self, call: _Call, request: GenerateDataKey
+    ) -> DataKeyResult | SealedDataKeyResult:
         self._authorize(call, "generate-data-key", request.kek)
+        self._check_sealed_policy(call, request.kek, request.seal_to)
+        if request.seal_to is not None:
+            self._seal_target(call, request.seal_to)
         kek = await self._kek_for_new_key(request.kek, call.caller.identity)
         version = await self._version_for_protection(call, kek)
         key = secrets.token_bytes(KEY_SIZE)
         blob = await self._wrap_blob(version, key, request.context)
         call.blob_mac = self._mac(blob)
+        if request.seal_to is not None:
+            sealed = self._seal(
+                call, request.seal_to, key, data_key_binding(blob, request.kek, version.version)
+            )
+            return SealedDataKeyResult(
+                sealed_key=sealed, blob=blob, kek=request.kek, kek_version=version.version
+            )
         return DataKeyResult(key=key, blob=blob, kek=request.kek, kek_version=version.version)
+
+    # -- sealed delivery and the transport-certificate directory --------------------------
+
+    def _check_sealed_policy(self, call: _Call, namespace: str, seal_to: bytes | None) -> None:
+        if seal_to is None and any(
+            fnmatch.fnmatchcase(namespace, pattern) for pattern in self.require_sealed
+        ):
+            raise ServiceError(
+                ErrorCode.SEALED_DELIVERY_REQUIRED,
+                f"keys of namespace {namespace!r} are delivered only sealed to a registered "
+                "transport certificate (args.seal-to); nothing was done",
+            )
+
+    def _certificate(self, der: bytes) -> x509.Certificate:
+        """Parsed once per certificate: a sealed delivery re-checks it, not re-parses it."""
+        cert = self._parsed_certs.get(der)
+        if cert is None:
+            cert = parse_certificate(der)
+            if len(self._parsed_certs) >= 4096:
+                self._parsed_certs.clear()
+            self._parsed_certs[der] = cert
+        return cert
+
+    def _seal_target(self, call: _Call, fingerprint: bytes) -> x509.Certificate:
+        """The caller's registered certificate named by ``fingerprint``, still acceptable."""
+        identity = call.caller.identity
+        record = self.store.get_transport_cert(identity)
+        if record is None:
+            raise ServiceError(
+                ErrorCode.NO_TRANSPORT_CERTIFICATE,
+                f"{identity} has no registered transport certificate; register one first "
+                "(kmipd transport register)",
+            )
+        if not hmac.compare_digest(record.fingerprint, fingerprint):
+            raise ServiceError(
+                ErrorCode.NO_TRANSPORT_CERTIFICATE,
+                f"args.seal-to is not the fingerprint of {identity}'s registered transport "
+                f"certificate (that is {record.fingerprint.hex()[:16]}...; replaced meanwhile?)",
+            )
+        if call.caller.request_id is None:
+            raise ServiceError(ErrorCode.BAD_REQUEST, "sealed delivery needs a request id")
+        cert = self._certificate(record.certificate)
+        try:
+            check_still_valid(cert, self._trust())
+        except TransportCertError as exc:
+            raise ServiceError(
+                ErrorCode.TRANSPORT_CERTIFICATE_REJECTED,
+                f"{identity}'s registered transport certificate can no longer be used: {exc}",
+            ) from None
+        call.detail = (call.detail + ", " if call.detail else "") + "sealed"
+        return cert
+
+    def _seal(self, call: _Call, fingerprint: bytes, key: bytes, binding: list[object]) -> bytes:
+        cert = self._seal_target(call, fingerprint)
+        assert call.caller.request_id is not None
+        info = delivery_info(
+            call.operation, call.caller.request_id, call.caller.identity, fingerprint, binding
+        )
+        return seal_to_certificate(cert, key, info)
+
+    def _dek_delivery(
+        self, call: _Call, seal_to: bytes | None, record: DekRecord, key: bytes
+    ) -> DekResult | SealedDekResult:
+        if seal_to is None:
+            return _dek_result(record, key)
+        binding = dek_binding(record.dek_id, record.namespace, record.kek_version)
+        return SealedDekResult(
+            dek_id=record.dek_id,
+            namespace=record.namespace,
+            kek_version=record.kek_version,
+            sealed_key=self._seal(call, seal_to, key, binding),
+        )
+
+    def _trust(self) -> TransportTrust:
+        if self.transport_trust is None:
+            raise ServiceError(
+                ErrorCode.TRANSPORT_CERTIFICATE_REJECTED,
+                "this daemon has no CA loaded for transport certificates",
+            )
+        return self.transport_trust
+
+    async def _register_transport_cert(
+        self, call: _Call, request: RegisterTransportCert
+    ) -> TransportCertInfo:
+        identity = call.caller.identity
+        try:
+            cert = parse_certificate(request.certificate)
+            kem = check_transport_certificate(cert, self._trust(), identity=identity)
+        except TransportCertError as exc:
+            raise ServiceError(
+                ErrorCode.TRANSPORT_CERTIFICATE_REJECTED,
+                f"transport certificate refused: {exc}; the registered one (if any) stays",
+            ) from None
+        fingerprint = certificate_fingerprint(cert)
+        call.detail = f"transport certificate {fingerprint.hex()[:16]}... ({kem.value})"
+        record = TransportCertRecord(identity, request.certificate, fingerprint, self._now())
+        await self.store.put_transport_cert(record)
+        log.info("registered the transport certificate of %s (%s)", identity, kem.value)
+        return _transport_info(record, cert)
+
+    async def _get_transport_cert(
+        self, call: _Call, request: GetTransportCert
+    ) -> TransportCertInfo:
+        call.detail = f"of {request.identity}"
+        record = self.store.get_transport_cert(request.identity)
+        if record is None:
+            raise ServiceError(
+                ErrorCode.NO_TRANSPORT_CERTIFICATE,
+                f"{request.identity} has no registered transport certificate",
+            )
+        cert = self._certificate(record.certificate)
+        try:
+            check_still_valid(cert, self._trust())
+        except TransportCertError as exc:
+            raise ServiceError(
+                ErrorCode.TRANSPORT_CERTIFICATE_REJECTED,
+                f"{request.identity}'s registered transport certificate can no longer be used: "
+                f"{exc}",
+            ) from None
+        return _transport_info(record, cert)
 
     async def _wrap_blob(self, version: KekVersion, key: bytes, context: dict[str, str]) -> bytes:
         wrapped = await self.hsm.wrap(
@@ -569,7 +751,11 @@ class KeyService:
         context: dict[str, str],
         *,
         recovery: bool = False,
+        seal_to: bytes | bool | None = False,
     ) -> tuple[bytes, KekVersion]:
+        """Unwrap a blob's key. ``seal_to`` (bytes or None) marks a delivery to the
+        caller: the namespace's sealed-delivery policy and the seal target are
+        checked before the unwrap; False means the key never leaves the daemon."""
         call.blob_mac = self._mac(blob_bytes)
         try:
             blob = parse_struct(DataKeyBlob, decode_item(blob_bytes), "blob")
@@ -579,6 +765,11 @@ class KeyService:
             ) from None
         self._authorize(call, operation, blob.kek)
         call.kek, call.kek_version = blob.kek, blob.kek_version
+        if seal_to is not False:
+            assert not isinstance(seal_to, bool)
+            self._check_sealed_policy(call, blob.kek, seal_to)
+            if seal_to is not None:
+                self._seal_target(call, seal_to)
         version = self._kek_version(blob.kek, blob.kek_version)
         with _lifecycle_errors():
             if recovery:
@@ -593,8 +784,17 @@ class KeyService:
             )
         return key, version
 
-    async def _unwrap(self, call: _Call, request: Unwrap) -> UnwrapResult:
-        key, version = await self._open_blob(call, "unwrap", request.blob, request.context)
+    async def _unwrap(self, call: _Call, request: Unwrap) -> UnwrapResult | SealedUnwrapResult:
+        key, version = await self._open_blob(
+            call, "unwrap", request.blob, request.context, seal_to=request.seal_to
+        )
+        if request.seal_to is not None:
+            binding = data_key_binding(request.blob, version.kek, version.version)
+            return SealedUnwrapResult(
+                sealed_key=self._seal(call, request.seal_to, key, binding),
+                kek=version.kek,
+                kek_version=version.version,
+            )
         return UnwrapResult(key=key, kek=version.kek, kek_version=version.version)
 
     # -- KEK administration -------------------------------------------------------------------
@@ -1097,6 +1297,17 @@ def _record_associated_data(record: DekRecord) -> bytes:
 def _dek_result(record: DekRecord, key: bytes) -> DekResult:
     return DekResult(
         dek_id=record.dek_id, namespace=record.namespace, kek_version=record.kek_version, key=key
+    )
+
+
+def _transport_info(record: TransportCertRecord, cert: x509.Certificate) -> TransportCertInfo:
+    return TransportCertInfo(
+        identity=record.identity,
+        certificate=record.certificate,
+        fingerprint=record.fingerprint,
+        suite=transport_kem(cert).value,
+        registered=record.registered_at,
+        not_after=int(cert.not_valid_after_utc.timestamp()),
     )
 
 

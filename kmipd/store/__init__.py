@@ -11,6 +11,7 @@ from kmipd.store._sqlite import (
     KeyStore,
     RewrapJob,
     StoreError,
+    TransportCertRecord,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "KeyStore",
     "RewrapJob",
     "StoreError",
+    "TransportCertRecord",
 ]

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
+from kmipd._commit import point_of_no_return
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
 
 #: The schema, as the migrations that build it, in order. A store at
@@ -108,6 +109,15 @@ CREATE TABLE rewrap_jobs (
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL,
     created_by  TEXT NOT NULL
+) STRICT;
+""",
+    # 4: the directory of key-transport certificates: one current per identity.
+    """
+CREATE TABLE transport_certificates (
+    identity      TEXT PRIMARY KEY,
+    certificate   BLOB NOT NULL,
+    fingerprint   BLOB NOT NULL,
+    registered_at INTEGER NOT NULL
 ) STRICT;
 """,
 )
@@ -207,6 +217,16 @@ class RewrapJob:
     created_by: str
 
 
+@attrs.frozen
+class TransportCertRecord:
+    """An identity's current key-transport certificate (DER) and its SHA-256."""
+
+    identity: str
+    certificate: bytes = attrs.field(repr=False)
+    fingerprint: bytes
+    registered_at: int
+
+
 T = TypeVar("T")
 
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
@@ -236,6 +256,7 @@ class KeyStore:
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
         self._cache_size = cache_size
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
+        self._transport = {r.identity: r for r in _load_transport_certs(self._reader)}
         self._data_version = _data_version(self._reader)
         (self.store_id,) = self._reader.execute(
             "SELECT value FROM store_meta WHERE name = 'store_id'"
@@ -255,6 +276,8 @@ class KeyStore:
         os.close(self._lock_fd)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
+
         def run() -> T:
             with self._writer:  # one transaction: commit on success, roll back on error
                 return fn(self._writer)
@@ -333,6 +356,27 @@ class KeyStore:
         kek = self._keks[version.kek]
         versions = tuple(version if v.version == version.version else v for v in kek.versions)
         self._keks[version.kek] = attrs.evolve(kek, versions=versions)
+
+    # -- key-transport certificates ----------------------------------------------
+
+    def get_transport_cert(self, identity: str) -> TransportCertRecord | None:
+        """Held in memory like KEK metadata: read on every sealed delivery."""
+        return self._transport.get(identity)
+
+    async def put_transport_cert(self, record: TransportCertRecord) -> None:
+        """Register (or replace) an identity's certificate; durable when this returns."""
+
+        def upsert(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO transport_certificates (identity, certificate, fingerprint,"
+                " registered_at) VALUES (?, ?, ?, ?) ON CONFLICT (identity) DO UPDATE SET"
+                " certificate = excluded.certificate, fingerprint = excluded.fingerprint,"
+                " registered_at = excluded.registered_at",
+                (record.identity, record.certificate, record.fingerprint, record.registered_at),
+            )
+
+        await self._write(upsert)
+        self._transport[record.identity] = record
 
     # -- DEKs --------------------------------------------------------------------
 
@@ -730,16 +774,20 @@ class KeyStore:
     async def refresh_if_changed(self) -> None:
         """Shared mode: reload KEK metadata if any other connection committed since."""
 
-        def check(db: sqlite3.Connection) -> list[KekRecord] | None:
+        def check(
+            db: sqlite3.Connection,
+        ) -> tuple[list[KekRecord], list[TransportCertRecord]] | None:
             version = _data_version(db)
             if version == self._data_version:
                 return None
             self._data_version = version
-            return _load_keks(db)
+            return _load_keks(db), _load_transport_certs(db)
 
-        keks = await self._read(check)
-        if keks is not None:
+        loaded = await self._read(check)
+        if loaded is not None:
+            keks, certs = loaded
             self._keks = {kek.name: kek for kek in keks}
+            self._transport = {record.identity: record for record in certs}
 
     async def count_deks(self) -> int:
         return await self._read(
@@ -842,6 +890,15 @@ def _insert_kek_version(db: sqlite3.Connection, version: KekVersion) -> None:
             json.dumps(version.lifecycle.to_json()),
         ),
     )
+
+
+def _load_transport_certs(db: sqlite3.Connection) -> list[TransportCertRecord]:
+    return [
+        TransportCertRecord(identity, bytes(certificate), bytes(fingerprint), registered_at)
+        for identity, certificate, fingerprint, registered_at in db.execute(
+            "SELECT identity, certificate, fingerprint, registered_at FROM transport_certificates"
+        )
+    ]
 
 
 def _load_keks(db: sqlite3.Connection) -> list[KekRecord]:

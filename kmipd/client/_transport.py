@@ -1,0 +1,166 @@
+"""Sealed delivery on the client side: asking for it, opening what comes back.
+
+With a ``TransportKey`` the clients add ``seal-to`` (the fingerprint of our
+registered transport certificate) to every DEK-returning request and open
+the sealed key against what they themselves know: the operation, the id of
+the request that was answered, our identity and the key's metadata. A key
+that does not open raises SealedKeyError; nothing is handed out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ssl
+
+from cryptography import x509
+
+from kmipd.client._errors import SealedKeyError, TransportCertificateError
+from kmipd.crypto import (
+    HpkeError,
+    TransportCertError,
+    TransportKey,
+    TransportTrust,
+    certificate_fingerprint,
+    check_transport_certificate,
+    data_key_binding,
+    dek_binding,
+    delivery_info,
+    parse_certificate,
+)
+from kmipd.protocol import (
+    DataKeyResult,
+    DekResult,
+    SealedDataKeyResult,
+    SealedDekResult,
+    SealedUnwrapResult,
+    TransportCertInfo,
+    UnwrapResult,
+)
+
+
+class SealedDelivery:
+    """The client's transport key and the opening of sealed results."""
+
+    def __init__(self, key: TransportKey) -> None:
+        self.key = key
+
+    @property
+    def seal_to(self) -> bytes:
+        return self.key.fingerprint
+
+    def _open(self, sealed: bytes, info: bytes, *, server: str, request_id: int) -> bytes:
+        try:
+            key = self.key.open(sealed, info)
+        except HpkeError as exc:
+            raise SealedKeyError(
+                f"the sealed key does not open: {exc}", server=server, request_id=request_id
+            ) from None
+        if len(key) != 32:
+            raise SealedKeyError(
+                "the sealed key opened to something that is not a 256-bit key",
+                server=server,
+                request_id=request_id,
+            )
+        return key
+
+    def dek(
+        self, result: DekResult | SealedDekResult, operation: str, *, server: str, request_id: int
+    ) -> DekResult:
+        if not isinstance(result, SealedDekResult):
+            raise SealedKeyError(
+                "asked for a sealed key, got a clear one", server=server, request_id=request_id
+            )
+        info = delivery_info(
+            operation,
+            request_id,
+            self.key.identity,
+            self.key.fingerprint,
+            dek_binding(result.dek_id, result.namespace, result.kek_version),
+        )
+        key = self._open(result.sealed_key, info, server=server, request_id=request_id)
+        return DekResult(
+            dek_id=result.dek_id,
+            namespace=result.namespace,
+            kek_version=result.kek_version,
+            key=key,
+        )
+
+    def data_key(
+        self,
+        result: DataKeyResult | SealedDataKeyResult,
+        *,
+        server: str,
+        request_id: int,
+    ) -> DataKeyResult:
+        if not isinstance(result, SealedDataKeyResult):
+            raise SealedKeyError(
+                "asked for a sealed key, got a clear one", server=server, request_id=request_id
+            )
+        info = delivery_info(
+            "generate-data-key",
+            request_id,
+            self.key.identity,
+            self.key.fingerprint,
+            data_key_binding(result.blob, result.kek, result.kek_version),
+        )
+        key = self._open(result.sealed_key, info, server=server, request_id=request_id)
+        return DataKeyResult(
+            key=key, blob=result.blob, kek=result.kek, kek_version=result.kek_version
+        )
+
+    def unwrapped(
+        self,
+        result: UnwrapResult | SealedUnwrapResult,
+        blob: bytes,
+        *,
+        server: str,
+        request_id: int,
+    ) -> UnwrapResult:
+        if not isinstance(result, SealedUnwrapResult):
+            raise SealedKeyError(
+                "asked for a sealed key, got a clear one", server=server, request_id=request_id
+            )
+        info = delivery_info(
+            "unwrap",
+            request_id,
+            self.key.identity,
+            self.key.fingerprint,
+            data_key_binding(blob, result.kek, result.kek_version),
+        )
+        key = self._open(result.sealed_key, info, server=server, request_id=request_id)
+        return UnwrapResult(key=key, kek=result.kek, kek_version=result.kek_version)
+
+
+def client_ca_certificates(context: ssl.SSLContext) -> list[x509.Certificate]:
+    """The CA certificates this client trusts for its daemon: they certify transport keys too."""
+    return [x509.load_der_x509_certificate(der) for der in context.get_ca_certs(binary_form=True)]
+
+
+def verify_fetched(
+    info: TransportCertInfo, identity: str, cas: list[x509.Certificate], *, server: str
+) -> x509.Certificate:
+    """Check a fetched certificate on our side: our CA, the identity asked for, the rules.
+
+    Revocation is the daemon's part (it re-checks the CRL on every fetch).
+    """
+    try:
+        cert = parse_certificate(info.certificate)
+    except TransportCertError as exc:
+        raise TransportCertificateError(f"fetched certificate: {exc}", server=server) from None
+    if not hmac.compare_digest(certificate_fingerprint(cert), info.fingerprint):
+        raise TransportCertificateError(
+            "fetched certificate does not match its fingerprint", server=server
+        )
+    problems = []
+    for ca in cas:
+        try:
+            check_transport_certificate(cert, TransportTrust(ca), identity=identity)
+        except TransportCertError as exc:
+            problems.append(str(exc))
+            continue
+        return cert
+    raise TransportCertificateError(
+        f"the transport certificate of {identity} does not verify against this client's CA: "
+        + ("; ".join(dict.fromkeys(problems)) or "no CA certificate loaded"),
+        server=server,
+    )
