@@ -372,6 +372,19 @@ async def test_a_call_given_up_never_runs_or_has_its_kek_destroyed(
         hsm.close()
 
 
+async def test_opening_a_hung_token_gives_up_after_the_timeout(softhsm: SoftToken) -> None:
+    async with token_held(softhsm.token_dir):
+        with trio.fail_after(5), pytest.raises(HsmUnavailableError, match="did not answer"):
+            await softhsm.open(timeout=0.5)
+    # Its thread finishes once the token answers, and closes what it opened. No event
+    # to wait on (the daemon would have exited): bounded polling of the library table.
+    with trio.fail_after(10):
+        while _pkcs11._LIBRARIES:  # noqa: ASYNC110 - another thread's cleanup has no event
+            await trio.sleep(0.01)
+    hsm = await softhsm.open()
+    hsm.close()
+
+
 @PKCS11_SEARCH_LEFTOVER
 async def test_removed_token_answers_hsm_unavailable_then_recovers(
     softhsm: SoftToken, start_server: ServerFactory, tmp_path: Path

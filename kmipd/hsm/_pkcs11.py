@@ -435,6 +435,33 @@ class _Call(Generic[T]):
 _STOP = object()
 
 
+class _Handoff:
+    """Between open() and its thread: a backend connected after open() gave up is closed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._delivered: Pkcs11Hsm | None = None
+        self.taken = False
+
+    def deliver(self, hsm: Pkcs11Hsm) -> Pkcs11Hsm:
+        with self._lock:
+            late = self._abandoned
+            self._delivered = hsm
+        if late:
+            hsm.close()
+        return hsm
+
+    def give_up(self) -> None:
+        with self._lock:
+            if self.taken:
+                return
+            self._abandoned = True
+            delivered = self._delivered
+        if delivered is not None:  # connected, but its result arrived after the timeout
+            delivered.close()
+
+
 class _CheckRun:
     """One check of the token; every check() meanwhile waits for its outcome."""
 
@@ -477,18 +504,28 @@ class Pkcs11Hsm:
     @classmethod
     async def open(cls, settings: Pkcs11Settings, pin: str) -> Pkcs11Hsm:
         """Load the library, find the token, log in, start the workers; bounded by hsm.timeout."""
-        hsm = await trio.to_thread.run_sync(cls, settings, pin)
+        handoff = _Handoff()
+
+        def load_and_connect() -> Pkcs11Hsm:
+            # Loading the library can hang on a hung token as well as logging in can.
+            hsm = cls(settings, pin)
+            try:
+                hsm._connect()
+            except BaseException:
+                hsm.close()
+                raise
+            return handoff.deliver(hsm)
+
         try:
-            with trio.move_on_after(settings.timeout) as scope:
-                await trio.to_thread.run_sync(hsm._connect, abandon_on_cancel=True)
-        except BaseException:
-            hsm.close()
-            raise
-        if scope.cancelled_caught:
-            hsm.close()
+            with trio.move_on_after(settings.timeout):
+                hsm = await trio.to_thread.run_sync(load_and_connect, abandon_on_cancel=True)
+                handoff.taken = True
+        finally:
+            handoff.give_up()  # a backend connected after this is closed by its thread
+        if not handoff.taken:
             raise HsmUnavailableError(
                 f"the {settings.token} did not answer within hsm.timeout "
-                f"({settings.timeout:g} s) while logging in"
+                f"({settings.timeout:g} s) while loading the library and logging in"
             )
         hsm._start_workers()
         return hsm
