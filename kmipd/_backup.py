@@ -104,12 +104,13 @@ def create_backup(config: Config, output: Path, *, force: bool = False) -> Backu
         keyring_keks = None
         if config.hsm_backend == "software":
             # After the store snapshot: a KEK enters the keyring before its row commits.
-            keyring = read_keyring_file(config.keyring)
+            _, keyring_path = config.software_files()
+            keyring = read_keyring_file(keyring_path)
             if keyring is None:
-                raise BackupError(f"hsm.keyring: {config.keyring} does not exist")
+                raise BackupError(f"hsm.keyring: {keyring_path} does not exist")
             write_private_file(work / KEYRING_MEMBER, keyring)
             members[KEYRING_MEMBER] = work / KEYRING_MEMBER
-            keyring_keks = len(_sealed_handles(keyring, config.keyring))
+            keyring_keks = len(_sealed_handles(keyring, keyring_path))
         manifest = _manifest(config, snapshot, members)
         _write_archive(output, manifest, members)
     return BackupSummary(
@@ -178,12 +179,14 @@ def restore_backup(config: Config, archive: Path, *, force: bool = False) -> Res
         if snapshot.store_id != manifest.get("store_id"):
             raise BackupError(f"{archive}: the store does not match the manifest")
         keyring: bytes | None = None
+        keyring_path = Path()
         if config.hsm_backend == "software":
             keyring = _checked_keyring(config, work, snapshot, archive)
+            _, keyring_path = config.software_files()
         with exclusive_store_lock(config.store_path):
             existing = store_files(config.store_path)
-            if keyring is not None and config.keyring.exists():
-                existing.append(config.keyring)
+            if keyring is not None and keyring_path.exists():
+                existing.append(keyring_path)
             if existing and not force:
                 raise BackupError(
                     "restoring would replace "
@@ -195,12 +198,12 @@ def restore_backup(config: Config, archive: Path, *, force: bool = False) -> Res
             install_snapshot(work / STORE_MEMBER, config.store_path)
             _own_like_directory(config.store_path)
             if keyring is not None:
-                if config.keyring.exists():
-                    aside = config.keyring.with_name(config.keyring.name + suffix)
-                    os.replace(config.keyring, aside)
+                if keyring_path.exists():
+                    aside = keyring_path.with_name(keyring_path.name + suffix)
+                    os.replace(keyring_path, aside)
                     moved.append(aside)
-                write_private_file(config.keyring, keyring)
-                _own_like_directory(config.keyring)
+                write_private_file(keyring_path, keyring)
+                _own_like_directory(keyring_path)
     return RestoreSummary(snapshot.store_id, snapshot.deks, snapshot.kek_versions, moved)
 
 
@@ -259,7 +262,7 @@ def _checked_keyring(config: Config, work: Path, snapshot: StoreSnapshot, archiv
     if not path.exists():
         raise BackupError(f"{archive}: holds no keyring, but hsm.backend is software")
     try:
-        master_key = read_master_key(config.master_key)
+        master_key = read_master_key(config.software_files()[0])
         SoftwareHsm(master_key, path).close()  # every entry opens with this master key
     except HsmError as exc:
         raise BackupError(f"the backup's keyring cannot be used: {exc}") from None

@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd.audit import AuditError, read_audit_key
 from kmipd.config import Config
-from kmipd.hsm import HsmError, SoftwareHsm, read_master_key
+from kmipd.hsm import HsmError, Pkcs11Settings, SoftwareHsm, read_master_key, read_pin
 from kmipd.server import TlsSettings
 from kmipd.service import Policy
 from pki import PkiError, load_crl_serials
@@ -59,6 +59,8 @@ def check_config(config: Config, *, now: datetime.datetime | None = None) -> Che
     check_policy(config.policy, config.tls.trust_domain, report)
     if config.hsm_backend == "software":
         _check_software_hsm(config, report)
+    elif config.pkcs11 is not None:
+        _check_pkcs11_hsm(config.pkcs11, report)
     _check_store(config.store_path, report)
     _check_audit(config, report)
     return report
@@ -235,18 +237,32 @@ def _literal_prefix(pattern: str) -> str:
 
 
 def _check_software_hsm(config: Config, report: CheckReport) -> None:
+    master_key_path, keyring = config.software_files()
     try:
-        master_key = read_master_key(config.master_key)
+        master_key = read_master_key(master_key_path)
     except HsmError as exc:
         report.problems.append(f"hsm.master_key: {exc}")
         return
-    if config.keyring.exists():
+    if keyring.exists():
         try:
-            SoftwareHsm(master_key, config.keyring).close()
+            SoftwareHsm(master_key, keyring).close()
         except HsmError as exc:
             report.problems.append(f"hsm.keyring: {exc}")
     else:
-        _creatable(config.keyring, "hsm.keyring", report)
+        _creatable(keyring, "hsm.keyring", report)
+
+
+def _check_pkcs11_hsm(settings: Pkcs11Settings, report: CheckReport) -> None:
+    """The library file and the PIN; logging in is left to serve (a wrong PIN counts)."""
+    library = settings.library
+    if not library.is_file():
+        report.problems.append(f"hsm.library: {library} does not exist (is the package installed?)")
+    elif not os.access(library, os.R_OK):
+        report.problems.append(f"hsm.library: {library} is not readable by this user")
+    try:
+        read_pin(settings)
+    except HsmError as exc:
+        report.problems.append(str(exc))
 
 
 def _check_store(path: Path, report: CheckReport) -> None:

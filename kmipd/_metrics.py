@@ -113,6 +113,13 @@ class MeasuredHsm:
         finally:
             self._record("generate-kek", time.perf_counter() - start)
 
+    async def import_kek(self, label: str, material: bytes) -> str:
+        start = time.perf_counter()
+        try:
+            return await self.backend.import_kek(label, material)
+        finally:
+            self._record("import-kek", time.perf_counter() - start)
+
     async def wrap(self, handle: str, key: bytes, associated_data: bytes) -> bytes:
         start = time.perf_counter()
         try:

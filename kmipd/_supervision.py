@@ -28,7 +28,7 @@ from kmipd._logging import set_level
 from kmipd._metrics import ServerMetrics
 from kmipd._systemd import Notifier
 from kmipd.config import Config, ConfigError, load_config
-from kmipd.hsm import HsmBackend, HsmError
+from kmipd.hsm import HsmBackend, HsmError, Pkcs11Settings
 from kmipd.server import KmipServer, ServerTls, TlsConfigError
 
 log = logging.getLogger("kmipd.daemon")
@@ -80,12 +80,23 @@ def prepare_reload(source: str) -> PreparedReload:
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """The config keys that changed but only take effect after a restart."""
-    return [
+    changed = [
         _CONFIG_KEYS.get(field.name, field.name)
         for field in attrs.fields(Config)
         if field.name not in RELOADED_FIELDS
+        and field.name != "pkcs11"
         and getattr(old, field.name) != getattr(new, field.name)
     ]
+    if old.pkcs11 != new.pkcs11:
+        if old.pkcs11 is None or new.pkcs11 is None:
+            changed.append("hsm (PKCS#11 settings)")
+        else:
+            changed.extend(
+                f"hsm.{field.name}"
+                for field in attrs.fields(Pkcs11Settings)
+                if getattr(old.pkcs11, field.name) != getattr(new.pkcs11, field.name)
+            )
+    return changed
 
 
 class Supervisor:

@@ -28,6 +28,7 @@ from kmipd import client as km
 from kmipd._admin_cli import add_operations_commands
 from kmipd._backup import BackupError
 from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable
+from kmipd._hsm_admin import init_kek, list_token_objects
 from kmipd._logging import configure_logging
 from kmipd._systemd import ServiceManager, SystemdError
 from kmipd.audit import AuditError
@@ -47,6 +48,7 @@ from kmipd.dev import client_command, prepare_dev
 from kmipd.hsm import HsmError, create_master_key
 from kmipd.lifecycle import RevocationReason, State
 from kmipd.server import TlsConfigError
+from kmipd.service import ServiceError
 from kmipd.store import StoreError
 from pki import SERVER_VALIDITY_DAYS, CertificateAuthority, KeyType, PkiError, TransportKem
 
@@ -201,6 +203,22 @@ def _add_hsm_commands(commands: Any) -> None:
     soft = hsm.add_parser("software-init", help="create the software backend's master key")
     soft.add_argument("--master-key", type=Path, required=True)
     soft.set_defaults(handler=_hsm_software_init)
+    init = hsm.add_parser(
+        "init",
+        help="create a namespace's KEK (version 1) in the configured HSM; daemon stopped",
+        description="Logs in to the HSM of the config, creates KEK NAME version 1 as the "
+        "create-kek operation does (audited), checks that it wraps and unwraps, and prints "
+        "it (PKCS#11: the token object and its attributes). Takes the store's lock: stop "
+        "the daemon first.",
+    )
+    init.add_argument("--config", type=Path, required=True, help="the daemon's config file")
+    init.add_argument("name", metavar="NAME", help="the namespace (KEK name)")
+    init.set_defaults(handler=_hsm_init)
+    listing = hsm.add_parser(
+        "list", help="kmipd's KEK objects on the PKCS#11 token and their attributes"
+    )
+    listing.add_argument("--config", type=Path, required=True, help="the daemon's config file")
+    listing.set_defaults(handler=_hsm_list)
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -624,6 +642,28 @@ def _pki_issue_transport(args: argparse.Namespace) -> int:
 def _hsm_software_init(args: argparse.Namespace) -> int:
     create_master_key(args.master_key)
     print(f"created master key {args.master_key} (mode 0600); back it up somewhere safe")
+    return 0
+
+
+def _hsm_init(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging(config.log_level)
+    try:
+        result = trio.run(init_kek, config, args.name)
+    except ServiceError as exc:
+        raise CliError(f"{args.name}: {exc.message}") from None
+    print(
+        f"created KEK {result.kek.name!r} version {result.kek.version} "
+        f"(HSM handle {result.handle}), audited as {result.identity}; wrap+unwrap verified"
+    )
+    if result.token_object is not None:
+        print(json.dumps(result.token_object, indent=2))
+    return 0
+
+
+def _hsm_list(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(json.dumps(trio.run(list_token_objects, config), indent=2))
     return 0
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 
 from kmipd._address import parse_address
+from kmipd.hsm import Pkcs11Settings
 from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.protocol import NAMESPACE_PATTERN
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
@@ -93,6 +94,21 @@ def _loopback_address(value: str) -> str | None:
     return None if loopback else f"{value} is not a loopback address (127.0.0.1, [::1])"
 
 
+def _absolute(value: str) -> str | None:
+    # Relative names would be looked up on the loader's search path: say which file.
+    return None if Path(value).is_absolute() else "must be an absolute path"
+
+
+def _credential_name(value: str) -> str | None:
+    if value and "/" not in value and value not in (".", ".."):
+        return None
+    return "must be a credential name (LoadCredential=NAME:...), not a path"
+
+
+def _sessions(value: int) -> str | None:
+    return None if 1 <= value <= 256 else "must be 1..256"
+
+
 def _namespace_globs(value: list[Any]) -> str | None:
     for item in value:
         if not isinstance(item, str) or not _namespace_glob_ok(item):
@@ -140,9 +156,22 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "shared": Option(bool, False, "several daemons on this host serve this store"),
     },
     "hsm": {
-        "backend": Option(str, "software", "HSM backend", _one_of("software")),
-        "master_key": Option(str, REQUIRED, "software backend: master key file (32 bytes, 0600)"),
-        "keyring": Option(str, REQUIRED, "software backend: encrypted KEK file"),
+        "backend": Option(str, "software", "HSM backend", _one_of("software", "pkcs11")),
+        "master_key": Option(str, None, "software: master key file (32 bytes, 0600); required"),
+        "keyring": Option(str, None, "software: encrypted KEK file; required"),
+        "library": Option(str, None, "pkcs11: the PKCS#11 module, an absolute path", _absolute),
+        "token_label": Option(str, None, "pkcs11: the token's label (or token_serial)"),
+        "token_serial": Option(str, None, "pkcs11: the token's serial number (or token_label)"),
+        "pin_file": Option(str, None, "pkcs11: file holding the user PIN, mode 0600/0400"),
+        "pin_credential": Option(
+            str, None, "pkcs11: systemd credential holding the PIN", _credential_name
+        ),
+        "label_prefix": Option(str, "kmipd/", "pkcs11: KEK object labels: PREFIX<kek>/v<N>"),
+        "sessions": Option(int, 4, "pkcs11: sessions (worker threads), 1..256", _sessions),
+        "timeout": Option((int, float), 5.0, "pkcs11: seconds a token call may take", _positive),
+        "retry_interval": Option(
+            (int, float), 5.0, "pkcs11: seconds between reconnect probes when down", _positive
+        ),
     },
     "keys": {
         "create_kek_on_demand": Option(
@@ -195,6 +224,30 @@ _PATH_KEYS = {
     ("store", "path"),
     ("hsm", "master_key"),
     ("hsm", "keyring"),
+    ("hsm", "pin_file"),
+}
+
+#: Keys only one HSM backend reads; giving one to the other backend is an error.
+_BACKEND_KEYS = {
+    "software": ("master_key", "keyring"),
+    "pkcs11": (
+        "library",
+        "token_label",
+        "token_serial",
+        "pin_file",
+        "pin_credential",
+        "label_prefix",
+        "sessions",
+        "timeout",
+        "retry_interval",
+    ),
+}
+
+#: Keys refused with their own message, whose value is never repeated.
+_REFUSED_KEYS = {
+    ("hsm", "pin"): "a PIN is never written in the config file: put it in hsm.pin_file "
+    "(mode 0600) or a systemd credential (hsm.pin_credential)",
+    ("hsm", "so_pin"): "kmipd never needs the security officer's PIN; remove it",
 }
 
 GRANT_KEYS = {"identity", "namespaces", "operations"}
@@ -211,8 +264,11 @@ class Config:
     store_cache_size: int
     store_shared: bool
     hsm_backend: str
-    master_key: Path
-    keyring: Path
+    #: The software backend's files (None with another backend).
+    master_key: Path | None
+    keyring: Path | None
+    #: The PKCS#11 backend's settings (None with another backend).
+    pkcs11: Pkcs11Settings | None
     create_kek_on_demand: bool
     policy: Policy
     lifecycle: LifecyclePolicy
@@ -225,6 +281,12 @@ class Config:
     log_level: str
     metrics_listen: str | None
     require_sealed: tuple[str, ...] = ()
+
+    def software_files(self) -> tuple[Path, Path]:
+        """(master key, keyring) of the software backend; only for that backend."""
+        if self.master_key is None or self.keyring is None:
+            raise ValueError(f"hsm.backend is {self.hsm_backend!r}, not 'software'")
+        return self.master_key, self.keyring
 
 
 #: ``${NAME}`` or ``${NAME:-default}`` in a path: the directories systemd
@@ -299,6 +361,7 @@ def parse_config(
     }
     grants = _parse_grants(document.get("grant", []), problems)
     kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
+    _check_hsm_backend(document.get("hsm", {}), values, problems)
     env = os.environ if environ is None else environ
     for section, key in sorted(_PATH_KEYS):
         if isinstance(values[(section, key)], str):
@@ -346,6 +409,7 @@ def parse_config(
         hsm_backend=v("hsm", "backend"),
         master_key=v("hsm", "master_key"),
         keyring=v("hsm", "keyring"),
+        pkcs11=_pkcs11_settings(values),
         create_kek_on_demand=v("keys", "create_kek_on_demand"),
         policy=Policy(tuple(grants)),
         lifecycle=LifecyclePolicy(
@@ -375,7 +439,10 @@ def _check_section(
         problems.append(f"{section}: must be a table ([{section}])")
         table = {}
     for key in table:
-        if key not in options:
+        refusal = _REFUSED_KEYS.get((section, key))
+        if refusal is not None:
+            problems.append(f"{section}.{key}: {refusal}")
+        elif key not in options:
             problems.append(_unknown(f"{section}.{key}", [f"{section}.{k}" for k in options]))
     values: dict[str, Any] = {}
     for key, option in options.items():
@@ -392,6 +459,55 @@ def _check_section(
             problems.append(f"{section}.{key}: {problem}")
         values[key] = value
     return values
+
+
+def _check_hsm_backend(table: Any, values: dict[tuple[str, str], Any], problems: list[str]) -> None:
+    """Each backend's keys: the required ones present, the other backend's absent."""
+    if not isinstance(table, dict):
+        return
+    backend = values[("hsm", "backend")]
+    if backend not in _BACKEND_KEYS:
+        return
+    for other, keys in _BACKEND_KEYS.items():
+        if other != backend:
+            problems.extend(
+                f"hsm.{key}: only for backend {other!r}, not {backend!r}"
+                for key in keys
+                if key in table
+            )
+    if backend == "software":
+        problems.extend(
+            f"hsm.{key}: required (backend 'software')"
+            for key in ("master_key", "keyring")
+            if key not in table
+        )
+        return
+    if "library" not in table:
+        problems.append(
+            "hsm.library: required (backend 'pkcs11'), e.g. a path like "
+            "/usr/lib/softhsm/libsofthsm2.so"
+        )
+    for one, other in (("token_label", "token_serial"), ("pin_file", "pin_credential")):
+        if one in table and other in table:
+            problems.append(f"hsm.{other}: give hsm.{one} or hsm.{other}, not both")
+        elif one not in table and other not in table:
+            problems.append(f"hsm.{one}: required (or hsm.{other}) for backend 'pkcs11'")
+
+
+def _pkcs11_settings(values: dict[tuple[str, str], Any]) -> Pkcs11Settings | None:
+    if values[("hsm", "backend")] != "pkcs11":
+        return None
+    return Pkcs11Settings(
+        library=Path(values[("hsm", "library")]),
+        token_label=values[("hsm", "token_label")],
+        token_serial=values[("hsm", "token_serial")],
+        pin_file=values[("hsm", "pin_file")],
+        pin_credential=values[("hsm", "pin_credential")],
+        label_prefix=values[("hsm", "label_prefix")],
+        sessions=values[("hsm", "sessions")],
+        timeout=float(values[("hsm", "timeout")]),
+        retry_interval=float(values[("hsm", "retry_interval")]),
+    )
 
 
 def _check_type(value: Any, kind: type | tuple[type, ...]) -> str | None:

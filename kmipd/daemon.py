@@ -23,7 +23,7 @@ from kmipd._supervision import Supervisor
 from kmipd._systemd import ServiceManager
 from kmipd.audit import AuditLog
 from kmipd.config import Config, ConfigError
-from kmipd.hsm import SoftwareHsm
+from kmipd.hsm import HsmBackend, Pkcs11Hsm, SoftwareHsm, read_pin
 from kmipd.server import KmipServer, ServerTls, open_listeners
 from kmipd.service import KeyService, ServerInfo
 from kmipd.store import KeyStore
@@ -74,7 +74,7 @@ async def run_daemon(
         )
         resources.callback(store.close)
         notifier.status("opening the HSM backend")
-        hsm = SoftwareHsm.open(config.master_key, config.keyring)
+        hsm = await open_hsm(config)
         resources.callback(hsm.close)
         audit = AuditLog.open(
             config.audit_path, config.audit_key, fail_open_reads=config.audit_fail_open_reads
@@ -128,6 +128,18 @@ async def run_daemon(
                 on_ready(RunningDaemon(addresses, server, supervisor))
         notifier.status("stopped")
         log.info("stopped")
+
+
+async def open_hsm(config: Config) -> HsmBackend:
+    """The configured HSM backend, open; raises HsmError saying what is wrong.
+
+    PKCS#11: loads the library, logs in to the token (a refused PIN stops here,
+    and is never retried) and starts the session workers.
+    """
+    if config.pkcs11 is not None:
+        return await Pkcs11Hsm.open(config.pkcs11, read_pin(config.pkcs11))
+    master_key, keyring = config.software_files()
+    return SoftwareHsm.open(master_key, keyring)
 
 
 async def _open_listeners(

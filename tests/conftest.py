@@ -17,7 +17,7 @@ import trio
 
 from kmipd._trio_tls import TlsChannel
 from kmipd.client import AsyncClient, Client, client_context
-from kmipd.hsm import SoftwareHsm
+from kmipd.hsm import HsmBackend, SoftwareHsm
 from kmipd.protocol import FrameReader, decode_item, encode_frame, encode_item
 from kmipd.server import KmipServer, ServerLimits, ServerTls, TlsSettings
 from kmipd.service import DATA_OPERATIONS, GRANTABLE_OPERATIONS, Grant, KeyService, Policy
@@ -155,12 +155,18 @@ async def start_server(
     started: list[RunningServer] = []
 
     async def start(
-        *, policy: Policy | None = None, host: str = "127.0.0.1", **limits: Any
+        *,
+        policy: Policy | None = None,
+        host: str = "127.0.0.1",
+        hsm: HsmBackend | None = None,
+        **limits: Any,
     ) -> RunningServer:
+        """``hsm``: another backend than a fresh software one (closed with the server)."""
         data = tmp_path / f"server{len(started)}"
         data.mkdir()
         store = KeyStore.open(data / "kmipd.db")
-        hsm = SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True)
+        if hsm is None:
+            hsm = SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True)
         service = KeyService(
             store=store, hsm=hsm, policy=policy or make_policy(), create_kek_on_demand=True
         )

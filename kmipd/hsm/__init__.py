@@ -7,6 +7,7 @@ from kmipd.hsm._interface import (
     HsmKeyNotFoundError,
     HsmUnavailableError,
 )
+from kmipd.hsm._pkcs11 import Pkcs11Hsm, Pkcs11Settings, pin_path, read_pin
 from kmipd.hsm._software import (
     SoftwareHsm,
     create_master_key,
@@ -21,9 +22,13 @@ __all__ = [
     "HsmIntegrityError",
     "HsmKeyNotFoundError",
     "HsmUnavailableError",
+    "Pkcs11Hsm",
+    "Pkcs11Settings",
     "SoftwareHsm",
     "create_master_key",
     "keyring_handles",
+    "pin_path",
     "read_keyring_file",
     "read_master_key",
+    "read_pin",
 ]

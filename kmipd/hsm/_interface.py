@@ -39,6 +39,13 @@ class HsmBackend(Protocol):
         """Create a new 256-bit KEK inside the backend and return its handle."""
         ...
 
+    async def import_kek(self, label: str, material: bytes) -> str:
+        """Store an existing 256-bit KEK (a migration, a test vector); return its handle.
+
+        The backend then treats it like one it generated: it never leaves again.
+        """
+        ...
+
     async def wrap(self, handle: str, key: bytes, associated_data: bytes) -> bytes:
         """Encrypt ``key`` under the KEK, authenticating ``associated_data``."""
         ...

@@ -183,8 +183,12 @@ class SoftwareHsm:
             os.close(fd)
 
     async def generate_kek(self, label: str) -> str:
+        return await self.import_kek(label, secrets.token_bytes(KEK_SIZE))
+
+    async def import_kek(self, label: str, material: bytes) -> str:
+        if len(material) != KEK_SIZE:
+            raise HsmError(f"a KEK must be {KEK_SIZE} bytes")
         handle = f"soft-{secrets.token_hex(12)}"
-        material = secrets.token_bytes(KEK_SIZE)
         nonce = os.urandom(NONCE_SIZE)
         sealed = nonce + self._master.encrypt(nonce, material, _kek_entry_aad(handle))
         entry = {"label": label, "created": int(time.time()), "sealed": sealed}

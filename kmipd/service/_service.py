@@ -38,7 +38,13 @@ from kmipd.crypto import (
     transport_kem,
 )
 from kmipd.crypto._transport_cert import check_still_valid
-from kmipd.hsm import HsmBackend, HsmError, HsmIntegrityError, HsmUnavailableError
+from kmipd.hsm import (
+    HsmBackend,
+    HsmError,
+    HsmIntegrityError,
+    HsmKeyNotFoundError,
+    HsmUnavailableError,
+)
 from kmipd.lifecycle import (
     DEK_USAGES,
     KEK_USAGES,
@@ -1148,10 +1154,24 @@ class KeyService:
         for record in deks:
             await self.store.purge_dek(record, record.lifecycle.apply(Event.DESTROY, now))
             log.info("destroyed DEK %s: its wrapped material is erased", record.dek_id)
+        purged = 0
         for version in versions:
             if version.hsm_handle:
-                with contextlib.suppress(HsmError):
+                try:
                     await self.hsm.destroy_kek(version.hsm_handle)
+                except HsmKeyNotFoundError:
+                    pass  # already gone from the HSM: the row goes too
+                except HsmError as exc:
+                    # Keep the row (and its handle): dropping it would leave the KEK in
+                    # the HSM with nothing pointing at it. The next pass retries.
+                    log.error(
+                        "cannot purge %s from the HSM yet (%s); retrying at the next "
+                        "maintenance pass",
+                        _kek_what(version),
+                        exc,
+                    )
+                    continue
+            purged += 1
             orphans = await self.store.purge_kek_version(
                 version, version.lifecycle.apply(Event.DESTROY, now)
             )
@@ -1160,9 +1180,9 @@ class KeyService:
                 _kek_what(version),
                 len(orphans),
             )
-        if deks or versions:
+        if deks or purged:
             await self.store.checkpoint()
-        return len(deks) + len(versions)
+        return len(deks) + purged
 
     async def maintain(self) -> None:
         """One maintenance pass: record date transitions, rotate due KEKs, purge."""

@@ -1,0 +1,98 @@
+"""``kmipd hsm init`` and ``kmipd hsm list``: the token side of an installation.
+
+``hsm init`` runs with the daemon stopped (it takes the store's lock, as the
+daemon does): it logs in to the token, creates a namespace's KEK version 1
+through the same service code as the ``create-kek`` operation (so it is
+audited like one, under a ``local:`` identity), then proves the new KEK
+wraps and unwraps before printing its token object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import secrets
+from typing import Any
+
+import attrs
+
+from kmipd.audit import AuditLog
+from kmipd.config import Config
+from kmipd.daemon import open_hsm
+from kmipd.hsm import HsmError, HsmIntegrityError, Pkcs11Hsm
+from kmipd.protocol import CreateKek, KekInfo
+from kmipd.service import Caller, Grant, KeyService, Policy, ServerInfo
+from kmipd.store import KeyStore
+
+_SELF_TEST_AAD = b"kmipd hsm init: self-test"
+
+
+@attrs.frozen
+class InitResult:
+    kek: KekInfo
+    handle: str
+    identity: str
+    #: The token object's attributes (PKCS#11), or None for the software backend.
+    token_object: dict[str, Any] | None
+
+
+def local_identity() -> str:
+    """Who runs the command, as the audit trail names them (not a certificate identity)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"local:{user}"
+
+
+async def init_kek(config: Config, name: str) -> InitResult:
+    """Create KEK ``name`` version 1 in the configured HSM; raises ServiceError, HsmError,
+    StoreError."""
+    identity = local_identity()
+    with contextlib.ExitStack() as resources:
+        store = KeyStore.open(config.store_path, cache_size=config.store_cache_size)
+        resources.callback(store.close)
+        hsm = await open_hsm(config)
+        resources.callback(hsm.close)
+        audit = AuditLog.open(config.audit_path, config.audit_key)
+        resources.callback(audit.close)
+        service = KeyService(
+            store=store,
+            hsm=hsm,
+            # Only this: the command may create this one KEK, nothing else.
+            policy=Policy((Grant(identity, (name,), frozenset({"create-kek"})),)),
+            info=ServerInfo(name=config.server_name),
+            lifecycle=config.lifecycle,
+            audit=audit,
+        )
+        info = await service.handle(Caller(identity), CreateKek(name=name))
+        kek = store.get_kek(name)
+        assert kek is not None
+        handle = kek.latest.hsm_handle
+        probe = secrets.token_bytes(32)
+        wrapped = await hsm.wrap(handle, probe, _SELF_TEST_AAD)
+        try:
+            ok = await hsm.unwrap(handle, wrapped, _SELF_TEST_AAD) == probe
+        except HsmIntegrityError:
+            ok = False
+        if not ok:
+            raise HsmError(f"the new KEK {handle} does not unwrap what it wrapped")
+        token_object = None
+        if isinstance(hsm, Pkcs11Hsm):
+            token_object = next(
+                (o for o in await hsm.list_objects() if o["handle"] == handle), None
+            )
+        return InitResult(info, handle, identity, token_object)
+
+
+async def list_token_objects(config: Config) -> list[dict[str, Any]]:
+    """kmipd's objects on the configured PKCS#11 token, with their attributes."""
+    if config.pkcs11 is None:
+        raise HsmError("hsm list needs hsm.backend = 'pkcs11' (the software keyring is a file)")
+    hsm = await open_hsm(config)
+    try:
+        assert isinstance(hsm, Pkcs11Hsm)
+        return await hsm.list_objects()
+    finally:
+        hsm.close()
