@@ -28,7 +28,6 @@ import hmac
 import json
 import os
 import secrets
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from typing import Any
 import attrs
 import trio
 
+from kmipd._private_files import PrivateFileError, read_private_file
 from pki import write_private_file
 
 GENESIS = "0" * 64
@@ -79,10 +79,10 @@ def read_audit_key(path: Path, *, create: bool) -> bytes:
         if not create:
             raise AuditError(f"audit key {path} does not exist")
         write_private_file(path, secrets.token_bytes(AUDIT_KEY_SIZE))
-    info = path.stat()
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise AuditError(f"audit key {path} is accessible to group or others; it must be 0600")
-    data = path.read_bytes()
+    try:
+        data = read_private_file(path, "audit key")
+    except PrivateFileError as exc:
+        raise AuditError(str(exc)) from None
     if len(data) != AUDIT_KEY_SIZE:
         raise AuditError(f"audit key {path} must hold exactly {AUDIT_KEY_SIZE} bytes")
     return data

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import ssl
+from typing import TypeVar
 
 from cryptography import x509
 
@@ -48,7 +49,13 @@ class SealedDelivery:
     def seal_to(self) -> bytes:
         return self.key.fingerprint
 
-    def _open(self, sealed: bytes, info: bytes, *, server: str, request_id: int) -> bytes:
+    def _open(
+        self, sealed: bytes, operation: str, binding: list[object], *, server: str, request_id: int
+    ) -> bytes:
+        """Open a sealed key against what we know of the request it answers."""
+        info = delivery_info(
+            operation, request_id, self.key.identity, self.key.fingerprint, binding
+        )
         try:
             key = self.key.open(sealed, info)
         except HpkeError as exc:
@@ -66,22 +73,15 @@ class SealedDelivery:
     def dek(
         self, result: DekResult | SealedDekResult, operation: str, *, server: str, request_id: int
     ) -> DekResult:
-        if not isinstance(result, SealedDekResult):
-            raise SealedKeyError(
-                "asked for a sealed key, got a clear one", server=server, request_id=request_id
-            )
-        info = delivery_info(
-            operation,
-            request_id,
-            self.key.identity,
-            self.key.fingerprint,
-            dek_binding(result.dek_id, result.namespace, result.kek_version),
+        sealed = _expect_sealed(result, SealedDekResult, server=server, request_id=request_id)
+        binding = dek_binding(sealed.dek_id, sealed.namespace, sealed.kek_version)
+        key = self._open(
+            sealed.sealed_key, operation, binding, server=server, request_id=request_id
         )
-        key = self._open(result.sealed_key, info, server=server, request_id=request_id)
         return DekResult(
-            dek_id=result.dek_id,
-            namespace=result.namespace,
-            kek_version=result.kek_version,
+            dek_id=sealed.dek_id,
+            namespace=sealed.namespace,
+            kek_version=sealed.kek_version,
             key=key,
         )
 
@@ -92,20 +92,13 @@ class SealedDelivery:
         server: str,
         request_id: int,
     ) -> DataKeyResult:
-        if not isinstance(result, SealedDataKeyResult):
-            raise SealedKeyError(
-                "asked for a sealed key, got a clear one", server=server, request_id=request_id
-            )
-        info = delivery_info(
-            "generate-data-key",
-            request_id,
-            self.key.identity,
-            self.key.fingerprint,
-            data_key_binding(result.blob, result.kek, result.kek_version),
+        sealed = _expect_sealed(result, SealedDataKeyResult, server=server, request_id=request_id)
+        binding = data_key_binding(sealed.blob, sealed.kek, sealed.kek_version)
+        key = self._open(
+            sealed.sealed_key, "generate-data-key", binding, server=server, request_id=request_id
         )
-        key = self._open(result.sealed_key, info, server=server, request_id=request_id)
         return DataKeyResult(
-            key=key, blob=result.blob, kek=result.kek, kek_version=result.kek_version
+            key=key, blob=sealed.blob, kek=sealed.kek, kek_version=sealed.kek_version
         )
 
     def unwrapped(
@@ -116,19 +109,23 @@ class SealedDelivery:
         server: str,
         request_id: int,
     ) -> UnwrapResult:
-        if not isinstance(result, SealedUnwrapResult):
-            raise SealedKeyError(
-                "asked for a sealed key, got a clear one", server=server, request_id=request_id
-            )
-        info = delivery_info(
-            "unwrap",
-            request_id,
-            self.key.identity,
-            self.key.fingerprint,
-            data_key_binding(blob, result.kek, result.kek_version),
+        sealed = _expect_sealed(result, SealedUnwrapResult, server=server, request_id=request_id)
+        binding = data_key_binding(blob, sealed.kek, sealed.kek_version)
+        key = self._open(sealed.sealed_key, "unwrap", binding, server=server, request_id=request_id)
+        return UnwrapResult(key=key, kek=sealed.kek, kek_version=sealed.kek_version)
+
+
+_Sealed = TypeVar("_Sealed", SealedDekResult, SealedDataKeyResult, SealedUnwrapResult)
+
+
+def _expect_sealed(
+    result: object, sealed_type: type[_Sealed], *, server: str, request_id: int
+) -> _Sealed:
+    if not isinstance(result, sealed_type):
+        raise SealedKeyError(
+            "asked for a sealed key, got a clear one", server=server, request_id=request_id
         )
-        key = self._open(result.sealed_key, info, server=server, request_id=request_id)
-        return UnwrapResult(key=key, kek=result.kek, kek_version=result.kek_version)
+    return result
 
 
 def client_ca_certificates(context: ssl.SSLContext) -> list[x509.Certificate]:

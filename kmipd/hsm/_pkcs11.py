@@ -33,7 +33,6 @@ import logging
 import os
 import queue
 import secrets
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +46,7 @@ from pkcs11 import exceptions as p11
 from pkcs11._pkcs11 import lib as _pkcs11_lib
 from pkcs11.mechanisms import GCMParams
 
+from kmipd._private_files import PrivateFileError, read_private_file
 from kmipd.hsm._interface import (
     HsmError,
     HsmIntegrityError,
@@ -109,15 +109,9 @@ def read_pin(settings: Pkcs11Settings, environ: Mapping[str, str] | None = None)
     key = "hsm.pin_file" if settings.pin_file is not None else "hsm.pin_credential"
     path = pin_path(settings, environ)
     try:
-        info = path.stat()
-        data = path.read_bytes()
-    except OSError as exc:
-        raise HsmError(f"{key}: cannot read {path}: {exc.strerror}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise HsmError(
-            f"{key}: {path} is accessible to group or others "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}); it must be 0600 or 0400"
-        )
+        data = read_private_file(path, "PIN file")
+    except PrivateFileError as exc:
+        raise HsmError(f"{key}: {exc}") from None
     try:
         pin = data.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:

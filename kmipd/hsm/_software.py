@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kmipd._private_files import PrivateFileError, read_private_file
 from kmipd.hsm._interface import (
     HsmError,
     HsmIntegrityError,
@@ -46,15 +46,9 @@ def _kek_entry_aad(handle: str) -> bytes:
 def read_master_key(path: Path) -> bytes:
     """Read the master key, refusing a file others could read."""
     try:
-        info = path.stat()
-        data = path.read_bytes()
-    except OSError as exc:
-        raise HsmError(f"cannot read master key file {path}: {exc.strerror}") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise HsmError(
-            f"master key file {path} is accessible to group or others "
-            f"(mode {stat.S_IMODE(info.st_mode):04o}); it must be 0600"
-        )
+        data = read_private_file(path, "master key file")
+    except PrivateFileError as exc:
+        raise HsmError(str(exc)) from None
     if len(data) != MASTER_KEY_SIZE:
         raise HsmError(f"master key file {path} must hold exactly {MASTER_KEY_SIZE} bytes")
     return data

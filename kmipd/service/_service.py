@@ -630,6 +630,20 @@ class KeyService:
             self._parsed_certs[der] = cert
         return cert
 
+    def _usable_certificate(self, record: TransportCertRecord) -> x509.Certificate:
+        """A registered certificate, checked again: validity and the CRL change after
+        registration."""
+        cert = self._certificate(record.certificate)
+        try:
+            check_still_valid(cert, self._trust())
+        except TransportCertError as exc:
+            raise ServiceError(
+                ErrorCode.TRANSPORT_CERTIFICATE_REJECTED,
+                f"{record.identity}'s registered transport certificate can no longer be used: "
+                f"{exc}",
+            ) from None
+        return cert
+
     def _seal_target(self, call: _Call, fingerprint: bytes) -> x509.Certificate:
         """The caller's registered certificate named by ``fingerprint``, still acceptable."""
         identity = call.caller.identity
@@ -648,14 +662,7 @@ class KeyService:
             )
         if call.caller.request_id is None:
             raise ServiceError(ErrorCode.BAD_REQUEST, "sealed delivery needs a request id")
-        cert = self._certificate(record.certificate)
-        try:
-            check_still_valid(cert, self._trust())
-        except TransportCertError as exc:
-            raise ServiceError(
-                ErrorCode.TRANSPORT_CERTIFICATE_REJECTED,
-                f"{identity}'s registered transport certificate can no longer be used: {exc}",
-            ) from None
+        cert = self._usable_certificate(record)
         call.detail = (call.detail + ", " if call.detail else "") + "sealed"
         return cert
 
@@ -717,16 +724,7 @@ class KeyService:
                 ErrorCode.NO_TRANSPORT_CERTIFICATE,
                 f"{request.identity} has no registered transport certificate",
             )
-        cert = self._certificate(record.certificate)
-        try:
-            check_still_valid(cert, self._trust())
-        except TransportCertError as exc:
-            raise ServiceError(
-                ErrorCode.TRANSPORT_CERTIFICATE_REJECTED,
-                f"{request.identity}'s registered transport certificate can no longer be used: "
-                f"{exc}",
-            ) from None
-        return _transport_info(record, cert)
+        return _transport_info(record, self._usable_certificate(record))
 
     async def _wrap_blob(self, version: KekVersion, key: bytes, context: dict[str, str]) -> bytes:
         wrapped = await self.hsm.wrap(
