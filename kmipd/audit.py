@@ -23,6 +23,7 @@ disk (``fsync``, committed in groups so concurrent requests share one).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import hmac
 import json
@@ -93,11 +94,21 @@ class AuditLog:
         self.path = path
         self.fail_open_reads = fail_open_reads
         self._key = key
-        self._seq, self._prev = _tail(path)
         try:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from None
+        # One writer per trail: a second daemon appending to it (daemons sharing a
+        # store, say) would fork the hash chain, and verify would call it tampered.
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._fd)
+            raise AuditError(
+                f"audit log {path} is in use by another kmipd process; every daemon needs "
+                "an audit trail of its own (audit.path), daemons sharing a store too"
+            ) from None
+        self._seq, self._prev = _tail(path)
         self._synced = self._seq
         self._syncing: trio.Event | None = None
 

@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TlsConfigError,
         SystemdError,
         BackupError,
+        AuditError,
     ) as exc:
         print(f"kmipd: error: {exc}", file=sys.stderr)
         return 1

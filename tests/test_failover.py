@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kmipd.audit import records, verify
 from kmipd.client import (
     Client,
     DeadlineExceededError,
@@ -20,7 +21,7 @@ from kmipd.client._common import make_endpoints
 from kmipd.client._failover import FailoverCall, ServerSet
 from kmipd.protocol import CreateDek, ErrorCode, ErrorInfo, GetDek
 from pki import CertificateAuthority
-from tests.processes import Daemon
+from tests.processes import Daemon, run_kmipd
 
 
 class FakeClock:
@@ -134,6 +135,7 @@ def start_three(tmp_path: Path) -> tuple[list[Daemon], dict[str, Path], Path]:
     for n in range(3):
         config = re.sub(r"listen = \[.*\]", 'listen = ["127.0.0.1:0"]', template)
         config = config.replace("[store]\n", "[store]\nshared = true\n")
+        config += f'\n[audit]\npath = "audit-{n}.log"\n'  # one trail per daemon
         path = data / f"kmipd-{n}.toml"
         path.write_text(config)
         daemons.append(Daemon("--config", path, log=tmp_path / f"d{n}.log"))
@@ -183,3 +185,36 @@ def test_three_daemons_one_killed_mid_run_loses_nothing_and_creates_nothing_twic
     assert rows == len(acknowledged)  # no create applied twice
     for daemon in daemons[1:]:
         assert daemon.stop() == 0
+    trails = [db.parent / f"audit-{n}.log" for n in range(3)]
+    for trail in trails:  # each daemon's chain is whole, the killed one's too
+        report = verify(trail)
+        assert report.ok, (trail.name, report.problem)
+    created = [
+        record["dek_id"]
+        for trail in trails
+        for _, record in records(trail)
+        if record["operation"] == "create-dek" and record["result"] == "ok"
+    ]
+    assert set(created) == set(acknowledged)
+
+
+def test_a_second_daemon_on_the_same_audit_trail_is_refused(tmp_path: Path) -> None:
+    """Two writers would fork the hash chain: the second daemon says so and stops,
+    and the first one's trail stays whole."""
+    daemons, creds, db = start_three(tmp_path)
+    for daemon in daemons:
+        daemon.stop()
+    config = db.parent / "kmipd-1.toml"
+    config.write_text(config.read_text().replace("audit-1.log", "audit-0.log"))
+    first = Daemon("--config", db.parent / "kmipd-0.toml", log=tmp_path / "first.log")
+    try:
+        with Client(first.address, **creds) as kms:
+            kms.create_dek("orders")
+        second = run_kmipd("serve", "--config", config, timeout=60)
+        assert second.returncode != 0
+        assert "audit-0.log is in use by another kmipd process" in second.stderr, second.stderr
+        with Client(first.address, **creds) as kms:
+            kms.create_dek("orders")
+    finally:
+        assert first.stop() == 0
+    assert verify(db.parent / "audit-0.log").ok
