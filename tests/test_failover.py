@@ -174,7 +174,8 @@ def test_three_daemons_one_killed_mid_run_loses_nothing_and_creates_nothing_twic
     daemons[0].kill()  # the primary dies with requests in flight
     for worker in workers:
         worker.join(120)
-    assert failures == []
+    # On failure, show the daemons' logs: an internal error's traceback is there.
+    assert failures == [], (failures, [d.stderr()[-4000:] for d in daemons])
     assert len(acknowledged) == 4 * 60  # no request lost
 
     with Client(addresses[1:], **creds) as kms:  # every DEK readable from the survivors
