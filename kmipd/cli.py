@@ -50,7 +50,14 @@ from kmipd.lifecycle import RevocationReason, State
 from kmipd.server import TlsConfigError
 from kmipd.service import ServiceError
 from kmipd.store import StoreError
-from pki import SERVER_VALIDITY_DAYS, CertificateAuthority, KeyType, PkiError, TransportKem
+from pki import (
+    SERVER_VALIDITY_DAYS,
+    TRANSPORT_SUFFIX,
+    CertificateAuthority,
+    KeyType,
+    PkiError,
+    TransportKem,
+)
 
 DEFAULT_DEV_DIR = Path("kmipd-dev")
 DEFAULT_DEV_LISTEN = "127.0.0.1:5696"
@@ -162,11 +169,19 @@ def _add_pki_commands(commands: Any) -> None:
     issue.add_argument("--force", action="store_true", help="replace an existing certificate")
     issue.set_defaults(handler=_pki_issue)
 
-    revoke = pki.add_parser("revoke", help="add NAME's certificate to the CRL")
+    revoke = pki.add_parser(
+        "revoke", help="add NAME's certificate (and its key-transport certificate) to the CRL"
+    )
     revoke.add_argument("directory", type=Path)
     revoke.add_argument("name")
     revoke.add_argument(
         "--reason", default="unspecified", choices=[r.name for r in x509.ReasonFlags]
+    )
+    revoke.add_argument(
+        "--keep-transport",
+        action="store_true",
+        help="revoke only the TLS certificate, not NAME-transport (e.g. one superseded by a "
+        "re-issue on the same host)",
     )
     revoke.set_defaults(handler=_pki_revoke)
 
@@ -610,9 +625,18 @@ def _pki_issue(args: argparse.Namespace) -> int:
 
 def _pki_revoke(args: argparse.Namespace) -> int:
     ca = CertificateAuthority.load(args.directory)
-    ca.revoke(args.name, reason=x509.ReasonFlags[args.reason])
-    print(f"revoked {args.name}; CRL updated: {ca.crl_path}")
-    print("a running daemon applies it to new connections after a reload")
+    names = [args.name]
+    # A client's two keys live side by side: whoever has one likely has both.
+    transport = args.name + TRANSPORT_SUFFIX
+    if not args.keep_transport and ca.has_issued(transport):
+        names.append(transport)
+    for name in names:
+        ca.revoke(name, reason=x509.ReasonFlags[args.reason])
+    print(f"revoked {' and '.join(names)}; CRL updated: {ca.crl_path}")
+    print(
+        "a running daemon reading this CRL picks it up within a second: new connections, "
+        "and seals to or fetches of a revoked transport certificate, are refused"
+    )
     return 0
 
 

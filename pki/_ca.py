@@ -639,6 +639,10 @@ class CertificateAuthority:
         self._index.revoked[issued.serial] = Revocation(issued.serial, name, _now(), reason)
         self.write_crl()
 
+    def has_issued(self, name: str) -> bool:
+        """Whether a certificate was issued under ``name`` (revoked or not)."""
+        return name in self._index.issued
+
     def revoked_serials(self) -> frozenset[int]:
         return frozenset(self._index.revoked)
 

@@ -798,3 +798,27 @@ def test_adopting_a_ca_issues_without_touching_its_directory(
         CertificateAuthority.adopt(
             tmp_path / "mismatch", ca.ca_cert_path, other.ca_key_path, trust_domain="x.test"
         )
+
+
+def test_cli_revoke_takes_the_transport_certificate_along_unless_told(tmp_path: Path) -> None:
+    directory = tmp_path / "pki"
+    assert run_kmipd("pki", "init", directory).returncode == 0
+    for name in ("node-1", "node-2"):
+        assert run_kmipd("pki", "issue", directory, name).returncode == 0
+        assert run_kmipd("pki", "issue-transport", directory, name).returncode == 0
+    serial = {
+        name: load_certificate(directory / f"{name}.pem").serial_number
+        for name in ("node-1", "node-1-transport", "node-2", "node-2-transport")
+    }
+
+    both = run_kmipd("pki", "revoke", directory, "node-1", "--reason", "key_compromise")
+    assert both.returncode == 0, both.stderr
+    assert "revoked node-1 and node-1-transport" in both.stdout
+    revoked = load_crl_serials(directory / "crl.pem", directory / "ca.pem")
+    assert revoked == {serial["node-1"], serial["node-1-transport"]}
+
+    only_tls = run_kmipd("pki", "revoke", directory, "node-2", "--keep-transport")
+    assert only_tls.returncode == 0, only_tls.stderr
+    assert "revoked node-2;" in only_tls.stdout
+    revoked = load_crl_serials(directory / "crl.pem", directory / "ca.pem")
+    assert serial["node-2"] in revoked and serial["node-2-transport"] not in revoked
