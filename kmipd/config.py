@@ -190,6 +190,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
         ),
         "rewrap_batch": Option(int, 100, "DEKs rewrapped per batch by a rewrap job", _at_least_one),
         "rewrap_pause": Option((int, float), 0.0, "seconds between rewrap batches", _not_negative),
+        "change_feed_days": Option(
+            (int, float), 30, "days the changes-since feed keeps an entry", _positive
+        ),
     },
     "audit": {
         "path": Option(str, "audit.log", "audit trail file (JSON lines, hash-chained)"),
@@ -417,6 +420,7 @@ def parse_config(
             dek_periods=tuple(dek_periods),
             soft_delete_seconds=int(v("lifecycle", "soft_delete_days") * DAY),
             auto_rotate=v("lifecycle", "auto_rotate"),
+            change_feed_seconds=int(v("lifecycle", "change_feed_days") * DAY),
         ),
         check_interval=float(v("lifecycle", "check_interval")),
         rewrap_batch=v("lifecycle", "rewrap_batch"),

@@ -333,6 +333,9 @@ class LifecyclePolicy:
     soft_delete_seconds: int = 7 * DAY
     #: Make the next KEK version when the newest reaches protect-stop.
     auto_rotate: bool = True
+    #: The change feed (changes-since) keeps entries this long; a client further behind
+    #: is told to drop every cached key.
+    change_feed_seconds: int = 30 * DAY
 
     def new_lifecycle(
         self, kind: str, namespace: str, now: int, usage: frozenset[Usage], activation: int | None

@@ -17,7 +17,7 @@ from kmipd.client import (
     UnavailableError,
 )
 from kmipd.client._keys import KeyKeeper
-from kmipd.protocol import ChangeInfo, ChangesResult
+from kmipd.protocol import ChangeInfo, ChangesResult, DekResult
 from tests.conftest import RunningServer, ServerFactory
 from tests.processes import Daemon
 
@@ -237,3 +237,21 @@ def test_the_cache_asks_about_revocations_at_most_every_interval() -> None:
     assert keeper.apply_changes(ChangesResult(changes=(revoked,), seq=43), 105.0) == 1
     assert keeper.cached_dek("dek_a") is None
     assert KeyKeeper(None, 5.0).changes_due(0) is False  # no cache, nothing to follow
+
+
+def test_a_cache_behind_the_pruned_feed_empties_and_zeroes_itself() -> None:
+    keeper = KeyKeeper(DekCache(), revocation_check=5.0)
+    keeper.apply_changes(ChangesResult(changes=(), seq=42), 100.0)
+    a = keeper.keep_dek(DekResult(dek_id="dek_a", namespace="orders", kek_version=1, key=b"a" * 32))
+    b = keeper.keep_dek(DekResult(dek_id="dek_b", namespace="other", kek_version=1, key=b"b" * 32))
+    a.close()
+    b.close()
+    assert keeper.cache is not None
+    cached = [entry.protected for entry in keeper.cache._entries.values()]  # the cache's copies
+    assert len(cached) == 2 and not any(protected.wiped for protected in cached)
+    # Changes after 42 were pruned: which keys they touched is unknown, so every one goes.
+    assert keeper.apply_changes(ChangesResult(changes=(), seq=900, reset=True), 105.0) == 2
+    assert keeper.cached_dek("dek_a") is None and keeper.cached_dek("dek_b") is None
+    assert keeper.changes_seq == 900
+    assert len(keeper.cache) == 0
+    assert all(protected.wiped for protected in cached)

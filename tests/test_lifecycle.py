@@ -76,7 +76,7 @@ class Harness:
         self.data, self.clock = data, clock
         self.audit = AuditLog.open(data / "audit.log", data / "audit.key")
         self.service = KeyService(
-            store=KeyStore.open(data / "kmipd.db"),
+            store=KeyStore.open(data / "kmipd.db", clock=clock),
             hsm=SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True),
             policy=make_policy(),
             clock=clock,
@@ -395,6 +395,36 @@ async def test_locate_and_the_change_feed(kms: Harness) -> None:
     assert len(rest.keys) == 1
     feed = await kms.ok(STORAGE, ChangesSince(seq=start))
     assert [(c.dek_id, c.state) for c in feed.changes] == [(deks[0].dek_id, "deactivated")]
+
+
+async def test_the_change_feed_is_pruned_and_a_reader_behind_it_is_told(kms: Harness) -> None:
+    deks = [await kms.ok(STORAGE, CreateDek(namespace="orders")) for _ in range(3)]
+    kms.clock.now += 21 * DAY  # past the orders KEK's deactivation: its change comes first
+    await kms.service.maintain()
+    start = (await kms.ok(STORAGE, ChangesSince(seq=2**62))).seq
+    for dek in deks[:2]:
+        await kms.ok(ADMIN, Revoke(key=KeyRef(dek_id=dek.dek_id), reason="key-compromise"))
+        kms.clock.now += 10
+    caught_up = (await kms.ok(STORAGE, ChangesSince(seq=start))).seq
+    assert caught_up == start + 2
+    kms.clock.now += PERIODS.change_feed_seconds - 20  # the first revocation is exactly
+    await kms.service.maintain()  # as old as the retention: it stays
+    assert len((await kms.ok(STORAGE, ChangesSince(seq=start))).changes) == 2
+    kms.clock.now += 1
+    await kms.service.maintain()  # a second older than the retention: it goes
+    behind = await kms.ok(STORAGE, ChangesSince(seq=start))
+    assert behind.reset is True  # it missed a change that is gone
+    assert behind.seq == caught_up
+    assert [c.dek_id for c in behind.changes] == [deks[1].dek_id]
+    current = await kms.ok(STORAGE, ChangesSince(seq=caught_up))
+    assert current.reset is None and current.changes == ()
+    kms.clock.now += DAY * 365
+    await kms.service.maintain()  # everything is old: the newest entry still stays
+    assert (await kms.ok(STORAGE, ChangesSince(seq=2**62))).seq == caught_up
+    await kms.ok(ADMIN, Revoke(key=KeyRef(dek_id=deks[2].dek_id), reason="key-compromise"))
+    after = await kms.ok(STORAGE, ChangesSince(seq=caught_up))  # numbering goes on
+    assert [c.dek_id for c in after.changes] == [deks[2].dek_id]
+    assert after.seq == caught_up + 1 and after.reset is None
 
 
 async def test_a_store_from_before_lifecycles_upgrades(tmp_path: Path) -> None:

@@ -128,7 +128,12 @@ class KeyKeeper:
         """Evict every cached key the daemon revoked, destroyed or otherwise changed."""
         assert self.cache is not None
         evicted = 0
-        if self.changes_seq is not None:  # the first answer only says where the feed is
+        if self.changes_seq is not None and result.reset:
+            # We fell behind the feed's retention: what we missed is unknown, so all goes.
+            evicted = len(self.cache)
+            self.cache.clear()
+            log.warning("the change feed was pruned past this cache's position: cache emptied")
+        elif self.changes_seq is not None:  # the first answer only says where the feed is
             for change in result.changes:
                 evicted += self._evict(change)
         self.changes_seq = result.seq

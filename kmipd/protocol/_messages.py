@@ -487,6 +487,9 @@ class ChangesResult:
     changes: tuple[ChangeInfo, ...] = wire(ListOf(Struct(ChangeInfo), max_items=1000))
     #: The newest change's number: ask again from it.
     seq: int = wire(UInt())
+    #: True when changes after the asked ``seq`` were pruned from the feed (it keeps
+    #: lifecycle.change_feed_days): the caller must treat every cached key as changed.
+    reset: bool | None = wire(Bool(), default=None)
 
 
 # -- the operation table -----------------------------------------------------

@@ -994,7 +994,7 @@ class KeyService:
 
     async def _changes_since(self, call: _Call, request: ChangesSince) -> ChangesResult:
         self._require_some_grant(call, "changes-since")
-        changes, newest = await self.store.changes_since(request.seq, request.limit or 1000)
+        changes, newest, pruned = await self.store.changes_since(request.seq, request.limit or 1000)
         visible = tuple(
             ChangeInfo(
                 seq=c.seq,
@@ -1009,7 +1009,8 @@ class KeyService:
         )
         # Fewer than the limit means the caller has everything up to ``newest``.
         seq = newest if len(changes) < (request.limit or 1000) else changes[-1].seq
-        return ChangesResult(changes=visible, seq=seq)
+        # Behind the pruned part of the feed: what it missed is gone, so say so.
+        return ChangesResult(changes=visible, seq=seq, reset=True if request.seq < pruned else None)
 
     # -- rewrap -----------------------------------------------------------------------------
 
@@ -1196,6 +1197,9 @@ class KeyService:
             if fresh is not None and self.lifecycle.auto_rotate and _rotation_due(fresh, now):
                 await self.rotate(kek.name, "automatic: protect-stop reached")
         await self.purge_due()
+        pruned = await self.store.prune_changes(self.lifecycle.change_feed_seconds)
+        if pruned:
+            log.info("pruned %d change-feed entries older than the feed's retention", pruned)
 
 
 class _NotNow(enum.Enum):

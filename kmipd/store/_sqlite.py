@@ -241,9 +241,18 @@ class KeyStore:
     (``refresh_if_changed``), so what one daemon creates the others serve.
     """
 
-    def __init__(self, path: Path, *, cache_size: int = 10_000, shared: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        cache_size: int = 10_000,
+        shared: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
         self.shared = shared
+        #: Stamps change-feed entries, and ages them for pruning (tests control it).
+        self._clock = clock
         self._lock_fd = _lock(path, shared=shared)
         try:
             self._writer = _connect(path)
@@ -263,9 +272,16 @@ class KeyStore:
         ).fetchone()
 
     @classmethod
-    def open(cls, path: Path, *, cache_size: int = 10_000, shared: bool = False) -> KeyStore:
+    def open(
+        cls,
+        path: Path,
+        *,
+        cache_size: int = 10_000,
+        shared: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> KeyStore:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(path, cache_size=cache_size, shared=shared)
+        return cls(path, cache_size=cache_size, shared=shared, clock=clock)
 
     def __repr__(self) -> str:
         return f"KeyStore({str(self.path)!r})"
@@ -347,7 +363,7 @@ class KeyStore:
                     version.version,
                 ),
             )
-            _record_change(db, version.kek, None, version.version, lifecycle.state)
+            self._record_change(db, version.kek, None, version.version, lifecycle.state)
 
         await self._write(update)
         self._replace_version(attrs.evolve(version, lifecycle=lifecycle))
@@ -472,7 +488,7 @@ class KeyStore:
                     record.dek_id,
                 ),
             )
-            _record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
+            self._record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
 
         await self._write(update)
         updated = attrs.evolve(record, lifecycle=lifecycle)
@@ -552,19 +568,61 @@ class KeyStore:
 
         return await self._read(select)
 
-    async def changes_since(self, seq: int, limit: int) -> tuple[list[Change], int]:
-        """Feed entries after ``seq`` (at most ``limit``) and the newest sequence number."""
+    async def changes_since(self, seq: int, limit: int) -> tuple[list[Change], int, int]:
+        """Feed entries after ``seq`` (at most ``limit``), the newest sequence number, and
+        the newest one pruned (0 if none): a reader behind it has missed changes."""
 
-        def select(db: sqlite3.Connection) -> tuple[list[Change], int]:
+        def select(db: sqlite3.Connection) -> tuple[list[Change], int, int]:
             rows = db.execute(
                 "SELECT seq, at, namespace, dek_id, kek_version, state FROM changes"
                 " WHERE seq > ? ORDER BY seq LIMIT ?",
                 (seq, limit),
             ).fetchall()
             (newest,) = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
-            return [Change(*row) for row in rows], int(newest)
+            pruned = db.execute(
+                "SELECT value FROM store_meta WHERE name = 'changes_pruned_through'"
+            ).fetchone()
+            return [Change(*row) for row in rows], int(newest), int(pruned[0]) if pruned else 0
 
         return await self._read(select)
+
+    def _record_change(
+        self,
+        db: sqlite3.Connection,
+        namespace: str,
+        dek_id: str | None,
+        version: int | None,
+        state: State,
+    ) -> None:
+        """Number a state change for the feed (in the caller's transaction)."""
+        db.execute(
+            "INSERT INTO changes (at, namespace, dek_id, kek_version, state)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (int(self._clock()), namespace, dek_id, version, state.value),
+        )
+
+    async def prune_changes(self, max_age: int) -> int:
+        """Drop feed entries older than ``max_age`` seconds (the newest always stays, so
+        the feed's position survives); remember how far pruning went. Returns how many."""
+        before = int(self._clock()) - max_age
+
+        def prune(db: sqlite3.Connection) -> int:
+            (through,) = db.execute(
+                "SELECT max(seq) FROM changes WHERE at < ?"
+                " AND seq < (SELECT max(seq) FROM changes)",
+                (before,),
+            ).fetchone()
+            if through is None:
+                return 0
+            count = db.execute("DELETE FROM changes WHERE seq <= ?", (through,)).rowcount
+            db.execute(
+                "INSERT INTO store_meta (name, value) VALUES ('changes_pruned_through', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (str(through),),
+            )
+            return int(count)
+
+        return await self._write(prune)
 
     # -- destruction --------------------------------------------------------------------
 
@@ -602,7 +660,7 @@ class KeyStore:
                 (lifecycle.state.value, json.dumps(lifecycle.to_json()), record.dek_id),
             )
             db.execute("DELETE FROM idempotency_keys WHERE dek_id = ?", (record.dek_id,))
-            _record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
+            self._record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
 
         await self._write(erase)
         self._forget(record.dek_id)
@@ -627,7 +685,7 @@ class KeyStore:
                     version.version,
                 ),
             )
-            _record_change(db, version.kek, None, version.version, lifecycle.state)
+            self._record_change(db, version.kek, None, version.version, lifecycle.state)
             orphans = [
                 row[0]
                 for row in db.execute(
@@ -656,7 +714,7 @@ class KeyStore:
                     " WHERE id = ?",
                     (shredded.value, json.dumps(gone.to_json()), dek_id),
                 )
-                _record_change(db, version.kek, dek_id, None, shredded)
+                self._record_change(db, version.kek, dek_id, None, shredded)
             return orphans
 
         orphans = await self._write(erase)
@@ -822,15 +880,6 @@ def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:
         state, json.loads(document), default_usage=DEK_USAGES, created_at=created_at
     )
     return DekRecord(dek_id, namespace, version, wrapped, created_at, created_by, lifecycle)
-
-
-def _record_change(
-    db: sqlite3.Connection, namespace: str, dek_id: str | None, version: int | None, state: State
-) -> None:
-    db.execute(
-        "INSERT INTO changes (at, namespace, dek_id, kek_version, state) VALUES (?, ?, ?, ?, ?)",
-        (int(time.time()), namespace, dek_id, version, state.value),
-    )
 
 
 def _connect(path: Path) -> sqlite3.Connection:
