@@ -27,6 +27,7 @@ from kmipd._checks import check_serving_config
 from kmipd._logging import set_level
 from kmipd._metrics import ServerMetrics
 from kmipd._systemd import Notifier
+from kmipd.audit import AuditError
 from kmipd.config import Config, ConfigError, load_config
 from kmipd.hsm import HsmBackend, HsmError, Pkcs11Settings
 from kmipd.server import KmipServer, ServerTls, TlsConfigError
@@ -169,8 +170,20 @@ class Supervisor:
         for warning in prepared.warnings:
             log.warning("%s", warning)
         self._apply(prepared)
+        await self._reopen_audit()
         self.metrics.reloads["applied"] += 1
         self.notifier.ready(self.serving_status())
+
+    async def _reopen_audit(self) -> None:
+        """A rotated audit trail (renamed away before the reload) continues in a new file."""
+        audit = self.server.service.audit
+        if audit is None:
+            return
+        try:
+            if await audit.reopen():
+                log.info("audit trail rotated: the chain continues in a new %s", audit.path)
+        except AuditError as exc:
+            log.error("%s", exc)
 
     def _refused(self, message: str) -> None:
         self.metrics.reloads["refused"] += 1

@@ -94,20 +94,8 @@ class AuditLog:
         self.path = path
         self.fail_open_reads = fail_open_reads
         self._key = key
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from None
-        # One writer per trail: a second daemon appending to it (daemons sharing a
-        # store, say) would fork the hash chain, and verify would call it tampered.
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._fd)
-            raise AuditError(
-                f"audit log {path} is in use by another kmipd process; every daemon needs "
-                "an audit trail of its own (audit.path), daemons sharing a store too"
-            ) from None
+        self._fd = _open_appending(path)
+        _lock_exclusively(self._fd, path)
         self._seq, self._prev = _tail(path)
         self._synced = self._seq
         self._syncing: trio.Event | None = None
@@ -165,8 +153,57 @@ class AuditLog:
                 event.set()
             self._synced = max(self._synced, target)
 
+    async def reopen(self) -> bool:
+        """Continue the chain in a new, empty file at ``path`` once the trail was rotated
+        (renamed away, as logrotate does before asking for a reload). False when the
+        file at ``path`` is still the one being written: nothing to do."""
+        while self._syncing is not None:  # its fsync must not outlive the old descriptor
+            await self._syncing.wait()
+        fd = _open_appending(self.path)
+        if _same_file(fd, self._fd):
+            os.close(fd)
+            return False
+        _lock_exclusively(fd, self.path)
+        if os.fstat(fd).st_size:
+            os.close(fd)
+            raise AuditError(
+                f"audit log {self.path} is not the file kmipd writes, and not empty: the "
+                "trail continues only in a new, empty file; still writing the rotated one"
+            )
+        # No await from here on: the old file is complete on disk before the switch.
+        os.fsync(self._fd)
+        old, self._fd = self._fd, fd
+        self._synced = self._seq
+        os.close(old)
+        return True
+
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _open_appending(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AuditError(f"cannot open audit log {path}: {exc.strerror}") from None
+
+
+def _lock_exclusively(fd: int, path: Path) -> None:
+    """One writer per trail: a second daemon appending to it (daemons sharing a store,
+    say) would fork the hash chain, and verify would call it tampered."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise AuditError(
+            f"audit log {path} is in use by another kmipd process; every daemon needs "
+            "an audit trail of its own (audit.path), daemons sharing a store too"
+        ) from None
+
+
+def _same_file(a: int, b: int) -> bool:
+    first, second = os.fstat(a), os.fstat(b)
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _tail(path: Path) -> tuple[int, str]:
@@ -201,6 +238,8 @@ class VerifyReport:
     last_hash: str
     #: None when the chain is intact, else what is wrong and where.
     problem: str | None = None
+    #: The seq of the first record read (above 1 for a partial, rotated trail).
+    first_seq: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -224,34 +263,57 @@ def records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, record
 
 
-def verify(path: Path) -> VerifyReport:
-    """Walk the chain; report the first record that was edited, removed or reordered."""
+def verify(path: Path, *more: Path, partial: bool = False) -> VerifyReport:
+    """Walk the chain through the files in order (a rotated trail: oldest first); report
+    the first record that was edited, removed or reordered.
+
+    The chain must start at seq 1 unless ``partial``: then the first file may begin
+    mid-chain (the files before it are gone or not given), and only what follows
+    its first record is proven.
+    """
+    paths = (path, *more)
     prev, expected_seq, count = GENESIS, 1, 0
+    first_seq: int | None = None
     try:
-        for line, record in records(path):
-            seq = record.get("seq")
-            claimed = record.pop("hash", None)
-            if record.get("prev") != prev:
-                what = "removed or reordered" if seq != expected_seq else "edited"
-                problem = (
-                    f"line {line} (seq {seq}): its prev does not match the record before it: "
-                    f"a record was {what}"
-                )
-                return VerifyReport(count, prev, problem)
-            if seq != expected_seq:
-                problem = (
-                    f"line {line}: seq {seq} where {expected_seq} was expected: "
-                    "a record was removed or reordered"
-                )
-                return VerifyReport(count, prev, problem)
-            if claimed != _chain_hash(prev, record):
-                return VerifyReport(
-                    count, prev, f"line {line} (seq {seq}): hash mismatch: the record was edited"
-                )
-            prev, expected_seq, count = str(claimed), expected_seq + 1, count + 1
+        for path_now in paths:
+            where = f"{path_now.name} " if len(paths) > 1 else ""
+            for line, record in records(path_now):
+                seq = record.get("seq")
+                claimed = record.pop("hash", None)
+                if first_seq is None:
+                    first_seq = seq if isinstance(seq, int) else 1
+                    if partial and isinstance(seq, int) and seq > 1:
+                        # Nothing before it to check it against: take it as given.
+                        prev, expected_seq = str(record.get("prev")), seq
+                if record.get("prev") != prev:
+                    what = "removed or reordered" if seq != expected_seq else "edited"
+                    problem = (
+                        f"{where}line {line} (seq {seq}): its prev does not match the record "
+                        f"before it: a record was {what}"
+                    )
+                    if count == 0 and seq != 1:
+                        problem += (
+                            " (a rotated trail starts mid-chain: give the earlier files "
+                            "first, or --partial)"
+                        )
+                    return VerifyReport(count, prev, problem, first_seq)
+                if seq != expected_seq:
+                    problem = (
+                        f"{where}line {line}: seq {seq} where {expected_seq} was expected: "
+                        "a record was removed or reordered"
+                    )
+                    return VerifyReport(count, prev, problem, first_seq)
+                if claimed != _chain_hash(prev, record):
+                    return VerifyReport(
+                        count,
+                        prev,
+                        f"{where}line {line} (seq {seq}): hash mismatch: the record was edited",
+                        first_seq,
+                    )
+                prev, expected_seq, count = str(claimed), expected_seq + 1, count + 1
     except AuditError as exc:
-        return VerifyReport(count, prev, str(exc))
-    return VerifyReport(count, prev)
+        return VerifyReport(count, prev, str(exc), first_seq)
+    return VerifyReport(count, prev, None, first_seq)
 
 
 #: Operations that hand a key to the caller.

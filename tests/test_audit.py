@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kmipd.audit import AuditLog, query, verify
+from kmipd.audit import AuditError, AuditLog, query, verify
 from kmipd.hsm import SoftwareHsm
 from kmipd.protocol import (
     CreateDek,
@@ -207,3 +207,53 @@ async def test_fail_open_reads_serves_reads_but_not_changes(tmp_path: Path) -> N
         await service.handle(Caller(ADMIN, 3), CreateKek(name="new"))
     assert caught.value.code is ErrorCode.AUDIT_UNAVAILABLE
     close(service)
+
+
+async def test_verify_follows_the_chain_across_rotated_files(tmp_path: Path) -> None:
+    service = open_service(tmp_path)
+    try:
+        assert service.audit is not None
+        created = await service.handle(Caller(STORAGE, 1), CreateDek(namespace="orders"))
+        (tmp_path / "audit.log").rename(tmp_path / "audit.log.1")
+        assert await service.audit.reopen()
+        for request_id in (2, 3):
+            await service.handle(Caller(STORAGE, request_id), GetDek(dek_id=created.dek_id))
+    finally:
+        close(service)
+    old, new = tmp_path / "audit.log.1", tmp_path / "audit.log"
+    assert [r["seq"] for r in lines(old)] == [1] and [r["seq"] for r in lines(new)] == [2, 3]
+    assert lines(new)[0]["prev"] == lines(old)[0]["hash"]
+    whole = verify(old, new)
+    assert whole.ok and whole.records == 3
+    # Alone, the newer file starts mid-chain: refused unless partial is asked for.
+    alone = verify(new)
+    assert not alone.ok and "rotated trail starts mid-chain" in str(alone.problem)
+    partial = verify(new, partial=True)
+    assert partial.ok and partial.records == 2 and partial.first_seq == 2
+    assert not verify(new, old).ok  # wrong order
+    cli = run_kmipd("audit", "verify", old, new)
+    assert cli.returncode == 0 and "3 records, chain intact" in cli.stdout
+    cli_partial = run_kmipd("audit", "verify", new, "--partial")
+    assert cli_partial.returncode == 0 and "2 records from seq 2" in cli_partial.stdout
+    both = run_kmipd("audit", "query", old, new, "--dek", str(lines(old)[0]["dek_id"]))
+    assert [json.loads(line)["request_id"] for line in both.stdout.splitlines()] == [1, 2, 3]
+    # A record removed where the files meet is caught.
+    rewrite(new, new.read_text().splitlines()[1:])
+    cut = verify(old, new)
+    assert not cut.ok and "audit.log line 1 (seq 3)" in str(cut.problem)
+
+
+async def test_reopen_refuses_a_non_empty_stranger_and_keeps_writing(tmp_path: Path) -> None:
+    service = open_service(tmp_path)
+    try:
+        assert service.audit is not None
+        created = await service.handle(Caller(STORAGE, 1), CreateDek(namespace="orders"))
+        (tmp_path / "audit.log").rename(tmp_path / "audit.log.1")
+        (tmp_path / "audit.log").write_text('{"not": "ours"}\n')
+        with pytest.raises(AuditError, match="not empty"):
+            await service.audit.reopen()
+        await service.handle(Caller(STORAGE, 2), GetDek(dek_id=created.dek_id))
+    finally:
+        close(service)
+    assert [r["request_id"] for r in lines(tmp_path / "audit.log.1")] == [1, 2]  # nothing lost
+    assert verify(tmp_path / "audit.log.1").ok

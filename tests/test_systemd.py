@@ -8,6 +8,7 @@ and SIGTERM, and checks what a real client sees over mutual TLS.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from kmipd.audit import verify
 from kmipd.client import Client, NotAuthorizedError
 from kmipd.config import render_config
 from kmipd.dev import prepare_dev
@@ -355,3 +357,28 @@ def test_sigterm_during_a_pipelined_burst_loses_no_acknowledged_dek(
         assert stored == len(burst.acknowledged)
     finally:
         assert again.stop() == 0
+
+
+def test_sighup_after_rotation_continues_the_audit_chain_in_a_new_file(
+    tmp_path: Path, data: Path, notify: NotifySocket
+) -> None:
+    """logrotate's way: rename the trail, then reload; nothing is lost or unchained."""
+    service, address = start(data, notify, tmp_path / "kmipd.log")
+    try:
+        with Client(address, **credentials(data)) as kms:
+            dek = kms.create_dek("orders")
+            dek_id = dek.dek_id
+            (data / "audit.log").rename(data / "audit.log.1")
+            kms.get_dek(dek_id)  # written to the renamed file: the daemon still has it open
+            service.signal(signal.SIGHUP)
+            notify.wait_for_field("RELOADING")
+            notify.wait_for_field("READY")
+            kms.get_dek(dek_id)  # into the new file
+        assert "audit trail rotated" in service.log()
+    finally:
+        assert service.stop() == 0
+    old, new = data / "audit.log.1", data / "audit.log"
+    assert verify(old, new).ok
+    in_old = [json.loads(line)["operation"] for line in old.read_text().splitlines()]
+    in_new = [json.loads(line)["operation"] for line in new.read_text().splitlines()]
+    assert in_old[-2:] == ["create-dek", "get-dek"] and in_new == ["get-dek"]
