@@ -31,6 +31,7 @@ from kmipd.client import (
     CertificateRejectedError,
     Client,
     EnvelopeError,
+    NotAuthorizedError,
     NoTransportCertificateError,
     SealedDeliveryRequiredError,
     SealedKeyError,
@@ -476,6 +477,25 @@ async def test_no_transport_certificate_is_a_clear_error(kmipd: RunningServer) -
 
     await trio.to_thread.run_sync(work)
     assert await kmipd.store.count_deks() == 0
+
+
+async def test_the_directory_answers_only_clients_with_a_grant(kmipd: RunningServer) -> None:
+    """Registering one's own certificate is open to all; looking others up needs a grant
+    of get-transport-cert, or any client of the CA could list which identities exist."""
+    kmipd.ca.issue_client("outsider")  # a valid certificate, and no grant at all
+    await _register(kmipd, "storage", transport_key(kmipd.ca.issue_transport("storage")))
+    outsider_key = transport_key(kmipd.ca.issue_transport("outsider"))
+
+    def work() -> None:
+        with kmipd.client("outsider") as kms:
+            kms.register_transport_certificate(outsider_key.certificate)
+            with pytest.raises(NotAuthorizedError, match="not allowed get-transport-cert"):
+                kms.get_transport_certificate(STORAGE)
+        with kmipd.client("tenant") as kms:  # data in its own namespace only: enough
+            assert kms.get_transport_certificate(STORAGE) is not None
+            kms.get_transport_certificate(STORAGE.replace("storage", "outsider"))
+
+    await trio.to_thread.run_sync(work)
 
 
 async def test_revocation_stops_fetches_and_seals(start_server: ServerFactory) -> None:

@@ -13,9 +13,18 @@ from collections.abc import Iterable
 import attrs
 
 #: Operations a storage system needs to read and write its data (and to keep
-#: its DEK cache honest: changes-since tells it what was revoked).
+#: its DEK cache honest: changes-since tells it what was revoked; and to seal
+#: to another client: get-transport-cert fetches its certificate).
 DATA_OPERATIONS = frozenset(
-    {"create-dek", "get-dek", "generate-data-key", "unwrap", "rewrap", "changes-since"}
+    {
+        "create-dek",
+        "get-dek",
+        "generate-data-key",
+        "unwrap",
+        "rewrap",
+        "changes-since",
+        "get-transport-cert",
+    }
 )
 #: Operations that administer keys and their lifecycles. "recovery" lets an
 #: administrator still read a deactivated or compromised key, to re-protect data.
@@ -38,10 +47,9 @@ ADMIN_OPERATIONS = frozenset(
         "recovery",
     }
 )
-#: Allowed to every authenticated client: they reveal nothing about keys.
-UNRESTRICTED_OPERATIONS = frozenset(
-    {"hello", "status", "register-transport-cert", "get-transport-cert"}
-)
+#: Allowed to every authenticated client: they reveal nothing about keys or
+#: other clients (registration concerns only the caller's own certificate).
+UNRESTRICTED_OPERATIONS = frozenset({"hello", "status", "register-transport-cert"})
 GRANTABLE_OPERATIONS = DATA_OPERATIONS | ADMIN_OPERATIONS
 
 #: Names usable in a grant's operations list beside single operation names.

@@ -718,6 +718,9 @@ class KeyService:
         self, call: _Call, request: GetTransportCert
     ) -> TransportCertInfo:
         call.detail = f"of {request.identity}"
+        # Not open to every authenticated client: the directory would tell anyone
+        # which identities exist.
+        self._require_some_grant(call, "get-transport-cert")
         record = self.store.get_transport_cert(request.identity)
         if record is None:
             raise ServiceError(
