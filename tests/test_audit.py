@@ -214,6 +214,7 @@ async def test_verify_follows_the_chain_across_rotated_files(tmp_path: Path) -> 
     try:
         assert service.audit is not None
         created = await service.handle(Caller(STORAGE, 1), CreateDek(namespace="orders"))
+        assert not await service.audit.reopen()  # not rotated: the same file goes on
         (tmp_path / "audit.log").rename(tmp_path / "audit.log.1")
         assert await service.audit.reopen()
         for request_id in (2, 3):

@@ -40,7 +40,7 @@ from kmipd.client import (
     TransportKey,
     UnavailableError,
 )
-from kmipd.client._transport import SealedDelivery, verify_fetched
+from kmipd.client._transport import KeyDelivery, verify_fetched
 from kmipd.crypto import (
     SealedEnvelopeError,
     TransportTrust,
@@ -244,13 +244,13 @@ async def test_a_sealed_dek_opens_only_for_its_own_request(kmipd: RunningServer)
     result = await kmipd.service.handle(Caller(STORAGE, request_id=7), request)
     assert isinstance(result, SealedDekResult)
     assert "sealed_key=<" in repr(result)  # redacted
-    delivery = SealedDelivery(key)
+    delivery = KeyDelivery(key)
     opened = delivery.dek(result, "get-dek", server="s", request_id=7)
     assert len(opened.key) == 32
 
     def refused(result: SealedDekResult, *, operation: str = "get-dek", rid: int = 7) -> str:
         with pytest.raises(SealedKeyError, match="does not open") as raised:
-            SealedDelivery(key).dek(result, operation, server="s", request_id=rid)
+            KeyDelivery(key).dek(result, operation, server="s", request_id=rid)
         return str(raised.value)
 
     assert "request 8" in refused(result, rid=8)  # replayed into another request
@@ -267,10 +267,10 @@ async def test_a_sealed_dek_opens_only_for_its_own_request(kmipd: RunningServer)
     # identity's next certificate.
     other = transport_key(kmipd.ca.issue_transport("tenant"))
     with pytest.raises(SealedKeyError):
-        SealedDelivery(other).dek(result, "get-dek", server="s", request_id=7)
+        KeyDelivery(other).dek(result, "get-dek", server="s", request_id=7)
     renewed = transport_key(kmipd.ca.issue_transport("storage", force=True))
     with pytest.raises(SealedKeyError):
-        SealedDelivery(renewed).dek(result, "get-dek", server="s", request_id=7)
+        KeyDelivery(renewed).dek(result, "get-dek", server="s", request_id=7)
     # The daemon seals only to the caller's own registered certificate.
     with pytest.raises(ServiceError) as denied:
         await kmipd.service.handle(Caller(TENANT, request_id=9), request)
@@ -828,7 +828,7 @@ async def test_registrations_and_sealed_deliveries_are_audited_without_keys(
         sealed = await service.handle(
             Caller(STORAGE, 3), CreateDek(namespace="orders", seal_to=key.fingerprint)
         )
-        opened = SealedDelivery(key).dek(sealed, "create-dek", server="s", request_id=3)
+        opened = KeyDelivery(key).dek(sealed, "create-dek", server="s", request_id=3)
     finally:
         service.store.close()
         service.hsm.close()

@@ -53,7 +53,7 @@ from kmipd.client._errors import (
 )
 from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
-from kmipd.client._transport import SealedDelivery, client_ca_certificates, verify_fetched
+from kmipd.client._transport import KeyDelivery, client_ca_certificates, verify_fetched
 from kmipd.crypto import DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE
 from kmipd.crypto import SealedEnvelopeError, TransportKey, open_stream, seal_stream
 from kmipd.protocol import (
@@ -65,7 +65,6 @@ from kmipd.protocol import (
     ConnectionFailed,
     CreateDek,
     CreateKek,
-    DataKeyResult,
     Dependents,
     DependentsResult,
     Destroy,
@@ -94,7 +93,6 @@ from kmipd.protocol import (
     StatusResult,
     TransportCertInfo,
     Unwrap,
-    UnwrapResult,
 )
 
 log = logging.getLogger("kmipd.client")
@@ -307,7 +305,7 @@ class AsyncClient:
         then asks for the key sealed to it (HPKE) and opens it here."""
         if timeout <= 0 or pool_size < 1:
             raise KmipdError("timeout must be positive and pool_size at least 1")
-        self._sealed = None if transport is None else SealedDelivery(transport)
+        self._delivery = KeyDelivery(transport)
         endpoints = make_endpoints(
             address,
             ca=ca,
@@ -332,19 +330,13 @@ class AsyncClient:
 
     @property
     def transport(self) -> TransportKey | None:
-        return None if self._sealed is None else self._sealed.key
-
-    @property
-    def _seal_to(self) -> bytes | None:
-        return None if self._sealed is None else self._sealed.seal_to
+        return self._delivery.key
 
     async def _call_dek(self, request: Any) -> Any:
         """A DEK result in the clear, opened here when it came sealed."""
         outcome, server, request_id = await self._run(request)
         result = unwrap_outcome(outcome, server=server, request_id=request_id)
-        if self._sealed is None:
-            return result
-        return self._sealed.dek(result, request.OPERATION, server=server, request_id=request_id)
+        return self._delivery.dek(result, request.OPERATION, server=server, request_id=request_id)
 
     @property
     def cache(self) -> DekCache | None:
@@ -471,7 +463,7 @@ class AsyncClient:
         await self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
         result = await self._call_dek(
-            CreateDek(namespace=namespace, idempotency_key=key, seal_to=self._seal_to)
+            CreateDek(namespace=namespace, idempotency_key=key, seal_to=self._delivery.seal_to)
         )
         return self._keys.keep_dek(result)
 
@@ -480,7 +472,7 @@ class AsyncClient:
         if (cached := self._keys.cached_dek(dek_id)) is not None:
             return cached
         try:
-            result = await self._call_dek(GetDek(dek_id=dek_id, seal_to=self._seal_to))
+            result = await self._call_dek(GetDek(dek_id=dek_id, seal_to=self._delivery.seal_to))
         except (UnavailableError, DeadlineExceededError):
             stale = self._keys.stale_deks([dek_id])
             if stale is None:
@@ -505,15 +497,11 @@ class AsyncClient:
     async def generate_data_key(self, kek: str, context: dict[str, str] | None = None) -> DataKey:
         await self._follow_revocations()
         context = dict(context or {})
-        request = GenerateDataKey(kek=kek, context=context, seal_to=self._seal_to)
+        request = GenerateDataKey(kek=kek, context=context, seal_to=self._delivery.seal_to)
         outcome, server, request_id = await self._run(request)
         result = unwrap_outcome(outcome, server=server, request_id=request_id)
-        if self._sealed is not None:
-            result = self._sealed.data_key(result, server=server, request_id=request_id)
-        assert isinstance(result, DataKeyResult)
-        return self._keys.keep_data_key(
-            result.blob, context, result.kek, result.kek_version, result.key
-        )
+        made = self._delivery.data_key(result, server=server, request_id=request_id)
+        return self._keys.keep_data_key(made.blob, context, made.kek, made.kek_version, made.key)
 
     async def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
         await self._follow_revocations()
@@ -522,7 +510,7 @@ class AsyncClient:
             return cached
         try:
             outcome, server, request_id = await self._run(
-                Unwrap(blob=blob, context=context, seal_to=self._seal_to)
+                Unwrap(blob=blob, context=context, seal_to=self._delivery.seal_to)
             )
         except (UnavailableError, DeadlineExceededError):
             stale = self._keys.cached_data_key(blob, context, stale=True)
@@ -531,10 +519,8 @@ class AsyncClient:
             log.warning("daemons unreachable: serving a stale cached data key")
             return stale
         result = unwrap_outcome(outcome, server=server, request_id=request_id)
-        if self._sealed is not None:
-            result = self._sealed.unwrapped(result, blob, server=server, request_id=request_id)
-        assert isinstance(result, UnwrapResult)
-        return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+        opened = self._delivery.unwrapped(result, blob, server=server, request_id=request_id)
+        return self._keys.keep_data_key(blob, context, opened.kek, opened.kek_version, opened.key)
 
     # -- key transport: the certificate directory, client-to-client sealing ----------------
 
@@ -543,9 +529,9 @@ class AsyncClient:
     ) -> TransportCertInfo:
         """Register our key-transport certificate (by default the ``transport`` key's)."""
         if certificate is None:
-            if self._sealed is None:
-                raise KmipdError("give a certificate or construct the client with transport=")
-            certificate = self._sealed.key.certificate
+            certificate = self._delivery.require_key(
+                "give a certificate or construct the client with transport="
+            ).certificate
         der = certificate.public_bytes(serialization.Encoding.DER)
         result: TransportCertInfo = await self._call(RegisterTransportCert(certificate=der))
         return result
@@ -589,9 +575,7 @@ class AsyncClient:
 
     async def open_stream(self, source: Readable, sink: Writable) -> int:
         """Open a sealed stream (on a worker thread); if this raises, discard ``sink``."""
-        if self._sealed is None:
-            raise KmipdError("opening needs the client's transport key (transport=)")
-        key = self._sealed.key
+        key = self._delivery.require_key("opening needs the client's transport key (transport=)")
         try:
             return await trio.to_thread.run_sync(lambda: open_stream(key, source, sink))
         except SealedEnvelopeError as exc:

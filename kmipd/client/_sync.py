@@ -56,7 +56,7 @@ from kmipd.client._errors import (
 )
 from kmipd.client._failover import FailoverCall, ServerSet, ServerState
 from kmipd.client._keys import DataKey, Dek, KeyKeeper
-from kmipd.client._transport import SealedDelivery, client_ca_certificates, verify_fetched
+from kmipd.client._transport import KeyDelivery, client_ca_certificates, verify_fetched
 from kmipd.crypto import (
     DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE,
 )
@@ -75,7 +75,6 @@ from kmipd.protocol import (
     ConnectionFailed,
     CreateDek,
     CreateKek,
-    DataKeyResult,
     Dependents,
     DependentsResult,
     Destroy,
@@ -104,7 +103,6 @@ from kmipd.protocol import (
     StatusResult,
     TransportCertInfo,
     Unwrap,
-    UnwrapResult,
 )
 
 log = logging.getLogger("kmipd.client")
@@ -317,7 +315,7 @@ class Client:
         then asks for the key sealed to it (HPKE) and opens it here."""
         if timeout <= 0 or pool_size < 1:
             raise KmipdError("timeout must be positive and pool_size at least 1")
-        self._sealed = None if transport is None else SealedDelivery(transport)
+        self._delivery = KeyDelivery(transport)
         endpoints = make_endpoints(
             address,
             ca=ca,
@@ -336,7 +334,7 @@ class Client:
 
     @property
     def transport(self) -> TransportKey | None:
-        return None if self._sealed is None else self._sealed.key
+        return self._delivery.key
 
     @property
     def cache(self) -> DekCache | None:
@@ -400,15 +398,9 @@ class Client:
             for outcome, server, request_id in self._run(list(requests))
         ]
 
-    @property
-    def _seal_to(self) -> bytes | None:
-        return None if self._sealed is None else self._sealed.seal_to
-
     def _clear_dek(self, answer: tuple[Any, str, int], operation: str) -> Any:
         result, server, request_id = answer
-        if self._sealed is None:
-            return result
-        return self._sealed.dek(result, operation, server=server, request_id=request_id)
+        return self._delivery.dek(result, operation, server=server, request_id=request_id)
 
     def _run(
         self, requests: list[Any], *, inspect: Callable[[_Connection], None] | None = None
@@ -489,7 +481,9 @@ class Client:
         """
         self._follow_revocations()
         key = idempotency_key or new_idempotency_key()
-        request = CreateDek(namespace=namespace, idempotency_key=key, seal_to=self._seal_to)
+        request = CreateDek(
+            namespace=namespace, idempotency_key=key, seal_to=self._delivery.seal_to
+        )
         (answer,) = self._call_many_ids([request])
         return self._keys.keep_dek(self._clear_dek(answer, "create-dek"))
 
@@ -509,7 +503,7 @@ class Client:
         if missing:
             try:
                 answers = self._call_many_ids(
-                    [GetDek(dek_id=dek_id, seal_to=self._seal_to) for dek_id in missing]
+                    [GetDek(dek_id=dek_id, seal_to=self._delivery.seal_to) for dek_id in missing]
                 )
             except (UnavailableError, DeadlineExceededError):
                 stale = self._keys.stale_deks(missing)
@@ -525,14 +519,10 @@ class Client:
         """A fresh key plus its wrapped blob, bound to ``context``; store the blob yourself."""
         self._follow_revocations()
         context = dict(context or {})
-        request = GenerateDataKey(kek=kek, context=context, seal_to=self._seal_to)
+        request = GenerateDataKey(kek=kek, context=context, seal_to=self._delivery.seal_to)
         ((result, server, request_id),) = self._call_many_ids([request])
-        if self._sealed is not None:
-            result = self._sealed.data_key(result, server=server, request_id=request_id)
-        assert isinstance(result, DataKeyResult)
-        return self._keys.keep_data_key(
-            result.blob, context, result.kek, result.kek_version, result.key
-        )
+        made = self._delivery.data_key(result, server=server, request_id=request_id)
+        return self._keys.keep_data_key(made.blob, context, made.kek, made.kek_version, made.key)
 
     def unwrap(self, blob: bytes, context: dict[str, str] | None = None) -> DataKey:
         """Recover a blob's key (cached by blob and context); the context must match."""
@@ -542,7 +532,7 @@ class Client:
             return cached
         try:
             ((result, server, request_id),) = self._call_many_ids(
-                [Unwrap(blob=blob, context=context, seal_to=self._seal_to)]
+                [Unwrap(blob=blob, context=context, seal_to=self._delivery.seal_to)]
             )
         except (UnavailableError, DeadlineExceededError):
             stale = self._keys.cached_data_key(blob, context, stale=True)
@@ -550,10 +540,8 @@ class Client:
                 raise
             log.warning("daemons unreachable: serving a stale cached data key")
             return stale
-        if self._sealed is not None:
-            result = self._sealed.unwrapped(result, blob, server=server, request_id=request_id)
-        assert isinstance(result, UnwrapResult)
-        return self._keys.keep_data_key(blob, context, result.kek, result.kek_version, result.key)
+        opened = self._delivery.unwrapped(result, blob, server=server, request_id=request_id)
+        return self._keys.keep_data_key(blob, context, opened.kek, opened.kek_version, opened.key)
 
     # -- key transport: the certificate directory, client-to-client sealing ----------------
 
@@ -562,9 +550,9 @@ class Client:
     ) -> TransportCertInfo:
         """Register our key-transport certificate (by default the ``transport`` key's)."""
         if certificate is None:
-            if self._sealed is None:
-                raise KmipdError("give a certificate or construct the client with transport=")
-            certificate = self._sealed.key.certificate
+            certificate = self._delivery.require_key(
+                "give a certificate or construct the client with transport="
+            ).certificate
         der = certificate.public_bytes(serialization.Encoding.DER)
         result: TransportCertInfo = self._call(RegisterTransportCert(certificate=der))
         return result
@@ -606,10 +594,9 @@ class Client:
 
         If this raises, discard what reached ``sink``.
         """
-        if self._sealed is None:
-            raise KmipdError("opening needs the client's transport key (transport=)")
+        key = self._delivery.require_key("opening needs the client's transport key (transport=)")
         try:
-            return open_stream(self._sealed.key, source, sink)
+            return open_stream(key, source, sink)
         except SealedEnvelopeError as exc:
             raise EnvelopeError(str(exc)) from None
 

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from cryptography import x509
 
-from kmipd.client._errors import SealedKeyError, TransportCertificateError
+from kmipd.client._errors import KmipdError, SealedKeyError, TransportCertificateError
 from kmipd.crypto import (
     HpkeError,
     TransportCertError,
@@ -39,44 +39,58 @@ from kmipd.protocol import (
 )
 
 
-class SealedDelivery:
-    """The client's transport key and the opening of sealed results."""
+class KeyDelivery:
+    """How a client receives keys: in the clear inside TLS, or sealed to its transport key
+    (``key``) and opened here. Both clients hold one, so neither branches on which."""
 
-    def __init__(self, key: TransportKey) -> None:
+    def __init__(self, key: TransportKey | None) -> None:
         self.key = key
 
     @property
-    def seal_to(self) -> bytes:
-        return self.key.fingerprint
+    def seal_to(self) -> bytes | None:
+        """What DEK-returning requests carry as ``seal-to`` (None: clear delivery)."""
+        return None if self.key is None else self.key.fingerprint
+
+    def require_key(self, why: str) -> TransportKey:
+        if self.key is None:
+            raise KmipdError(why)
+        return self.key
 
     def _open(
-        self, sealed: bytes, operation: str, binding: list[object], *, server: str, request_id: int
+        self,
+        key: TransportKey,
+        sealed: bytes,
+        operation: str,
+        binding: list[object],
+        *,
+        server: str,
+        request_id: int,
     ) -> bytes:
         """Open a sealed key against what we know of the request it answers."""
-        info = delivery_info(
-            operation, request_id, self.key.identity, self.key.fingerprint, binding
-        )
+        info = delivery_info(operation, request_id, key.identity, key.fingerprint, binding)
         try:
-            key = self.key.open(sealed, info)
+            opened = key.open(sealed, info)
         except HpkeError as exc:
             raise SealedKeyError(
                 f"the sealed key does not open: {exc}", server=server, request_id=request_id
             ) from None
-        if len(key) != 32:
+        if len(opened) != 32:
             raise SealedKeyError(
                 "the sealed key opened to something that is not a 256-bit key",
                 server=server,
                 request_id=request_id,
             )
-        return key
+        return opened
 
     def dek(
         self, result: DekResult | SealedDekResult, operation: str, *, server: str, request_id: int
     ) -> DekResult:
-        sealed = _expect_sealed(result, SealedDekResult, server=server, request_id=request_id)
+        if self.key is None:
+            return _expect(result, DekResult, _UNASKED_SEALED, server, request_id)
+        sealed = _expect(result, SealedDekResult, _UNSEALED, server, request_id)
         binding = dek_binding(sealed.dek_id, sealed.namespace, sealed.kek_version)
         key = self._open(
-            sealed.sealed_key, operation, binding, server=server, request_id=request_id
+            self.key, sealed.sealed_key, operation, binding, server=server, request_id=request_id
         )
         return DekResult(
             dek_id=sealed.dek_id,
@@ -92,10 +106,17 @@ class SealedDelivery:
         server: str,
         request_id: int,
     ) -> DataKeyResult:
-        sealed = _expect_sealed(result, SealedDataKeyResult, server=server, request_id=request_id)
+        if self.key is None:
+            return _expect(result, DataKeyResult, _UNASKED_SEALED, server, request_id)
+        sealed = _expect(result, SealedDataKeyResult, _UNSEALED, server, request_id)
         binding = data_key_binding(sealed.blob, sealed.kek, sealed.kek_version)
         key = self._open(
-            sealed.sealed_key, "generate-data-key", binding, server=server, request_id=request_id
+            self.key,
+            sealed.sealed_key,
+            "generate-data-key",
+            binding,
+            server=server,
+            request_id=request_id,
         )
         return DataKeyResult(
             key=key, blob=sealed.blob, kek=sealed.kek, kek_version=sealed.kek_version
@@ -109,22 +130,26 @@ class SealedDelivery:
         server: str,
         request_id: int,
     ) -> UnwrapResult:
-        sealed = _expect_sealed(result, SealedUnwrapResult, server=server, request_id=request_id)
+        if self.key is None:
+            return _expect(result, UnwrapResult, _UNASKED_SEALED, server, request_id)
+        sealed = _expect(result, SealedUnwrapResult, _UNSEALED, server, request_id)
         binding = data_key_binding(blob, sealed.kek, sealed.kek_version)
-        key = self._open(sealed.sealed_key, "unwrap", binding, server=server, request_id=request_id)
+        key = self._open(
+            self.key, sealed.sealed_key, "unwrap", binding, server=server, request_id=request_id
+        )
         return UnwrapResult(key=key, kek=sealed.kek, kek_version=sealed.kek_version)
 
 
-_Sealed = TypeVar("_Sealed", SealedDekResult, SealedDataKeyResult, SealedUnwrapResult)
+_UNSEALED = "asked for a sealed key, got a clear one"
+_UNASKED_SEALED = "asked for a key in the clear, got a sealed one"
+_Result = TypeVar("_Result")
 
 
-def _expect_sealed(
-    result: object, sealed_type: type[_Sealed], *, server: str, request_id: int
-) -> _Sealed:
-    if not isinstance(result, sealed_type):
-        raise SealedKeyError(
-            "asked for a sealed key, got a clear one", server=server, request_id=request_id
-        )
+def _expect(
+    result: object, expected: type[_Result], complaint: str, server: str, request_id: int
+) -> _Result:
+    if not isinstance(result, expected):
+        raise SealedKeyError(complaint, server=server, request_id=request_id)
     return result
 
 
