@@ -29,15 +29,22 @@ from kmipd.protocol import (
 )
 from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import KeyStore, StoreError
-from tests.conftest import make_policy
+from tests.conftest import StoreOpener, make_policy
 
 STORAGE = Caller("spiffe://kmipd.test/storage", 1)
 ADMIN = Caller("spiffe://kmipd.test/admin", 2)
 TENANT = Caller("spiffe://kmipd.test/tenant", 3)
 
 
-def open_service(data: Path, *, on_demand: bool = True) -> KeyService:
-    store = KeyStore.open(data / "kmipd.db")
+def open_sqlite(data: Path) -> KeyStore:
+    return KeyStore.open(data / "kmipd.db")
+
+
+def open_service(
+    data: Path, *, on_demand: bool = True, open_store: StoreOpener = open_sqlite
+) -> KeyService:
+    """``open_store``: the parametrised backend (conftest) for tests any store passes."""
+    store = open_store(data)
     hsm = SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True)
     return KeyService(store=store, hsm=hsm, policy=make_policy(), create_kek_on_demand=on_demand)
 
@@ -48,8 +55,8 @@ def close_service(service: KeyService) -> None:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[KeyService]:
-    svc = open_service(tmp_path)
+async def service(tmp_path: Path, open_store: StoreOpener) -> AsyncIterator[KeyService]:
+    svc = open_service(tmp_path, open_store=open_store)
     yield svc
     close_service(svc)
 
@@ -60,11 +67,11 @@ async def refused(service: KeyService, identity: Caller, request: object) -> Ser
     return caught.value
 
 
-async def test_dek_survives_a_restart(tmp_path: Path) -> None:
-    first = open_service(tmp_path)
+async def test_dek_survives_a_restart(tmp_path: Path, open_store: StoreOpener) -> None:
+    first = open_service(tmp_path, open_store=open_store)
     dek = await first.handle(STORAGE, CreateDek(namespace="orders"))
     close_service(first)
-    second = open_service(tmp_path)
+    second = open_service(tmp_path, open_store=open_store)
     again = await second.handle(STORAGE, GetDek(dek_id=dek.dek_id))
     assert again.key == dek.key
     close_service(second)
@@ -145,8 +152,10 @@ async def test_data_key_blob_is_bound_to_context_and_kek(service: KeyService) ->
     assert "not a kmipd data-key blob" in garbage.message
 
 
-async def test_without_on_demand_a_namespace_needs_an_admin_created_kek(tmp_path: Path) -> None:
-    svc = open_service(tmp_path, on_demand=False)
+async def test_without_on_demand_a_namespace_needs_an_admin_created_kek(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    svc = open_service(tmp_path, on_demand=False, open_store=open_store)
     error = await refused(svc, STORAGE, CreateDek(namespace="orders"))
     assert error.code is ErrorCode.NOT_FOUND
     assert "kmipd kek create orders" in error.message
@@ -241,13 +250,13 @@ class CancellingAuditLog(AuditLog):
 
 
 async def test_a_request_cut_off_by_shutdown_was_either_answered_or_not_applied(
-    tmp_path: Path,
+    tmp_path: Path, open_store: StoreOpener
 ) -> None:
     """The drain bound cancels requests still running, and ``shutting-down`` promises
     "not applied". So a request cancelled before it writes leaves nothing behind, and
     one cancelled after its write (here: while its audit record is synced) still
     finishes and is answered; never stored yet reported as cut off."""
-    svc = open_service(tmp_path)
+    svc = open_service(tmp_path, open_store=open_store)
     audit = CancellingAuditLog.open(tmp_path / "audit.log", tmp_path / "audit.key")
     assert isinstance(audit, CancellingAuditLog)
     svc.audit = audit

@@ -117,8 +117,9 @@ from kmipd.store import (
     IdempotencyKeyUsedError,
     KekRecord,
     KekVersion,
-    KeyStore,
     RewrapJob,
+    StaleRecordError,
+    Store,
     StoreError,
     TransportCertRecord,
 )
@@ -235,7 +236,7 @@ class KeyService:
     def __init__(
         self,
         *,
-        store: KeyStore,
+        store: Store,
         hsm: HsmBackend,
         policy: Policy,
         info: ServerInfo | None = None,
@@ -1255,6 +1256,10 @@ def _backend_errors(request: Any) -> Iterator[None]:
         yield
     except HsmUnavailableError as exc:
         raise ServiceError(ErrorCode.HSM_UNAVAILABLE, f"HSM unavailable: {exc}") from None
+    except StaleRecordError as exc:
+        # Another daemon changed the key between our read and our write: nothing was
+        # written, and the caller sees the key's state afresh if it asks again.
+        raise ServiceError(ErrorCode.WRONG_STATE, f"{exc}; read it again") from None
     except StoreError as exc:
         log.error("store failure during %s: %s", request.OPERATION, exc)
         raise ServiceError(ErrorCode.INTERNAL, "the key store failed; see the server log") from None

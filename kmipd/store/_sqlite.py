@@ -241,6 +241,8 @@ class KeyStore:
     (``refresh_if_changed``), so what one daemon creates the others serve.
     """
 
+    backend = "sqlite"
+
     def __init__(
         self,
         path: Path,
@@ -267,6 +269,7 @@ class KeyStore:
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
         self._transport = {r.identity: r for r in _load_transport_certs(self._reader)}
         self._data_version = _data_version(self._reader)
+        self._maintenance_fd: int | None = None
         (self.store_id,) = self._reader.execute(
             "SELECT value FROM store_meta WHERE name = 'store_id'"
         ).fetchone()
@@ -290,6 +293,8 @@ class KeyStore:
         self._writer.close()
         self._reader.close()
         os.close(self._lock_fd)
+        if self._maintenance_fd is not None:
+            os.close(self._maintenance_fd)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
@@ -846,6 +851,21 @@ class KeyStore:
             keks, certs = loaded
             self._keks = {kek.name: kek for kek in keks}
             self._transport = {record.identity: record for record in certs}
+
+    async def maintenance_turn(self) -> bool:
+        """Whether this daemon runs maintenance now: always when it owns the store;
+        shared, the one holding the maintenance lock (released when it dies)."""
+        if not self.shared or self._maintenance_fd is not None:
+            return True
+        lock_path = self.path.with_name(self.path.name + ".maintenance.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._maintenance_fd = fd
+        return True
 
     async def count_deks(self) -> int:
         return await self._read(

@@ -1,0 +1,1155 @@
+"""The key store on PostgreSQL: any number of daemons, on any number of machines.
+
+The same records, the same migrations (numbered as SQLite's) and the same
+calls as ``kmipd.store._sqlite``; what SQLite gave for free with one writer
+is designed here for many:
+
+- Migrations are applied in one transaction under an advisory lock, so the
+  daemon that starts first migrates and the others wait, then find nothing
+  left to do.
+- The change feed is numbered by a one-row counter that every feed-writing
+  transaction locks first: numbers are handed out in commit order, so a
+  ``changes_since`` reader can never skip an entry that commits late (a
+  sequence would hand them out in start order).
+- A lifecycle transition locks the key's row (``SELECT ... FOR UPDATE``)
+  and is refused with StaleRecordError if the row no longer holds the
+  lifecycle the service decided on: two daemons revoking and recovering
+  one key at once cannot both win. Row locks rather than SERIALIZABLE:
+  the conflict is always on one known row, a row lock makes exactly the
+  contenders wait, and nothing else (creates, reads) pays for predicate
+  locks or needs a retry loop.
+- Idempotency keys are a primary key: a second create with the same key
+  waits for the first to commit, then fails on the unique index and
+  rolls its DEK back.
+- Maintenance (dates, rotation, purge, feed pruning) runs where
+  ``maintenance_turn`` says: the daemon holding a session advisory lock,
+  which PostgreSQL releases when that daemon's connection dies.
+- Every daemon keeps KEK metadata, transport certificates and recently
+  used *wrapped* DEK rows in memory (never a plaintext key). Writes send a
+  NOTIFY in their transaction; a listener thread evicts what changed as
+  soon as it commits. While the listener is not connected nothing is
+  served from memory, and when it reconnects everything is reloaded: a
+  missed notification can only cost a round trip, never a stale answer.
+
+psycopg is imported here only, so the embedded SQLite default needs
+nothing but Python. Calls run on worker threads through a connection pool,
+as the SQLite store's do.
+"""
+
+# ruff: noqa: S608 - queries interpolate only constant column lists and conditions;
+# every value is a bound parameter.
+from __future__ import annotations
+
+import collections
+import json
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import attrs
+import psycopg
+import psycopg_pool
+import trio
+from psycopg import errors as pg_errors
+
+from kmipd._commit import point_of_no_return
+from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
+from kmipd.store._interface import StaleRecordError, StoreUnavailableError
+from kmipd.store._sqlite import (
+    IDEMPOTENCY_RETENTION,
+    AlreadyExistsError,
+    Change,
+    DekRecord,
+    IdempotencyKeyUsedError,
+    KekRecord,
+    KekVersion,
+    RewrapJob,
+    StoreError,
+    TransportCertRecord,
+)
+
+#: The schema, numbered as SQLite's MIGRATIONS: entry N here is the same change
+#: as entry N there (a test holds them to the same length). Never edit one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+CREATE TABLE keks (
+    name        TEXT PRIMARY KEY,
+    created_at  BIGINT NOT NULL,
+    created_by  TEXT NOT NULL
+);
+CREATE TABLE kek_versions (
+    kek         TEXT NOT NULL REFERENCES keks(name),
+    version     INTEGER NOT NULL,
+    hsm_handle  TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    PRIMARY KEY (kek, version)
+);
+-- Ids compare bytewise, as in SQLite, whatever the database's collation: paging by
+-- "id > cursor" must visit every row once.
+CREATE TABLE deks (
+    id          TEXT COLLATE "C" PRIMARY KEY,
+    namespace   TEXT NOT NULL,
+    kek_version INTEGER NOT NULL,
+    wrapped     BYTEA NOT NULL,
+    created_at  BIGINT NOT NULL,
+    created_by  TEXT NOT NULL,
+    FOREIGN KEY (namespace, kek_version) REFERENCES kek_versions(kek, version)
+);
+CREATE INDEX deks_by_kek_version ON deks(namespace, kek_version);
+""",
+    """
+CREATE TABLE store_meta (
+    name        TEXT PRIMARY KEY,
+    value       TEXT NOT NULL
+);
+INSERT INTO store_meta (name, value)
+    VALUES ('store_id', replace(gen_random_uuid()::text, '-', ''));
+CREATE TABLE idempotency_keys (
+    identity    TEXT NOT NULL,
+    key         BYTEA NOT NULL,
+    dek_id      TEXT NOT NULL REFERENCES deks(id),
+    created_at  BIGINT NOT NULL,
+    PRIMARY KEY (identity, key)
+);
+CREATE INDEX idempotency_keys_by_age ON idempotency_keys(created_at);
+""",
+    """
+ALTER TABLE kek_versions ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+ALTER TABLE kek_versions ADD COLUMN purge_at BIGINT;
+ALTER TABLE kek_versions ADD COLUMN lifecycle TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE deks ADD COLUMN state TEXT NOT NULL DEFAULT 'active';
+ALTER TABLE deks ADD COLUMN purge_at BIGINT;
+ALTER TABLE deks ADD COLUMN lifecycle TEXT NOT NULL DEFAULT '{}';
+CREATE INDEX deks_to_purge ON deks(purge_at) WHERE purge_at IS NOT NULL;
+CREATE INDEX kek_versions_to_purge ON kek_versions(purge_at) WHERE purge_at IS NOT NULL;
+CREATE TABLE changes (
+    seq         BIGINT PRIMARY KEY,
+    at          BIGINT NOT NULL,
+    namespace   TEXT NOT NULL,
+    dek_id      TEXT,
+    kek_version INTEGER,
+    state       TEXT NOT NULL
+);
+-- The feed's counter: locked by every transaction that appends, so numbers
+-- follow commit order (see the module docstring).
+CREATE TABLE feed_position (
+    one         BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    seq         BIGINT NOT NULL
+);
+INSERT INTO feed_position (seq) VALUES (0);
+CREATE TABLE rewrap_jobs (
+    id          TEXT PRIMARY KEY,
+    namespace   TEXT NOT NULL,
+    target      INTEGER NOT NULL,
+    cursor      TEXT NOT NULL DEFAULT '',
+    rewrapped   INTEGER NOT NULL DEFAULT 0,
+    skipped     INTEGER NOT NULL DEFAULT 0,
+    remaining   INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    updated_at  BIGINT NOT NULL,
+    created_by  TEXT NOT NULL
+);
+""",
+    """
+CREATE TABLE transport_certificates (
+    identity      TEXT PRIMARY KEY,
+    certificate   BYTEA NOT NULL,
+    fingerprint   BYTEA NOT NULL,
+    registered_at BIGINT NOT NULL
+);
+""",
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: Advisory lock keys (one 64-bit space per database): "kmipd" + a number.
+MIGRATION_LOCK = 0x6B6D69706401
+MAINTENANCE_LOCK = 0x6B6D69706402
+#: NOTIFY channel; payloads "d:<dek id>", "k" (KEK metadata), "t" (transport certificates).
+CHANNEL = "kmipd_changes"
+
+_DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
+_DESTROYED = ("destroyed", "destroyed-compromised")
+#: Deadlocks and serialization failures are retried; each attempt is a fresh transaction.
+_RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+_ATTEMPTS = 5
+
+T = TypeVar("T")
+Db = psycopg.Connection[Any]
+
+
+def describe_conninfo(conninfo: str) -> str:
+    """host/port/dbname/user of a connection string, never its password."""
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "(unparsable connection string)"
+    shown = [f"{k}={parts[k]}" for k in ("host", "port", "dbname", "user") if k in parts]
+    return " ".join(shown) or "(libpq defaults)"
+
+
+def _error_text(exc: BaseException) -> str:
+    """The first line of a libpq error: it never holds a password, only where it failed."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class PostgresStore:
+    """The store in one PostgreSQL database, shared by every daemon pointed at it."""
+
+    backend = "postgresql"
+    shared = True
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        cache_size: int = 10_000,
+        pool_size: int = 8,
+        connect_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._conninfo = conninfo
+        self.where = describe_conninfo(conninfo)
+        self._clock = clock
+        self._cache_size = cache_size
+        self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
+        #: Guards the cache and the in-memory metadata: the listener thread edits them.
+        self._lock = threading.Lock()
+        self._listening = False
+        #: Bumped by every eviction and every listener (re)connect: a row read from the
+        #: database is cached only if nothing was evicted meanwhile, since the eviction
+        #: may have been for a change newer than the row's snapshot.
+        self._epoch = 0
+        self._reload_wanted = False
+        self._maintenance: Db | None = None
+        self._pool = psycopg_pool.ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            timeout=connect_timeout,
+            # A daemon must not stall forever on a dead server: libpq gives up connecting
+            # after this, and a query on a dead TCP peer fails once keepalives notice.
+            kwargs={
+                "connect_timeout": max(1, int(connect_timeout)),
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+                "application_name": "kmipd",
+            },
+            name="kmipd-store",
+        )
+        self._limiter = trio.CapacityLimiter(pool_size)
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except psycopg_pool.PoolTimeout:
+            problem = self._why_not_connected()
+            self._pool.close()
+            raise StoreUnavailableError(
+                f"cannot connect to PostgreSQL at {self.where}: {problem}"
+            ) from None
+        try:
+            with self._pool.connection() as db:
+                _migrate(db, self.where)
+            with self._pool.connection() as db:
+                self.store_id, self._keks, self._transport, self._feed_seq = _load_all(db)
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise StoreError(f"store {self.where}: {_error_text(exc)}") from None
+        except BaseException:
+            self._pool.close()
+            raise
+        self._wake_r, self._wake_w = os.pipe()
+        self._stopping = threading.Event()
+        self._listener = threading.Thread(
+            target=self._listen_forever, name="kmipd-store-listener", daemon=True
+        )
+        self._listener.start()
+
+    @classmethod
+    def open(
+        cls,
+        conninfo: str,
+        *,
+        cache_size: int = 10_000,
+        pool_size: int = 8,
+        connect_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> PostgresStore:
+        return cls(
+            conninfo,
+            cache_size=cache_size,
+            pool_size=pool_size,
+            connect_timeout=connect_timeout,
+            clock=clock,
+        )
+
+    def _why_not_connected(self) -> str:
+        try:
+            psycopg.connect(self._conninfo, connect_timeout=2).close()
+        except psycopg.Error as exc:
+            return _error_text(exc)
+        return "timed out"
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self.where!r})"
+
+    def close(self) -> None:
+        self._stopping.set()
+        os.write(self._wake_w, b"x")
+        self._listener.join(10)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if self._maintenance is not None:
+            self._maintenance.close()
+        self._pool.close()
+
+    # -- running queries -------------------------------------------------------------
+
+    def _run(self, fn: Callable[[Db], T], *, feed: bool, write: bool) -> T:
+        """One transaction on a pooled connection (on a worker thread)."""
+        for attempt in range(_ATTEMPTS):
+            try:
+                with self._pool.connection() as db:
+                    if feed:
+                        # First, always: a transaction that holds a row lock and then
+                        # waits for the feed counter could deadlock against one that
+                        # holds the counter and waits for the row.
+                        db.execute("SELECT seq FROM feed_position FOR UPDATE")
+                    return fn(db)
+            except _RETRIED:
+                if attempt == _ATTEMPTS - 1:
+                    raise StoreUnavailableError(
+                        f"store {self.where}: transaction kept conflicting; retry"
+                    ) from None
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                self._pool.check()  # drop every connection the same failure broke
+                if write or attempt > 0:
+                    raise StoreUnavailableError(
+                        f"PostgreSQL at {self.where} is unavailable: {_error_text(exc)}"
+                    ) from None
+                # A read is retried once on a fresh connection: after a restart or a
+                # failover the pool's idle connections are dead, the server is not.
+            except StoreError:
+                raise
+            except psycopg.Error as exc:
+                raise StoreError(f"store {self.where}: {_error_text(exc)}") from None
+        raise AssertionError("unreachable")
+
+    async def _write(self, fn: Callable[[Db], T], *, feed: bool = False) -> T:
+        point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
+        return await trio.to_thread.run_sync(
+            lambda: self._run(fn, feed=feed, write=True), limiter=self._limiter
+        )
+
+    async def _read(self, fn: Callable[[Db], T]) -> T:
+        return await trio.to_thread.run_sync(
+            lambda: self._run(fn, feed=False, write=False), limiter=self._limiter
+        )
+
+    def pool_stats(self) -> dict[str, int]:
+        """The pool's counters (pool_size, pool_available, requests_waiting, ...): metrics."""
+        return dict(self._pool.get_stats())
+
+    # -- the listener: notifications evict what other daemons changed --------------------
+
+    def _listen_forever(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as db:
+                    db.execute(f"LISTEN {CHANNEL}")
+                    # Listening from here on: whatever changed before is reloaded now.
+                    self._reload_everything(db)
+                    with self._lock:
+                        self._listening = True
+                    self._drain(db)
+            except psycopg.Error:
+                pass  # the server is down or failing over: retried below
+            finally:
+                with self._lock:
+                    self._listening = False
+                    self._epoch += 1
+            # Not a wait for readiness: a reconnect pace, cut short by close().
+            select.select([self._wake_r], [], [], 0.5)
+
+    def _drain(self, db: Db) -> None:
+        while not self._stopping.is_set():
+            readable, _, _ = select.select([db.fileno(), self._wake_r], [], [], 5.0)
+            if self._wake_r in readable:
+                return
+            if not readable:
+                db.execute("SELECT 1")  # a dead connection shows itself here
+                continue
+            reload_keks = reload_certs = False
+            for note in db.notifies(timeout=0):
+                if note.payload.startswith("d:"):
+                    self._forget(note.payload[2:])
+                elif note.payload == "k":
+                    reload_keks = True
+                elif note.payload == "t":
+                    reload_certs = True
+            if reload_keks:
+                keks = _load_keks(db)
+                with self._lock:
+                    self._keks = {kek.name: kek for kek in keks}
+            if reload_certs:
+                certs = _load_transport_certs(db)
+                with self._lock:
+                    self._transport = {r.identity: r for r in certs}
+
+    def _reload_everything(self, db: Db) -> None:
+        _, keks, certs, _ = _load_all(db)
+        with self._lock:
+            self._keks = keks
+            self._transport = certs
+            self._cache.clear()
+            self._epoch += 1
+
+    def _notify(self, db: Db, payload: str) -> None:
+        """Sent when the transaction commits, and only then."""
+        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+    # -- KEKs --------------------------------------------------------------------
+
+    def get_kek(self, name: str) -> KekRecord | None:
+        return self._keks.get(name)
+
+    def list_keks(self, prefix: str | None = None) -> list[KekRecord]:
+        return sorted(
+            (kek for kek in self._keks.values() if prefix is None or kek.name.startswith(prefix)),
+            key=lambda kek: kek.name,
+        )
+
+    async def create_kek(self, name: str, first_version: KekVersion, created_by: str) -> KekRecord:
+        record = KekRecord(name, first_version.created_at, created_by, (first_version,))
+
+        def insert(db: Db) -> None:
+            try:
+                db.execute(
+                    "INSERT INTO keks (name, created_at, created_by) VALUES (%s, %s, %s)",
+                    (name, record.created_at, created_by),
+                )
+            except pg_errors.UniqueViolation:
+                self._reload_wanted = True  # another daemon made it: refresh_if_changed loads it
+                raise AlreadyExistsError(f"KEK {name!r} already exists") from None
+            _insert_kek_version(db, first_version)
+            self._notify(db, "k")
+
+        await self._write(insert)
+        with self._lock:
+            self._keks[name] = record
+        return record
+
+    async def add_kek_version(self, version: KekVersion) -> KekRecord:
+        def insert(db: Db) -> None:
+            try:
+                _insert_kek_version(db, version)
+            except pg_errors.UniqueViolation:
+                self._reload_wanted = True
+                raise AlreadyExistsError(
+                    f"KEK {version.kek!r} already has a version {version.version}"
+                ) from None
+            self._notify(db, "k")
+
+        await self._write(insert)
+        with self._lock:
+            kek = self._keks[version.kek]
+            self._keks[version.kek] = attrs.evolve(kek, versions=(*kek.versions, version))
+            return self._keks[version.kek]
+
+    async def set_kek_version_lifecycle(self, version: KekVersion, lifecycle: Lifecycle) -> None:
+        def update(db: Db) -> None:
+            row = db.execute(
+                "SELECT state, lifecycle, created_at FROM kek_versions"
+                " WHERE kek = %s AND version = %s FOR UPDATE",
+                (version.kek, version.version),
+            ).fetchone()
+            if row is None or _lifecycle(row, KEK_USAGES) != version.lifecycle:
+                self._reload_wanted = True
+                raise StaleRecordError(
+                    f"KEK {version.kek!r} version {version.version} changed meanwhile"
+                )
+            db.execute(
+                "UPDATE kek_versions SET state = %s, purge_at = %s, lifecycle = %s"
+                " WHERE kek = %s AND version = %s",
+                (
+                    lifecycle.state.value,
+                    lifecycle.purge_at,
+                    json.dumps(lifecycle.to_json()),
+                    version.kek,
+                    version.version,
+                ),
+            )
+            self._record_change(db, version.kek, None, version.version, lifecycle.state)
+            self._notify(db, "k")
+
+        await self._write(update, feed=True)
+        self._replace_version(attrs.evolve(version, lifecycle=lifecycle))
+
+    def _replace_version(self, version: KekVersion) -> None:
+        with self._lock:
+            kek = self._keks[version.kek]
+            versions = tuple(version if v.version == version.version else v for v in kek.versions)
+            self._keks[version.kek] = attrs.evolve(kek, versions=versions)
+
+    # -- key-transport certificates ----------------------------------------------
+
+    def get_transport_cert(self, identity: str) -> TransportCertRecord | None:
+        return self._transport.get(identity)
+
+    async def put_transport_cert(self, record: TransportCertRecord) -> None:
+        def upsert(db: Db) -> None:
+            db.execute(
+                "INSERT INTO transport_certificates (identity, certificate, fingerprint,"
+                " registered_at) VALUES (%s, %s, %s, %s) ON CONFLICT (identity) DO UPDATE SET"
+                " certificate = excluded.certificate, fingerprint = excluded.fingerprint,"
+                " registered_at = excluded.registered_at",
+                (record.identity, record.certificate, record.fingerprint, record.registered_at),
+            )
+            self._notify(db, "t")
+
+        await self._write(upsert)
+        with self._lock:
+            self._transport[record.identity] = record
+
+    # -- DEKs --------------------------------------------------------------------
+
+    async def put_dek(self, record: DekRecord, *, idempotency_key: bytes | None = None) -> None:
+        """Insert a DEK; when this returns, PostgreSQL has committed it.
+
+        With an idempotency key, a concurrent create with the same key (on
+        any daemon) waits on the key's unique index until the first
+        commits, then raises IdempotencyKeyUsedError and inserts nothing.
+        """
+
+        def insert(db: Db) -> None:
+            try:
+                db.execute(
+                    f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        record.dek_id,
+                        record.namespace,
+                        record.kek_version,
+                        record.wrapped,
+                        record.created_at,
+                        record.created_by,
+                        record.lifecycle.state.value,
+                        json.dumps(record.lifecycle.to_json()),
+                    ),
+                )
+            except pg_errors.UniqueViolation:
+                raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
+            if idempotency_key is None:
+                return
+            db.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < %s",
+                (record.created_at - IDEMPOTENCY_RETENTION,),
+            )
+            try:
+                db.execute(
+                    "INSERT INTO idempotency_keys (identity, key, dek_id, created_at)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (record.created_by, idempotency_key, record.dek_id, record.created_at),
+                )
+            except pg_errors.UniqueViolation:
+                # Raising rolls the whole transaction back, the DEK insert with it.
+                raise IdempotencyKeyUsedError from None
+
+        await self._write(insert)
+        self._remember(record)
+
+    def cached_dek(self, dek_id: str) -> DekRecord | None:
+        """The wrapped row if it is in memory and the listener vouches for it."""
+        if not self._listening:
+            return None
+        with self._lock:
+            record = self._cache.get(dek_id)
+            if record is not None:
+                self._cache.move_to_end(dek_id)
+            return record
+
+    async def find_idempotent(self, identity: str, key: bytes) -> str | None:
+        def select_one(db: Db) -> str | None:
+            row = db.execute(
+                "SELECT dek_id FROM idempotency_keys WHERE identity = %s AND key = %s",
+                (identity, key),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(select_one)
+
+    async def get_dek(self, dek_id: str) -> DekRecord | None:
+        record = self.cached_dek(dek_id)
+        if record is not None:
+            return record
+        epoch = self._epoch
+
+        def select_one(db: Db) -> tuple[DekRecord | None, list[KekRecord] | None]:
+            row = db.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE id = %s", (dek_id,)).fetchone()
+            if row is None:
+                return None, None
+            found = _dek_from_row(row)
+            kek = self._keks.get(found.namespace)
+            if kek is None or kek.version(found.kek_version) is None:
+                # Made under a KEK version created since our last notification.
+                return found, _load_keks(db)
+            return found, None
+
+        record, keks = await self._read(select_one)
+        if keks is not None:
+            with self._lock:
+                self._keks = {kek.name: kek for kek in keks}
+        if record is not None:
+            self._remember(record, epoch)
+        return record
+
+    async def set_dek_lifecycle(self, record: DekRecord, lifecycle: Lifecycle) -> DekRecord:
+        def update(db: Db) -> None:
+            row = db.execute(
+                "SELECT state, lifecycle, created_at FROM deks WHERE id = %s FOR UPDATE",
+                (record.dek_id,),
+            ).fetchone()
+            if row is None or _lifecycle(row, DEK_USAGES) != record.lifecycle:
+                self._forget(record.dek_id)
+                raise StaleRecordError(f"DEK {record.dek_id} changed meanwhile")
+            db.execute(
+                "UPDATE deks SET state = %s, purge_at = %s, lifecycle = %s WHERE id = %s",
+                (
+                    lifecycle.state.value,
+                    lifecycle.purge_at,
+                    json.dumps(lifecycle.to_json()),
+                    record.dek_id,
+                ),
+            )
+            self._record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
+            self._notify(db, f"d:{record.dek_id}")
+
+        await self._write(update, feed=True)
+        updated = attrs.evolve(record, lifecycle=lifecycle)
+        self._forget(record.dek_id)
+        self._remember(updated)
+        return updated
+
+    async def rewrap_dek(self, record: DekRecord, version: int, wrapped: bytes) -> bool:
+        def update(db: Db) -> bool:
+            cursor = db.execute(
+                "UPDATE deks SET kek_version = %s, wrapped = %s WHERE id = %s AND kek_version = %s",
+                (version, wrapped, record.dek_id, record.kek_version),
+            )
+            self._notify(db, f"d:{record.dek_id}")
+            return cursor.rowcount == 1
+
+        changed = await self._write(update)
+        self._forget(record.dek_id)
+        return changed
+
+    def _remember(self, record: DekRecord, epoch: int | None = None) -> None:
+        """Cache a row; one read from the database only if ``epoch`` is still current
+        and the listener is up (a notification it never heard cannot evict it)."""
+        with self._lock:
+            if epoch is not None and (epoch != self._epoch or not self._listening):
+                return
+            self._cache[record.dek_id] = record
+            self._cache.move_to_end(record.dek_id)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+    def _forget(self, dek_id: str) -> None:
+        with self._lock:
+            self._cache.pop(dek_id, None)
+            self._epoch += 1
+
+    # -- queries ----------------------------------------------------------------------
+
+    async def locate_deks(
+        self, *, namespace: str | None, state: State | None, after: str, limit: int
+    ) -> list[DekRecord]:
+        where, args = ["id > %s"], [after]
+        if namespace is not None:
+            where.append("namespace ~ %s")
+            args.append(glob_to_regex(namespace))
+        if state is not None:
+            where.append("state = %s")
+            args.append(state.value)
+
+        def select_all(db: Db) -> list[DekRecord]:
+            rows = db.execute(
+                f"SELECT {_DEK_COLUMNS} FROM deks WHERE {' AND '.join(where)} ORDER BY id LIMIT %s",
+                (*args, limit),
+            ).fetchall()
+            return [_dek_from_row(row) for row in rows]
+
+        return await self._read(select_all)
+
+    async def dependents(self, kek: str, version: int, limit: int) -> tuple[int, list[str]]:
+        def select_all(db: Db) -> tuple[int, list[str]]:
+            condition = "namespace = %s AND kek_version = %s AND state NOT IN (%s, %s)"
+            (count,) = db.execute(
+                f"SELECT count(*) FROM deks WHERE {condition}", (kek, version, *_DESTROYED)
+            ).fetchone() or (0,)
+            ids = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT id FROM deks WHERE {condition} ORDER BY id LIMIT %s",
+                    (kek, version, *_DESTROYED, limit),
+                )
+            ]
+            return int(count), ids
+
+        return await self._read(select_all)
+
+    async def changes_since(self, seq: int, limit: int) -> tuple[list[Change], int, int]:
+        def select_all(db: Db) -> tuple[list[Change], int, int]:
+            rows = db.execute(
+                "SELECT seq, at, namespace, dek_id, kek_version, state FROM changes"
+                " WHERE seq > %s ORDER BY seq LIMIT %s",
+                (seq, limit),
+            ).fetchall()
+            (newest,) = db.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone() or (0,)
+            pruned = db.execute(
+                "SELECT value FROM store_meta WHERE name = 'changes_pruned_through'"
+            ).fetchone()
+            return [Change(*row) for row in rows], int(newest), int(pruned[0]) if pruned else 0
+
+        return await self._read(select_all)
+
+    def _record_change(
+        self, db: Db, namespace: str, dek_id: str | None, version: int | None, state: State
+    ) -> None:
+        """Number a state change (the transaction holds the feed counter: see _run)."""
+        (seq,) = db.execute("UPDATE feed_position SET seq = seq + 1 RETURNING seq").fetchone() or (
+            0,
+        )
+        db.execute(
+            "INSERT INTO changes (seq, at, namespace, dek_id, kek_version, state)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (seq, int(self._clock()), namespace, dek_id, version, state.value),
+        )
+
+    async def prune_changes(self, max_age: int) -> int:
+        before = int(self._clock()) - max_age
+
+        def prune(db: Db) -> int:
+            (through,) = db.execute(
+                "SELECT max(seq) FROM changes WHERE at < %s"
+                " AND seq < (SELECT max(seq) FROM changes)",
+                (before,),
+            ).fetchone() or (None,)
+            if through is None:
+                return 0
+            count = db.execute("DELETE FROM changes WHERE seq <= %s", (through,)).rowcount
+            db.execute(
+                "INSERT INTO store_meta (name, value) VALUES ('changes_pruned_through', %s)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (str(through),),
+            )
+            return int(count)
+
+        return await self._write(prune, feed=True)
+
+    # -- destruction --------------------------------------------------------------------
+
+    async def due_for_purge(self, now: int) -> tuple[list[DekRecord], list[KekVersion]]:
+        def select_all(db: Db) -> tuple[list[DekRecord], list[tuple[str, int]]]:
+            deks = [
+                _dek_from_row(row)
+                for row in db.execute(
+                    f"SELECT {_DEK_COLUMNS} FROM deks WHERE purge_at <= %s", (now,)
+                )
+            ]
+            versions = db.execute(
+                "SELECT kek, version FROM kek_versions WHERE purge_at <= %s", (now,)
+            ).fetchall()
+            return deks, [(str(k), int(v)) for k, v in versions]
+
+        deks, refs = await self._read(select_all)
+        versions = []
+        for name, number in refs:
+            kek = self._keks.get(name)
+            found = kek.version(number) if kek is not None else None
+            if found is not None:
+                versions.append(found)
+        return deks, versions
+
+    async def purge_dek(self, record: DekRecord, lifecycle: Lifecycle) -> None:
+        def erase(db: Db) -> None:
+            db.execute(
+                "UPDATE deks SET wrapped = ''::bytea, state = %s, purge_at = NULL,"
+                " lifecycle = %s WHERE id = %s",
+                (lifecycle.state.value, json.dumps(lifecycle.to_json()), record.dek_id),
+            )
+            db.execute("DELETE FROM idempotency_keys WHERE dek_id = %s", (record.dek_id,))
+            self._record_change(db, record.namespace, record.dek_id, None, lifecycle.state)
+            self._notify(db, f"d:{record.dek_id}")
+
+        await self._write(erase, feed=True)
+        self._forget(record.dek_id)
+
+    async def purge_kek_version(self, version: KekVersion, lifecycle: Lifecycle) -> list[str]:
+        now = int(time.time())
+
+        def erase(db: Db) -> list[str]:
+            db.execute(
+                "UPDATE kek_versions SET hsm_handle = '', state = %s, purge_at = NULL,"
+                " lifecycle = %s WHERE kek = %s AND version = %s",
+                (
+                    lifecycle.state.value,
+                    json.dumps(lifecycle.to_json()),
+                    version.kek,
+                    version.version,
+                ),
+            )
+            self._record_change(db, version.kek, None, version.version, lifecycle.state)
+            self._notify(db, "k")
+            orphans = db.execute(
+                "SELECT id, state, lifecycle, created_at FROM deks"
+                " WHERE namespace = %s AND kek_version = %s AND wrapped != ''::bytea"
+                " ORDER BY id FOR UPDATE",
+                (version.kek, version.version),
+            ).fetchall()
+            for dek_id, state, document, created in orphans:
+                old = _lifecycle((state, document, created), DEK_USAGES)
+                shredded = (
+                    State.DESTROYED_COMPROMISED
+                    if state in ("compromised", "destroyed-compromised")
+                    else State.DESTROYED
+                )
+                gone = attrs.evolve(
+                    old, state=shredded, purge_at=None, destroy_date=old.destroy_date or now
+                )
+                db.execute(
+                    "UPDATE deks SET wrapped = ''::bytea, state = %s, purge_at = NULL,"
+                    " lifecycle = %s WHERE id = %s",
+                    (shredded.value, json.dumps(gone.to_json()), dek_id),
+                )
+                self._record_change(db, version.kek, dek_id, None, shredded)
+                self._notify(db, f"d:{dek_id}")
+            return [str(row[0]) for row in orphans]
+
+        orphans = await self._write(erase, feed=True)
+        self._replace_version(attrs.evolve(version, hsm_handle="", lifecycle=lifecycle))
+        for dek_id in orphans:
+            self._forget(dek_id)
+        return orphans
+
+    async def checkpoint(self) -> None:
+        """Nothing to do: PostgreSQL cannot erase old row versions on demand.
+
+        What a purge guarantees here is crypto-shredding (the KEK version is
+        gone from the HSM), not overwritten bytes: see the README.
+        """
+
+    # -- rewrap jobs ------------------------------------------------------------------------
+
+    async def create_job(self, job: RewrapJob) -> None:
+        def insert(db: Db) -> None:
+            db.execute(
+                "INSERT INTO rewrap_jobs (id, namespace, target, cursor, rewrapped, skipped,"
+                " remaining, state, created_at, updated_at, created_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                attrs.astuple(job),
+            )
+
+        await self._write(insert)
+
+    async def commit_rewrap_batch(
+        self, job: RewrapJob, updates: list[tuple[DekRecord, bytes]]
+    ) -> RewrapJob:
+        def apply(db: Db) -> RewrapJob:
+            changed = 0
+            for record, wrapped in updates:
+                cursor = db.execute(
+                    "UPDATE deks SET kek_version = %s, wrapped = %s"
+                    " WHERE id = %s AND kek_version = %s",
+                    (job.target, wrapped, record.dek_id, record.kek_version),
+                )
+                changed += cursor.rowcount
+                self._notify(db, f"d:{record.dek_id}")
+            (remaining,) = db.execute(
+                "SELECT count(*) FROM deks WHERE namespace = %s AND kek_version < %s"
+                " AND wrapped != ''::bytea",
+                (job.namespace, job.target),
+            ).fetchone() or (0,)
+            saved = attrs.evolve(job, rewrapped=job.rewrapped + changed, remaining=remaining)
+            db.execute(
+                "UPDATE rewrap_jobs SET cursor = %s, rewrapped = %s, skipped = %s,"
+                " remaining = %s, state = %s, updated_at = %s WHERE id = %s",
+                (
+                    saved.cursor,
+                    saved.rewrapped,
+                    saved.skipped,
+                    saved.remaining,
+                    saved.state,
+                    saved.updated_at,
+                    saved.job_id,
+                ),
+            )
+            return saved
+
+        saved = await self._write(apply)
+        for record, _ in updates:
+            self._forget(record.dek_id)
+        return saved
+
+    async def get_job(self, job_id: str) -> RewrapJob | None:
+        def select_one(db: Db) -> RewrapJob | None:
+            row = db.execute(f"SELECT {_JOB_COLUMNS} FROM rewrap_jobs WHERE id = %s", (job_id,))
+            found = row.fetchone()
+            return None if found is None else RewrapJob(*found)
+
+        return await self._read(select_one)
+
+    async def list_jobs(self, state: str | None = None) -> list[RewrapJob]:
+        def select_all(db: Db) -> list[RewrapJob]:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM rewrap_jobs"
+                " WHERE %s::text IS NULL OR state = %s ORDER BY created_at",
+                (state, state),
+            ).fetchall()
+            return [RewrapJob(*row) for row in rows]
+
+        return await self._read(select_all)
+
+    async def deks_to_rewrap(
+        self, namespace: str, target: int, after: str, limit: int
+    ) -> list[DekRecord]:
+        def select_all(db: Db) -> list[DekRecord]:
+            rows = db.execute(
+                f"SELECT {_DEK_COLUMNS} FROM deks WHERE namespace = %s AND kek_version < %s"
+                " AND id > %s AND wrapped != ''::bytea"
+                " ORDER BY id LIMIT %s",
+                (namespace, target, after, limit),
+            ).fetchall()
+            return [_dek_from_row(row) for row in rows]
+
+        return await self._read(select_all)
+
+    async def count_to_rewrap(self, namespace: str, target: int) -> int:
+        def select_one(db: Db) -> int:
+            (count,) = db.execute(
+                "SELECT count(*) FROM deks WHERE namespace = %s AND kek_version < %s"
+                " AND wrapped != ''::bytea",
+                (namespace, target),
+            ).fetchone() or (0,)
+            return int(count)
+
+        return await self._read(select_one)
+
+    # -- health, sharing, maintenance ----------------------------------------------------------
+
+    async def refresh_if_changed(self) -> None:
+        """Reload KEK metadata if a write found another daemon got there first.
+
+        Everything else another daemon changes arrives through the listener,
+        so the request path pays nothing here.
+        """
+        if not self._reload_wanted and self._listening:
+            return
+        self._reload_wanted = False
+        _, keks, certs, _ = await self._read(_load_all)
+        with self._lock:
+            self._keks = keks
+            self._transport = certs
+
+    async def maintenance_turn(self) -> bool:
+        """Whether this daemon runs maintenance now: it holds the advisory lock.
+
+        The lock is held by a dedicated session: if this daemon dies, its
+        session ends, PostgreSQL releases the lock, and the next daemon to
+        ask takes over.
+        """
+
+        def take() -> bool:
+            db = self._maintenance
+            if db is not None and not db.closed and not db.broken:
+                try:
+                    db.execute("SELECT 1")
+                except psycopg.Error:
+                    db.close()
+                else:
+                    return True
+            self._maintenance = None
+            try:
+                db = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+            except psycopg.Error:
+                return False
+            row = db.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK,)).fetchone()
+            if row is None or not row[0]:
+                db.close()
+                return False
+            self._maintenance = db
+            return True
+
+        return await trio.to_thread.run_sync(take, limiter=self._limiter)
+
+    async def count_deks(self) -> int:
+        def select_one(db: Db) -> int:
+            (count,) = db.execute("SELECT count(*) FROM deks").fetchone() or (0,)
+            return int(count)
+
+        return await self._read(select_one)
+
+    async def count_by_state(self) -> dict[tuple[str, str], int]:
+        def select_all(db: Db) -> dict[tuple[str, str], int]:
+            counts = {}
+            for kind, table in (("dek", "deks"), ("kek-version", "kek_versions")):
+                for state, count in db.execute(
+                    f"SELECT state, count(*) FROM {table} GROUP BY state"
+                ):
+                    counts[(kind, str(state))] = int(count)
+            return counts
+
+        return await self._read(select_all)
+
+    async def check(self) -> None:
+        """Raise StoreError unless the database answers, writable (not a standby)."""
+
+        def probe(db: Db) -> None:
+            row = db.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row is not None and row[0]:
+                raise StoreUnavailableError(
+                    f"PostgreSQL at {self.where} is a standby (read-only); "
+                    "point kmipd at the primary (target_session_attrs=read-write)"
+                )
+
+        await self._read(probe)
+
+    async def is_primary(self) -> bool:
+        def probe(db: Db) -> bool:
+            row = db.execute("SELECT NOT pg_is_in_recovery()").fetchone()
+            return bool(row and row[0])
+
+        return await self._read(probe)
+
+
+_JOB_COLUMNS = (
+    "id, namespace, target, cursor, rewrapped, skipped, remaining, state,"
+    " created_at, updated_at, created_by"
+)
+
+
+def glob_to_regex(pattern: str) -> str:
+    """SQLite's GLOB (``*``, ``?``, ``[...]``, case-sensitive) as an anchored POSIX regex."""
+    out, i = ["^"], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            negate = body.startswith("^")
+            body = body[1:] if negate else body
+            escaped = body.replace("\\", "\\\\")
+            out.append(f"[{'^' if negate else ''}{escaped}]")
+            i = end
+        else:
+            out.append("\\" + char if not char.isalnum() else char)
+        i += 1
+    out.append("$")
+    return "".join(out)
+
+
+def _migrate(db: Db, where: str) -> None:
+    """Apply the missing migrations, in one transaction, under the migration lock."""
+    db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+    db.execute("CREATE TABLE IF NOT EXISTS kmipd_schema (version INTEGER NOT NULL)")
+    row = db.execute("SELECT version FROM kmipd_schema").fetchone()
+    version = 0 if row is None else int(row[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {where} has schema version {version}, newer than this kmipd "
+            f"({SCHEMA_VERSION}); upgrade kmipd"
+        )
+    if version == SCHEMA_VERSION:
+        return
+    for migration in MIGRATIONS[version:]:
+        db.execute(migration.encode())
+    if row is None:
+        db.execute("INSERT INTO kmipd_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+    else:
+        db.execute("UPDATE kmipd_schema SET version = %s", (SCHEMA_VERSION,))
+
+
+def schema_version(db: Db) -> int | None:
+    """The store's schema version, None if kmipd never migrated this database."""
+    row = db.execute("SELECT to_regclass('kmipd_schema') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return None
+    found = db.execute("SELECT version FROM kmipd_schema").fetchone()
+    return None if found is None else int(found[0])
+
+
+def _lifecycle(row: tuple[Any, ...], usages: frozenset[Any]) -> Lifecycle:
+    state, document, created_at = row
+    return Lifecycle.from_json(
+        state, json.loads(document), default_usage=usages, created_at=created_at
+    )
+
+
+def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:
+    dek_id, namespace, version, wrapped, created_at, created_by, state, document = row
+    lifecycle = Lifecycle.from_json(
+        state, json.loads(document), default_usage=DEK_USAGES, created_at=created_at
+    )
+    return DekRecord(dek_id, namespace, version, bytes(wrapped), created_at, created_by, lifecycle)
+
+
+def _insert_kek_version(db: Db, version: KekVersion) -> None:
+    db.execute(
+        "INSERT INTO kek_versions (kek, version, hsm_handle, created_at, state, purge_at,"
+        " lifecycle) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            version.kek,
+            version.version,
+            version.hsm_handle,
+            version.created_at,
+            version.lifecycle.state.value,
+            version.lifecycle.purge_at,
+            json.dumps(version.lifecycle.to_json()),
+        ),
+    )
+
+
+def _load_all(
+    db: Db,
+) -> tuple[str, dict[str, KekRecord], dict[str, TransportCertRecord], int]:
+    row = db.execute("SELECT value FROM store_meta WHERE name = 'store_id'").fetchone()
+    store_id = "" if row is None else str(row[0])
+    keks = {kek.name: kek for kek in _load_keks(db)}
+    certs = {record.identity: record for record in _load_transport_certs(db)}
+    (seq,) = db.execute("SELECT seq FROM feed_position").fetchone() or (0,)
+    return store_id, keks, certs, int(seq)
+
+
+def _load_transport_certs(db: Db) -> list[TransportCertRecord]:
+    return [
+        TransportCertRecord(identity, bytes(certificate), bytes(fingerprint), registered_at)
+        for identity, certificate, fingerprint, registered_at in db.execute(
+            "SELECT identity, certificate, fingerprint, registered_at FROM transport_certificates"
+        )
+    ]
+
+
+def _load_keks(db: Db) -> list[KekRecord]:
+    versions: dict[str, list[KekVersion]] = collections.defaultdict(list)
+    for kek, number, handle, created_at, state, document in db.execute(
+        "SELECT kek, version, hsm_handle, created_at, state, lifecycle FROM kek_versions"
+        " ORDER BY kek, version"
+    ):
+        lifecycle = Lifecycle.from_json(
+            state, json.loads(document), default_usage=KEK_USAGES, created_at=created_at
+        )
+        versions[kek].append(KekVersion(kek, number, handle, created_at, lifecycle))
+    return [
+        KekRecord(name, created_at, created_by, tuple(versions[name]))
+        for name, created_at, created_by in db.execute(
+            "SELECT name, created_at, created_by FROM keks"
+        )
+    ]
