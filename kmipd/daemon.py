@@ -26,7 +26,7 @@ from kmipd.config import Config, ConfigError
 from kmipd.hsm import HsmBackend, Pkcs11Hsm, SoftwareHsm, read_pin
 from kmipd.server import KmipServer, ServerTls, open_listeners
 from kmipd.service import KeyService, ServerInfo
-from kmipd.store import KeyStore
+from kmipd.store import KeyStore, Store, open_postgres_store
 
 log = logging.getLogger("kmipd.daemon")
 
@@ -68,10 +68,7 @@ async def run_daemon(
         log.warning("%s", warning)
     tls = ServerTls.load(config.tls)
     with contextlib.ExitStack() as resources:
-        notifier.status(f"opening the key store {config.store_path}")
-        store = KeyStore.open(
-            config.store_path, cache_size=config.store_cache_size, shared=config.store_shared
-        )
+        store = await open_store(config, notifier.status)
         resources.callback(store.close)
         notifier.status("opening the HSM backend")
         hsm = await open_hsm(config)
@@ -128,6 +125,29 @@ async def run_daemon(
                 on_ready(RunningDaemon(addresses, server, supervisor))
         notifier.status("stopped")
         log.info("stopped")
+
+
+async def open_store(config: Config, status: Callable[[str], None] | None = None) -> Store:
+    """The configured store, open (migrated if needed); raises StoreError saying what is
+    wrong, ConfigError for an unreadable password file."""
+    settings = config.postgres
+    if settings is None:
+        path = config.sqlite_path()
+        if status is not None:
+            status(f"opening the key store {path}")
+        return KeyStore.open(path, cache_size=config.store_cache_size, shared=config.store_shared)
+    conninfo = settings.connection_string()
+    if status is not None:
+        status("connecting to the PostgreSQL store")
+    # Connecting and migrating block: a worker thread keeps the event loop free meanwhile.
+    return await trio.to_thread.run_sync(
+        lambda: open_postgres_store(
+            conninfo,
+            cache_size=config.store_cache_size,
+            pool_size=settings.pool_size,
+            connect_timeout=settings.connect_timeout,
+        )
+    )
 
 
 async def open_hsm(config: Config) -> HsmBackend:

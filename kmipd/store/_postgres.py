@@ -224,6 +224,10 @@ class PostgresStore:
         #: database is cached only if nothing was evicted meanwhile, since the eviction
         #: may have been for a change newer than the row's snapshot.
         self._epoch = 0
+        #: Bumped (under the lock) by every change this daemon makes to its in-memory
+        #: KEKs or certificates: a load from the database that started before it may
+        #: predate that change, and is redone rather than installed over it.
+        self._metadata_generation = 0
         self._reload_wanted = False
         self._maintenance: Db | None = None
         self._pool = psycopg_pool.ConnectionPool(
@@ -393,22 +397,26 @@ class PostgresStore:
                     reload_keks = True
                 elif note.payload == "t":
                     reload_certs = True
-            if reload_keks:
-                keks = _load_keks(db)
-                with self._lock:
-                    self._keks = {kek.name: kek for kek in keks}
-            if reload_certs:
-                certs = _load_transport_certs(db)
-                with self._lock:
-                    self._transport = {r.identity: r for r in certs}
+            if reload_keks or reload_certs:
+                self._reload_metadata(db)
+
+    def _reload_metadata(self, db: Db, *, clear_cache: bool = False) -> None:
+        """Load KEKs and certificates; install them unless a local change raced the load."""
+        while True:
+            generation = self._metadata_generation
+            _, keks, certs, _ = _load_all(db)
+            with self._lock:
+                if generation != self._metadata_generation:
+                    continue
+                self._keks = keks
+                self._transport = certs
+                if clear_cache:
+                    self._cache.clear()
+                    self._epoch += 1
+                return
 
     def _reload_everything(self, db: Db) -> None:
-        _, keks, certs, _ = _load_all(db)
-        with self._lock:
-            self._keks = keks
-            self._transport = certs
-            self._cache.clear()
-            self._epoch += 1
+        self._reload_metadata(db, clear_cache=True)
 
     def _notify(self, db: Db, payload: str) -> None:
         """Sent when the transaction commits, and only then."""
@@ -443,6 +451,7 @@ class PostgresStore:
         await self._write(insert)
         with self._lock:
             self._keks[name] = record
+            self._metadata_generation += 1
         return record
 
     async def add_kek_version(self, version: KekVersion) -> KekRecord:
@@ -460,6 +469,7 @@ class PostgresStore:
         with self._lock:
             kek = self._keks[version.kek]
             self._keks[version.kek] = attrs.evolve(kek, versions=(*kek.versions, version))
+            self._metadata_generation += 1
             return self._keks[version.kek]
 
     async def set_kek_version_lifecycle(self, version: KekVersion, lifecycle: Lifecycle) -> None:
@@ -496,6 +506,7 @@ class PostgresStore:
             kek = self._keks[version.kek]
             versions = tuple(version if v.version == version.version else v for v in kek.versions)
             self._keks[version.kek] = attrs.evolve(kek, versions=versions)
+            self._metadata_generation += 1
 
     # -- key-transport certificates ----------------------------------------------
 
@@ -516,6 +527,7 @@ class PostgresStore:
         await self._write(upsert)
         with self._lock:
             self._transport[record.identity] = record
+            self._metadata_generation += 1
 
     # -- DEKs --------------------------------------------------------------------
 
@@ -587,7 +599,7 @@ class PostgresStore:
         record = self.cached_dek(dek_id)
         if record is not None:
             return record
-        epoch = self._epoch
+        epoch, generation = self._epoch, self._metadata_generation
 
         def select_one(db: Db) -> tuple[DekRecord | None, list[KekRecord] | None]:
             row = db.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE id = %s", (dek_id,)).fetchone()
@@ -603,7 +615,8 @@ class PostgresStore:
         record, keks = await self._read(select_one)
         if keks is not None:
             with self._lock:
-                self._keks = {kek.name: kek for kek in keks}
+                if generation == self._metadata_generation:  # else ours is newer already
+                    self._keks = {kek.name: kek for kek in keks}
         if record is not None:
             self._remember(record, epoch)
         return record
@@ -951,10 +964,7 @@ class PostgresStore:
         if not self._reload_wanted and self._listening:
             return
         self._reload_wanted = False
-        _, keks, certs, _ = await self._read(_load_all)
-        with self._lock:
-            self._keks = keks
-            self._transport = certs
+        await self._read(self._reload_metadata)
 
     async def maintenance_turn(self) -> bool:
         """Whether this daemon runs maintenance now: it holds the advisory lock.
@@ -1042,12 +1052,12 @@ def glob_to_regex(pattern: str) -> str:
             out.append(".*")
         elif char == "?":
             out.append(".")
-        elif char == "[" and (end := pattern.find("]", i + 2)) != -1:
-            body = pattern[i + 1 : end]
-            negate = body.startswith("^")
-            body = body[1:] if negate else body
-            escaped = body.replace("\\", "\\\\")
-            out.append(f"[{'^' if negate else ''}{escaped}]")
+        elif char == "[" and (end := _bracket_end(pattern, i)) != -1:
+            negate = pattern[i + 1] == "^"
+            body = pattern[i + (2 if negate else 1) : end]
+            # A leading "]" is a member, in both; everything else is literal here.
+            members = "".join("\\" + c if not c.isalnum() and c != "-" else c for c in body)
+            out.append(f"[{'^' if negate else ''}{members}]")
             i = end
         else:
             out.append("\\" + char if not char.isalnum() else char)
@@ -1056,12 +1066,39 @@ def glob_to_regex(pattern: str) -> str:
     return "".join(out)
 
 
+def _bracket_end(pattern: str, start: int) -> int:
+    """Where the set opened at ``start`` closes (a "]" first in it is a member), or -1."""
+    first = start + 1
+    if pattern[first : first + 1] == "^":
+        first += 1
+    return pattern.find("]", first + 1)
+
+
 def _migrate(db: Db, where: str) -> None:
     """Apply the missing migrations, in one transaction, under the migration lock."""
-    db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-    db.execute("CREATE TABLE IF NOT EXISTS kmipd_schema (version INTEGER NOT NULL)")
-    row = db.execute("SELECT version FROM kmipd_schema").fetchone()
-    version = 0 if row is None else int(row[0])
+    if schema_version(db) == SCHEMA_VERSION:
+        return  # the usual case; needs no lock, and no privilege beyond reading
+    # A session lock, taken in a transaction of its own: the migration's transaction
+    # then starts after the lock is held, so it sees the catalog as another daemon's
+    # migration (committed while we waited) left it.
+    db.commit()
+    db.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    db.commit()
+    try:
+        _migrate_locked(db, where)
+        db.commit()
+    finally:
+        db.rollback()
+        db.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        db.commit()
+
+
+def _migrate_locked(db: Db, where: str) -> None:
+    found = schema_version(db)
+    if found is None:
+        db.execute("CREATE TABLE kmipd_schema (version INTEGER NOT NULL)")
+    row = None if found is None else (found,)
+    version = found or 0
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"store {where} has schema version {version}, newer than this kmipd "
@@ -1153,3 +1190,81 @@ def _load_keks(db: Db) -> list[KekRecord]:
             "SELECT name, created_at, created_by FROM keks"
         )
     ]
+
+
+_TABLES = (
+    "keks",
+    "kek_versions",
+    "deks",
+    "store_meta",
+    "idempotency_keys",
+    "changes",
+    "feed_position",
+    "rewrap_jobs",
+    "transport_certificates",
+)
+
+
+def check_database(conninfo: str) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a database as a daemon's store: for ``check-config``.
+
+    Connects once: the server answers, is a primary, holds a schema this
+    kmipd can use, and lets this user read and write every table.
+    """
+    where = describe_conninfo(conninfo)
+    problems: list[str] = []
+    warnings: list[str] = []
+    try:
+        db = psycopg.connect(conninfo, connect_timeout=5, autocommit=True)
+    except psycopg.Error as exc:
+        return [f"store.conninfo: cannot connect to PostgreSQL at {where}: {_error_text(exc)}"], []
+    with db:
+        row = db.execute("SELECT pg_is_in_recovery(), current_user").fetchone()
+        standby, user = (bool(row[0]), str(row[1])) if row else (False, "?")
+        if standby:
+            problems.append(
+                f"store.conninfo: {where} is a standby (read-only); point kmipd at the "
+                "primary, e.g. several hosts with target_session_attrs=read-write"
+            )
+        version = schema_version(db)
+        if version is None:
+            created = db.execute("SELECT has_schema_privilege('public', 'CREATE')").fetchone()
+            if not (created and created[0]):
+                problems.append(
+                    f"store.conninfo: the database has no kmipd schema yet and {user} may not "
+                    "create tables in schema public (GRANT CREATE ON SCHEMA public TO ...)"
+                )
+            else:
+                warnings.append(
+                    f"store.conninfo: the database has no kmipd schema yet; the first daemon "
+                    f"creates it (schema version {SCHEMA_VERSION})"
+                )
+        elif version > SCHEMA_VERSION:
+            problems.append(
+                f"store.conninfo: the store has schema version {version}, newer than this "
+                f"kmipd ({SCHEMA_VERSION}); upgrade kmipd"
+            )
+        else:
+            if version < SCHEMA_VERSION:
+                warnings.append(
+                    f"store.conninfo: schema version {version}; the next daemon to start "
+                    f"migrates it to {SCHEMA_VERSION}"
+                )
+            tables = _TABLES if version == SCHEMA_VERSION else ("deks", "keks")
+            for table in tables:
+                for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                    allowed = db.execute(
+                        "SELECT to_regclass(%s) IS NULL OR has_table_privilege(%s, %s)",
+                        (table, table, privilege),
+                    ).fetchone()
+                    if not (allowed and allowed[0]):
+                        problems.append(f"store.conninfo: {user} lacks {privilege} on {table}")
+        parts = psycopg.conninfo.conninfo_to_dict(conninfo)
+        host = str(parts.get("host", ""))
+        tcp = any(h and not h.startswith("/") for h in host.split(","))
+        if tcp and parts.get("sslmode") != "verify-full":
+            warnings.append(
+                "store.conninfo: PostgreSQL over TCP without sslmode=verify-full: wrapped "
+                "keys and the password cross the network unauthenticated"
+            )
+    return problems, warnings

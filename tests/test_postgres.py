@@ -1,0 +1,433 @@
+"""The PostgreSQL store with several writers: what SQLite's one writer gave for free.
+
+The store-level behaviour both backends share is tested in test_service.py
+and test_lifecycle.py (parametrised over both); here is what only several
+daemons on one database can show: concurrent idempotent creates, the feed
+numbered in commit order, lifecycle races, eviction by notification, one
+maintenance runner, migrations racing, the faults at startup, and three
+real daemons with one killed mid-run.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kmipd.audit import records, verify
+from kmipd.client import Client, KeyCompromisedError
+from kmipd.hsm import SoftwareHsm
+from kmipd.lifecycle import DEK_USAGES, Event, Lifecycle, RevocationReason, State
+from kmipd.protocol import CreateDek, ErrorCode, GetDek, KeyRef, Revoke
+from kmipd.service import Caller, KeyService, ServiceError
+from kmipd.store import (
+    DekRecord,
+    StaleRecordError,
+    StoreError,
+    StoreUnavailableError,
+    _sqlite,
+    open_postgres_store,
+)
+from kmipd.store import _postgres as pg
+from kmipd.store._postgres import PostgresStore, glob_to_regex
+from tests.conftest import PostgresDatabases, make_policy
+from tests.postgres import Cluster
+from tests.processes import Daemon, run_kmipd
+
+STORAGE = Caller("spiffe://kmipd.test/storage", 1)
+ADMIN = Caller("spiffe://kmipd.test/admin", 2)
+
+
+def test_migrations_are_numbered_as_sqlite_s() -> None:
+    # Migration N is the same change on both backends: a store's version means one thing.
+    assert len(pg.MIGRATIONS) == len(_sqlite.MIGRATIONS)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab*?[]^/.%_", max_size=8), st.text(alphabet="ab]^/.%_", max_size=6))
+def test_namespace_globs_match_as_in_sqlite(
+    postgres_cluster: Cluster, pattern: str, name: str
+) -> None:
+    with sqlite3.connect(":memory:") as db:
+        (expected,) = db.execute("SELECT ? GLOB ?", (name, pattern)).fetchone()
+    with psycopg.connect(postgres_cluster.conninfo("postgres")) as db:
+        row = db.execute("SELECT %s ~ %s", (name, glob_to_regex(pattern))).fetchone()
+    assert row is not None
+    assert row[0] is bool(expected), glob_to_regex(pattern)
+
+
+async def test_namespace_globs_on_the_server(postgres_db: str) -> None:
+    cases = [("tenant-a/*", "tenant-a/db", True), ("tenant-a/*", "tenant-ab", False)]
+    cases += [("t?n", "tan", True), ("[ab]x", "bx", True), ("[^ab]x", "ax", False)]
+    cases += [("a.b", "axb", False), ("50%", "50%", True), ("a_b", "axb", False)]
+    with psycopg.connect(postgres_db) as db:
+        for pattern, name, matches in cases:
+            row = db.execute("SELECT %s ~ %s", (name, glob_to_regex(pattern))).fetchone()
+            assert row is not None
+            assert row[0] is matches, (pattern, name)
+
+
+# -- several stores on one database ---------------------------------------------------------
+
+
+class Daemons:
+    """Services over stores on one database: each one stands for a daemon."""
+
+    def __init__(self, data: Path, conninfo: str) -> None:
+        self.data, self.conninfo = data, conninfo
+        self.services: list[KeyService] = []
+
+    def start(self, **options: Any) -> KeyService:
+        store = open_postgres_store(self.conninfo, **options)
+        hsm = SoftwareHsm.open(self.data / "master.key", self.data / "keyring.cbor", create=True)
+        service = KeyService(store=store, hsm=hsm, policy=make_policy(), create_kek_on_demand=True)
+        self.services.append(service)
+        return service
+
+    def close(self) -> None:
+        for service in self.services:
+            service.store.close()
+            service.hsm.close()
+
+
+@pytest.fixture
+async def daemons(tmp_path: Path, postgres_db: str) -> AsyncIterator[Daemons]:
+    group = Daemons(tmp_path, postgres_db)
+    yield group
+    group.close()
+
+
+def count(conninfo: str, sql: str) -> int:
+    with psycopg.connect(conninfo) as db:
+        row = db.execute(sql.encode()).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def test_migrations_race_and_apply_once(tmp_path: Path, postgres_db: str) -> None:
+    stores: list[PostgresStore] = []
+    failures: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            stores.append(PostgresStore.open(postgres_db))
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert failures == []
+        assert len({store.store_id for store in stores}) == 1  # one store, migrated once
+        assert count(postgres_db, "SELECT version FROM kmipd_schema") == pg.SCHEMA_VERSION
+        assert count(postgres_db, "SELECT count(*) FROM kmipd_schema") == 1
+    finally:
+        for store in stores:
+            store.close()
+
+
+async def test_concurrent_creates_with_one_idempotency_key_make_one_key(
+    daemons: Daemons,
+) -> None:
+    services = [daemons.start(), daemons.start(), daemons.start()]
+    await services[0].handle(STORAGE, CreateDek(namespace="orders"))  # the KEK exists
+    for service in services[1:]:
+        await service.store.refresh_if_changed()
+    results: list[Any] = []
+
+    async def create(service: KeyService) -> None:
+        results.append(
+            await service.handle(STORAGE, CreateDek(namespace="orders", idempotency_key=b"k" * 16))
+        )
+
+    async with trio.open_nursery() as nursery:
+        for n in range(12):
+            nursery.start_soon(create, services[n % 3])
+    assert len({r.dek_id for r in results}) == 1
+    assert len({bytes(r.key) for r in results}) == 1
+    assert count(daemons.conninfo, "SELECT count(*) FROM deks") == 2
+
+
+async def test_the_feed_is_numbered_in_commit_order_under_concurrent_writers(
+    daemons: Daemons,
+) -> None:
+    """A reader that polls as writers commit never sees a number appear behind it."""
+    a, b = daemons.start(), daemons.start()
+    deks = [(await a.handle(STORAGE, CreateDek(namespace="orders"))) for _ in range(30)]
+    seen: list[int] = []
+    done = trio.Event()
+
+    async def read_feed() -> None:
+        position = 0
+        while True:
+            finished = done.is_set()
+            changes, _, _ = await b.store.changes_since(position, 1000)
+            for change in changes:
+                assert change.seq == position + 1, "the feed skipped a number"
+                position = change.seq
+                seen.append(change.seq)
+            if finished:
+                return
+            await trio.lowlevel.checkpoint()
+
+    async def revoke(service: KeyService, dek_id: str) -> None:
+        await service.handle(ADMIN, Revoke(key=KeyRef(dek_id=dek_id), reason="superseded"))
+
+    async with trio.open_nursery() as readers:
+        readers.start_soon(read_feed)
+        async with trio.open_nursery() as writers:
+            for n, dek in enumerate(deks):
+                writers.start_soon(revoke, (a, b)[n % 2], dek.dek_id)
+        done.set()
+    assert seen == list(range(1, 31))
+
+
+async def test_a_lifecycle_change_decided_on_a_stale_row_is_refused(daemons: Daemons) -> None:
+    a, b = daemons.start(), daemons.start()
+    dek = await a.handle(STORAGE, CreateDek(namespace="orders"))
+    seen_by_b = await b.store.get_dek(dek.dek_id)
+    assert seen_by_b is not None
+    await a.handle(ADMIN, Revoke(key=KeyRef(dek_id=dek.dek_id), reason="key-compromise"))
+    # b decided on the row it read before a's change: the store refuses, writes nothing.
+    stale = seen_by_b.lifecycle.apply(
+        Event.DEACTIVATE, int(time.time()), revocation_reason=RevocationReason.SUPERSEDED
+    )
+    with pytest.raises(StaleRecordError):
+        await b.store.set_dek_lifecycle(seen_by_b, stale)
+    fresh = await b.store.get_dek(dek.dek_id)
+    assert fresh is not None
+    assert fresh.lifecycle.state.value == "compromised"
+
+
+async def test_a_revocation_on_one_daemon_is_refused_by_another_within_a_second(
+    daemons: Daemons,
+) -> None:
+    a, b = daemons.start(), daemons.start()
+    dek = await a.handle(STORAGE, CreateDek(namespace="orders"))
+    await b.handle(STORAGE, GetDek(dek_id=dek.dek_id))
+    assert b.store.cached_dek(dek.dek_id) is not None  # b serves it from memory now
+    await a.handle(ADMIN, Revoke(key=KeyRef(dek_id=dek.dek_id), reason="key-compromise"))
+    with trio.fail_after(1):
+        while b.store.cached_dek(dek.dek_id) is not None:  # noqa: ASYNC110 - another thread evicts
+            await trio.sleep(0.005)  # the notification arrives on b's listener thread
+    with pytest.raises(ServiceError) as refused:
+        await b.handle(STORAGE, GetDek(dek_id=dek.dek_id))
+    assert refused.value.code is ErrorCode.KEY_COMPROMISED
+
+
+async def test_a_kek_made_on_one_daemon_is_used_by_another(daemons: Daemons) -> None:
+    a, b = daemons.start(), daemons.start()
+    dek = await a.handle(STORAGE, CreateDek(namespace="fresh"))
+    # b has not heard of the KEK (perhaps not even the notification yet): it still
+    # finds the DEK's KEK version, and makes no second KEK of its own.
+    again = await b.handle(STORAGE, GetDek(dek_id=dek.dek_id))
+    assert again.key == dek.key
+    await b.handle(STORAGE, CreateDek(namespace="fresh"))
+    assert count(daemons.conninfo, "SELECT count(*) FROM keks") == 1
+
+
+async def test_one_daemon_at_a_time_runs_maintenance_and_another_takes_over(
+    daemons: Daemons,
+) -> None:
+    a, b = daemons.start(), daemons.start()
+    assert await a.store.maintenance_turn()
+    assert not await b.store.maintenance_turn()
+    assert await a.store.maintenance_turn()  # a keeps its turn
+    a.store.close()
+    daemons.services.remove(a)
+    a.hsm.close()
+    assert await b.store.maintenance_turn()  # a's session ended: the lock went with it
+
+
+# -- faults ------------------------------------------------------------------------------------
+
+
+def test_a_newer_schema_is_refused(postgres_db: str) -> None:
+    PostgresStore.open(postgres_db).close()
+    with psycopg.connect(postgres_db) as db:
+        db.execute("UPDATE kmipd_schema SET version = 99")
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this kmipd \(4\)"):
+        PostgresStore.open(postgres_db)
+    assert count(postgres_db, "SELECT count(*) FROM deks") == 0  # and nothing changed
+
+
+async def test_a_read_only_user_can_read_but_every_write_fails_clearly(
+    tmp_path: Path, postgres_db: str, postgres_cluster: Cluster
+) -> None:
+    writer = Daemons(tmp_path, postgres_db)
+    dek = await writer.start().handle(STORAGE, CreateDek(namespace="orders"))
+    writer.close()
+    dbname = postgres_db.split("dbname=")[1].split(maxsplit=1)[0]
+    postgres_cluster.execute(
+        "DROP ROLE IF EXISTS kmipd_reader; CREATE ROLE kmipd_reader LOGIN;"
+        f" GRANT CONNECT ON DATABASE {dbname} TO kmipd_reader;"
+    )
+    postgres_cluster.execute(
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public TO kmipd_reader", dbname=dbname
+    )
+    reader = Daemons(tmp_path, postgres_db.replace("user=postgres", "user=kmipd_reader"))
+    try:
+        service = reader.start()
+        assert (await service.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
+        with pytest.raises(ServiceError) as refused:
+            await service.handle(STORAGE, CreateDek(namespace="orders"))
+        assert refused.value.code is ErrorCode.INTERNAL
+        lifecycle = Lifecycle(state=State.ACTIVE, usage=DEK_USAGES)
+        record = DekRecord("dek_x", "orders", 1, b"w" * 40, 0, "me", lifecycle)
+        with pytest.raises(StoreError, match="permission denied for table deks"):
+            await service.store.put_dek(record)
+    finally:
+        reader.close()
+    assert count(postgres_db, "SELECT count(*) FROM deks") == 1  # nothing half-written
+
+
+def test_postgres_down_at_open_is_one_clear_error(postgres_cluster: Cluster) -> None:
+    absent = postgres_cluster.conninfo("postgres").replace(
+        f"port={postgres_cluster.port}", "port=1"
+    )
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as caught:
+        PostgresStore.open(absent, connect_timeout=1)
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert message.startswith("cannot connect to PostgreSQL at host=")
+    assert "port=1" in message
+    assert "\n" not in message
+
+
+# -- real daemons ---------------------------------------------------------------------------------
+
+
+def postgres_config(template: str, conninfo: str, n: int) -> str:
+    config = re.sub(r"listen = \[.*\]", 'listen = ["127.0.0.1:0"]', template)
+    config = re.sub(
+        r'\[store\]\npath = "kmipd.db"\n',
+        f'[store]\nbackend = "postgresql"\nconninfo = "{conninfo}"\n',
+        config,
+    )
+    assert 'backend = "postgresql"' in config
+    return config + f'\n[audit]\npath = "audit-{n}.log"\n'  # one trail per daemon
+
+
+def start_on_postgres(
+    tmp_path: Path, conninfo: str, how_many: int
+) -> tuple[list[Daemon], dict[str, Path], Path, Callable[[int], Path]]:
+    data = tmp_path / "dev"
+    first = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "init.log")
+    assert first.stop() == 0  # it made the CA, master key and keyring; now they share them
+    template = (data / "kmipd.toml").read_text()
+
+    def config(n: int) -> Path:
+        path = data / f"kmipd-{n}.toml"
+        path.write_text(postgres_config(template, conninfo, n))
+        return path
+
+    daemons = [Daemon("--config", config(n), log=tmp_path / f"d{n}.log") for n in range(how_many)]
+    pki = data / "pki"
+    creds = {"ca": pki / "ca.pem", "cert": pki / "storage.pem", "key": pki / "storage-key.pem"}
+    return daemons, creds, data, config
+
+
+@pytest.mark.slow
+def test_three_daemons_on_postgres_one_killed_mid_run_lose_nothing_and_create_nothing_twice(
+    tmp_path: Path, postgres_db: str
+) -> None:
+    daemons, creds, data, _ = start_on_postgres(tmp_path, postgres_db, 3)
+    addresses = [d.address for d in daemons]
+    acknowledged: dict[str, bytes] = {}
+    failures: list[BaseException] = []
+    half_way = threading.Event()
+
+    def workload(worker: int) -> None:
+        try:
+            with Client(addresses, **creds, timeout=20, backoff_base=0.05) as kms:
+                for n in range(60):
+                    with kms.create_dek(f"failover-{worker % 2}") as dek:
+                        acknowledged[dek.dek_id] = bytes(dek.key)
+                    with kms.get_dek(dek.dek_id) as again:
+                        assert bytes(again.key) == acknowledged[dek.dek_id]
+                    if n == 20:
+                        half_way.set()
+        except BaseException as exc:  # collected and asserted below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=workload, args=(i,)) for i in range(4)]
+    for worker in workers:
+        worker.start()
+    assert half_way.wait(60)
+    daemons[0].kill()  # a daemon dies with requests in flight
+    for worker in workers:
+        worker.join(120)
+    assert failures == [], (failures, [d.stderr()[-4000:] for d in daemons])
+    assert len(acknowledged) == 4 * 60  # no request lost
+
+    with Client(addresses[1:], **creds) as kms:  # every DEK readable from the survivors
+        fetched = kms.get_deks(list(acknowledged))
+        assert {d.dek_id: d.key_bytes() for d in fetched} == acknowledged
+    assert count(postgres_db, "SELECT count(*) FROM deks") == len(acknowledged)  # none twice
+
+    # A key revoked through one survivor is refused by the other within a second.
+    admin = {**creds, "cert": data / "pki" / "admin.pem", "key": data / "pki" / "admin-key.pem"}
+    victim = next(iter(acknowledged))
+    with Client(addresses[2], **creds) as other:
+        other.get_dek(victim).close()  # cached there now
+        with Client(addresses[1], **admin) as one:
+            one.revoke("key-compromise", dek_id=victim)
+        revoked_at = time.monotonic()
+        while True:
+            try:
+                other.get_dek(victim).close()
+            except KeyCompromisedError:
+                break
+            assert time.monotonic() - revoked_at < 1, "daemon 2 still serves a revoked key"
+
+    for daemon in daemons[1:]:
+        assert daemon.stop() == 0
+    trails = [data / f"audit-{n}.log" for n in range(3)]
+    for trail in trails:  # each daemon's chain is whole, the killed one's too
+        report = verify(trail)
+        assert report.ok, (trail.name, report.problem)
+    created = [
+        record["dek_id"]
+        for trail in trails
+        for _, record in records(trail)
+        if record["operation"] == "create-dek" and record["result"] == "ok"
+    ]
+    assert set(created) == set(acknowledged)
+
+
+@pytest.mark.slow
+def test_a_daemon_pointed_at_a_dead_postgres_exits_with_one_line(
+    tmp_path: Path, postgres_databases: PostgresDatabases, postgres_cluster: Cluster
+) -> None:
+    data = tmp_path / "dev"
+    first = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "init.log")
+    assert first.stop() == 0
+    dead = postgres_cluster.conninfo("nothere").replace(f"port={postgres_cluster.port}", "port=1")
+    config = data / "dead.toml"
+    config.write_text(
+        postgres_config((data / "kmipd.toml").read_text(), dead, 0).replace(
+            'backend = "postgresql"\n', 'backend = "postgresql"\nconnect_timeout = 1\n'
+        )
+    )
+    result = run_kmipd("serve", "--config", config)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("kmipd: error: cannot connect to PostgreSQL at host="), lines
+    assert "port=1" in lines[-1]
+    checked = run_kmipd("check-config", config)
+    assert checked.returncode != 0
+    assert "store.conninfo: cannot connect to PostgreSQL" in checked.stdout + checked.stderr
