@@ -55,8 +55,8 @@ import psycopg_pool
 import trio
 from psycopg import errors as pg_errors
 
-from kmipd._commit import point_of_no_return
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
+from kmipd.store._commit import point_of_no_return
 from kmipd.store._interface import StaleRecordError, StoreUnavailableError
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,

@@ -19,10 +19,10 @@ from typing import Any
 
 import attrs
 
-from kmipd._address import parse_address
-from kmipd._private_files import PrivateFileError, read_private_file
+from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from kmipd.hsm import Pkcs11Settings
 from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
+from kmipd.net._address import parse_address
 from kmipd.protocol import NAMESPACE_PATTERN
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
 from kmipd.server import ServerLimits, TlsSettings
