@@ -1,5 +1,15 @@
 """The operations behind the protocol: authorize -> store -> HSM -> result."""
 
+from kmipd.service._core import (
+    NOT_NOW,
+    Caller,
+    KeyService,
+    ServerInfo,
+    ServiceError,
+    blob_associated_data,
+    dek_associated_data,
+    new_dek_id,
+)
 from kmipd.service._policy import (
     ADMIN_OPERATIONS,
     DATA_OPERATIONS,
@@ -9,16 +19,6 @@ from kmipd.service._policy import (
     Policy,
     PolicyError,
     expand_operations,
-)
-from kmipd.service._service import (
-    NOT_NOW,
-    Caller,
-    KeyService,
-    ServerInfo,
-    ServiceError,
-    blob_associated_data,
-    dek_associated_data,
-    new_dek_id,
 )
 
 __all__ = [
