@@ -1,9 +1,23 @@
-"""The operations behind the protocol: authorize -> store -> HSM -> result."""
+"""The operations behind the protocol: authorize -> store -> HSM -> result.
+
+One module per operation family, each a class over the shared core, composed
+into ``KeyService`` (``_service.py``):
+
+- ``_core``: ServiceCore: construction, ``handle`` / ``handle_now``, the handler
+  table, authorization, audit, the commit point, shared helpers; how to add a family
+- ``_delivery``: create-dek, get-dek, generate-data-key, unwrap, data-key blobs
+- ``_keks``: create-kek, list-keks, rotate-kek, the KEK version a new wrap uses
+- ``_lifecycle``: activate, revoke, destroy, recover, get-attributes, locate,
+  dependents, changes-since
+- ``_transport``: the transport-certificate directory and sealed delivery
+- ``_rewrap``: rewrap-dek, rewrap-blob, rewrap jobs
+- ``_maintenance``: purging, date transitions, automatic rotation
+- ``_policy``: who may do what where (grants, operation groups)
+"""
 
 from kmipd.service._core import (
     NOT_NOW,
     Caller,
-    KeyService,
     ServerInfo,
     ServiceError,
     blob_associated_data,
@@ -20,6 +34,7 @@ from kmipd.service._policy import (
     PolicyError,
     expand_operations,
 )
+from kmipd.service._service import KeyService
 
 __all__ = [
     "ADMIN_OPERATIONS",

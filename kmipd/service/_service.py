@@ -1,0 +1,29 @@
+"""KeyService: every operation family, composed over the one ServiceCore.
+
+A new family is one more base here, listed before the families it derives
+from (see ``kmipd.service._core`` for how a family module is written).
+"""
+
+from __future__ import annotations
+
+from kmipd.service._delivery import DeliveryOperations
+from kmipd.service._keks import KekOperations
+from kmipd.service._lifecycle import LifecycleOperations
+from kmipd.service._maintenance import MaintenanceOperations
+from kmipd.service._rewrap import RewrapOperations
+from kmipd.service._transport import TransportOperations
+
+
+class KeyService(
+    RewrapOperations,
+    LifecycleOperations,
+    MaintenanceOperations,
+    DeliveryOperations,
+    TransportOperations,
+    KekOperations,
+):
+    """The operations the daemon serves: ``handle`` / ``handle_now`` one request.
+
+    Construction, dispatch, authorization, audit and the commit point come from
+    ServiceCore; each base adds one family's handlers.
+    """
