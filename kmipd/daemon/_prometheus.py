@@ -146,6 +146,15 @@ class _KmipdCollector(Collector):
         for reason, count in sorted(metrics.handshake_failures.items()):
             handshakes.add_metric([reason], count)
         yield handshakes
+        cut = CounterMetricFamily(
+            "kmipd_connections_cut",
+            "Open connections closed with certificate-revoked: peer certificate revoked, "
+            "expired or no longer trusted",
+            labels=["reason"],
+        )
+        for reason, count in sorted(metrics.connections_cut.items()):
+            cut.add_metric([reason], count)
+        yield cut
 
         hsm = HistogramMetricFamily(
             "kmipd_hsm_call_duration_seconds", "HSM backend call latency, by call", labels=["call"]

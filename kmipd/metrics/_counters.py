@@ -71,6 +71,9 @@ class ServerMetrics:
         self.connections_refused = 0
         #: reason -> TLS handshakes (or post-handshake identity checks) that failed.
         self.handshake_failures: collections.Counter[str] = collections.Counter()
+        #: "revoked" / "expired" / "untrusted" -> open connections closed because
+        #: their peer certificate stopped holding (certificate-revoked sent).
+        self.connections_cut: collections.Counter[str] = collections.Counter()
         #: HSM call -> latency.
         self.hsm_latency: dict[str, Histogram] = {}
         #: "applied" / "refused" -> reloads.

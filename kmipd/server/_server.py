@@ -11,6 +11,7 @@ resources another client needs.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import logging
 import math
@@ -20,7 +21,9 @@ import time
 
 import attrs
 import trio
+from cryptography import x509
 
+from kmipd.audit import AuditError, AuditEvent
 from kmipd.metrics._counters import ServerMetrics
 from kmipd.net._address import format_address
 from kmipd.net._trio_tls import TlsChannel, TlsHandshakeError
@@ -79,10 +82,10 @@ class KmipServer:
     ) -> None:
         self.service = service
         self.metrics = metrics or ServerMetrics()
+        self._connections: set[_Connection] = set()
         #: Replaced as a whole on reload; each handshake reads it once.
         self.tls = tls
         self.limits = limits
-        self._connections: set[_Connection] = set()
         self._shutdown = trio.Event()
         self._all_closed = trio.Event()
         self._all_closed.set()
@@ -96,9 +99,29 @@ class KmipServer:
 
     @tls.setter
     def tls(self, tls: ServerTls) -> None:
-        """A new CRL or a reload: transport certificates are checked against it too."""
+        """A new CRL or a reload: transport certificates are checked against it too,
+        and so is every open connection's peer certificate (revoked ones are cut)."""
         self._tls = tls
         self.service.transport_trust = tls.transport_trust
+        self.check_open_connections(full=True)
+
+    def check_open_connections(self, *, full: bool = False) -> int:
+        """Close every connection whose peer certificate no longer holds; how many."""
+        now = datetime.datetime.now(datetime.UTC)
+        cut = 0
+        for connection in list(self._connections):
+            problem = connection.certificate_problem(self._tls, now, full=full)
+            if problem is not None:
+                connection.end_for_certificate(*problem)
+                cut += 1
+        return cut
+
+    async def _watch_certificates(self) -> None:
+        """Once a second: take up a new CRL, cut connections revoked or expired meanwhile."""
+        while True:
+            self._pick_up_new_crl()
+            self.check_open_connections()
+            await trio.sleep(self._crl_check_interval)  # a periodic scan, not a wait for an event
 
     @property
     def connection_count(self) -> int:
@@ -122,6 +145,7 @@ class KmipServer:
             async with trio.open_nursery() as acceptors:
                 for listener in listeners:
                     acceptors.start_soon(self._accept_loop, listener, connections)
+                acceptors.start_soon(self._watch_certificates)
                 task_status.started()
                 await self._shutdown.wait()
                 acceptors.cancel_scope.cancel()
@@ -214,6 +238,11 @@ class _Connection:
         self._stream = stream
         self.channel = TlsChannel(stream, server.tls.context, server_side=True)
         self.conn: ServerConnection | None = None
+        #: The verified peer certificate, once the handshake passed.
+        self.certificate: x509.Certificate | None = None
+        self._not_after = math.inf
+        #: Set when the certificate stopped holding: nothing is served after that.
+        self._cut = False
         self._request_scopes: dict[int, trio.CancelScope] = {}
         self._capacity = trio.Event()
         self._draining = False
@@ -240,6 +269,60 @@ class _Connection:
     def cut_off(self) -> None:
         for scope in self._request_scopes.values():
             scope.cancel()
+
+    def certificate_problem(
+        self, tls: ServerTls, now: datetime.datetime, *, full: bool = False
+    ) -> tuple[str, str] | None:
+        if self.certificate is None or self._cut:
+            return None
+        return tls.certificate_problem(self.certificate, now, full=full)
+
+    def still_trusted(self) -> bool:
+        """Checked at dispatch and before an answer leaves: the scan may not have run yet."""
+        if self._cut:
+            return False
+        assert self.certificate is not None
+        if self.certificate.serial_number in self.server.tls.revoked:
+            self.end_for_certificate("revoked", "client certificate was revoked")
+            return False
+        if time.time() > self._not_after:
+            self.end_for_certificate("expired", "client certificate expired")
+            return False
+        return True
+
+    def end_for_certificate(self, reason: str, message: str) -> None:
+        """Send certificate-revoked, serve nothing more, close: the cut-off is now."""
+        if self._cut or self.conn is None:
+            return
+        self._cut = True
+        identity = self.conn.identity
+        self.server.metrics.connections_cut[reason] += 1
+        log.warning(
+            "closing connection from %s: %s",
+            self.peer,
+            message,
+            extra={"fields": {"peer": self.peer, "identity": identity, "reason": reason}},
+        )
+        audit = self.server.service.audit
+        if audit is not None:
+            try:
+                audit.append(
+                    AuditEvent(
+                        identity=identity,
+                        operation="connection-closed",
+                        result=ErrorCode.CERTIFICATE_REVOKED.wire_name,
+                        detail=f"{reason}; peer {self.peer}",
+                    ),
+                    time.time(),
+                )
+            except AuditError as exc:
+                log.error("audit record of a closed connection not written: %s", exc)
+        self.conn.fail(ErrorCode.CERTIFICATE_REVOKED, message)
+        self.cut_off()
+        if self._receive_scope is not None:
+            self._receive_scope.cancel()
+        self._capacity.set()
+        self._output_ready.set()
 
     async def run(self) -> None:
         try:
@@ -294,8 +377,9 @@ class _Connection:
                 )
                 self.server.metrics.handshake_failures[reason] += 1
                 return None
+            der = self.channel.ssl_object.getpeercert(binary_form=True)
             try:
-                return tls.verify_peer(self.channel.ssl_object.getpeercert(binary_form=True))
+                identity = tls.verify_peer(der)
             except PeerRejectedError as exc:
                 log.info(
                     "client %s refused: %s",
@@ -308,6 +392,10 @@ class _Connection:
                 refusal.fail(ErrorCode.CERTIFICATE_REJECTED, f"certificate rejected: {exc}")
                 await self.channel.send_all(refusal.data_to_send())
                 return None
+            assert der is not None
+            self.certificate = x509.load_der_x509_certificate(der)
+            self._not_after = self.certificate.not_valid_after_utc.timestamp()
+            return identity
         log.info(
             "TLS handshake with %s timed out",
             self.peer,
@@ -343,6 +431,8 @@ class _Connection:
                 self._capacity = trio.Event()
                 await self._capacity.wait()
             elif isinstance(event, RequestReceived):
+                if not self.still_trusted():
+                    continue  # the connection failed: its next event ends it
                 if not self._answer_now(event):
                     requests.start_soon(self._run_request, event)
             else:
@@ -359,7 +449,7 @@ class _Connection:
                 return await self.channel.receive_some()
             finally:
                 self._receive_scope = None
-        if self._draining and self.conn.in_flight == 0:
+        if self._cut or (self._draining and self.conn.in_flight == 0):
             return None
         log.info(
             "closing connection from %s: %s",
@@ -441,17 +531,25 @@ class _Connection:
                 )
             except ServiceError as exc:
                 error = exc.code
-                conn.send_error(request_id, exc.code, exc.message)
+                if self.still_trusted():
+                    conn.send_error(request_id, exc.code, exc.message)
             except Exception:
                 log.exception("request %s (%s) failed", request_id, event.request.OPERATION)
                 error = ErrorCode.INTERNAL
-                conn.send_error(
-                    request_id, ErrorCode.INTERNAL, "internal error; see the server log"
-                )
+                if self.still_trusted():
+                    conn.send_error(
+                        request_id, ErrorCode.INTERNAL, "internal error; see the server log"
+                    )
             else:
-                conn.send_result(request_id, result)
+                # The certificate may have been revoked or expired while this ran.
+                if self.still_trusted():
+                    conn.send_result(request_id, result)
+                else:
+                    error = ErrorCode.CERTIFICATE_REVOKED
         del self._request_scopes[request_id]
-        if scope.cancelled_caught:
+        if self._cut:
+            error = ErrorCode.CERTIFICATE_REVOKED
+        elif scope.cancelled_caught:
             error = ErrorCode.SHUTTING_DOWN
             conn.send_error(request_id, ErrorCode.SHUTTING_DOWN, "cut off by server shutdown")
         self.server.metrics.record_request(
