@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
+import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,107 @@ def test_revoked_error_is_documented() -> None:
     assert "certificate-revoked: 102" in (root / "conformance" / "protocol.cddl").read_text()
     assert "| 102 | `certificate-revoked` |" in (root / "conformance" / "PROTOCOL.md").read_text()
     assert json.dumps(ErrorCode.CERTIFICATE_REVOKED.wire_name) == '"certificate-revoked"'
+
+
+# -- connection budgets ----------------------------------------------------------------
+
+LIMITS = {
+    "max_connections": 40,
+    "max_handshaking": 8,
+    "max_handshaking_per_address": 6,
+    "max_connections_per_identity": 5,
+    "max_connections_ungranted": 2,
+    "handshake_timeout": 30.0,
+}
+
+
+def start_limited(tmp_path: Path) -> tuple[Daemon, Path, str]:
+    """A daemon with small budgets (the test holds a few hundred sockets, not thousands)."""
+    data = tmp_path / "dev"
+    first = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "0.log")
+    assert first.stop() == 0
+    limits = "".join(f"{key} = {value}\n" for key, value in LIMITS.items())
+    config = data / "kmipd-limited.toml"
+    config.write_text(
+        re.sub(
+            r"listen = \[.*\]\n",
+            f'listen = ["127.0.0.1:0"]\n{limits}',
+            (data / "kmipd.toml").read_text(),
+        )
+        + '\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
+    daemon = Daemon("--config", config, log=tmp_path / "1.log")
+    [metrics] = re.findall(r"Prometheus metrics on (http://\S+)", daemon.stderr())
+    return daemon, data, metrics
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        name: float(value)
+        for name, value in (line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    }
+
+
+def test_a_flood_of_bare_connections_does_not_lock_out_a_granted_client(tmp_path: Path) -> None:
+    daemon, data, metrics = start_limited(tmp_path)
+    host, _, port = daemon.address.rpartition(":")
+    flood = [socket.create_connection((host, int(port))) for _ in range(3 * 40)]
+    try:
+        with dev_client(data, daemon.address) as kms:
+            dek = kms.create_dek("orders")
+            assert kms.get_dek(dek.dek_id).key_bytes() == dek.key_bytes()
+        seen = scrape(metrics)
+        assert seen["kmipd_handshakes_shed_total"] >= 3 * 40 - LIMITS["max_handshaking"]
+        assert seen["kmipd_connections_handshaking"] <= LIMITS["max_handshaking"]
+        assert seen.get("kmipd_connections_refused_total", 0) == 0
+    finally:
+        for sock in flood:
+            sock.close()
+    assert daemon.stop() == 0
+    assert "shed for a newer one" in daemon.stderr()
+
+
+async def test_idle_connections_of_one_identity_leave_room_for_others(tmp_path: Path) -> None:
+    daemon, data, metrics = start_limited(tmp_path)
+    ca = CertificateAuthority.load(data / "pki")
+    ca.issue_client("stranger")  # from the CA, but no grant at all
+    held: list[RawConnection] = []
+    refused = 0
+    try:
+        for _ in range(10):
+            raw = await RawConnection.open(daemon.address, ca, "stranger")
+            await raw.send({"id": 0, "op": "hello", "args": {"versions": [1]}})
+            answer = await raw.receive()
+            if "result" in answer:
+                held.append(raw)
+                continue
+            assert "id" not in answer
+            assert answer["error"]["name"] == "busy"
+            assert await raw.receive_until_closed() == []
+            await raw.aclose()
+            refused += 1
+        assert (len(held), refused) == (2, 8)
+        # What the ungranted identity holds still answers hello and status.
+        await held[0].send({"id": 1, "op": "status", "args": {}})
+        assert "result" in await held[0].receive()
+        # A granted identity has its own, larger budget, bounded too.
+        for _ in range(LIMITS["max_connections_per_identity"]):
+            raw = await RawConnection.open(daemon.address, ca, "admin")
+            await hello(raw)
+            held.append(raw)
+        extra = await RawConnection.open(daemon.address, ca, "admin")
+        await extra.send({"id": 0, "op": "hello", "args": {"versions": [1]}})
+        assert (await extra.receive())["error"]["name"] == "busy"
+        await extra.aclose()
+        # ...and the storage identity is served all the while.
+        with dev_client(data, daemon.address) as kms:
+            kms.create_dek("orders")
+        seen = scrape(metrics)
+        assert seen['kmipd_connections_refused_identity_total{grant="ungranted"}'] == 8
+        assert seen['kmipd_connections_refused_identity_total{grant="granted"}'] == 1
+    finally:
+        for raw in held:
+            await raw.aclose()
+    assert daemon.stop() == 0

@@ -11,8 +11,10 @@ resources another client needs.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import errno
+import fnmatch
 import logging
 import math
 import select
@@ -35,6 +37,9 @@ from kmipd.protocol import (
     ErrorCode,
     RequestReceived,
     ServerConnection,
+    encode_frame,
+    encode_item,
+    error_to_wire,
 )
 from kmipd.server._tls import PeerRejectedError, ServerTls, TlsConfigError
 from kmipd.service import NOT_NOW, Caller, KeyService, ServiceError
@@ -68,6 +73,19 @@ class ServerLimits:
     frame_timeout: float = 30.0
     send_timeout: float = 30.0
     drain_timeout: float = 10.0
+    #: Connections still in the TLS handshake (unauthenticated), in all and per
+    #: source address; when full the oldest is shed, so a flood cannot lock clients out.
+    max_handshaking: int = 128
+    max_handshaking_per_address: int = 16
+    #: Authenticated connections per identity with a grant, and per identity with none.
+    max_connections_per_identity: int = 64
+    max_connections_ungranted: int = 2
+
+
+#: Above this share of max_handshaking in use, handshakes get a quarter of the
+#: timeout (at least PRESSED_HANDSHAKE_FLOOR s), the ones under way included.
+HANDSHAKE_PRESSURE = 0.5
+PRESSED_HANDSHAKE_FLOOR = 1.0
 
 
 class KmipServer:
@@ -83,6 +101,11 @@ class KmipServer:
         self.service = service
         self.metrics = metrics or ServerMetrics()
         self._connections: set[_Connection] = set()
+        #: In the handshake, oldest first (a dict keeps insertion order).
+        self._handshaking: dict[_Connection, None] = {}
+        self._handshaking_by_address: collections.Counter[str] = collections.Counter()
+        #: identity -> authenticated connections open.
+        self._by_identity: collections.Counter[str] = collections.Counter()
         #: Replaced as a whole on reload; each handshake reads it once.
         self.tls = tls
         self.limits = limits
@@ -179,19 +202,86 @@ class KmipServer:
                 await trio.sleep(0.1)  # back off until descriptors free up
                 continue
             if len(self._connections) >= self.limits.max_connections:
-                self.metrics.connections_refused += 1
-                log.warning(
-                    "connection limit (%d) reached: refusing a client", self.limits.max_connections
-                )
-                await stream.aclose()
-                continue
+                if not self._handshaking:
+                    self.metrics.connections_refused += 1
+                    log.warning(
+                        "connection limit (%d) reached: refusing a client",
+                        self.limits.max_connections,
+                    )
+                    await stream.aclose()
+                    continue
+                self._shed(next(iter(self._handshaking)))  # authenticated clients stay
             self.metrics.connections_accepted += 1
             self._pick_up_new_crl()
             connection = _Connection(self, stream)
+            self._admit_handshake(connection)
             self._connections.add(connection)
             self._all_closed = trio.Event()
             self.service.info.connections = len(self._connections)
             nursery.start_soon(self._run_connection, connection)
+
+    @property
+    def handshaking_count(self) -> int:
+        return len(self._handshaking)
+
+    def _admit_handshake(self, connection: _Connection) -> None:
+        """Make room among handshaking connections by shedding the oldest, never the new one.
+
+        A flood of bare TCP connections then only ever displaces itself: a real
+        client finishes its handshake in milliseconds, long before it is the oldest.
+        """
+        limits = self.limits
+        host = connection.peer_host
+        if self._handshaking_by_address[host] >= limits.max_handshaking_per_address:
+            oldest = next(c for c in self._handshaking if c.peer_host == host)
+            self._shed(oldest)
+        if len(self._handshaking) >= min(limits.max_handshaking, limits.max_connections):
+            self._shed(next(iter(self._handshaking)))
+        self._handshaking[connection] = None
+        self._handshaking_by_address[host] += 1
+        if len(self._handshaking) > HANDSHAKE_PRESSURE * limits.max_handshaking:
+            deadline = trio.current_time() + self.handshake_timeout()
+            for waiting in self._handshaking:
+                waiting.shorten_handshake(deadline)
+
+    def handshake_timeout(self) -> float:
+        """The full timeout, or a quarter of it while handshaking connections pile up."""
+        timeout = self.limits.handshake_timeout
+        if len(self._handshaking) > HANDSHAKE_PRESSURE * self.limits.max_handshaking:
+            return min(timeout, max(PRESSED_HANDSHAKE_FLOOR, timeout / 4))
+        return timeout
+
+    def _shed(self, connection: _Connection) -> None:
+        self.handshake_done(connection)
+        self.metrics.handshakes_shed += 1
+        connection.shed()
+
+    def handshake_done(self, connection: _Connection) -> None:
+        if self._handshaking.pop(connection, 0) is None:
+            self._handshaking_by_address[connection.peer_host] -= 1
+            if not self._handshaking_by_address[connection.peer_host]:
+                del self._handshaking_by_address[connection.peer_host]
+
+    def admit_identity(self, identity: str) -> int | None:
+        """Count one more connection of ``identity``; None if it is over its budget."""
+        granted = any(
+            fnmatch.fnmatchcase(identity, grant.identity) for grant in self.service.policy.grants
+        )
+        budget = (
+            self.limits.max_connections_per_identity
+            if granted
+            else self.limits.max_connections_ungranted
+        )
+        if self._by_identity[identity] >= budget:
+            self.metrics.connections_refused_identity["granted" if granted else "ungranted"] += 1
+            return None
+        self._by_identity[identity] += 1
+        return budget
+
+    def release_identity(self, identity: str) -> None:
+        self._by_identity[identity] -= 1
+        if not self._by_identity[identity]:
+            del self._by_identity[identity]
 
     def _pick_up_new_crl(self) -> None:
         """A revocation takes effect within a second, without a reload.
@@ -224,6 +314,7 @@ class KmipServer:
             else:
                 log.exception("connection from %s failed", connection.peer)
         finally:
+            self.handshake_done(connection)
             self._connections.discard(connection)
             self.service.info.connections = len(self._connections)
             if not self._connections:
@@ -235,6 +326,10 @@ class _Connection:
         self.server = server
         self.limits = server.limits
         self.peer = _peer_name(stream)
+        self.peer_host = _peer_host(stream)
+        self._handshake_scope: trio.CancelScope | None = None
+        self._handshake_started = trio.current_time()
+        self._shed = False
         self._stream = stream
         self.channel = TlsChannel(stream, server.tls.context, server_side=True)
         self.conn: ServerConnection | None = None
@@ -269,6 +364,20 @@ class _Connection:
     def cut_off(self) -> None:
         for scope in self._request_scopes.values():
             scope.cancel()
+
+    def shed(self) -> None:
+        """Given up on in favour of a newer handshake: end the handshake now."""
+        self._shed = True
+        if self._handshake_scope is not None:
+            self._handshake_scope.cancel()
+
+    @property
+    def was_shed(self) -> bool:
+        return self._shed
+
+    def shorten_handshake(self, deadline: float) -> None:
+        if self._handshake_scope is not None:
+            self._handshake_scope.deadline = min(self._handshake_scope.deadline, deadline)
 
     def certificate_problem(
         self, tls: ServerTls, now: datetime.datetime, *, full: bool = False
@@ -326,29 +435,58 @@ class _Connection:
 
     async def run(self) -> None:
         try:
-            identity = await self._handshake()
+            try:
+                identity = await self._handshake()
+            finally:
+                self.server.handshake_done(self)
             if identity is None:
                 return
-            self.conn = ServerConnection(
-                identity=identity,
-                server_name=self.server.service.info.name,
-                store_id=self.server.service.store.store_id,
-                max_frame_size=self.limits.max_frame_size,
-                max_in_flight=self.limits.max_in_flight,
-                error_counts=self.server.metrics.protocol_errors,
-            )
-            if self._draining:
-                self.conn.start_draining()
-            async with trio.open_nursery() as writer:
-                writer.start_soon(self._write_loop)
-                async with trio.open_nursery() as requests:
-                    await self._read_loop(requests)
-                    if self._draining:
-                        await self._refuse_buffered_requests()
-                self._writing = False  # every request has answered: send the rest and stop
-                self._output_ready.set()
+            if self.server.admit_identity(identity) is None:
+                await self._refuse_over_budget(identity)
+                return
+            try:
+                await self._serve(identity)
+            finally:
+                self.server.release_identity(identity)
         finally:
             await self.channel.aclose(linger=LINGER if self._client_still_sending() else 0)
+
+    async def _refuse_over_budget(self, identity: str) -> None:
+        log.warning(
+            "refusing a connection of %s from %s: its connection budget is used up",
+            identity,
+            self.peer,
+            extra={"fields": {"peer": self.peer, "identity": identity}},
+        )
+        frame = encode_frame(
+            encode_item(
+                error_to_wire(
+                    None, ErrorCode.BUSY, "too many connections for this identity; try again later"
+                )
+            )
+        )
+        with trio.move_on_after(self.limits.send_timeout):
+            await self.channel.send_all(frame)
+
+    async def _serve(self, identity: str) -> None:
+        self.conn = ServerConnection(
+            identity=identity,
+            server_name=self.server.service.info.name,
+            store_id=self.server.service.store.store_id,
+            max_frame_size=self.limits.max_frame_size,
+            max_in_flight=self.limits.max_in_flight,
+            error_counts=self.server.metrics.protocol_errors,
+        )
+        if self._draining:
+            self.conn.start_draining()
+        async with trio.open_nursery() as writer:
+            writer.start_soon(self._write_loop)
+            async with trio.open_nursery() as requests:
+                await self._read_loop(requests)
+                if self._draining:
+                    await self._refuse_buffered_requests()
+            self._writing = False  # every request has answered: send the rest and stop
+            self._output_ready.set()
 
     def _client_still_sending(self) -> bool:
         """While draining: did the client send after we stopped reading (or may it)?"""
@@ -364,7 +502,10 @@ class _Connection:
 
     async def _handshake(self) -> str | None:
         tls = self.server.tls
-        with trio.move_on_after(self.limits.handshake_timeout):
+        if self._shed:
+            return None
+        with trio.move_on_after(self.server.handshake_timeout()) as scope:
+            self._handshake_scope = scope
             try:
                 await self.channel.handshake()
             except TlsHandshakeError as exc:
@@ -396,6 +537,13 @@ class _Connection:
             self.certificate = x509.load_der_x509_certificate(der)
             self._not_after = self.certificate.not_valid_after_utc.timestamp()
             return identity
+        if self.was_shed:
+            log.info(
+                "TLS handshake with %s shed for a newer one (handshake budget full)",
+                self.peer,
+                extra={"fields": {"peer": self.peer, "reason": "shed"}},
+            )
+            return None
         log.info(
             "TLS handshake with %s timed out",
             self.peer,
@@ -599,6 +747,14 @@ def _handshake_reason(exc: TlsHandshakeError) -> str:
     if not exc.reason:
         return "peer-closed" if "closed" in str(exc) else "other"
     return exc.reason.lower().replace("_", "-").replace(" ", "-")
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    """The source address without the port: what the per-address handshake bound counts."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "<unknown>"
 
 
 def _peer_name(stream: trio.SocketStream) -> str:
