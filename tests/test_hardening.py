@@ -112,7 +112,8 @@ async def test_expiry_ends_open_connections(tmp_path: Path) -> None:
     data = tmp_path / "dev"
     daemon = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "d.log")
     ca = CertificateAuthority.load(data / "pki")
-    not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=4)
+    not_after = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    not_after += datetime.timedelta(seconds=4)
     ca.issue_client("storage", not_after=not_after, force=True)
     raw = await RawConnection.open(daemon.address, ca, "storage")
     await hello(raw)
