@@ -146,6 +146,33 @@ class _KmipdCollector(Collector):
         for reason, count in sorted(metrics.handshake_failures.items()):
             handshakes.add_metric([reason], count)
         yield handshakes
+        yield GaugeMetricFamily(
+            "kmipd_connections_handshaking",
+            "Client connections in the TLS handshake now",
+            value=server.handshaking_count,
+        )
+        yield CounterMetricFamily(
+            "kmipd_handshakes_shed",
+            "Handshaking connections closed to admit a newer one (handshake budget full)",
+            value=metrics.handshakes_shed,
+        )
+        per_identity = CounterMetricFamily(
+            "kmipd_connections_refused_identity",
+            "Authenticated connections refused (busy): the identity's connection budget is used up",
+            labels=["grant"],
+        )
+        for grant, count in sorted(metrics.connections_refused_identity.items()):
+            per_identity.add_metric([grant], count)
+        yield per_identity
+        cut = CounterMetricFamily(
+            "kmipd_connections_cut",
+            "Open connections closed with certificate-revoked: peer certificate revoked, "
+            "expired or no longer trusted",
+            labels=["reason"],
+        )
+        for reason, count in sorted(metrics.connections_cut.items()):
+            cut.add_metric([reason], count)
+        yield cut
 
         hsm = HistogramMetricFamily(
             "kmipd_hsm_call_duration_seconds", "HSM backend call latency, by call", labels=["call"]

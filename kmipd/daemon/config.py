@@ -137,6 +137,18 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_frame_size": Option(int, 65536, "largest frame accepted, bytes", _frame_size),
         "max_in_flight": Option(int, 64, "unanswered requests per connection", _at_least_one),
         "max_connections": Option(int, 1024, "concurrent client connections", _at_least_one),
+        "max_handshaking": Option(
+            int, 128, "connections still in the TLS handshake (oldest shed)", _at_least_one
+        ),
+        "max_handshaking_per_address": Option(
+            int, 16, "handshaking connections per source address (oldest shed)", _at_least_one
+        ),
+        "max_connections_per_identity": Option(
+            int, 64, "authenticated connections per identity with a grant", _at_least_one
+        ),
+        "max_connections_ungranted": Option(
+            int, 2, "authenticated connections per identity with no grant", _at_least_one
+        ),
         "handshake_timeout": Option((int, float), 10.0, "seconds to finish TLS", _positive),
         "idle_timeout": Option((int, float), 300.0, "seconds a quiet connection stays", _positive),
         "frame_timeout": Option((int, float), 30.0, "seconds to finish a started frame", _positive),
@@ -401,6 +413,10 @@ def parse_config(
                     "max_frame_size",
                     "max_in_flight",
                     "max_connections",
+                    "max_handshaking",
+                    "max_handshaking_per_address",
+                    "max_connections_per_identity",
+                    "max_connections_ungranted",
                     "handshake_timeout",
                     "idle_timeout",
                     "frame_timeout",

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd.crypto import TransportTrust
@@ -108,6 +109,27 @@ class ServerTls:
                 "client certificate lacks the clientAuth extended key usage", "no-client-auth"
             )
         return _spiffe_identity(cert, self.settings.trust_domain)
+
+    def certificate_problem(
+        self, cert: x509.Certificate, now: datetime.datetime, *, full: bool = False
+    ) -> tuple[str, str] | None:
+        """Why an authenticated peer's certificate no longer holds, or None.
+
+        The periodic scan asks only the cheap questions (CRL, notAfter);
+        ``full`` (after a reload) also checks the chain to the CA in force
+        and the trust domain, which costs a signature check.
+        """
+        if cert.serial_number in self.revoked:
+            return "revoked", "client certificate was revoked"
+        if now > cert.not_valid_after_utc:
+            return "expired", "client certificate expired"
+        if full:
+            try:
+                cert.verify_directly_issued_by(self.transport_trust.ca_cert)
+                _spiffe_identity(cert, self.settings.trust_domain)
+            except (ValueError, TypeError, InvalidSignature, PeerRejectedError):
+                return "untrusted", "client certificate is no longer trusted"
+        return None
 
 
 def _spiffe_identity(cert: x509.Certificate, trust_domain: str) -> str:
