@@ -47,8 +47,9 @@ class RequestHeader:
     version: tuple[int, int]
     batch_count: int
     asynchronous: bool = False
-    #: Batch Error Continuation Option: 1 continue, 2 stop (default), 3 undo.
-    error_continuation: int = 2
+    #: Batch Error Continuation Option when given: 1 continue, 2 stop, 3 undo. Without
+    #: one, kmipd continues: one failing item never fails the others.
+    error_continuation: int | None = None
     maximum_response_size: int | None = None
 
 
@@ -141,7 +142,7 @@ def parse_request_header(message: Item) -> RequestHeader:
         asynchronous=bool(asynchronous is not None and asynchronous.value is True),
         error_continuation=_int(option)
         if option is not None and option.type is ItemType.ENUMERATION
-        else 2,
+        else None,
         maximum_response_size=_int(size)
         if size is not None and size.type is ItemType.INTEGER
         else None,

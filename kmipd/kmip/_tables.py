@@ -382,7 +382,7 @@ ObjectType CertificateRequest 0xa
 Operation Create 0x1
 Operation CreateKeyPair 0x2
 Operation Register 0x3
-Operation Rekey 0x4
+Operation ReKey 0x4
 Operation DeriveKey 0x5
 Operation Certify 0x6
 Operation Recertify 0x7
@@ -407,7 +407,7 @@ Operation Cancel 0x19
 Operation Poll 0x1a
 Operation Notify 0x1b
 Operation Put 0x1c
-Operation RekeyKeyPair 0x1d
+Operation ReKeyKeyPair 0x1d
 Operation DiscoverVersions 0x1e
 Operation Encrypt 0x1f
 Operation Decrypt 0x20

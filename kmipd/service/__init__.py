@@ -1,5 +1,6 @@
 """The operations behind the protocol: authorize -> store -> HSM -> result."""
 
+from kmipd.service._kmip import KmipOperations
 from kmipd.service._policy import (
     ADMIN_OPERATIONS,
     DATA_OPERATIONS,
@@ -30,6 +31,7 @@ __all__ = [
     "Caller",
     "Grant",
     "KeyService",
+    "KmipOperations",
     "Policy",
     "PolicyError",
     "ServerInfo",

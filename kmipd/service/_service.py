@@ -110,6 +110,7 @@ from kmipd.protocol import (
     encode_struct,
     parse_struct,
 )
+from kmipd.service._objects import object_handlers
 from kmipd.service._policy import Policy
 from kmipd.store import (
     AlreadyExistsError,
@@ -143,6 +144,8 @@ STATE_CHANGING = frozenset(
         "rewrap-dek",
         "start-rewrap",
         "register-transport-cert",
+        "register",
+        "modify-attributes",
     }
 )
 
@@ -198,6 +201,8 @@ class Caller:
 
     identity: str
     request_id: int | None = None
+    #: The protocol the request came in by, for the audit trail (None: native).
+    protocol: str | None = None
 
 
 @attrs.define
@@ -225,6 +230,7 @@ class _Call:
             kek_version=self.kek_version,
             blob_mac=self.blob_mac,
             detail=self.detail,
+            protocol=self.caller.protocol,
         )
 
 
@@ -288,6 +294,8 @@ class KeyService:
             RegisterTransportCert: self._register_transport_cert,
             GetTransportCert: self._get_transport_cert,
         }
+        # KMIP's object operations (kmipd.service._objects), through the same handle().
+        self._handlers.update(object_handlers(self))
 
     # -- entry points ------------------------------------------------------------------
 
