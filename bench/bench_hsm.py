@@ -34,7 +34,7 @@ from typing import Any
 import bench_core
 
 from kmipd.client import Client
-from kmipd.dev import prepare_dev
+from kmipd.daemon._dev import prepare_dev
 from kmipd.protocol import GetDek, encode_frame, encode_item, request_to_wire
 
 PIN = "123456"

@@ -32,16 +32,16 @@ from pathlib import Path
 import trio
 from bench_core import cpu_seconds, start, timed_loop
 
-from kmipd._metrics import MeasuredHsm, ServerMetrics
 from kmipd.client import Client
 from kmipd.hsm import SoftwareHsm
+from kmipd.metrics._counters import MeasuredHsm, ServerMetrics
 from kmipd.protocol import ErrorCode
 
 #: Runs kmipd with the metrics bookkeeping replaced by no-ops: the baseline.
 WITHOUT_METRICS = """
 import sys
-import kmipd._metrics as metrics
-import kmipd.daemon as daemon
+import kmipd.metrics._counters as metrics
+import kmipd.daemon._assembly as daemon
 metrics.ServerMetrics.record_request = lambda *args: None
 daemon.MeasuredHsm = lambda backend, _metrics: backend
 from kmipd.cli import main

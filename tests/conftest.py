@@ -15,9 +15,9 @@ import attrs
 import pytest
 import trio
 
-from kmipd._trio_tls import TlsChannel
 from kmipd.client import AsyncClient, Client, client_context
 from kmipd.hsm import HsmBackend, SoftwareHsm
+from kmipd.net._trio_tls import TlsChannel
 from kmipd.protocol import FrameReader, decode_item, encode_frame, encode_item
 from kmipd.server import KmipServer, ServerLimits, ServerTls, TlsSettings
 from kmipd.service import DATA_OPERATIONS, GRANTABLE_OPERATIONS, Grant, KeyService, Policy

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kmipd._backup import STORE_MEMBER
 from kmipd.client import Client, NotFoundError
+from kmipd.daemon._backup import STORE_MEMBER
 from kmipd.hsm import create_master_key
 from kmipd.hsm._software import NONCE_SIZE, _kek_entry_aad, _parse_keyring
 from tests.processes import Daemon, run_kmipd

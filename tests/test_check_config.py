@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from kmipd._checks import check_config, check_serving_config
-from kmipd.config import ConfigError, load_config, parse_config, render_config
-from kmipd.dev import prepare_dev
+from kmipd.daemon._checks import check_config, check_serving_config
+from kmipd.daemon._dev import prepare_dev
+from kmipd.daemon.config import ConfigError, load_config, parse_config, render_config
 from pki import CertificateAuthority
 from tests.processes import run_kmipd
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from kmipd.client import ERROR_CLASSES
-from kmipd.config import SCHEMA
+from kmipd.daemon.config import SCHEMA
 from kmipd.protocol import OPERATIONS, ErrorCode
 
 ROOT = Path(__file__).parent.parent

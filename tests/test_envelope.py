@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from kmipd._chunked_aead import TAG_SIZE
 from kmipd.client import Client, DekCache, EnvelopeError, IntegrityFailureError
 from kmipd.client._envelope import MAGIC, read_header
+from kmipd.crypto._chunked_aead import TAG_SIZE
 from tests.conftest import RunningServer
 from tests.processes import Daemon, run_kmipd
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kmipd.dev import prepare_dev
+from kmipd.daemon._dev import prepare_dev
 from kmipd.kmip import (
     Item,
     decode_ttlv,

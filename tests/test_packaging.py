@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kmipd.cli import _build_parser
+from kmipd.cli._main import _build_parser
 from kmipd.client import CertificateRejectedError, Client, NotAuthorizedError, NotFoundError
-from kmipd.config import DIRECTORY_VARIABLES, parse_config
+from kmipd.daemon.config import DIRECTORY_VARIABLES, parse_config
 from kmipd.hsm import create_master_key
 from pki import CertificateAuthority
 from tests.systemd_harness import NotifySocket, kmipd_serve, socket_activated

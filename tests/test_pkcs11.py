@@ -23,8 +23,8 @@ import trio
 import trio.testing
 
 from kmipd import client as km
-from kmipd._supervision import restart_only_changes
-from kmipd.config import ConfigError, load_config, parse_config
+from kmipd.daemon._supervision import restart_only_changes
+from kmipd.daemon.config import ConfigError, load_config, parse_config
 from kmipd.hsm import (
     HsmError,
     HsmIntegrityError,

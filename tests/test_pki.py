@@ -26,7 +26,7 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from kmipd.dev import prepare_dev
+from kmipd.daemon._dev import prepare_dev
 from pki import (
     SERVER_VALIDITY_DAYS,
     CertificateAuthority,

@@ -11,7 +11,7 @@ import pycddl
 import pytest
 import trio
 
-from kmipd._trio_tls import TlsHandshakeError
+from kmipd.net._trio_tls import TlsHandshakeError
 from kmipd.protocol import encode_frame
 from tests.conftest import RawConnection, RunningServer, ServerFactory
 

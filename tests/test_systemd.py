@@ -23,8 +23,8 @@ import pytest
 
 from kmipd.audit import verify
 from kmipd.client import Client, NotAuthorizedError
-from kmipd.config import render_config
-from kmipd.dev import prepare_dev
+from kmipd.daemon._dev import prepare_dev
+from kmipd.daemon.config import render_config
 from pki import CertificateAuthority
 from tests.systemd_harness import (
     NotifySocket,

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from kmipd._logging import (
+from kmipd.daemon._logging import (
     EventFormatter,
     JournalHandler,
     configure_logging,
     decode_journal_fields,
     encode_journal_fields,
 )
-from kmipd._systemd import Notifier, SystemdError, inherited_sockets, watchdog_interval
+from kmipd.daemon._systemd import Notifier, SystemdError, inherited_sockets, watchdog_interval
 from kmipd.hsm import HsmUnavailableError, SoftwareHsm
 from tests.systemd_harness import NotifySocket
 

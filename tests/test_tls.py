@@ -14,7 +14,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kmipd._trio_tls import TlsHandshakeError
 from kmipd.client import (
     CertificateRejectedError,
     Client,
@@ -22,6 +21,7 @@ from kmipd.client import (
     UnavailableError,
     client_context,
 )
+from kmipd.net._trio_tls import TlsHandshakeError
 from pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN, RawConnection, RunningServer, ServerFactory, credentials
 

@@ -21,8 +21,6 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
-from kmipd._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.client._cache import DekCache
 from kmipd.client._common import (
     DEFAULT_TIMEOUT,
@@ -56,6 +54,8 @@ from kmipd.client._keys import DataKey, Dek, KeyKeeper
 from kmipd.client._transport import KeyDelivery, client_ca_certificates, verify_fetched
 from kmipd.crypto import DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE
 from kmipd.crypto import SealedEnvelopeError, TransportKey, open_stream, seal_stream
+from kmipd.crypto._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
+from kmipd.net._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.protocol import (
     NEED_DATA,
     Activate,

@@ -10,9 +10,9 @@ from typing import Any
 
 import attrs
 
-from kmipd._address import format_address, parse_address
 from kmipd.client._errors import KmipdError, remote_error
 from kmipd.client._tls import client_context
+from kmipd.net._address import format_address, parse_address
 from kmipd.protocol import OPERATIONS, ErrorInfo, HelloResult, KeyRef
 
 DEFAULT_PORT = 5696

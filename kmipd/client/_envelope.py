@@ -7,7 +7,7 @@ An envelope is self-describing:
 The header (``envelope-header`` in protocol.cddl) carries the data key's
 wrapped blob, the KEK and version that wrapped it, the encryption context,
 the chunk size and the nonce prefix. The body is the plaintext under
-AES-256-GCM in bounded chunks (kmipd._chunked_aead), each chunk also
+AES-256-GCM in bounded chunks (kmipd.crypto._chunked_aead), each chunk also
 authenticating every byte before the body, so a header moved onto another
 body, or a body cut, reordered or spliced, fails to decrypt.
 
@@ -22,7 +22,8 @@ import struct
 
 import attrs
 
-from kmipd._chunked_aead import (
+from kmipd.client._errors import KmipdError
+from kmipd.crypto._chunked_aead import (
     MAX_CHUNK_SIZE,
     PREFIX_SIZE,
     Readable,
@@ -31,7 +32,6 @@ from kmipd._chunked_aead import (
     decrypt_stream,
     encrypt_stream,
 )
-from kmipd.client._errors import KmipdError
 from kmipd.protocol import ProtocolError, decode_item, encode_item, encode_struct, parse_struct
 from kmipd.protocol._messages import BLOB, CONTEXT, NAMESPACE, VERSION
 from kmipd.protocol._schema import Bytes, UInt, wire

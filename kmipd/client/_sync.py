@@ -25,7 +25,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
 from kmipd.client._cache import DekCache
 from kmipd.client._common import (
     DEFAULT_TIMEOUT,
@@ -66,6 +65,7 @@ from kmipd.crypto import (
     open_stream,
     seal_stream,
 )
+from kmipd.crypto._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
 from kmipd.protocol import (
     NEED_DATA,
     Activate,

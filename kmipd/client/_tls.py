@@ -5,8 +5,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from kmipd._tls_policy import KEY_EXCHANGE_GROUP
 from kmipd.client._errors import KmipdError
+from kmipd.net._tls_policy import KEY_EXCHANGE_GROUP
 
 
 def client_context(

@@ -7,7 +7,7 @@ One self-described CBOR item (protocol.cddl ``sealed-envelope``):
 The sender makes a fresh 256-bit content key, seals it with HPKE to the
 recipient's certified transport key (``info`` binds it to the recipient, the
 certificate's fingerprint and the body's parameters), and encrypts the data
-under it with AES-256-GCM in chunks (kmipd._chunked_aead, the STREAM
+under it with AES-256-GCM in chunks (kmipd.crypto._chunked_aead, the STREAM
 construction). Every chunk authenticates the exact header bytes, so a header
 moved onto another body, or a body cut, reordered or spliced, fails. The
 chunk array is indefinite-length so a stream of unknown size is written in
@@ -24,7 +24,7 @@ import struct
 import attrs
 from cryptography import x509
 
-from kmipd._chunked_aead import (
+from kmipd.crypto._chunked_aead import (
     PREFIX_SIZE,
     TAG_SIZE,
     Readable,

@@ -46,7 +46,7 @@ from pkcs11 import exceptions as p11
 from pkcs11._pkcs11 import lib as _pkcs11_lib
 from pkcs11.mechanisms import GCMParams
 
-from kmipd._private_files import PrivateFileError, read_private_file
+from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from kmipd.hsm._interface import (
     HsmError,
     HsmIntegrityError,
@@ -71,7 +71,7 @@ T = TypeVar("T")
 
 @attrs.frozen
 class Pkcs11Settings:
-    """The ``[hsm]`` settings of ``backend = "pkcs11"`` (see kmipd.config)."""
+    """The ``[hsm]`` settings of ``backend = "pkcs11"`` (see kmipd.daemon.config)."""
 
     library: Path
     token_label: str | None = None

@@ -22,7 +22,7 @@ import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kmipd._private_files import PrivateFileError, read_private_file
+from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from kmipd.hsm._interface import (
     HsmError,
     HsmIntegrityError,

@@ -28,7 +28,7 @@ from kmipd.kmip import (
 from kmipd.service import Caller, KmipOperations
 
 if TYPE_CHECKING:
-    from kmipd._trio_tls import TlsChannel
+    from kmipd.net._trio_tls import TlsChannel
     from kmipd.server._server import KmipServer
 
 log = logging.getLogger("kmipd.server.kmip")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import trio
 
-from kmipd._address import parse_address
+from kmipd.net._address import parse_address
 
 
 async def open_listeners(addresses: list[str]) -> list[trio.SocketListener]:

@@ -21,10 +21,10 @@ import time
 import attrs
 import trio
 
-from kmipd._address import format_address
-from kmipd._metrics import ServerMetrics
-from kmipd._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.kmip import FIRST_BYTE as KMIP_FIRST_BYTE
+from kmipd.metrics._counters import ServerMetrics
+from kmipd.net._address import format_address
+from kmipd.net._trio_tls import TlsChannel, TlsHandshakeError
 from kmipd.protocol import (
     ANSWERED,
     NEED_DATA,

@@ -24,8 +24,8 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from kmipd._tls_policy import KEY_EXCHANGE_GROUP
 from kmipd.crypto import TransportTrust
+from kmipd.net._tls_policy import KEY_EXCHANGE_GROUP
 from pki import PkiError, load_certificate, load_crl_serials
 
 #: TLS 1.2 is off unless enabled; when on, only forward-secret AEAD suites.

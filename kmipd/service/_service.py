@@ -23,7 +23,6 @@ import attrs
 import trio
 from cryptography import x509
 
-from kmipd._commit import request_scope
 from kmipd.audit import AuditError, AuditEvent, AuditLog
 from kmipd.crypto import (
     TransportCertError,
@@ -123,6 +122,7 @@ from kmipd.store import (
     StoreError,
     TransportCertRecord,
 )
+from kmipd.store._commit import request_scope
 
 log = logging.getLogger("kmipd.service")
 
@@ -302,7 +302,7 @@ class KeyService:
     async def handle(self, caller: Caller, request: Any) -> Any:
         """Run one request for an authenticated caller; raise ServiceError to refuse."""
         call = _Call(caller, request.OPERATION)
-        with request_scope():  # shielded from the first durable write on: see kmipd._commit
+        with request_scope():  # shielded from the first durable write on: see kmipd.store._commit
             try:
                 with _backend_errors(request):
                     if self.store.shared:

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from kmipd._commit import point_of_no_return
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
+from kmipd.store._commit import point_of_no_return
 
 #: The schema, as the migrations that build it, in order. A store at
 #: user_version N has had the first N applied; opening it applies the rest in

@@ -23,13 +23,13 @@ from pathlib import Path
 import attrs
 import trio
 
-from kmipd._checks import check_serving_config
-from kmipd._logging import set_level
-from kmipd._metrics import ServerMetrics
-from kmipd._systemd import Notifier
 from kmipd.audit import AuditError
-from kmipd.config import Config, ConfigError, load_config
+from kmipd.daemon._checks import check_serving_config
+from kmipd.daemon._logging import set_level
+from kmipd.daemon._systemd import Notifier
+from kmipd.daemon.config import Config, ConfigError, load_config
 from kmipd.hsm import HsmBackend, HsmError, Pkcs11Settings
+from kmipd.metrics._counters import ServerMetrics
 from kmipd.server import KmipServer, ServerTls, TlsConfigError
 
 log = logging.getLogger("kmipd.daemon")

@@ -36,7 +36,7 @@ from typing import Any
 import attrs
 import trio
 
-from kmipd._private_files import PrivateFileError, read_private_file
+from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from pki import write_private_file
 
 GENESIS = "0" * 64

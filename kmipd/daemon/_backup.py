@@ -41,7 +41,7 @@ from typing import IO, Any
 
 import attrs
 
-from kmipd.config import Config
+from kmipd.daemon.config import Config
 from kmipd.hsm import (
     HsmError,
     SoftwareHsm,

@@ -19,9 +19,9 @@ from typing import Any
 
 import attrs
 
-from kmipd._address import parse_address
 from kmipd.hsm import Pkcs11Settings
 from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
+from kmipd.net._address import parse_address
 from kmipd.protocol import NAMESPACE_PATTERN
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
 from kmipd.server import KmipSettings, ServerLimits, TlsSettings

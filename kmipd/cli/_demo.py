@@ -18,9 +18,9 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmipd import client as km
-from kmipd.config import load_config
 from kmipd.daemon import RunningDaemon, run_daemon
-from kmipd.dev import prepare_dev
+from kmipd.daemon._dev import prepare_dev
+from kmipd.daemon.config import load_config
 from pki import CertificateAuthority, load_certificate
 
 

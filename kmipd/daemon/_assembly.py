@@ -1,8 +1,8 @@
 """Assembling the daemon from a Config: store, HSM, TLS, service, server, signals.
 
-Under systemd (``kmipd._systemd``) it also reports its progress and
+Under systemd (``kmipd.daemon._systemd``) it also reports its progress and
 readiness over sd_notify, serves on socket-activated listeners when it is
-given some, and pings the watchdog; ``kmipd._supervision`` handles
+given some, and pings the watchdog; ``kmipd.daemon._supervision`` handles
 signals, reloads and the watchdog.
 """
 
@@ -15,15 +15,15 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from kmipd._address import format_address
-from kmipd._checks import check_serving_config
-from kmipd._metrics import MeasuredHsm, ServerMetrics
-from kmipd._prometheus import MetricsExporter, serve_metrics
-from kmipd._supervision import Supervisor
-from kmipd._systemd import ServiceManager
 from kmipd.audit import AuditLog
-from kmipd.config import Config, ConfigError
+from kmipd.daemon._checks import check_serving_config
+from kmipd.daemon._prometheus import MetricsExporter, serve_metrics
+from kmipd.daemon._supervision import Supervisor
+from kmipd.daemon._systemd import ServiceManager
+from kmipd.daemon.config import Config, ConfigError
 from kmipd.hsm import HsmBackend, Pkcs11Hsm, SoftwareHsm, read_pin
+from kmipd.metrics._counters import MeasuredHsm, ServerMetrics
+from kmipd.net._address import format_address
 from kmipd.server import KmipServer, ServerTls, open_listeners
 from kmipd.service import KeyService, ServerInfo
 from kmipd.store import KeyStore

@@ -25,16 +25,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from kmipd import client as km
-from kmipd._admin_cli import add_operations_commands
-from kmipd._backup import BackupError
-from kmipd._chunked_aead import DEFAULT_CHUNK_SIZE, Readable
-from kmipd._hsm_admin import init_kek, list_token_objects
-from kmipd._logging import configure_logging
-from kmipd._systemd import ServiceManager, SystemdError
 from kmipd.audit import AuditError
 from kmipd.audit import query as audit_query
 from kmipd.audit import verify as audit_verify
-from kmipd.config import ConfigError, load_config
+from kmipd.cli._admin import add_operations_commands
+from kmipd.cli._demo import run_demo
+from kmipd.cli._hsm import init_kek, list_token_objects
 from kmipd.crypto import DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE
 from kmipd.crypto import (
     SealedEnvelopeError,
@@ -42,9 +38,13 @@ from kmipd.crypto import (
     transport_kem,
 )
 from kmipd.crypto import open_stream as open_sealed_stream
+from kmipd.crypto._chunked_aead import DEFAULT_CHUNK_SIZE, Readable
 from kmipd.daemon import RunningDaemon, run_daemon
-from kmipd.demo import run_demo
-from kmipd.dev import client_command, prepare_dev
+from kmipd.daemon._backup import BackupError
+from kmipd.daemon._dev import client_command, prepare_dev
+from kmipd.daemon._logging import configure_logging
+from kmipd.daemon._systemd import ServiceManager, SystemdError
+from kmipd.daemon.config import ConfigError, load_config
 from kmipd.hsm import HsmError, create_master_key
 from kmipd.lifecycle import RevocationReason, State
 from kmipd.server import TlsConfigError

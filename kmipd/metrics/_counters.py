@@ -3,7 +3,7 @@
 A cached get-dek is answered in tens of microseconds, so the per-request
 cost of measuring it must stay well under one: no locks, no label lookups,
 no objects made per request; a dict lookup, a bisect and a few integer
-increments. ``kmipd._prometheus`` turns these numbers into the Prometheus
+increments. ``kmipd.daemon._prometheus`` turns these numbers into the Prometheus
 exposition on scrape, through prometheus-client's collector interface.
 """
 

@@ -5,7 +5,7 @@ address that is not loopback, so the numbers (key counts, error rates,
 client activity) are only for a scraper on the same host, or one that
 reaches it through an authenticated tunnel. ``GET /metrics`` answers with
 the Prometheus text format, written by prometheus-client from the
-daemon's own counters (``kmipd._metrics``) when a scrape asks.
+daemon's own counters (``kmipd.metrics._counters``) when a scrape asks.
 
 What needs I/O is gathered before each scrape, bounded: key counts by
 state from the store (at most every ``KEY_COUNT_MAX_AGE`` seconds: a
@@ -30,8 +30,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from kmipd._metrics import LATENCY_BUCKETS, Histogram
 from kmipd.hsm import HsmError
+from kmipd.metrics._counters import LATENCY_BUCKETS, Histogram
 from kmipd.server import KmipServer
 from kmipd.store import StoreError
 

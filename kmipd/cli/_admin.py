@@ -11,9 +11,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kmipd._backup import create_backup, restore_backup
-from kmipd._checks import check_config
-from kmipd.config import ConfigError, load_config
+from kmipd.daemon._backup import create_backup, restore_backup
+from kmipd.daemon._checks import check_config
+from kmipd.daemon.config import ConfigError, load_config
 
 
 def add_operations_commands(commands: Any) -> None:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd.audit import AuditError, read_audit_key
-from kmipd.config import Config
+from kmipd.daemon.config import Config
 from kmipd.hsm import HsmError, Pkcs11Settings, SoftwareHsm, read_master_key, read_pin
 from kmipd.server import TlsSettings
 from kmipd.service import Policy

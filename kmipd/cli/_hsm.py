@@ -18,8 +18,8 @@ from typing import Any
 import attrs
 
 from kmipd.audit import AuditLog
-from kmipd.config import Config
 from kmipd.daemon import open_hsm
+from kmipd.daemon.config import Config
 from kmipd.hsm import HsmError, HsmIntegrityError, Pkcs11Hsm
 from kmipd.protocol import CreateKek, KekInfo
 from kmipd.service import Caller, Grant, KeyService, Policy, ServerInfo

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from kmipd.config import render_config
+from kmipd.daemon.config import render_config
 from kmipd.hsm import create_master_key
 from pki import CertificateAuthority, load_certificate
 

@@ -1,0 +1,1 @@
+"""Network plumbing both ends share: operator addresses, the TLS policy, TLS over trio streams."""
