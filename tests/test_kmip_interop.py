@@ -8,17 +8,13 @@ extra "stranger" identity that no grant names.
 
 from __future__ import annotations
 
-import json
 import socket
 import ssl
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kmipd.daemon._dev import prepare_dev
 from kmipd.kmip import (
     Item,
     decode_ttlv,
@@ -29,8 +25,7 @@ from kmipd.kmip import (
     text,
     version_item,
 )
-from pki import CertificateAuthority
-from tests import processes
+from tests.kmip_dev import DevDaemon, dev
 
 with warnings.catch_warnings():
     # PyKMIP 0.11 imports SQLAlchemy 1.x names at import time; nothing else is silenced.
@@ -42,49 +37,25 @@ with warnings.catch_warnings():
     from kmip.pie.client import ProxyKmipClient
 
 #: PyKMIP makes its TLS 1.2 context with ssl.PROTOCOL_TLSv1_2 (deprecated since 3.10).
+__all__ = ["dev"]  # the module's daemon fixture
+
 pytestmark = pytest.mark.filterwarnings(
     "ignore:ssl.PROTOCOL_TLSv1_2 is deprecated:DeprecationWarning"
 )
 
 
-class DevDaemon:
-    def __init__(self, data: Path, daemon: processes.Daemon) -> None:
-        self.data = data
-        self.daemon = daemon
-        self.host, port = daemon.address.rsplit(":", 1)
-        self.port = int(port)
-        self.pki = data / "pki"
-
-    def client(self, name: str = "admin", **kwargs: Any) -> ProxyKmipClient:
-        return ProxyKmipClient(
-            hostname=self.host,
-            port=self.port,
-            cert=str(self.pki / f"{name}.pem"),
-            key=str(self.pki / f"{name}-key.pem"),
-            ca=str(self.pki / "ca.pem"),
-            config_file="/dev/null",
-            # What PyKMIP deployments configure: its client cannot do TLS 1.3.
-            ssl_version=kwargs.pop("ssl_version", "PROTOCOL_TLSv1_2"),
-            **kwargs,
-        )
-
-    def audit_records(self) -> list[dict[str, Any]]:
-        lines = (self.data / "audit.log").read_text().splitlines()
-        return [json.loads(line) for line in lines]
-
-
-@pytest.fixture(scope="module")
-def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevDaemon]:
-    data = tmp_path_factory.mktemp("kmip-dev")
-    prepare_dev(data, "127.0.0.1:0")  # the dev CA, which serve --dev then reuses
-    CertificateAuthority.load(data / "pki").issue_client("stranger")
-    daemon = processes.Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=data / "log")
-    # Module-scoped: the per-test reaper must not stop it between tests.
-    processes.STARTED.remove(daemon)
-    try:
-        yield DevDaemon(data, daemon)
-    finally:
-        assert daemon.stop() == 0, daemon.stderr()
+def _client(dev: DevDaemon, name: str = "admin") -> ProxyKmipClient:
+    ca, cert, key = dev.credentials(name)
+    return ProxyKmipClient(
+        hostname=dev.host,
+        port=dev.port,
+        cert=str(cert),
+        key=str(key),
+        ca=str(ca),
+        config_file="/dev/null",
+        # What PyKMIP deployments configure: its client cannot do TLS 1.3.
+        ssl_version="PROTOCOL_TLSv1_2",
+    )
 
 
 def _name(value: str) -> Any:
@@ -92,7 +63,7 @@ def _name(value: str) -> Any:
 
 
 def test_pykmip_key_lifecycle(dev: DevDaemon) -> None:
-    with dev.client() as kms:
+    with _client(dev) as kms:
         uid = kms.create(
             enums.CryptographicAlgorithm.AES,
             256,
@@ -137,7 +108,7 @@ def test_pykmip_key_lifecycle(dev: DevDaemon) -> None:
 
 def test_pykmip_registers_a_symmetric_key_and_a_secret(dev: DevDaemon) -> None:
     material = bytes(range(16))
-    with dev.client() as kms:
+    with _client(dev) as kms:
         uid = kms.register(objects.SymmetricKey(enums.CryptographicAlgorithm.AES, 128, material))
         key = kms.get(uid)
         assert key.value == material
@@ -161,7 +132,7 @@ def test_pykmip_registers_a_symmetric_key_and_a_secret(dev: DevDaemon) -> None:
 
 
 def test_pykmip_unknown_id_is_item_not_found(dev: DevDaemon) -> None:
-    with dev.client() as kms:
+    with _client(dev) as kms:
         with pytest.raises(pie_exceptions.KmipOperationFailure) as caught:
             kms.get("dek_doesnotexist")
         assert caught.value.reason is enums.ResultReason.ITEM_NOT_FOUND
@@ -170,9 +141,9 @@ def test_pykmip_unknown_id_is_item_not_found(dev: DevDaemon) -> None:
 
 
 def test_pykmip_ungranted_identity_gets_permission_denied(dev: DevDaemon) -> None:
-    with dev.client() as kms:
+    with _client(dev) as kms:
         uid = kms.create(enums.CryptographicAlgorithm.AES, 256, name="admins-only")
-    with dev.client("stranger") as stranger:
+    with _client(dev, "stranger") as stranger:
         for attempt in (
             lambda: stranger.get(uid),
             lambda: stranger.get_attributes(uid),
@@ -189,10 +160,11 @@ def test_pykmip_ungranted_identity_gets_permission_denied(dev: DevDaemon) -> Non
 
 
 def _tls12_socket(dev: DevDaemon, name: str = "admin") -> ssl.SSLSocket:
+    ca, cert, key = dev.credentials(name)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.maximum_version = ssl.TLSVersion.TLSv1_2
-    context.load_verify_locations(dev.pki / "ca.pem")
-    context.load_cert_chain(dev.pki / f"{name}.pem", dev.pki / f"{name}-key.pem")
+    context.load_verify_locations(ca)
+    context.load_cert_chain(cert, key)
     context.check_hostname = False
     raw = socket.create_connection((dev.host, dev.port))
     return context.wrap_socket(raw)
@@ -385,7 +357,7 @@ def test_a_native_dek_is_a_kmip_object_and_back(dev: DevDaemon) -> None:
     )
     try:
         dek = native.create_dek("kmip")
-        with dev.client() as kms:
+        with _client(dev) as kms:
             assert kms.get(dek.dek_id).value == dek.key_bytes()
             uid = kms.create(enums.CryptographicAlgorithm.AES, 256)
             kms.activate(uid)
