@@ -112,9 +112,9 @@ class KmipConnection:
                 f"{self.max_message_size}",
             )
             return self._fail(error)
-        if tag != _REQUEST_MESSAGE or type_byte != ItemType.STRUCTURE:
-            # Not KMIP framing at all: nothing says where the next message starts.
-            return self._fail(KmipCodecError(ResultReason.INVALID_MESSAGE, "not a RequestMessage"))
+        if tag >> 16 != 0x42 or type_byte != ItemType.STRUCTURE:
+            # Not a KMIP structure at all: nothing says where the next message starts.
+            return self._fail(KmipCodecError(ResultReason.INVALID_MESSAGE, "not a KMIP message"))
         end = HEADER_SIZE + length + (-length % 8)
         if len(self._buffer) < end:
             if self._peer_closed:
@@ -124,9 +124,13 @@ class KmipConnection:
         data = bytes(self._buffer[:end])
         del self._buffer[:end]
         self.messages_received += 1
+        if tag != _REQUEST_MESSAGE:
+            # A sound KMIP structure, but not a request: answer it, go on with the next.
+            error = KmipCodecError(ResultReason.INVALID_MESSAGE, "not a RequestMessage")
+            self._out += error_response(FALLBACK_VERSION, error, self.now)
+            return ANSWERED
         try:
-            item = decode_ttlv(data, max_depth=self.max_depth)
-            message = parse_request(item)
+            message = parse_request(decode_ttlv(data, max_depth=self.max_depth))
         except KmipCodecError as exc:
             self._out += error_response(_best_version(data), exc, self.now)
             return ANSWERED
