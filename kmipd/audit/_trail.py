@@ -75,6 +75,8 @@ class AuditEvent:
     blob_mac: str | None = None
     #: A short note, e.g. a revocation reason. Never key material.
     detail: str | None = None
+    #: "kmip" for a KMIP request; absent for the native protocol.
+    protocol: str | None = None
 
 
 _EVENT_FIELDS = tuple(field.name for field in attrs.fields(AuditEvent))

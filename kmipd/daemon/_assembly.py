@@ -97,7 +97,7 @@ async def run_daemon(
             transport_trust=tls.transport_trust,
             require_sealed=config.require_sealed,
         )
-        server = KmipServer(service, tls, config.limits, metrics=metrics)
+        server = KmipServer(service, tls, config.limits, metrics=metrics, kmip=config.kmip)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
         listeners = await _client_listeners(config, manager)
         metrics_listeners = (

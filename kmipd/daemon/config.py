@@ -24,7 +24,7 @@ from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.net._address import parse_address
 from kmipd.protocol import NAMESPACE_PATTERN
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
-from kmipd.server import ServerLimits, TlsSettings
+from kmipd.server import KmipSettings, ServerLimits, TlsSettings
 from kmipd.service import Grant, Policy, PolicyError, expand_operations
 
 
@@ -103,6 +103,10 @@ def _absolute(value: str) -> str | None:
     return None if Path(value).is_absolute() else "must be an absolute path"
 
 
+def _namespace(value: str) -> str | None:
+    return None if NAMESPACE_PATTERN.fullmatch(value) else "must be a namespace name"
+
+
 def _credential_name(value: str) -> str | None:
     if value and "/" not in value and value not in (".", ".."):
         return None
@@ -165,6 +169,15 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "trust_domain": Option(str, REQUIRED, "SPIFFE trust domain of client identities"),
         "allow_tls12": Option(bool, False, "also accept TLS 1.2 (ECDHE + AEAD suites only)"),
         "session_tickets": Option(int, 0, "TLS 1.3 tickets per handshake (0: no resumption)"),
+    },
+    "kmip": {
+        "enabled": Option(
+            bool, True, "serve KMIP on the listeners too (and accept TLS 1.2 for it)"
+        ),
+        "max_message_size": Option(int, 65536, "largest KMIP message accepted, bytes", _frame_size),
+        "default_namespace": Option(
+            str, "kmip", "namespace of KMIP objects created without an Object Group", _namespace
+        ),
     },
     "store": {
         "path": Option(str, REQUIRED, "SQLite database file"),
@@ -308,6 +321,7 @@ class Config:
     log_level: str
     metrics_listen: str | None
     require_sealed: tuple[str, ...] = ()
+    kmip: KmipSettings = KmipSettings()
 
     def software_files(self) -> tuple[Path, Path]:
         """(master key, keyring) of the software backend; only for that backend."""
@@ -433,6 +447,12 @@ def parse_config(
             trust_domain=v("tls", "trust_domain"),
             allow_tls12=v("tls", "allow_tls12"),
             session_tickets=v("tls", "session_tickets"),
+            kmip_tls12=v("kmip", "enabled"),
+        ),
+        kmip=KmipSettings(
+            enabled=v("kmip", "enabled"),
+            max_message_size=v("kmip", "max_message_size"),
+            default_namespace=v("kmip", "default_namespace"),
         ),
         store_path=v("store", "path"),
         store_cache_size=v("store", "cache_size"),

@@ -26,6 +26,7 @@ import trio
 from cryptography import x509
 
 from kmipd.audit import AuditError, AuditEvent
+from kmipd.kmip import FIRST_BYTE as KMIP_FIRST_BYTE
 from kmipd.metrics._counters import ServerMetrics
 from kmipd.net._address import format_address
 from kmipd.net._trio_tls import TlsChannel, TlsHandshakeError
@@ -41,6 +42,7 @@ from kmipd.protocol import (
     encode_item,
     error_to_wire,
 )
+from kmipd.server._kmip_conn import KmipSession, KmipSettings
 from kmipd.server._tls import PeerRejectedError, ServerTls, TlsConfigError
 from kmipd.service import NOT_NOW, Caller, KeyService, ServiceError
 
@@ -97,8 +99,11 @@ class KmipServer:
         *,
         crl_check_interval: float = CRL_CHECK_INTERVAL,
         metrics: ServerMetrics | None = None,
+        kmip: KmipSettings | None = None,
     ) -> None:
         self.service = service
+        #: KMIP on this listener (None or not enabled: native protocol only).
+        self.kmip = kmip if kmip is not None and kmip.enabled else None
         self.metrics = metrics or ServerMetrics()
         self._connections: set[_Connection] = set()
         #: In the handshake, oldest first (a dict keeps insertion order).
@@ -338,6 +343,7 @@ class _Connection:
         self._not_after = math.inf
         #: Set when the certificate stopped holding: nothing is served after that.
         self._cut = False
+        self.kmip: KmipSession | None = None
         self._request_scopes: dict[int, trio.CancelScope] = {}
         self._capacity = trio.Event()
         self._draining = False
@@ -359,6 +365,8 @@ class _Connection:
         self._draining = True
         if self.conn is not None:
             self.conn.start_draining()
+        if self.kmip is not None:
+            self.kmip.start_draining()
         self._update_receive_deadline()
 
     def cut_off(self) -> None:
@@ -469,6 +477,15 @@ class _Connection:
             await self.channel.send_all(frame)
 
     async def _serve(self, identity: str) -> None:
+        first = await self._first_bytes()
+        if not first:
+            return
+        if first[0] == KMIP_FIRST_BYTE and self.server.kmip is not None:
+            self.kmip = KmipSession(self.server, self.channel, identity, self.peer)
+            await self.kmip.run(first)
+            return
+        if not await self._native_tls_ok():
+            return
         self.conn = ServerConnection(
             identity=identity,
             server_name=self.server.service.info.name,
@@ -477,6 +494,7 @@ class _Connection:
             max_in_flight=self.limits.max_in_flight,
             error_counts=self.server.metrics.protocol_errors,
         )
+        self.conn.receive_data(first)
         if self._draining:
             self.conn.start_draining()
         async with trio.open_nursery() as writer:
@@ -551,6 +569,37 @@ class _Connection:
         )
         self.server.metrics.handshake_failures["timeout"] += 1
         return None
+
+    async def _first_bytes(self) -> bytes:
+        """The client speaks first in both protocols: its first byte says which one."""
+        with trio.move_on_after(self.limits.idle_timeout):
+            return await self.channel.receive_some()
+        # Silent from the start: answered as the native protocol answers an idle client.
+        log.info("closing connection from %s: idle for %g s", self.peer, self.limits.idle_timeout)
+        refusal = ServerConnection(identity="", server_name="", store_id="")
+        refusal.fail(ErrorCode.TIMEOUT, f"idle for {self.limits.idle_timeout:g} s")
+        await self.channel.send_all(refusal.data_to_send())
+        return b""
+
+    async def _native_tls_ok(self) -> bool:
+        """TLS 1.2 may be on for KMIP clients; the native protocol still needs 1.3."""
+        version = self.channel.ssl_object.version()
+        if version == "TLSv1.3" or self.server.tls.settings.allow_tls12:
+            return True
+        log.info(
+            "client %s refused: native protocol over %s",
+            self.peer,
+            version,
+            extra={"fields": {"peer": self.peer, "reason": "native-needs-tls13"}},
+        )
+        self.server.metrics.handshake_failures["native-needs-tls13"] += 1
+        refusal = ServerConnection(identity="", server_name="", store_id="")
+        refusal.fail(
+            ErrorCode.CERTIFICATE_REJECTED,
+            f"the native protocol needs TLS 1.3; this connection negotiated {version}",
+        )
+        await self.channel.send_all(refusal.data_to_send())
+        return False
 
     async def _read_loop(self, requests: trio.Nursery) -> None:
         assert self.conn is not None

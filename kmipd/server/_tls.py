@@ -58,6 +58,13 @@ class TlsSettings:
     allow_tls12: bool = False
     #: TLS 1.3 session tickets per handshake; 0 (no resumption) by default.
     session_tickets: int = 0
+    #: KMIP is served: accept TLS 1.2 (same suites) for it; the native protocol on a
+    #: 1.2 connection is still refused after the handshake unless allow_tls12.
+    kmip_tls12: bool = False
+
+    @property
+    def accepts_tls12(self) -> bool:
+        return self.allow_tls12 or self.kmip_tls12
 
 
 @attrs.frozen
@@ -166,10 +173,10 @@ def _file_stamp(path: Path) -> tuple[int, int, int]:
 def _server_context(settings: TlsSettings) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = (
-        ssl.TLSVersion.TLSv1_2 if settings.allow_tls12 else ssl.TLSVersion.TLSv1_3
+        ssl.TLSVersion.TLSv1_2 if settings.accepts_tls12 else ssl.TLSVersion.TLSv1_3
     )
     context.maximum_version = ssl.TLSVersion.TLSv1_3
-    if settings.allow_tls12:
+    if settings.accepts_tls12:
         context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE

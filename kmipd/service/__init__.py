@@ -12,6 +12,9 @@ into ``KeyService`` (``_service.py``):
 - ``_transport``: the transport-certificate directory and sealed delivery
 - ``_rewrap``: rewrap-dek, rewrap-blob, rewrap jobs
 - ``_maintenance``: purging, date transitions, automatic rotation
+- ``_objects``: keys as KMIP sees them (create/register with attributes, get,
+  attributes, locate, encrypt/decrypt), registered into KeyService's table
+- ``_kmip``: KMIP operations (TTLV payloads) turned into those requests
 - ``_policy``: who may do what where (grants, operation groups)
 """
 
@@ -24,6 +27,7 @@ from kmipd.service._core import (
     dek_associated_data,
     new_dek_id,
 )
+from kmipd.service._kmip import KmipOperations
 from kmipd.service._policy import (
     ADMIN_OPERATIONS,
     DATA_OPERATIONS,
@@ -45,6 +49,7 @@ __all__ = [
     "Caller",
     "Grant",
     "KeyService",
+    "KmipOperations",
     "Policy",
     "PolicyError",
     "ServerInfo",

@@ -124,6 +124,8 @@ class Caller:
 
     identity: str
     request_id: int | None = None
+    #: The protocol the request came in by, for the audit trail (None: native).
+    protocol: str | None = None
 
 
 @attrs.define
@@ -151,6 +153,7 @@ class _Call:
             kek_version=self.kek_version,
             blob_mac=self.blob_mac,
             detail=self.detail,
+            protocol=self.caller.protocol,
         )
 
 

@@ -6,10 +6,13 @@ from (see ``kmipd.service._core`` for how a family module is written).
 
 from __future__ import annotations
 
+from typing import Any
+
 from kmipd.service._delivery import DeliveryOperations
 from kmipd.service._keks import KekOperations
 from kmipd.service._lifecycle import LifecycleOperations
 from kmipd.service._maintenance import MaintenanceOperations
+from kmipd.service._objects import object_handlers
 from kmipd.service._rewrap import RewrapOperations
 from kmipd.service._transport import TransportOperations
 
@@ -27,3 +30,10 @@ class KeyService(
     Construction, dispatch, authorization, audit and the commit point come from
     ServiceCore; each base adds one family's handlers.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # KMIP's object operations (kmipd.service._objects) run through the same
+        # handle(): authorization, audit and the commit point as the native ones.
+        self._handlers.update(object_handlers(self))
+        self._changes_state = self._changes_state | {"register", "modify-attributes"}

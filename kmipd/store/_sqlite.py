@@ -120,6 +120,27 @@ CREATE TABLE transport_certificates (
     registered_at INTEGER NOT NULL
 ) STRICT;
 """,
+    # 5: what KMIP says about a key beside the DEK row: object type, algorithm
+    # and length, usage mask, object group, names (a table of their own, for
+    # Locate by name) and the rest (custom x- attributes, links) as JSON.
+    # A DEK without a row here is an AES-256 symmetric key with no names.
+    """
+CREATE TABLE object_attributes (
+    dek_id        TEXT PRIMARY KEY REFERENCES deks(id),
+    object_type   TEXT NOT NULL,
+    algorithm     TEXT,
+    length        INTEGER NOT NULL,
+    usage_mask    INTEGER,
+    object_group  TEXT,
+    attributes    TEXT NOT NULL DEFAULT '{}'
+) STRICT;
+CREATE INDEX object_attributes_by_group ON object_attributes(object_group);
+CREATE TABLE object_names (
+    name          TEXT NOT NULL,
+    dek_id        TEXT NOT NULL REFERENCES deks(id),
+    PRIMARY KEY (name, dek_id)
+) STRICT;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -150,6 +171,38 @@ class DekRecord:
     created_at: int
     created_by: str
     lifecycle: Lifecycle
+
+
+@attrs.frozen
+class ObjectRecord:
+    """A key's KMIP attributes (migration 5); never key material."""
+
+    dek_id: str
+    #: "symmetric-key" or "secret-data".
+    object_type: str = "symmetric-key"
+    algorithm: str | None = "aes"
+    length: int = 256
+    usage_mask: int | None = None
+    object_group: str | None = None
+    names: tuple[str, ...] = ()
+    #: Custom (x-) attributes: name -> [KMIP item type number, JSON-able value].
+    custom: dict[str, list[Any]] = attrs.field(factory=dict)
+    #: Links: [KMIP link type number, linked id].
+    links: tuple[tuple[int, str], ...] = ()
+    last_change: int | None = None
+    secret_data_type: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        if self.custom:
+            document["custom"] = self.custom
+        if self.links:
+            document["links"] = [list(link) for link in self.links]
+        if self.last_change is not None:
+            document["last_change"] = self.last_change
+        if self.secret_data_type is not None:
+            document["secret_data_type"] = self.secret_data_type
+        return document
 
 
 @attrs.frozen
@@ -396,7 +449,13 @@ class KeyStore:
 
     # -- DEKs --------------------------------------------------------------------
 
-    async def put_dek(self, record: DekRecord, *, idempotency_key: bytes | None = None) -> None:
+    async def put_dek(
+        self,
+        record: DekRecord,
+        *,
+        idempotency_key: bytes | None = None,
+        kmip: ObjectRecord | None = None,
+    ) -> None:
         """Insert a DEK; when this returns, the row is durable.
 
         With an idempotency key, the key is recorded in the same transaction
@@ -421,6 +480,8 @@ class KeyStore:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
+            if kmip is not None:
+                _write_object(db, kmip)
             if idempotency_key is None:
                 return
             db.execute(
@@ -524,6 +585,70 @@ class KeyStore:
 
     def _forget(self, dek_id: str) -> None:
         self._cache.pop(dek_id, None)
+
+    # -- KMIP attributes -------------------------------------------------------------
+
+    async def get_object(self, dek_id: str) -> ObjectRecord | None:
+        """The key's KMIP attributes, or None for a key that never had any (a native DEK)."""
+
+        def select(db: sqlite3.Connection) -> ObjectRecord | None:
+            row = db.execute(
+                f"SELECT {_OBJECT_COLUMNS} FROM object_attributes WHERE dek_id = ?", (dek_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            names = db.execute(
+                "SELECT name FROM object_names WHERE dek_id = ? ORDER BY rowid", (dek_id,)
+            ).fetchall()
+            return _object_from_row(row, tuple(name for (name,) in names))
+
+        return await self._read(select)
+
+    async def put_object(self, kmip: ObjectRecord) -> None:
+        """Insert or replace a key's KMIP attributes (its DEK row must exist)."""
+        await self._write(lambda db: _write_object(db, kmip))
+
+    async def locate_objects(
+        self,
+        *,
+        name: str | None = None,
+        object_type: str | None = None,
+        object_group: str | None = None,
+        algorithm: str | None = None,
+        length: int | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> list[str]:
+        """Ids of keys matching every given filter, oldest first; native DEKs count as AES-256."""
+        where: list[str] = ["1"]
+        args: list[str | int] = []
+        if name is not None:
+            where.append("d.id IN (SELECT dek_id FROM object_names WHERE name = ?)")
+            args.append(name)
+        for column, default, value in (
+            ("object_type", "'symmetric-key'", object_type),
+            ("algorithm", "'aes'", algorithm),
+            ("length", "256", length),
+        ):
+            if value is not None:
+                where.append(f"coalesce(o.{column}, {default}) = ?")
+                args.append(value)
+        if object_group is not None:
+            where.append("o.object_group = ?")
+            args.append(object_group)
+        if state is not None:
+            where.append("d.state = ?")
+            args.append(state)
+
+        def select(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT d.id FROM deks d LEFT JOIN object_attributes o ON o.dek_id = d.id"
+                f" WHERE {' AND '.join(where)} ORDER BY d.created_at, d.rowid LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [str(dek_id) for (dek_id,) in rows]
+
+        return await self._read(select)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -872,6 +997,48 @@ class KeyStore:
             await self._read(lambda db: db.execute("SELECT 1").fetchone())
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path} does not answer: {exc}") from None
+
+
+_OBJECT_COLUMNS = "dek_id, object_type, algorithm, length, usage_mask, object_group, attributes"
+
+
+def _write_object(db: sqlite3.Connection, kmip: ObjectRecord) -> None:
+    db.execute(
+        f"INSERT OR REPLACE INTO object_attributes ({_OBJECT_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            kmip.dek_id,
+            kmip.object_type,
+            kmip.algorithm,
+            kmip.length,
+            kmip.usage_mask,
+            kmip.object_group,
+            json.dumps(kmip.to_json()),
+        ),
+    )
+    db.execute("DELETE FROM object_names WHERE dek_id = ?", (kmip.dek_id,))
+    db.executemany(
+        "INSERT OR IGNORE INTO object_names (name, dek_id) VALUES (?, ?)",
+        [(name, kmip.dek_id) for name in kmip.names],
+    )
+
+
+def _object_from_row(row: tuple[Any, ...], names: tuple[str, ...]) -> ObjectRecord:
+    dek_id, object_type, algorithm, length, usage_mask, object_group, document = row
+    extra = json.loads(document)
+    return ObjectRecord(
+        dek_id=dek_id,
+        object_type=object_type,
+        algorithm=algorithm,
+        length=length,
+        usage_mask=usage_mask,
+        object_group=object_group,
+        names=names,
+        custom=extra.get("custom", {}),
+        links=tuple((int(kind), str(target)) for kind, target in extra.get("links", [])),
+        last_change=extra.get("last_change"),
+        secret_data_type=extra.get("secret_data_type"),
+    )
 
 
 def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:
