@@ -169,6 +169,26 @@ class _KmipdCollector(Collector):
             keys.add_metric([kind, state], count)
         yield keys
 
+        writers = [("store", server.service.store.health)]
+        if server.service.audit is not None:
+            writers.append(("audit", server.service.audit.health))
+        writable = GaugeMetricFamily(
+            "kmipd_writable",
+            "1 if the writer (store, audit trail) can write, 0 while a fault refuses writes;"
+            " the cause label says why",
+            labels=["writer", "cause"],
+        )
+        refused = CounterMetricFamily(
+            "kmipd_write_refused",
+            "Requests refused because the writer could not write (disk full, read-only...)",
+            labels=["writer"],
+        )
+        for name, health in writers:
+            writable.add_metric([name, health.cause or ""], int(health.ok))
+            refused.add_metric([name], health.refused_total)
+        yield writable
+        yield refused
+
         reloads = CounterMetricFamily(
             "kmipd_reloads", "Configuration reloads (SIGHUP), by result", labels=["result"]
         )
