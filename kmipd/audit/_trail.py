@@ -14,21 +14,32 @@ names the first record that was edited, removed or moved. (A chain cannot
 show that records were cut off the *end*; keep the last hash elsewhere,
 e.g. in your log shipping, to detect that.)
 
-Durability: a record is written (``write(2)``) before the operation's
-response in every case, so a failing audit file fails the operation; for
-state-changing operations the daemon also waits until the record is on
-disk (``fsync``, committed in groups so concurrent requests share one).
+Durability: a state-changing operation is answered only once its record is
+on disk (``write(2)`` then ``fsync``, committed in groups so concurrent
+requests share one). Read records (get-dek and the like) are on the hot
+path, so with ``batch_window`` > 0 they are kept in memory and written and
+fsynced together at most ``batch_window`` seconds later (10 ms in the
+daemon, ``audit.read_batch_ms``), or at once with the next state-change
+record, a rotation, or ``close`` (drain, SIGTERM). None is ever dropped:
+a ``kill -9`` loses at most the reads of the last window, never a state
+change, and the chain stays whole. A write that fails is remembered, and
+every later record is refused until the file takes writes again, so
+reads are not served unaudited for longer than one window. With
+``batch_window`` = 0 every record is written before its answer.
 
 Torn records: a write cut short (a full disk, a crash) leaves part of a
-line. A failed write is cut back off the file at once where the filesystem
-allows; what remains (or what a crash left) is never appended to: the next
-record starts on a fresh line and continues the chain from the last whole
-record, and ``verify`` names the torn line instead of calling it tampering.
+line. A batched write keeps the rest and completes the line once the disk
+takes it; a single record's failed write is cut back off the file where the
+filesystem allows. What remains (or what a crash left) is never appended
+to: the next record starts on a fresh line and continues the chain from the
+last whole record, and ``verify`` names the torn line instead of calling it
+tampering.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -47,10 +58,12 @@ from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from kmipd.store._faults import WriteHealth, os_cause
 from pki import write_private_file
 
-log = logging.getLogger("kmipd.audit")
-
 GENESIS = "0" * 64
 AUDIT_KEY_SIZE = 32
+#: Read records held in memory before they are written whatever the window.
+MAX_BATCH_BYTES = 1 << 20
+
+log = logging.getLogger("kmipd.audit")
 
 
 class AuditError(Exception):
@@ -100,7 +113,14 @@ def read_audit_key(path: Path, *, create: bool) -> bytes:
 
 
 class AuditLog:
-    def __init__(self, path: Path, key: bytes, *, fail_open_reads: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key: bytes,
+        *,
+        fail_open_reads: bool = False,
+        batch_window: float = 0.0,
+    ) -> None:
         self.path = path
         self.fail_open_reads = fail_open_reads
         self._key = key
@@ -120,11 +140,31 @@ class AuditLog:
         self.health = WriteHealth("audit trail", path)
         self._synced = self._seq
         self._syncing: trio.Event | None = None
+        #: Seconds a read record may wait in memory; 0 writes each one at once.
+        #: Whoever sets it > 0 also runs ``flush_periodically``.
+        self._batch_window = batch_window
+        self._unwritten: list[bytes] = []
+        self._unwritten_bytes = 0
+        #: The last write that failed: later records are refused until one succeeds.
+        self._write_failure: AuditError | None = None
+        self._batch_started = trio.Event()
 
     @classmethod
-    def open(cls, path: Path, key_path: Path, *, fail_open_reads: bool = False) -> AuditLog:
+    def open(
+        cls,
+        path: Path,
+        key_path: Path,
+        *,
+        fail_open_reads: bool = False,
+        batch_window: float = 0.0,
+    ) -> AuditLog:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(path, read_audit_key(key_path, create=True), fail_open_reads=fail_open_reads)
+        return cls(
+            path,
+            read_audit_key(key_path, create=True),
+            fail_open_reads=fail_open_reads,
+            batch_window=batch_window,
+        )
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r}, seq={self._seq})"
@@ -133,7 +173,13 @@ class AuditLog:
         return hmac.new(self._key, data, hashlib.sha256).hexdigest()
 
     def append(self, event: AuditEvent, now: float) -> int:
-        """Write one record (not yet fsynced); its sequence number. Raises AuditError."""
+        """Add one record to the chain; its sequence number. Raises AuditError.
+
+        The record is written at once, or with ``batch_window`` > 0 within that
+        window; ``sync(seq)`` makes it durable before it returns.
+        """
+        if self._write_failure is not None:
+            self._write_unwritten()  # still failing: refuse before the record exists
         record: dict[str, Any] = {
             "seq": self._seq + 1,
             "time": datetime.datetime.fromtimestamp(now, datetime.UTC).isoformat(),
@@ -147,35 +193,82 @@ class AuditLog:
         digest = hashlib.sha256(bytes.fromhex(self._prev) + body).hexdigest()
         # The hash goes last; verify() recomputes it over the record without it.
         line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
-        if self._start_line:
+        if self._start_line:  # never glued onto a torn record
             line = b"\n" + line
-        size: int | None = None
-        try:
-            size = os.fstat(self._fd).st_size
-            written = os.write(self._fd, line)
-        except OSError as exc:
-            self._write_failed(exc, size)
-            raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from None
-        if written != len(line):
-            # The next write(2) would say why (ENOSPC, most likely): cut the part off.
-            self._write_failed(OSError(28, os.strerror(28)), size)
-            raise AuditError(f"short write to audit log {self.path}")
+        if self._batch_window <= 0:
+            self._write_record(line)
+        else:
+            self._unwritten.append(line)
+            self._unwritten_bytes += len(line)
+            if not self._batch_started.is_set():
+                self._batch_started.set()
         self._start_line = False
         self._seq += 1
         self._prev = digest
-        self.health.succeeded()
+        if self._unwritten_bytes > MAX_BATCH_BYTES:
+            self._write_unwritten()
         return self._seq
 
-    def _write_failed(self, exc: OSError, size: int | None) -> None:
-        """Cut a partial record back off; if that fails, the next record starts a new line."""
-        if size is not None:
+    def _write(self, data: bytes) -> int:
+        """Append bytes; how many were written before a failure (raised as AuditError)."""
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            self._failed(exc)
+            raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from None
+        if written != len(data):
+            # The next write(2) would say why: ENOSPC, on every filesystem we know.
+            self._failed(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            raise _ShortWriteError(written, f"short write to audit log {self.path}")
+        self.health.succeeded()
+        return written
+
+    def _write_record(self, line: bytes) -> None:
+        """Write one record whole, or cut what was written of it back off the file."""
+        size = os.fstat(self._fd).st_size
+        try:
+            self._write(line)
+        except AuditError:
             try:
                 os.ftruncate(self._fd, size)
             except OSError:
-                self._start_line = True
+                self._start_line = True  # the torn part stays: start the next on a new line
+            raise
+
+    def _failed(self, exc: OSError) -> None:
         cause = os_cause(exc)
         if cause is not None:
             self.health.failed(cause, exc.strerror or "")
+
+    def _write_unwritten(self) -> None:
+        """Write the batched records, in chain order; on failure keep what is left."""
+        if not self._unwritten:
+            self._write_failure = None
+            return
+        data = b"".join(self._unwritten)
+        try:
+            self._write(data)
+        except AuditError as exc:
+            written = exc.written if isinstance(exc, _ShortWriteError) else 0
+            self._unwritten = [data[written:]]  # the rest follows once the disk takes it
+            self._unwritten_bytes = len(data) - written
+            self._write_failure = exc
+            raise
+        self._unwritten.clear()
+        self._unwritten_bytes = 0
+        self._write_failure = None
+
+    async def flush_periodically(self) -> None:
+        """Write and fsync batched read records at most ``batch_window`` after the first."""
+        while True:
+            await self._batch_started.wait()
+            await trio.sleep(self._batch_window)
+            self._batch_started = trio.Event()
+            try:
+                await self.sync(self._seq)
+            except AuditError as exc:
+                if self.health.ok:  # an understood fault is logged once by its WriteHealth
+                    log.error("%s", exc)  # remembered: the next record is refused until then
 
     async def sync(self, seq: int) -> None:
         """Return once record ``seq`` is on disk; concurrent callers share one fsync."""
@@ -183,14 +276,13 @@ class AuditLog:
             if self._syncing is not None:
                 await self._syncing.wait()
                 continue
+            self._write_unwritten()
             self._syncing = event = trio.Event()
             target = self._seq
             try:
                 await trio.to_thread.run_sync(os.fsync, self._fd)
             except OSError as exc:
-                cause = os_cause(exc)
-                if cause is not None:
-                    self.health.failed(cause, exc.strerror or "")
+                self._failed(exc)
                 raise AuditError(f"cannot sync audit log {self.path}: {exc.strerror}") from None
             finally:
                 self._syncing = None
@@ -215,6 +307,11 @@ class AuditLog:
                 "trail continues only in a new, empty file; still writing the rotated one"
             )
         # No await from here on: the old file is complete on disk before the switch.
+        try:
+            self._write_unwritten()
+        except AuditError:
+            os.close(fd)
+            raise
         os.fsync(self._fd)
         old, self._fd = self._fd, fd
         self._synced = self._seq
@@ -222,7 +319,21 @@ class AuditLog:
         return True
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Write and fsync what is batched, then close (the drain's last audit step)."""
+        try:
+            if self._unwritten:
+                self._write_unwritten()
+                os.fsync(self._fd)
+        except (AuditError, OSError) as exc:
+            log.error("audit records lost at close: %s", exc)
+        finally:
+            os.close(self._fd)
+
+
+class _ShortWriteError(AuditError):
+    def __init__(self, written: int, message: str) -> None:
+        super().__init__(message)
+        self.written = written
 
 
 def _open_appending(path: Path) -> int:

@@ -77,7 +77,10 @@ async def run_daemon(
         hsm = await open_hsm(config)
         resources.callback(hsm.close)
         audit = AuditLog.open(
-            config.audit_path, config.audit_key, fail_open_reads=config.audit_fail_open_reads
+            config.audit_path,
+            config.audit_key,
+            fail_open_reads=config.audit_fail_open_reads,
+            batch_window=config.audit_read_batch,
         )
         resources.callback(audit.close)
         notifier.status("waiting for the HSM backend to answer")
@@ -113,6 +116,7 @@ async def run_daemon(
             if handle_signals:
                 nursery.start_soon(supervisor.handle_signals)
             nursery.start_soon(store.watch_writes)
+            nursery.start_soon(audit.flush_periodically)
             nursery.start_soon(_maintain, service, config.check_interval)
             nursery.start_soon(_run_rewrap_jobs, service, config.rewrap_batch, config.rewrap_pause)
             if metrics_listeners:

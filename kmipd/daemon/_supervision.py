@@ -56,6 +56,7 @@ _CONFIG_KEYS = {
     "audit_path": "audit.path",
     "audit_key": "audit.key",
     "audit_fail_open_reads": "audit.fail_open_reads",
+    "audit_read_batch": "audit.read_batch_ms",
     "metrics_listen": "metrics.listen",
 }
 

@@ -58,6 +58,10 @@ def _at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1"
 
 
+def _read_batch(value: int) -> str | None:
+    return None if 0 <= value <= 1000 else "must be 0..1000"
+
+
 def _frame_size(value: int) -> str | None:
     if 16 <= value <= ABSOLUTE_MAX_FRAME_SIZE:
         return None
@@ -198,6 +202,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "path": Option(str, "audit.log", "audit trail file (JSON lines, hash-chained)"),
         "key": Option(str, "audit.key", "HMAC key for audit values (32 bytes, 0600)"),
         "fail_open_reads": Option(bool, False, "serve reads even when the audit cannot be written"),
+        "read_batch_ms": Option(
+            int,
+            10,
+            "read records written and fsynced together within this many ms (0: each at once)",
+            _read_batch,
+        ),
     },
     "transport": {
         "require_sealed": Option(
@@ -281,6 +291,8 @@ class Config:
     audit_path: Path
     audit_key: Path
     audit_fail_open_reads: bool
+    #: Seconds a read's audit record may wait to be written with others.
+    audit_read_batch: float
     log_level: str
     metrics_listen: str | None
     require_sealed: tuple[str, ...] = ()
@@ -428,6 +440,7 @@ def parse_config(
         audit_path=v("audit", "path"),
         audit_key=v("audit", "key"),
         audit_fail_open_reads=v("audit", "fail_open_reads"),
+        audit_read_batch=v("audit", "read_batch_ms") / 1000,
         log_level=v("logging", "level"),
         metrics_listen=v("metrics", "listen") or None,
         require_sealed=tuple(v("transport", "require_sealed")),
