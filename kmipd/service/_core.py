@@ -64,7 +64,7 @@ from kmipd.protocol import (
     encode_deterministic,
 )
 from kmipd.service._policy import Policy
-from kmipd.store import DekRecord, KekVersion, KeyStore, StoreError
+from kmipd.store import DekRecord, KekVersion, KeyStore, StoreError, StoreUnavailableError
 from kmipd.store._commit import request_scope
 
 log = logging.getLogger("kmipd.service")
@@ -296,8 +296,14 @@ class ServiceCore:
                         await self.store.refresh_if_changed()  # see what the other daemons did
                     result = await self._handlers[type(request)](call, request)
             except ServiceError as exc:
-                self._audit(call, exc.code.wire_name)
-                raise
+                try:
+                    self._audit(call, exc.code.wire_name)
+                except ServiceError:
+                    # Nothing was applied nor delivered: the client must still hear
+                    # "not applied" (and fail over), not "a change may be applied".
+                    if exc.code is not ErrorCode.STORE_UNAVAILABLE:
+                        raise
+                raise exc from None
             seq = self._audit(call, "ok")
             if seq is not None and call.operation in self._changes_state:
                 assert self.audit is not None
@@ -334,7 +340,8 @@ class ServiceCore:
         try:
             return self.audit.append(call.event(result), self._clock())
         except AuditError as exc:
-            log.error("%s", exc)
+            if self.audit.health.ok:  # an understood fault was logged once by its WriteHealth
+                log.error("%s", exc)
             if self.audit.fail_open_reads and call.operation not in self._changes_state:
                 return None
             raise _audit_failed(exc) from None
@@ -412,6 +419,11 @@ class ServiceCore:
             await self.store.check()
         except StoreError:
             store_state = "failed"
+        else:
+            store_state = self.store.health.describe()
+        if self.audit is not None and not self.audit.health.ok:
+            # The trail is the store's companion on disk: its fault degrades the daemon too.
+            store_state = f"{store_state}; audit trail {self.audit.health.describe()}"[:64]
         state = self.info.state
         if state == "serving" and (hsm_state, store_state) != ("ok", "ok"):
             state = "degraded"
@@ -460,6 +472,12 @@ def _backend_errors(request: Any) -> Iterator[None]:
         yield
     except HsmUnavailableError as exc:
         raise ServiceError(ErrorCode.HSM_UNAVAILABLE, f"HSM unavailable: {exc}") from None
+    except StoreUnavailableError as exc:
+        # Logged once per fault by the store's WriteHealth, not once per request.
+        raise ServiceError(
+            ErrorCode.STORE_UNAVAILABLE,
+            f"the key store cannot write ({exc.cause}); not applied, retry elsewhere or later",
+        ) from None
     except StoreError as exc:
         log.error("store failure during %s: %s", request.OPERATION, exc)
         raise ServiceError(ErrorCode.INTERNAL, "the key store failed; see the server log") from None
