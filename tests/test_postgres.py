@@ -24,11 +24,12 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kmipd.client as km
 from kmipd.audit import records, verify
 from kmipd.client import Client, KeyCompromisedError
 from kmipd.hsm import SoftwareHsm
 from kmipd.lifecycle import DEK_USAGES, Event, Lifecycle, RevocationReason, State
-from kmipd.protocol import CreateDek, ErrorCode, GetDek, KeyRef, Revoke
+from kmipd.protocol import CreateDek, CreateKek, ErrorCode, GetDek, KeyRef, Revoke
 from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import (
     DekRecord,
@@ -41,7 +42,7 @@ from kmipd.store import (
 from kmipd.store import _postgres as pg
 from kmipd.store._postgres import PostgresStore, glob_to_regex
 from tests.conftest import PostgresDatabases, make_policy
-from tests.postgres import Cluster
+from tests.postgres import Cluster, running_cluster
 from tests.processes import Daemon, run_kmipd
 
 STORAGE = Caller("spiffe://kmipd.test/storage", 1)
@@ -259,7 +260,8 @@ def test_a_newer_schema_is_refused(postgres_db: str) -> None:
     PostgresStore.open(postgres_db).close()
     with psycopg.connect(postgres_db) as db:
         db.execute("UPDATE kmipd_schema SET version = 99")
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this kmipd \(4\)"):
+    newer = rf"schema version 99, newer than this kmipd \({pg.SCHEMA_VERSION}\)"
+    with pytest.raises(StoreError, match=newer):
         PostgresStore.open(postgres_db)
     assert count(postgres_db, "SELECT count(*) FROM deks") == 0  # and nothing changed
 
@@ -284,11 +286,20 @@ async def test_a_read_only_user_can_read_but_every_write_fails_clearly(
         assert (await service.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
         with pytest.raises(ServiceError) as refused:
             await service.handle(STORAGE, CreateDek(namespace="orders"))
-        assert refused.value.code is ErrorCode.INTERNAL
+        # The database's condition, not a bug: store-unavailable, not applied, and the
+        # store's health names the cause until a probe write goes through.
+        assert refused.value.code is ErrorCode.STORE_UNAVAILABLE
+        assert "permission denied" in refused.value.message
+        assert service.store.health.describe() == (
+            "cannot write: PostgreSQL refuses this user the write (permission denied)"
+        )
         lifecycle = Lifecycle(state=State.ACTIVE, usage=DEK_USAGES)
         record = DekRecord("dek_x", "orders", 1, b"w" * 40, 0, "me", lifecycle)
-        with pytest.raises(StoreError, match="permission denied for table deks"):
+        with pytest.raises(StoreUnavailableError, match="permission denied"):
             await service.store.put_dek(record)
+        assert not await service.store.probe_write()
+        # Reads still work: the database answers, it only refuses this user's writes.
+        assert (await service.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
     finally:
         reader.close()
     assert count(postgres_db, "SELECT count(*) FROM deks") == 1  # nothing half-written
@@ -299,7 +310,7 @@ def test_postgres_down_at_open_is_one_clear_error(postgres_cluster: Cluster) -> 
         f"port={postgres_cluster.port}", "port=1"
     )
     started = time.monotonic()
-    with pytest.raises(StoreUnavailableError) as caught:
+    with pytest.raises(StoreError) as caught:
         PostgresStore.open(absent, connect_timeout=1)
     assert time.monotonic() - started < 10
     message = str(caught.value)
@@ -311,11 +322,11 @@ def test_postgres_down_at_open_is_one_clear_error(postgres_cluster: Cluster) -> 
 # -- real daemons ---------------------------------------------------------------------------------
 
 
-def postgres_config(template: str, conninfo: str, n: int) -> str:
+def postgres_config(template: str, conninfo: str, n: int, store: str = "") -> str:
     config = re.sub(r"listen = \[.*\]", 'listen = ["127.0.0.1:0"]', template)
     config = re.sub(
         r'\[store\]\npath = "kmipd.db"\n',
-        f'[store]\nbackend = "postgresql"\nconninfo = "{conninfo}"\n',
+        f'[store]\nbackend = "postgresql"\nconninfo = "{conninfo}"\n{store}',
         config,
     )
     assert 'backend = "postgresql"' in config
@@ -323,7 +334,7 @@ def postgres_config(template: str, conninfo: str, n: int) -> str:
 
 
 def start_on_postgres(
-    tmp_path: Path, conninfo: str, how_many: int
+    tmp_path: Path, conninfo: str, how_many: int, store: str = ""
 ) -> tuple[list[Daemon], dict[str, Path], Path, Callable[[int], Path]]:
     data = tmp_path / "dev"
     first = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "init.log")
@@ -332,7 +343,7 @@ def start_on_postgres(
 
     def config(n: int) -> Path:
         path = data / f"kmipd-{n}.toml"
-        path.write_text(postgres_config(template, conninfo, n))
+        path.write_text(postgres_config(template, conninfo, n, store))
         return path
 
     daemons = [Daemon("--config", config(n), log=tmp_path / f"d{n}.log") for n in range(how_many)]
@@ -431,3 +442,102 @@ def test_a_daemon_pointed_at_a_dead_postgres_exits_with_one_line(
     checked = run_kmipd("check-config", config)
     assert checked.returncode != 0
     assert "store.conninfo: cannot connect to PostgreSQL" in checked.stdout + checked.stderr
+
+
+@pytest.mark.slow
+def test_postgres_down_while_serving_answers_store_unavailable_then_recovers(
+    tmp_path: Path,
+) -> None:
+    with running_cluster() as cluster:  # its own: this test stops it
+        cluster.execute("CREATE DATABASE kmipd")
+        (daemon,), creds, _, _ = start_on_postgres(
+            tmp_path, cluster.conninfo("kmipd"), 1, store="connect_timeout = 2\n"
+        )
+        with Client(daemon.address, **creds, timeout=30) as kms:
+            with kms.create_dek("orders") as dek:
+                dek_id, key = dek.dek_id, bytes(dek.key)
+            up = kms.status()
+            assert up.store_backend == f"postgresql primary at {cluster.socket_dir}"
+            cluster.stop()
+            with pytest.raises(km.StoreUnavailableError, match="store-unavailable"):
+                kms.get_dek(dek_id).close()  # not served from memory: nothing vouches for it
+            down = kms.status()
+            assert (down.state, down.store) == ("degraded", "cannot write: PostgreSQL unreachable")
+            assert down.store_backend == "postgresql unreachable"
+            # Refused before anything reached the database: not applied, so the client
+            # may send it anywhere (here there is nowhere else).
+            with pytest.raises(km.StoreUnavailableError):
+                kms.create_dek("orders").close()
+            cluster.start()
+            recovered_at = time.monotonic() + 30
+            while True:  # the daemon reconnects by itself: no restart
+                try:
+                    with kms.get_dek(dek_id) as again:
+                        assert bytes(again.key) == key
+                    break
+                except km.StoreUnavailableError:
+                    assert time.monotonic() < recovered_at, "the daemon never reconnected"
+            assert kms.status().store == "ok"
+            with kms.create_dek("orders") as created:
+                assert created.dek_id
+        assert daemon.stop() == 0
+        assert count(cluster.conninfo("kmipd"), "SELECT count(*) FROM deks") == 2
+
+
+#: A deferred constraint trigger runs at COMMIT: the first DEK insert's backend then
+#: terminates itself, so the connection breaks while kmipd is committing.
+KILL_THE_FIRST_COMMIT = """
+CREATE SEQUENCE commit_kills;
+CREATE FUNCTION kill_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('commit_kills') = 1 THEN
+        PERFORM pg_terminate_backend(pg_backend_pid());
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER kill_at_commit AFTER INSERT ON deks
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION kill_at_commit();
+"""
+
+
+async def test_a_connection_lost_during_commit_answers_store_outcome_unknown(
+    daemons: Daemons,
+) -> None:
+    service = daemons.start()
+    await service.handle(ADMIN, CreateKek(name="orders"))
+    with psycopg.connect(daemons.conninfo) as db:
+        db.execute(KILL_THE_FIRST_COMMIT.encode())
+    with pytest.raises(ServiceError) as unknown:
+        await service.handle(STORAGE, CreateDek(namespace="orders"))
+    # Not "not applied": the daemon cannot know whether COMMIT took effect.
+    assert unknown.value.code is ErrorCode.STORE_OUTCOME_UNKNOWN
+    assert "may or may not be applied" in unknown.value.message
+    assert count(daemons.conninfo, "SELECT count(*) FROM deks") == 0  # here: it did not
+    # The store heals by itself (a probe write on a fresh connection), no restart.
+    assert service.store.health.describe() == "cannot write: PostgreSQL unreachable"
+    assert await service.store.probe_write()
+    assert service.store.health.ok
+    dek = await service.handle(STORAGE, CreateDek(namespace="orders"))
+    assert (await service.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
+
+
+@pytest.mark.slow
+def test_the_client_settles_store_outcome_unknown_on_another_daemon_of_the_store(
+    tmp_path: Path, postgres_db: str
+) -> None:
+    daemons, creds, _, _ = start_on_postgres(tmp_path, postgres_db, 2)
+    addresses = [d.address for d in daemons]
+    with Client(addresses, **creds, timeout=30) as kms:
+        with psycopg.connect(postgres_db) as db:
+            db.execute(KILL_THE_FIRST_COMMIT.encode())
+        # The first daemon answers store-outcome-unknown; the create carries an
+        # idempotency key, so the client retries it on the other daemon of this store.
+        with kms.create_dek("orders", idempotency_key=b"k" * 16) as dek:
+            dek_id = dek.dek_id
+        with kms.create_dek("orders", idempotency_key=b"k" * 16) as again:
+            assert again.dek_id == dek_id  # and the key forbids a second DEK
+    for daemon in daemons:
+        assert daemon.stop() == 0
+    assert count(postgres_db, "SELECT count(*) FROM deks") == 1
+    assert count(postgres_db, "SELECT last_value FROM commit_kills") == 2
+    assert "store outcome unknown during create-dek" in daemons[0].stderr()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kmipd.store._interface import StaleRecordError, Store, StoreUnavailableError
+from kmipd.store._faults import StoreUnavailableError, WriteHealth
+from kmipd.store._interface import StaleRecordError, Store, StoreOutcomeUnknownError
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
     AlreadyExistsError,
@@ -19,9 +20,11 @@ from kmipd.store._sqlite import (
     KekRecord,
     KekVersion,
     KeyStore,
+    ObjectRecord,
     RewrapJob,
     StoreError,
     TransportCertRecord,
+    store_problems,
 )
 
 if TYPE_CHECKING:
@@ -49,11 +52,15 @@ __all__ = [
     "KekRecord",
     "KekVersion",
     "KeyStore",
+    "ObjectRecord",
     "RewrapJob",
     "StaleRecordError",
     "Store",
     "StoreError",
+    "StoreOutcomeUnknownError",
     "StoreUnavailableError",
     "TransportCertRecord",
+    "WriteHealth",
     "open_postgres_store",
+    "store_problems",
 ]

@@ -10,23 +10,25 @@ from __future__ import annotations
 from typing import Protocol
 
 from kmipd.lifecycle import Lifecycle, State
+from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._sqlite import (
     Change,
     DekRecord,
     KekRecord,
     KekVersion,
+    ObjectRecord,
     RewrapJob,
     StoreError,
     TransportCertRecord,
 )
 
 
-class StoreUnavailableError(StoreError):
-    """The database cannot be reached now (down, failing over): retry later.
+class StoreOutcomeUnknownError(StoreUnavailableError):
+    """The connection to the database broke during COMMIT: the write may have committed.
 
-    The outcome of a write that failed this way is unknown: it may have
-    committed just before the connection broke. A create with an
-    idempotency key can be retried safely; one without cannot.
+    Unlike its base (refused, rolled back: not applied), nobody can say
+    whether this write took effect. A create with an idempotency key can be
+    retried safely; one without cannot.
     """
 
 
@@ -45,8 +47,17 @@ class Store(Protocol):
     #: Other daemons write to this store too: the service reloads what they changed.
     shared: bool
     store_id: str
+    #: Whether writes go through now (health checks, metrics, systemd status read it).
+    health: WriteHealth
+    #: Where the store is served from, for status: the file, or the PostgreSQL server
+    #: (host:port) the last check reached.
+    server: str
 
     def close(self) -> None: ...
+
+    # Faults: the probe that ends one.
+    async def probe_write(self) -> bool: ...
+    async def watch_writes(self, interval: float = 1.0) -> None: ...
 
     # KEKs: small, read on every request, held in memory.
     def get_kek(self, name: str) -> KekRecord | None: ...
@@ -64,12 +75,33 @@ class Store(Protocol):
     async def put_transport_cert(self, record: TransportCertRecord) -> None: ...
 
     # DEKs.
-    async def put_dek(self, record: DekRecord, *, idempotency_key: bytes | None = None) -> None: ...
+    async def put_dek(
+        self,
+        record: DekRecord,
+        *,
+        idempotency_key: bytes | None = None,
+        kmip: ObjectRecord | None = None,
+    ) -> None: ...
     def cached_dek(self, dek_id: str) -> DekRecord | None: ...
     async def find_idempotent(self, identity: str, key: bytes) -> str | None: ...
     async def get_dek(self, dek_id: str) -> DekRecord | None: ...
     async def set_dek_lifecycle(self, record: DekRecord, lifecycle: Lifecycle) -> DekRecord: ...
     async def rewrap_dek(self, record: DekRecord, version: int, wrapped: bytes) -> bool: ...
+
+    # KMIP attributes.
+    async def get_object(self, dek_id: str) -> ObjectRecord | None: ...
+    async def put_object(self, kmip: ObjectRecord) -> None: ...
+    async def locate_objects(
+        self,
+        *,
+        name: str | None = None,
+        object_type: str | None = None,
+        object_group: str | None = None,
+        algorithm: str | None = None,
+        length: int | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> list[str]: ...
 
     # Queries and the change feed.
     async def locate_deks(

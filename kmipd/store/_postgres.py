@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import select
 import threading
@@ -57,7 +58,8 @@ from psycopg import errors as pg_errors
 
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
 from kmipd.store._commit import point_of_no_return
-from kmipd.store._interface import StaleRecordError, StoreUnavailableError
+from kmipd.store._faults import StoreUnavailableError, WriteHealth
+from kmipd.store._interface import StaleRecordError, StoreOutcomeUnknownError
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
     AlreadyExistsError,
@@ -66,6 +68,7 @@ from kmipd.store._sqlite import (
     IdempotencyKeyUsedError,
     KekRecord,
     KekVersion,
+    ObjectRecord,
     RewrapJob,
     StoreError,
     TransportCertRecord,
@@ -162,6 +165,29 @@ CREATE TABLE transport_certificates (
     registered_at BIGINT NOT NULL
 );
 """,
+    # 5: KMIP attributes beside the DEK row (see SQLite's migration 5). SQLite orders
+    # by rowid where PostgreSQL has none: deks.created_seq and object_names.position
+    # keep insertion order for Locate and Get Attributes.
+    """
+ALTER TABLE deks ADD COLUMN created_seq BIGINT GENERATED ALWAYS AS IDENTITY;
+CREATE TABLE object_attributes (
+    dek_id        TEXT COLLATE "C" PRIMARY KEY REFERENCES deks(id),
+    object_type   TEXT NOT NULL,
+    algorithm     TEXT,
+    length        INTEGER NOT NULL,
+    usage_mask    BIGINT,
+    object_group  TEXT,
+    attributes    TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX object_attributes_by_group ON object_attributes(object_group);
+CREATE TABLE object_names (
+    name          TEXT NOT NULL,
+    dek_id        TEXT COLLATE "C" NOT NULL REFERENCES deks(id),
+    position      INTEGER NOT NULL,
+    PRIMARY KEY (name, dek_id)
+);
+CREATE INDEX object_names_by_dek ON object_names(dek_id);
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -179,6 +205,7 @@ _ATTEMPTS = 5
 
 T = TypeVar("T")
 Db = psycopg.Connection[Any]
+log = logging.getLogger("kmipd.store")
 
 
 def describe_conninfo(conninfo: str) -> str:
@@ -189,6 +216,46 @@ def describe_conninfo(conninfo: str) -> str:
         return "(unparsable connection string)"
     shown = [f"{k}={parts[k]}" for k in ("host", "port", "dbname", "user") if k in parts]
     return " ".join(shown) or "(libpq defaults)"
+
+
+class _DatabaseFaultError(Exception):
+    """Raised on a worker thread; the trio side updates the health and raises the
+    StoreUnavailableError (or StoreOutcomeUnknownError) the service answers with."""
+
+    def __init__(self, cause: str, detail: str, *, unknown: bool = False, fault: bool = True):
+        super().__init__(cause)
+        self.cause, self.detail = cause, detail
+        #: The connection broke during COMMIT: the write may have committed.
+        self.unknown = unknown
+        #: A fault of the database (health); False for a conflict that ran out of retries.
+        self.fault = fault
+
+
+#: SQLSTATEs (and classes) that are the database's condition, not kmipd's bug: the
+#: transaction was rolled back, so a refusal promises "not applied".
+_UNREACHABLE = "PostgreSQL unreachable"
+_CAUSES = {
+    "25006": "PostgreSQL is read-only (a standby, or default_transaction_read_only)",
+    "42501": "PostgreSQL refuses this user the write (permission denied)",
+    "53100": "PostgreSQL's disk is full",
+    "53200": "PostgreSQL is out of memory",
+    "53300": "PostgreSQL has too many connections",
+    "57P01": _UNREACHABLE,  # admin shutdown
+    "57P02": _UNREACHABLE,  # crash shutdown
+    "57P03": _UNREACHABLE,  # cannot connect now (starting up, shutting down)
+    "57P04": _UNREACHABLE,  # database dropped
+}
+
+
+def _cause(exc: psycopg.Error) -> str | None:
+    """What an operator must fix, or None for an error that is kmipd's own."""
+    state = exc.sqlstate
+    if state is None:
+        # No answer from the server: the connection failed or broke.
+        return _UNREACHABLE if isinstance(exc, psycopg.OperationalError) else None
+    if state.startswith("08"):  # connection exception
+        return _UNREACHABLE
+    return _CAUSES.get(state)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -214,6 +281,7 @@ class PostgresStore:
     ) -> None:
         self._conninfo = conninfo
         self.where = describe_conninfo(conninfo)
+        self.server = self.where
         self._clock = clock
         self._cache_size = cache_size
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
@@ -230,6 +298,16 @@ class PostgresStore:
         self._metadata_generation = 0
         self._reload_wanted = False
         self._maintenance: Db | None = None
+        #: Whether the database takes writes; a write failing for a cause an operator
+        #: must fix (unreachable, standby, disk full, permission) faults it, and while
+        #: faulted what needs the database is refused at once until a probe succeeds.
+        self.health = WriteHealth("key store", self.where)
+        #: While unreachable, reads are refused at once too (they would wait for the
+        #: pool's timeout); a read-only or full database still serves reads.
+        self._unreachable = False
+        self._faulted = trio.Event()
+        self.health.listeners.append(self._on_health_change)
+        self._connect_timeout = connect_timeout
         self._pool = psycopg_pool.ConnectionPool(
             conninfo,
             min_size=1,
@@ -254,9 +332,7 @@ class PostgresStore:
         except psycopg_pool.PoolTimeout:
             problem = self._why_not_connected()
             self._pool.close()
-            raise StoreUnavailableError(
-                f"cannot connect to PostgreSQL at {self.where}: {problem}"
-            ) from None
+            raise StoreError(f"cannot connect to PostgreSQL at {self.where}: {problem}") from None
         try:
             with self._pool.connection() as db:
                 _migrate(db, self.where)
@@ -270,10 +346,14 @@ class PostgresStore:
             raise
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = threading.Event()
+        self._listener_up = threading.Event()
         self._listener = threading.Thread(
             target=self._listen_forever, name="kmipd-store-listener", daemon=True
         )
         self._listener.start()
+        # Serve from memory from the first request on: wait (bounded) for the listener.
+        # If it does not come up, the store still works, on round trips, until it does.
+        self._listener_up.wait(connect_timeout)
 
     @classmethod
     def open(
@@ -316,8 +396,14 @@ class PostgresStore:
     # -- running queries -------------------------------------------------------------
 
     def _run(self, fn: Callable[[Db], T], *, feed: bool, write: bool) -> T:
-        """One transaction on a pooled connection (on a worker thread)."""
+        """One transaction on a pooled connection (on a worker thread).
+
+        Raises _DatabaseFaultError for the database's own condition: before COMMIT the
+        transaction is rolled back (not applied); a connection that breaks during
+        COMMIT leaves the outcome unknown, and says so.
+        """
         for attempt in range(_ATTEMPTS):
+            committing = False
             try:
                 with self._pool.connection() as db:
                     if feed:
@@ -325,36 +411,120 @@ class PostgresStore:
                         # waits for the feed counter could deadlock against one that
                         # holds the counter and waits for the row.
                         db.execute("SELECT seq FROM feed_position FOR UPDATE")
-                    return fn(db)
+                    result = fn(db)
+                    committing = True
+                    db.commit()
+                    return result
             except _RETRIED:
+                # Refused by the server (also at COMMIT): rolled back, so retried.
                 if attempt == _ATTEMPTS - 1:
-                    raise StoreUnavailableError(
-                        f"store {self.where}: transaction kept conflicting; retry"
+                    raise _DatabaseFaultError(
+                        "transaction kept conflicting with other daemons'",
+                        f"{_ATTEMPTS} attempts",
+                        fault=False,
                     ) from None
-            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-                self._pool.check()  # drop every connection the same failure broke
-                if write or attempt > 0:
-                    raise StoreUnavailableError(
-                        f"PostgreSQL at {self.where} is unavailable: {_error_text(exc)}"
-                    ) from None
-                # A read is retried once on a fresh connection: after a restart or a
-                # failover the pool's idle connections are dead, the server is not.
+            except psycopg_pool.PoolTimeout as exc:
+                raise _DatabaseFaultError(_UNREACHABLE, _error_text(exc)) from None
             except StoreError:
                 raise
             except psycopg.Error as exc:
-                raise StoreError(f"store {self.where}: {_error_text(exc)}") from None
+                cause = _cause(exc)
+                if cause is None:
+                    raise StoreError(f"store {self.where}: {_error_text(exc)}") from None
+                if cause == _UNREACHABLE:
+                    self._pool.check()  # drop every connection the same failure broke
+                    if committing and write:
+                        raise _DatabaseFaultError(cause, _error_text(exc), unknown=True) from None
+                    if not write and attempt == 0:
+                        # A read is retried once on a fresh connection: after a restart
+                        # or a failover the pool's idle connections are dead, the server
+                        # is not.
+                        continue
+                raise _DatabaseFaultError(cause, _error_text(exc)) from None
         raise AssertionError("unreachable")
 
     async def _write(self, fn: Callable[[Db], T], *, feed: bool = False) -> T:
+        if not self.health.ok:
+            self.health.count_refused()
+            raise StoreUnavailableError(self.health.cause or "cannot write")
         point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
-        return await trio.to_thread.run_sync(
-            lambda: self._run(fn, feed=feed, write=True), limiter=self._limiter
-        )
+        result = await self._on_thread(lambda: self._run(fn, feed=feed, write=True))
+        self.health.succeeded()
+        return result
 
     async def _read(self, fn: Callable[[Db], T]) -> T:
-        return await trio.to_thread.run_sync(
-            lambda: self._run(fn, feed=False, write=False), limiter=self._limiter
-        )
+        if self._unreachable:
+            self.health.count_refused()
+            raise StoreUnavailableError(self.health.cause or _UNREACHABLE)
+        return await self._on_thread(lambda: self._run(fn, feed=False, write=False))
+
+    async def _on_thread(self, call: Callable[[], T]) -> T:
+        try:
+            return await trio.to_thread.run_sync(call, limiter=self._limiter)
+        except _DatabaseFaultError as exc:
+            if exc.fault:
+                self._unreachable = exc.cause == _UNREACHABLE
+                self.health.failed(exc.cause, exc.detail)
+            if exc.unknown:
+                raise StoreOutcomeUnknownError(exc.cause, exc.detail) from None
+            raise StoreUnavailableError(exc.cause, exc.detail) from None
+
+    def _on_health_change(self) -> None:
+        if not self.health.ok:
+            self._faulted.set()
+        else:
+            self._unreachable = False
+
+    async def probe_write(self) -> bool:
+        """One tiny write on a fresh connection (the pool's may be dead); True if it
+        went through, and then the pool's broken connections are replaced."""
+
+        def touch() -> None:
+            try:
+                with psycopg.connect(
+                    self._conninfo, connect_timeout=max(1, int(self._connect_timeout))
+                ) as db:
+                    _touch_probe(db, int(self._clock()))
+            except psycopg.Error as exc:
+                cause = _cause(exc)
+                if cause is None:
+                    raise StoreError(f"store {self.where}: {_error_text(exc)}") from None
+                raise _DatabaseFaultError(cause, _error_text(exc)) from None
+            self._pool.check()
+
+        try:
+            await trio.to_thread.run_sync(touch, limiter=self._limiter)
+        except _DatabaseFaultError as exc:
+            self._unreachable = exc.cause == _UNREACHABLE
+            self.health.failed(exc.cause, exc.detail, refused=False)
+            return False
+        self.health.succeeded()
+        return True
+
+    async def watch_writes(self, interval: float = 1.0) -> None:
+        """While the store is faulted, probe once per ``interval``; runs forever.
+
+        Also while the listener is disconnected: a database that went away while
+        no request came shows in health, status and systemd within ``interval``.
+        """
+        while True:
+            with trio.move_on_after(interval):
+                await self._faulted.wait()
+            if not self._faulted.is_set():
+                if not self._listening:
+                    await self._probe_logged()
+                continue
+            while not self.health.ok:
+                await trio.sleep(interval)  # a bounded probe rate, not a wait for an event
+                await self._probe_logged()
+                self.health.tick()
+            self._faulted = trio.Event()
+
+    async def _probe_logged(self) -> None:
+        try:
+            await self.probe_write()
+        except StoreError as exc:
+            log.error("store write probe failed unexpectedly: %s", exc)
 
     def pool_stats(self) -> dict[str, int]:
         """The pool's counters (pool_size, pool_available, requests_waiting, ...): metrics."""
@@ -371,6 +541,7 @@ class PostgresStore:
                     self._reload_everything(db)
                     with self._lock:
                         self._listening = True
+                    self._listener_up.set()
                     self._drain(db)
             except psycopg.Error:
                 pass  # the server is down or failing over: retried below
@@ -531,7 +702,13 @@ class PostgresStore:
 
     # -- DEKs --------------------------------------------------------------------
 
-    async def put_dek(self, record: DekRecord, *, idempotency_key: bytes | None = None) -> None:
+    async def put_dek(
+        self,
+        record: DekRecord,
+        *,
+        idempotency_key: bytes | None = None,
+        kmip: ObjectRecord | None = None,
+    ) -> None:
         """Insert a DEK; when this returns, PostgreSQL has committed it.
 
         With an idempotency key, a concurrent create with the same key (on
@@ -556,6 +733,8 @@ class PostgresStore:
                 )
             except pg_errors.UniqueViolation:
                 raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
+            if kmip is not None:
+                _write_object(db, kmip)
             if idempotency_key is None:
                 return
             db.execute(
@@ -676,6 +855,70 @@ class PostgresStore:
         with self._lock:
             self._cache.pop(dek_id, None)
             self._epoch += 1
+
+    # -- KMIP attributes -------------------------------------------------------------
+
+    async def get_object(self, dek_id: str) -> ObjectRecord | None:
+        """The key's KMIP attributes, or None for a key that never had any (a native DEK)."""
+
+        def select_one(db: Db) -> ObjectRecord | None:
+            row = db.execute(
+                f"SELECT {_OBJECT_COLUMNS} FROM object_attributes WHERE dek_id = %s", (dek_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            names = db.execute(
+                "SELECT name FROM object_names WHERE dek_id = %s ORDER BY position", (dek_id,)
+            ).fetchall()
+            return _object_from_row(row, tuple(name for (name,) in names))
+
+        return await self._read(select_one)
+
+    async def put_object(self, kmip: ObjectRecord) -> None:
+        """Insert or replace a key's KMIP attributes (its DEK row must exist)."""
+        await self._write(lambda db: _write_object(db, kmip))
+
+    async def locate_objects(
+        self,
+        *,
+        name: str | None = None,
+        object_type: str | None = None,
+        object_group: str | None = None,
+        algorithm: str | None = None,
+        length: int | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> list[str]:
+        """Ids of keys matching every given filter, oldest first; native DEKs count as AES-256."""
+        where: list[str] = ["true"]
+        args: list[str | int] = []
+        if name is not None:
+            where.append("d.id IN (SELECT dek_id FROM object_names WHERE name = %s)")
+            args.append(name)
+        for column, default, value in (
+            ("object_type", "'symmetric-key'", object_type),
+            ("algorithm", "'aes'", algorithm),
+            ("length", "256", length),
+        ):
+            if value is not None:
+                where.append(f"coalesce(o.{column}, {default}) = %s")
+                args.append(value)
+        if object_group is not None:
+            where.append("o.object_group = %s")
+            args.append(object_group)
+        if state is not None:
+            where.append("d.state = %s")
+            args.append(state)
+
+        def select_all(db: Db) -> list[str]:
+            rows = db.execute(
+                "SELECT d.id FROM deks d LEFT JOIN object_attributes o ON o.dek_id = d.id"
+                f" WHERE {' AND '.join(where)} ORDER BY d.created_at, d.created_seq LIMIT %s",
+                (*args, limit),
+            ).fetchall()
+            return [str(dek_id) for (dek_id,) in rows]
+
+        return await self._read(select_all)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -964,7 +1207,12 @@ class PostgresStore:
         if not self._reload_wanted and self._listening:
             return
         self._reload_wanted = False
-        await self._read(self._reload_metadata)
+        try:
+            await self._read(self._reload_metadata)
+        except StoreUnavailableError:
+            # The request itself answers store-unavailable if it needs the database;
+            # one that does not (status) still runs on the metadata we have.
+            self._reload_wanted = True
 
     async def maintenance_turn(self) -> bool:
         """Whether this daemon runs maintenance now: it holds the advisory lock.
@@ -1017,10 +1265,16 @@ class PostgresStore:
         return await self._read(select_all)
 
     async def check(self) -> None:
-        """Raise StoreError unless the database answers, writable (not a standby)."""
+        """Raise StoreUnavailableError unless the database answers, writable (not a
+        standby), and no write fault is in progress."""
+        if not self.health.ok:
+            raise StoreUnavailableError(self.health.cause or "cannot write")
 
         def probe(db: Db) -> None:
             row = db.execute("SELECT pg_is_in_recovery()").fetchone()
+            # Which of several hosts libpq chose (target_session_attrs): status names it.
+            host = db.info.host
+            self.server = f"{host}:{db.info.port}" if not host.startswith("/") else host
             if row is not None and row[0]:
                 raise StoreUnavailableError(
                     f"PostgreSQL at {self.where} is a standby (read-only); "
@@ -1138,6 +1392,62 @@ def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:
     return DekRecord(dek_id, namespace, version, bytes(wrapped), created_at, created_by, lifecycle)
 
 
+_OBJECT_COLUMNS = "dek_id, object_type, algorithm, length, usage_mask, object_group, attributes"
+
+
+def _write_object(db: Db, kmip: ObjectRecord) -> None:
+    db.execute(
+        f"INSERT INTO object_attributes ({_OBJECT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+        " ON CONFLICT (dek_id) DO UPDATE SET object_type = excluded.object_type,"
+        " algorithm = excluded.algorithm, length = excluded.length,"
+        " usage_mask = excluded.usage_mask, object_group = excluded.object_group,"
+        " attributes = excluded.attributes",
+        (
+            kmip.dek_id,
+            kmip.object_type,
+            kmip.algorithm,
+            kmip.length,
+            kmip.usage_mask,
+            kmip.object_group,
+            json.dumps(kmip.to_json()),
+        ),
+    )
+    db.execute("DELETE FROM object_names WHERE dek_id = %s", (kmip.dek_id,))
+    with db.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO object_names (name, dek_id, position) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            [(name, kmip.dek_id, n) for n, name in enumerate(kmip.names)],
+        )
+
+
+def _object_from_row(row: tuple[Any, ...], names: tuple[str, ...]) -> ObjectRecord:
+    dek_id, object_type, algorithm, length, usage_mask, object_group, document = row
+    extra = json.loads(document)
+    return ObjectRecord(
+        dek_id=dek_id,
+        object_type=object_type,
+        algorithm=algorithm,
+        length=length,
+        usage_mask=usage_mask,
+        object_group=object_group,
+        names=names,
+        custom=extra.get("custom", {}),
+        links=tuple((int(kind), str(target)) for kind, target in extra.get("links", [])),
+        last_change=extra.get("last_change"),
+        secret_data_type=extra.get("secret_data_type"),
+    )
+
+
+def _touch_probe(db: Db, now: int) -> None:
+    """The smallest real write: one row of store_meta (refused on a standby too)."""
+    db.execute(
+        "INSERT INTO store_meta (name, value) VALUES ('write_probe', %s)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (str(now),),
+    )
+
+
 def _insert_kek_version(db: Db, version: KekVersion) -> None:
     db.execute(
         "INSERT INTO kek_versions (kek, version, hsm_handle, created_at, state, purge_at,"
@@ -1202,6 +1512,8 @@ _TABLES = (
     "feed_position",
     "rewrap_jobs",
     "transport_certificates",
+    "object_attributes",
+    "object_names",
 )
 
 
