@@ -227,3 +227,51 @@ async def test_kmip_off_serves_only_the_native_protocol(start_server: ServerFact
         await KmipRaw.open(server, tls12=True)
     async with server.async_client("storage") as native:
         await native.create_dek("orders")
+
+
+async def test_a_revoked_certificate_ends_its_open_kmip_session(
+    start_server: ServerFactory,
+) -> None:
+    # The CA is shared by the module's tests: revoke an identity of this test's own.
+    server = await start_server(kmip=KMIP_ON)
+    server.ca.issue_client("kmip-revoked")
+    victim = await KmipRaw.open(server, "kmip-revoked")
+    bystander = await KmipRaw.open(server, "storage")
+    try:
+        await victim.send(GOOD)
+        assert only_result(await victim.receive())[0] == ResultStatus.SUCCESS
+        server.ca.revoke("kmip-revoked")
+        # Idle when the scan finds it: closed (KMIP has no unsolicited message), and
+        # nothing more is served on it.
+        assert await victim.closed()
+        assert server.server.metrics.connections_cut["revoked"] == 1
+        await bystander.send(GOOD)
+        assert only_result(await bystander.receive())[0] == ResultStatus.SUCCESS
+    finally:
+        await victim.aclose()
+        await bystander.aclose()
+
+
+async def test_a_kmip_connection_over_its_identity_budget_is_answered_general_failure(
+    start_server: ServerFactory,
+) -> None:
+    server = await start_server(kmip=KMIP_ON, max_connections_per_identity=1)
+    first = await KmipRaw.open(server, "storage")
+    second = await KmipRaw.open(server, "storage")
+    try:
+        await second.send(GOOD)
+        response = await second.receive()
+        assert only_result(response) == (
+            ResultStatus.OPERATION_FAILED,
+            ResultReason.GENERAL_FAILURE,
+        )
+        (item,) = response.find_all("BatchItem")
+        message = item.find("ResultMessage")
+        assert message is not None
+        assert "too many connections" in str(message.value)
+        assert await second.closed()
+        await first.send(GOOD)  # the connection within the budget is served as before
+        assert only_result(await first.receive())[0] == ResultStatus.SUCCESS
+    finally:
+        await first.aclose()
+        await second.aclose()

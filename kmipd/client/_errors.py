@@ -169,6 +169,12 @@ class AuditUnavailableError(RemoteError):
     code = ErrorCode.AUDIT_UNAVAILABLE
 
 
+class StoreUnavailableError(RemoteError):
+    """The daemon's store cannot write now (disk full, read-only, damaged): not applied."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
+
+
 class SealedKeyError(KmipdError):
     """A sealed key from the daemon did not open with this client's transport key.
 

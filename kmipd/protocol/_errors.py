@@ -48,6 +48,8 @@ class ErrorCode(enum.IntEnum):
     HSM_UNAVAILABLE = 302
     INTERNAL = 303
     AUDIT_UNAVAILABLE = 304
+    #: The store cannot write (disk full, read-only, locked, damaged): not applied.
+    STORE_UNAVAILABLE = 305
 
     @property
     def wire_name(self) -> str:

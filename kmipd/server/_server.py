@@ -409,10 +409,15 @@ class _Connection:
 
     def end_for_certificate(self, reason: str, message: str) -> None:
         """Send certificate-revoked, serve nothing more, close: the cut-off is now."""
-        if self._cut or self.conn is None:
+        if self.conn is not None:
+            identity = self.conn.identity
+        elif self.kmip is not None:
+            identity = self.kmip.identity
+        else:
+            return  # still before the first message: the dispatch check will refuse it
+        if self._cut:
             return
         self._cut = True
-        identity = self.conn.identity
         self.server.metrics.connections_cut[reason] += 1
         log.warning(
             "closing connection from %s: %s",
@@ -434,6 +439,10 @@ class _Connection:
                 )
             except AuditError as exc:
                 log.error("audit record of a closed connection not written: %s", exc)
+        if self.kmip is not None:
+            self.kmip.end_for_certificate(message)
+            return
+        assert self.conn is not None
         self.conn.fail(ErrorCode.CERTIFICATE_REVOKED, message)
         self.cut_off()
         if self._receive_scope is not None:
@@ -466,13 +475,16 @@ class _Connection:
             self.peer,
             extra={"fields": {"peer": self.peer, "identity": identity}},
         )
-        frame = encode_frame(
-            encode_item(
-                error_to_wire(
-                    None, ErrorCode.BUSY, "too many connections for this identity; try again later"
-                )
-            )
-        )
+        message = "too many connections for this identity; try again later"
+        # The client speaks first in both protocols: answer it in its own.
+        first = b""
+        with trio.move_on_after(self.limits.send_timeout):
+            first = await self.channel.receive_some()
+        if first[:1] == bytes([KMIP_FIRST_BYTE]) and self.server.kmip is not None:
+            self.kmip = KmipSession(self.server, self.channel, identity, self.peer)
+            await self.kmip.refuse(first, message)
+            return
+        frame = encode_frame(encode_item(error_to_wire(None, ErrorCode.BUSY, message)))
         with trio.move_on_after(self.limits.send_timeout):
             await self.channel.send_all(frame)
 
@@ -481,7 +493,9 @@ class _Connection:
         if not first:
             return
         if first[0] == KMIP_FIRST_BYTE and self.server.kmip is not None:
-            self.kmip = KmipSession(self.server, self.channel, identity, self.peer)
+            self.kmip = KmipSession(
+                self.server, self.channel, identity, self.peer, still_trusted=self.still_trusted
+            )
             await self.kmip.run(first)
             return
         if not await self._native_tls_ok():

@@ -64,7 +64,7 @@ from kmipd.protocol import (
     encode_deterministic,
 )
 from kmipd.service._policy import Policy
-from kmipd.store import DekRecord, KekVersion, KeyStore, StoreError
+from kmipd.store import DekRecord, KekVersion, KeyStore, StoreError, StoreUnavailableError
 from kmipd.store._commit import request_scope
 
 log = logging.getLogger("kmipd.service")
@@ -296,8 +296,14 @@ class ServiceCore:
                         await self.store.refresh_if_changed()  # see what the other daemons did
                     result = await self._handlers[type(request)](call, request)
             except ServiceError as exc:
-                self._audit(call, exc.code.wire_name)
-                raise
+                try:
+                    self._audit(call, exc.code.wire_name)
+                except ServiceError:
+                    # Nothing was applied nor delivered: the client must still hear
+                    # "not applied" (and fail over), not "a change may be applied".
+                    if exc.code is not ErrorCode.STORE_UNAVAILABLE:
+                        raise
+                raise exc from None
             seq = self._audit(call, "ok")
             if seq is not None and call.operation in self._changes_state:
                 assert self.audit is not None
@@ -334,9 +340,20 @@ class ServiceCore:
         try:
             return self.audit.append(call.event(result), self._clock())
         except AuditError as exc:
-            log.error("%s", exc)
-            if self.audit.fail_open_reads and call.operation not in self._changes_state:
+            if self.audit.health.ok:  # an understood fault was logged once by its WriteHealth
+                log.error("%s", exc)
+            if call.operation in self._changes_state:
+                raise _audit_failed(exc) from None  # applied: the client must hear that
+            if self.audit.fail_open_reads:
                 return None
+            if self.audit.health.cause is not None:
+                # A read refused for an understood fault of the trail's disk: nothing was
+                # applied nor served, so the client may go to a daemon that can audit it.
+                raise ServiceError(
+                    ErrorCode.STORE_UNAVAILABLE,
+                    f"the audit trail cannot be written ({self.audit.health.cause}); "
+                    "not served, retry elsewhere or later",
+                ) from None
             raise _audit_failed(exc) from None
 
     # -- helpers -------------------------------------------------------------------------
@@ -412,6 +429,11 @@ class ServiceCore:
             await self.store.check()
         except StoreError:
             store_state = "failed"
+        else:
+            store_state = self.store.health.describe()
+        if self.audit is not None and not self.audit.health.ok:
+            # The trail is the store's companion on disk: its fault degrades the daemon too.
+            store_state = f"{store_state}; audit trail {self.audit.health.describe()}"[:64]
         state = self.info.state
         if state == "serving" and (hsm_state, store_state) != ("ok", "ok"):
             state = "degraded"
@@ -460,6 +482,12 @@ def _backend_errors(request: Any) -> Iterator[None]:
         yield
     except HsmUnavailableError as exc:
         raise ServiceError(ErrorCode.HSM_UNAVAILABLE, f"HSM unavailable: {exc}") from None
+    except StoreUnavailableError as exc:
+        # Logged once per fault by the store's WriteHealth, not once per request.
+        raise ServiceError(
+            ErrorCode.STORE_UNAVAILABLE,
+            f"the key store cannot write ({exc.cause}); not applied, retry elsewhere or later",
+        ) from None
     except StoreError as exc:
         log.error("store failure during %s: %s", request.OPERATION, exc)
         raise ServiceError(ErrorCode.INTERNAL, "the key store failed; see the server log") from None

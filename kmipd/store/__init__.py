@@ -1,5 +1,6 @@
 """The key store: only wrapped keys and their metadata, never a plaintext key."""
 
+from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
     AlreadyExistsError,
@@ -13,6 +14,7 @@ from kmipd.store._sqlite import (
     RewrapJob,
     StoreError,
     TransportCertRecord,
+    store_problems,
 )
 
 __all__ = [
@@ -27,5 +29,8 @@ __all__ = [
     "ObjectRecord",
     "RewrapJob",
     "StoreError",
+    "StoreUnavailableError",
     "TransportCertRecord",
+    "WriteHealth",
+    "store_problems",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -32,6 +33,13 @@ import trio
 
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
 from kmipd.store._commit import point_of_no_return
+from kmipd.store._faults import (
+    StoreUnavailableError,
+    WriteHealth,
+    directory_cause,
+    os_cause,
+    sqlite_cause,
+)
 
 #: The schema, as the migrations that build it, in order. A store at
 #: user_version N has had the first N applied; opening it applies the rest in
@@ -281,6 +289,7 @@ class TransportCertRecord:
 
 
 T = TypeVar("T")
+log = logging.getLogger("kmipd.store")
 
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
@@ -304,15 +313,25 @@ class KeyStore:
     ) -> None:
         self.path = path
         self.shared = shared
+        #: Whether writes go through; a write failing for an understood cause faults it.
+        self.health = WriteHealth("key store", path)
+        #: Set when a fault starts: the write probe (``watch_writes``) wakes.
+        self._faulted = trio.Event()
+        self.health.listeners.append(self._on_health_change)
         #: Stamps change-feed entries, and ages them for pruning (tests control it).
         self._clock = clock
         self._lock_fd = _lock(path, shared=shared)
         try:
             self._writer = _connect(path)
             self._reader = _connect(path)
+            _refuse_unusable(path, self._reader, self._writer, int(clock()))
         except sqlite3.Error as exc:
             os.close(self._lock_fd)
-            raise StoreError(f"cannot open store {path}: {exc}") from None
+            cause = sqlite_cause(exc, path.parent)
+            raise StoreError(f"cannot open store {path}: {cause or exc}") from None
+        except StoreError:
+            os.close(self._lock_fd)
+            raise
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
@@ -345,13 +364,67 @@ class KeyStore:
         os.close(self._lock_fd)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction; StoreUnavailableError if the machine refuses it.
+
+        A transaction that fails is rolled back (``sqlite3.Connection.__exit__``
+        rolls back after a failed COMMIT too), so the refusal means "not applied".
+        While the store is faulted, writes are refused at once: the probe, not
+        every request, finds out when writing works again.
+        """
+        if not self.health.ok:
+            self.health.count_refused()
+            raise StoreUnavailableError(self.health.cause or "cannot write")
         point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
+        try:
+            result = await trio.to_thread.run_sync(
+                self._transaction, fn, limiter=self._write_limiter
+            )
+        except sqlite3.Error as exc:
+            cause = sqlite_cause(exc, self.path.parent)
+            if cause is None:
+                raise
+            self.health.failed(cause, str(exc))
+            raise StoreUnavailableError(cause, str(exc)) from None
+        self.health.succeeded()
+        return result
 
-        def run() -> T:
-            with self._writer:  # one transaction: commit on success, roll back on error
-                return fn(self._writer)
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._writer:  # one transaction: commit on success, roll back on error
+            return fn(self._writer)
 
-        return await trio.to_thread.run_sync(run, limiter=self._write_limiter)
+    def _on_health_change(self) -> None:
+        if not self.health.ok:
+            self._faulted.set()
+
+    async def probe_write(self) -> bool:
+        """One tiny write (a row of store_meta); True if it went through."""
+
+        def touch(db: sqlite3.Connection) -> None:
+            _touch_probe(db, int(self._clock()))
+
+        try:
+            await trio.to_thread.run_sync(self._transaction, touch, limiter=self._write_limiter)
+        except sqlite3.Error as exc:
+            cause = sqlite_cause(exc, self.path.parent)
+            if cause is None:
+                raise
+            self.health.failed(cause, str(exc), refused=False)
+            return False
+        self.health.succeeded()
+        return True
+
+    async def watch_writes(self, interval: float = 1.0) -> None:
+        """While the store is faulted, probe once per ``interval``; runs forever."""
+        while True:
+            await self._faulted.wait()
+            while not self.health.ok:
+                await trio.sleep(interval)  # a bounded probe rate, not a wait for an event
+                try:
+                    await self.probe_write()
+                except sqlite3.Error as exc:
+                    log.error("store write probe failed unexpectedly: %s", exc)
+                self.health.tick()
+            self._faulted = trio.Event()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
@@ -1071,9 +1144,69 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _touch_probe(db: sqlite3.Connection, now: int) -> None:
+    """The smallest real write: one row of store_meta."""
+    db.execute(
+        "INSERT INTO store_meta (name, value) VALUES ('write_probe', ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (str(now),),
+    )
+
+
+def _refuse_unusable(
+    path: Path, reader: sqlite3.Connection, writer: sqlite3.Connection, now: int
+) -> None:
+    """Refuse a damaged store (never "repaired": restore a backup), or one that cannot
+    take a write, at startup rather than with the first request."""
+    damage = _quick_check(reader)
+    if damage is not None:
+        raise StoreError(
+            f"store {path} fails SQLite's integrity check ({damage}); restore it "
+            "from a kmipd backup"
+        )
+    with writer:
+        _touch_probe(writer, now)
+
+
+def _quick_check(db: sqlite3.Connection) -> str | None:
+    """SQLite's ``PRAGMA quick_check`` (O(size), no index cross-check): None if ok."""
+    rows = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
+    return None if rows == ["ok"] else " ".join("; ".join(rows).split())  # one line
+
+
+def store_problems(path: Path) -> list[str]:
+    """What would make ``KeyStore.open`` refuse an existing store (for check-config).
+
+    Read-only: nothing is migrated, locked or written, and nothing is repaired.
+    """
+    problems = []
+    cause = directory_cause(path.parent)
+    if cause is not None:
+        problems.append(f"{path} cannot be written: {cause}")
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            damage = _quick_check(db)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        damage = sqlite_cause(exc, path.parent) or str(exc)
+    if damage is not None:
+        problems.append(
+            f"{path} fails SQLite's integrity check ({damage}); restore it from a kmipd backup"
+        )
+    return problems
+
+
 def _lock(path: Path, *, shared: bool) -> int:
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(
+            f"store {path} cannot be opened for writing: {lock_path}: "
+            f"{os_cause(exc) or exc.strerror}"
+        ) from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
