@@ -143,6 +143,11 @@ STATE_CHANGING = frozenset(
         "rewrap-dek",
         "start-rewrap",
         "register-transport-cert",
+        "set-secret",
+        "update-secret",
+        "delete-secret",
+        "recover-secret",
+        "purge-secret",
     }
 )
 
@@ -245,7 +250,10 @@ class KeyService:
         audit: AuditLog | None = None,
         transport_trust: TransportTrust | None = None,
         require_sealed: tuple[str, ...] = (),
+        secret_max_size: int = 64 * 1024,
     ) -> None:
+        from kmipd.service._secrets import SecretOperations  # noqa: PLC0415 - it imports us
+
         self.store = store
         self.hsm = hsm
         self.policy = policy
@@ -288,6 +296,9 @@ class KeyService:
             RegisterTransportCert: self._register_transport_cert,
             GetTransportCert: self._get_transport_cert,
         }
+        #: The secret operations (kmipd.service._secrets), beside the key ones.
+        self.secrets = SecretOperations(self, secret_max_size)
+        self._handlers.update(self.secrets.handlers())  # type: ignore[arg-type]
 
     # -- entry points ------------------------------------------------------------------
 
@@ -910,6 +921,14 @@ class KeyService:
                     f"(e.g. {', '.join(ids)}); rewrap them first, or destroy with force "
                     "to make them unrecoverable",
                 )
+            secrets_under = await self.store.count_secret_versions_under(target.kek, target.version)
+            if secrets_under:
+                raise ServiceError(
+                    ErrorCode.DEPENDENTS_EXIST,
+                    f"{secrets_under} secret version(s) are wrapped only under "
+                    f"{_kek_what(target)}; rewrap them first (start-rewrap), or destroy with "
+                    "force to make them unrecoverable",
+                )
         now = self._now()
         purge_at = now if request.purge_now else now + self.lifecycle.soft_delete_seconds
         call.detail = "purge now" if request.purge_now else f"purge at {purge_at}"
@@ -1139,6 +1158,12 @@ class KeyService:
         )
         job = await self.store.commit_rewrap_batch(job, updates)
         if done:
+            # Secrets of the namespace move to the target version too.
+            secrets_rewrapped = await self.secrets.rewrap_namespace(job.namespace, target)
+            if secrets_rewrapped:
+                log.info(
+                    "rewrap job %s: %d secret version(s) rewrapped", job.job_id, secrets_rewrapped
+                )
             log.info(
                 "rewrap job %s done: %d rewrapped, %d skipped",
                 job.job_id,
@@ -1182,9 +1207,10 @@ class KeyService:
                 _kek_what(version),
                 len(orphans),
             )
-        if deks or purged:
+        secrets_purged = await self.secrets.purge_due()
+        if deks or purged or secrets_purged:
             await self.store.checkpoint()
-        return len(deks) + purged
+        return len(deks) + purged + secrets_purged
 
     async def maintain(self) -> None:
         """One maintenance pass: record date transitions, rotate due KEKs, purge."""

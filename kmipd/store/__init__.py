@@ -10,6 +10,9 @@ from kmipd.store._sqlite import (
     KekVersion,
     KeyStore,
     RewrapJob,
+    SecretDeletedError,
+    SecretRecord,
+    SecretVersion,
     StoreError,
     TransportCertRecord,
 )
@@ -24,6 +27,9 @@ __all__ = [
     "KekVersion",
     "KeyStore",
     "RewrapJob",
+    "SecretDeletedError",
+    "SecretRecord",
+    "SecretVersion",
     "StoreError",
     "TransportCertRecord",
 ]
