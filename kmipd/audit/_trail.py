@@ -26,11 +26,20 @@ change, and the chain stays whole. A write that fails is remembered, and
 every later record is refused until the file takes writes again, so
 reads are not served unaudited for longer than one window. With
 ``batch_window`` = 0 every record is written before its answer.
+
+Torn records: a write cut short (a full disk, a crash) leaves part of a
+line. A batched write keeps the rest and completes the line once the disk
+takes it; a single record's failed write is cut back off the file where the
+filesystem allows. What remains (or what a crash left) is never appended
+to: the next record starts on a fresh line and continues the chain from the
+last whole record, and ``verify`` names the torn line instead of calling it
+tampering.
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -46,6 +55,7 @@ import attrs
 import trio
 
 from kmipd.crypto._private_files import PrivateFileError, read_private_file
+from kmipd.store._faults import WriteHealth, os_cause
 from pki import write_private_file
 
 GENESIS = "0" * 64
@@ -75,6 +85,8 @@ class AuditEvent:
     blob_mac: str | None = None
     #: A short note, e.g. a revocation reason. Never key material.
     detail: str | None = None
+    #: "kmip" for a KMIP request; absent for the native protocol.
+    protocol: str | None = None
 
 
 _EVENT_FIELDS = tuple(field.name for field in attrs.fields(AuditEvent))
@@ -116,7 +128,18 @@ class AuditLog:
         self._key = key
         self._fd = _open_appending(path)
         _lock_exclusively(self._fd, path)
-        self._seq, self._prev = _tail(path)
+        self._seq, self._prev, self._start_line, torn = _tail(path)
+        # _start_line: the file lacks its final newline, so the next record starts one.
+        if torn is not None:
+            log.warning(
+                "audit log %s ends in a torn record (at byte %d: a write cut off by a crash "
+                "or a full disk); the chain continues on a new line after it from seq %d",
+                path,
+                torn,
+                self._seq,
+            )
+        #: Whether records can be written; its faults are logged once, like the store's.
+        self.health = WriteHealth("audit trail", path)
         self._synced = self._seq
         self._syncing: trio.Event | None = None
         #: Seconds a read record may wait in memory; 0 writes each one at once.
@@ -172,13 +195,16 @@ class AuditLog:
         digest = hashlib.sha256(bytes.fromhex(self._prev) + body).hexdigest()
         # The hash goes last; verify() recomputes it over the record without it.
         line = body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+        if self._start_line:  # never glued onto a torn record
+            line = b"\n" + line
         if self._batch_window <= 0:
-            self._write(line)
+            self._write_record(line)
         else:
             self._unwritten.append(line)
             self._unwritten_bytes += len(line)
             if not self._batch_started.is_set():
                 self._batch_started.set()
+        self._start_line = False
         self._seq += 1
         self._prev = digest
         if self._unwritten_bytes > MAX_BATCH_BYTES:
@@ -190,10 +216,31 @@ class AuditLog:
         try:
             written = os.write(self._fd, data)
         except OSError as exc:
+            self._failed(exc)
             raise AuditError(f"cannot write audit log {self.path}: {exc.strerror}") from None
         if written != len(data):
+            # The next write(2) would say why: ENOSPC, on every filesystem we know.
+            self._failed(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
             raise _ShortWriteError(written, f"short write to audit log {self.path}")
+        self.health.succeeded()
         return written
+
+    def _write_record(self, line: bytes) -> None:
+        """Write one record whole, or cut what was written of it back off the file."""
+        size = os.fstat(self._fd).st_size
+        try:
+            self._write(line)
+        except AuditError:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError:
+                self._start_line = True  # the torn part stays: start the next on a new line
+            raise
+
+    def _failed(self, exc: OSError) -> None:
+        cause = os_cause(exc)
+        if cause is not None:
+            self.health.failed(cause, exc.strerror or "")
 
     def _write_unwritten(self) -> None:
         """Write the batched records, in chain order; on failure keep what is left."""
@@ -222,7 +269,8 @@ class AuditLog:
             try:
                 await self.sync(self._seq)
             except AuditError as exc:
-                log.error("%s", exc)  # remembered: the next record is refused until it passes
+                if self.health.ok:  # an understood fault is logged once by its WriteHealth
+                    log.error("%s", exc)  # remembered: the next record is refused until then
 
     async def sync(self, seq: int) -> None:
         """Return once record ``seq`` is on disk; concurrent callers share one fsync."""
@@ -236,6 +284,7 @@ class AuditLog:
             try:
                 await trio.to_thread.run_sync(os.fsync, self._fd)
             except OSError as exc:
+                self._failed(exc)
                 raise AuditError(f"cannot sync audit log {self.path}: {exc.strerror}") from None
             finally:
                 self._syncing = None
@@ -314,27 +363,51 @@ def _same_file(a: int, b: int) -> bool:
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
-def _tail(path: Path) -> tuple[int, str]:
-    """The last record's seq and hash, to continue the chain after a restart."""
+def _tail(path: Path) -> tuple[int, str, bool, int | None]:
+    """The last whole record's seq and hash, to continue the chain after a restart;
+    whether the file lacks its final newline; the byte offset of a torn record there."""
     try:
-        with path.open("rb") as log:
-            log.seek(0, os.SEEK_END)
-            size = log.tell()
-            log.seek(max(0, size - 65536))
-            lines = log.read().splitlines()
+        with path.open("rb") as trail:
+            size = trail.seek(0, os.SEEK_END)
+            start = trail.seek(max(0, size - 65536))
+            data = trail.read()
     except FileNotFoundError:
-        return 0, GENESIS
+        return 0, GENESIS, False, None
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
-    if not lines:
-        return 0, GENESIS
+    if start > 0:
+        data = data[data.find(b"\n") + 1 :]  # the window began mid-line
+    lines = data.split(b"\n")
+    # split leaves b"" after a final newline; anything else there lacks its newline.
+    tail = lines.pop()
+    torn = None
+    if tail and _parses(tail):
+        lines.append(tail)  # a whole record, only its newline missing
+    elif tail:
+        torn = size - len(tail)
+    whole = [line for line in lines if line]
+    if not whole:
+        return 0, GENESIS, bool(tail), torn
     try:
-        last = json.loads(lines[-1])
-        return int(last["seq"]), str(last["hash"])
+        last = json.loads(whole[-1])
+        return int(last["seq"]), str(last["hash"]), bool(tail), torn
     except (ValueError, KeyError, TypeError):
         raise AuditError(
             f"audit log {path} ends in a damaged record; run kmipd audit verify on it"
         ) from None
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_torn(line: bytes) -> bool:
+    """A cut-off record: the start of one, not valid JSON, no closing brace."""
+    return line.startswith(b'{"') and not line.rstrip(b"\n").endswith(b"}") and not _parses(line)
 
 
 # -- reading the trail -------------------------------------------------------------------
@@ -348,6 +421,9 @@ class VerifyReport:
     problem: str | None = None
     #: The seq of the first record read (above 1 for a partial, rotated trail).
     first_seq: int | None = None
+    #: Where torn records are ("line N" or "FILE line N"): writes cut off by a crash or a
+    #: full disk, not part of the chain (the chain around them is checked as usual).
+    torn: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -382,10 +458,11 @@ def verify(path: Path, *more: Path, partial: bool = False) -> VerifyReport:
     paths = (path, *more)
     prev, expected_seq, count = GENESIS, 1, 0
     first_seq: int | None = None
+    torn: list[str] = []
     try:
         for path_now in paths:
             where = f"{path_now.name} " if len(paths) > 1 else ""
-            for line, record in records(path_now):
+            for line, record in _chain_records(path_now, torn, where):
                 seq = record.get("seq")
                 claimed = record.pop("hash", None)
                 if first_seq is None:
@@ -404,24 +481,45 @@ def verify(path: Path, *more: Path, partial: bool = False) -> VerifyReport:
                             " (a rotated trail starts mid-chain: give the earlier files "
                             "first, or --partial)"
                         )
-                    return VerifyReport(count, prev, problem, first_seq)
+                    return VerifyReport(count, prev, problem, first_seq, tuple(torn))
                 if seq != expected_seq:
                     problem = (
                         f"{where}line {line}: seq {seq} where {expected_seq} was expected: "
                         "a record was removed or reordered"
                     )
-                    return VerifyReport(count, prev, problem, first_seq)
+                    return VerifyReport(count, prev, problem, first_seq, tuple(torn))
                 if claimed != _chain_hash(prev, record):
                     return VerifyReport(
                         count,
                         prev,
                         f"{where}line {line} (seq {seq}): hash mismatch: the record was edited",
                         first_seq,
+                        tuple(torn),
                     )
                 prev, expected_seq, count = str(claimed), expected_seq + 1, count + 1
     except AuditError as exc:
-        return VerifyReport(count, prev, str(exc), first_seq)
-    return VerifyReport(count, prev, None, first_seq)
+        return VerifyReport(count, prev, str(exc), first_seq, tuple(torn))
+    return VerifyReport(count, prev, None, first_seq, tuple(torn))
+
+
+def _chain_records(path: Path, torn: list[str], where: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Like ``records``, but a torn record is noted in ``torn`` and skipped, not an error."""
+    try:
+        trail = path.open("rb")
+    except OSError as exc:
+        raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
+    with trail:
+        for number, line in enumerate(trail, start=1):
+            if _is_torn(line):
+                torn.append(f"{where}line {number}")
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise AuditError(f"{where}line {number}: not a JSON record (edited?)") from None
+            if not isinstance(record, dict):
+                raise AuditError(f"{where}line {number}: not a JSON record (edited?)")
+            yield number, record
 
 
 #: Operations that hand a key to the caller.

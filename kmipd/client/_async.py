@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import select
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from kmipd.client._envelope import (
     write_header,
 )
 from kmipd.client._errors import (
+    CertificateRejectedError,
     DeadlineExceededError,
     KmipdError,
     NotAuthorizedError,
@@ -167,6 +169,7 @@ class _Connection:
     async def call(self, request: Any) -> tuple[Any, int]:
         """The raw outcome (result or ErrorInfo) and the request id."""
         async with self._in_flight:
+            await self._take_notice()
             if self.failure is not None:
                 raise self.failure
             request_id, frame = self.protocol.send_request(request)
@@ -197,6 +200,35 @@ class _Connection:
             return waiter.outcome
         finally:
             self._waiters.pop(request_id, None)
+
+    async def _take_notice(self) -> None:
+        """On an idle connection, read what the server sent unasked before using it.
+
+        A connection-level error (certificate-revoked, timeout) waits there while
+        the connection sits in the pool; read it first, so a revoked client gets
+        its error instead of a write into a closed connection.
+        """
+        if self._reading or self._waiters or self.failure is not None:
+            return
+        transport = self.channel.transport
+        if not isinstance(transport, trio.SocketStream):
+            return
+        try:
+            readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return
+        if not readable:
+            return
+        self._reading = True
+        try:
+            with trio.move_on_after(1.0) as scope:
+                await self._receive_once()
+            if scope.cancelled_caught:
+                self._fail(UnavailableError("connection stalled", server=self.server))
+        finally:
+            self._reading = False
+            self._progress.set()
+            self._progress = trio.Event()
 
     async def _receive_once(self) -> None:
         try:
@@ -392,6 +424,17 @@ class AsyncClient:
         return unwrap_outcome(outcome, server=server, request_id=request_id)
 
     async def _run(
+        self, request: Any | None, *, inspect: Callable[[_Connection], None] | None = None
+    ) -> tuple[Any, str, int]:
+        try:
+            return await self._run_failing_over(request, inspect=inspect)
+        except CertificateRejectedError:
+            # Refused, revoked or expired: this identity may no longer hold keys.
+            if self._keys.cache is not None:
+                self._keys.cache.clear()
+            raise
+
+    async def _run_failing_over(
         self, request: Any | None, *, inspect: Callable[[_Connection], None] | None = None
     ) -> tuple[Any, str, int]:
         """Send one request to a daemon, failing over as FailoverCall decides."""

@@ -44,6 +44,7 @@ from kmipd.client._envelope import (
     write_header,
 )
 from kmipd.client._errors import (
+    CertificateRejectedError,
     DeadlineExceededError,
     KmipdError,
     NotAuthorizedError,
@@ -220,6 +221,26 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def notice(self) -> KmipdError | None:
+        """What the server said before closing this stale connection, if it said anything.
+
+        A connection-level error (certificate-revoked, timeout) waits there while
+        the connection sits in the pool; a revoked client must get that error,
+        not a fresh handshake on another connection.
+        """
+        try:
+            self.sock.settimeout(1.0)  # the data is already there, or arriving
+            data = self.sock.recv(_RECEIVE_SIZE)
+        except (OSError, ssl.SSLError):
+            return None
+        if not data:
+            return None
+        self.protocol.receive_data(data)
+        event = self.protocol.next_event()
+        if isinstance(event, ConnectionFailed):
+            return remote_error(event.error, server=self.server, request_id=None)
+        return None
+
 
 class _Pool:
     """Long-lived connections to one daemon, shared by the client's threads."""
@@ -242,8 +263,11 @@ class _Pool:
                     connection = self._idle.pop()
                     if not connection.is_stale():
                         return connection
+                    notice = connection.notice()
                     connection.close()  # the server closed it while idle
                     self._open -= 1
+                    if isinstance(notice, CertificateRejectedError):
+                        raise notice  # revoked or expired: no new connection will do
                 if self._open < self._size:
                     self._open += 1
                     break
@@ -403,6 +427,17 @@ class Client:
         return self._delivery.dek(result, operation, server=server, request_id=request_id)
 
     def _run(
+        self, requests: list[Any], *, inspect: Callable[[_Connection], None] | None = None
+    ) -> list[tuple[Any, str, int]]:
+        try:
+            return self._run_failing_over(requests, inspect=inspect)
+        except CertificateRejectedError:
+            # Refused, revoked or expired: this identity may no longer hold keys.
+            if self._keys.cache is not None:
+                self._keys.cache.clear()
+            raise
+
+    def _run_failing_over(
         self, requests: list[Any], *, inspect: Callable[[_Connection], None] | None = None
     ) -> list[tuple[Any, str, int]]:
         """Send ``requests`` to a daemon, failing over as FailoverCall decides.

@@ -24,7 +24,7 @@ from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.net._address import parse_address
 from kmipd.protocol import NAMESPACE_PATTERN
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
-from kmipd.server import ServerLimits, TlsSettings
+from kmipd.server import KmipSettings, ServerLimits, TlsSettings
 from kmipd.service import Grant, Policy, PolicyError, expand_operations
 
 
@@ -108,6 +108,10 @@ def _absolute(value: str) -> str | None:
     return None if Path(value).is_absolute() else "must be an absolute path"
 
 
+def _namespace(value: str) -> str | None:
+    return None if NAMESPACE_PATTERN.fullmatch(value) else "must be a namespace name"
+
+
 def _credential_name(value: str) -> str | None:
     if value and "/" not in value and value not in (".", ".."):
         return None
@@ -143,6 +147,18 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_frame_size": Option(int, 73728, "largest frame accepted, bytes", _frame_size),
         "max_in_flight": Option(int, 64, "unanswered requests per connection", _at_least_one),
         "max_connections": Option(int, 1024, "concurrent client connections", _at_least_one),
+        "max_handshaking": Option(
+            int, 128, "connections still in the TLS handshake (oldest shed)", _at_least_one
+        ),
+        "max_handshaking_per_address": Option(
+            int, 16, "handshaking connections per source address (oldest shed)", _at_least_one
+        ),
+        "max_connections_per_identity": Option(
+            int, 64, "authenticated connections per identity with a grant", _at_least_one
+        ),
+        "max_connections_ungranted": Option(
+            int, 2, "authenticated connections per identity with no grant", _at_least_one
+        ),
         "handshake_timeout": Option((int, float), 10.0, "seconds to finish TLS", _positive),
         "idle_timeout": Option((int, float), 300.0, "seconds a quiet connection stays", _positive),
         "frame_timeout": Option((int, float), 30.0, "seconds to finish a started frame", _positive),
@@ -159,6 +175,15 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "trust_domain": Option(str, REQUIRED, "SPIFFE trust domain of client identities"),
         "allow_tls12": Option(bool, False, "also accept TLS 1.2 (ECDHE + AEAD suites only)"),
         "session_tickets": Option(int, 0, "TLS 1.3 tickets per handshake (0: no resumption)"),
+    },
+    "kmip": {
+        "enabled": Option(
+            bool, True, "serve KMIP on the listeners too (and accept TLS 1.2 for it)"
+        ),
+        "max_message_size": Option(int, 65536, "largest KMIP message accepted, bytes", _frame_size),
+        "default_namespace": Option(
+            str, "kmip", "namespace of KMIP objects created without an Object Group", _namespace
+        ),
     },
     "store": {
         "path": Option(str, REQUIRED, "SQLite database file"),
@@ -305,6 +330,7 @@ class Config:
     log_level: str
     metrics_listen: str | None
     require_sealed: tuple[str, ...] = ()
+    kmip: KmipSettings = KmipSettings()
     #: secrets.max_size: the largest secret value set-secret accepts.
     secret_max_size: int = 64 * 1024
 
@@ -412,6 +438,10 @@ def parse_config(
                     "max_frame_size",
                     "max_in_flight",
                     "max_connections",
+                    "max_handshaking",
+                    "max_handshaking_per_address",
+                    "max_connections_per_identity",
+                    "max_connections_ungranted",
                     "handshake_timeout",
                     "idle_timeout",
                     "frame_timeout",
@@ -428,6 +458,12 @@ def parse_config(
             trust_domain=v("tls", "trust_domain"),
             allow_tls12=v("tls", "allow_tls12"),
             session_tickets=v("tls", "session_tickets"),
+            kmip_tls12=v("kmip", "enabled"),
+        ),
+        kmip=KmipSettings(
+            enabled=v("kmip", "enabled"),
+            max_message_size=v("kmip", "max_message_size"),
+            default_namespace=v("kmip", "default_namespace"),
         ),
         store_path=v("store", "path"),
         store_cache_size=v("store", "cache_size"),

@@ -24,14 +24,17 @@ form the ``secrets-read`` group; ``set-secret``, ``update-secret``,
 ``delete-secret``, ``recover-secret``, ``purge-secret`` (and the listings) the
 ``secrets-manage`` group. Audit records name the secret and version, never a value.
 
-The class takes the service it belongs to; its methods take ``call, request``
-like the service's other handlers.
+``SecretOperations`` is a family of KeyService (see ``kmipd.service._core``);
+it joins the key families where secrets depend on KEKs: a rewrap job's last
+batch rewraps the namespace's secrets, the maintenance pass purges deleted
+secrets whose window ended, and destroying a KEK version that still wraps a
+secret version needs ``force``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
 import attrs
 
@@ -52,16 +55,17 @@ from kmipd.protocol import (
     UpdateSecret,
     encode_deterministic,
 )
+from kmipd.service._core import ServiceError, _Call, _kek_what, _unwrap_errors, handles
+from kmipd.service._lifecycle import LifecycleOperations
+from kmipd.service._rewrap import RewrapOperations
 from kmipd.store import (
     AlreadyExistsError,
     KekVersion,
+    RewrapJob,
     SecretDeletedError,
     SecretRecord,
     SecretVersion,
 )
-
-if TYPE_CHECKING:
-    from kmipd.service._service import KeyService, _Call
 
 log = logging.getLogger("kmipd.service")
 
@@ -80,34 +84,25 @@ def secret_associated_data(namespace: str, name: str, version: int, kek_version:
     return encode_deterministic(["kmipd/secret/v1", namespace, name, version, kek_version])
 
 
-class SecretOperations:
-    """The secret operations of a KeyService (see the module docstring)."""
+class SecretOperations(RewrapOperations, LifecycleOperations):
+    """The secret operations (see the module docstring)."""
 
-    def __init__(self, service: KeyService, max_size: int = DEFAULT_MAX_SECRET_SIZE) -> None:
-        self.service = service
-        self.max_size = max_size
-
-    def handlers(self) -> dict[type[object], object]:
-        return {
-            SetSecret: self.set_secret,
-            GetSecret: self.get_secret,
-            ListSecrets: self.list_secrets,
-            SecretVersions: self.secret_versions,
-            UpdateSecret: self.update_secret,
-            DeleteSecret: self.delete_secret,
-            RecoverSecret: self.recover_secret,
-            PurgeSecret: self.purge_secret,
-        }
+    def __init__(self, *, secret_max_size: int = DEFAULT_MAX_SECRET_SIZE, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        #: secrets.max_size: the largest value set-secret accepts (a reload changes it).
+        self.secret_max_size = secret_max_size
 
     # -- writes ------------------------------------------------------------------------
 
-    async def set_secret(self, call: _Call, request: SetSecret) -> SecretInfo:
-        svc = self.service
+    @handles(SetSecret, changes_state=True)
+    async def _set_secret(self, call: _Call, request: SetSecret) -> SecretInfo:
+        svc = self
         svc._authorize(call, "set-secret", request.namespace)
-        if len(request.value) > self.max_size:
+        if len(request.value) > self.secret_max_size:
             raise _error(
                 ErrorCode.SECRET_TOO_LARGE,
-                f"the value is {len(request.value)} bytes; secrets.max_size is {self.max_size}",
+                f"the value is {len(request.value)} bytes; the daemon's secrets.max_size "
+                f"is {self.secret_max_size}",
             )
         _check_dates(request.not_before, request.expires)
         kek = await svc._kek_for_new_key(request.namespace, call.caller.identity)
@@ -156,11 +151,12 @@ class SecretOperations:
             return _info(version)
         raise _error(ErrorCode.BUSY, f"secret {request.name!r} is being set by others; retry")
 
-    async def update_secret(self, call: _Call, request: UpdateSecret) -> SecretInfo:
-        svc = self.service
+    @handles(UpdateSecret, changes_state=True)
+    async def _update_secret(self, call: _Call, request: UpdateSecret) -> SecretInfo:
+        svc = self
         svc._authorize(call, "update-secret", request.namespace)
-        record = await self._live(request.namespace, request.name)
-        version = self._version(record, request.version)
+        record = await self._live_secret(request.namespace, request.name)
+        version = self._secret_version(record, request.version)
         call.detail = _what(record.namespace, record.name, version.version)
         changes: dict[str, object] = {}
         if request.enabled is not None:
@@ -178,10 +174,11 @@ class SecretOperations:
         await svc.store.update_secret_version(updated)
         return _info(updated)
 
-    async def delete_secret(self, call: _Call, request: DeleteSecret) -> SecretSummary:
-        svc = self.service
+    @handles(DeleteSecret, changes_state=True)
+    async def _delete_secret(self, call: _Call, request: DeleteSecret) -> SecretSummary:
+        svc = self
         svc._authorize(call, "delete-secret", request.namespace)
-        record = await self._live(request.namespace, request.name)
+        record = await self._live_secret(request.namespace, request.name)
         now = svc._now()
         purge_at = now + svc.lifecycle.soft_delete_seconds
         call.detail = f"secret {record.name!r}, purge at {purge_at}"
@@ -191,20 +188,22 @@ class SecretOperations:
         )
         return _summary(attrs.evolve(record, deleted_at=now, purge_at=purge_at))
 
-    async def recover_secret(self, call: _Call, request: RecoverSecret) -> SecretSummary:
-        svc = self.service
+    @handles(RecoverSecret, changes_state=True)
+    async def _recover_secret(self, call: _Call, request: RecoverSecret) -> SecretSummary:
+        svc = self
         svc._authorize(call, "recover-secret", request.namespace)
-        record = await self._existing(request.namespace, request.name)
+        record = await self._secret_record(request.namespace, request.name)
         call.detail = f"secret {record.name!r}"
         if not record.deleted:
             raise _error(ErrorCode.WRONG_STATE, f"secret {record.name!r} is not deleted")
         await svc.store.set_secret_deleted(record.namespace, record.name, None, None)
         return _summary(attrs.evolve(record, deleted_at=None, purge_at=None))
 
-    async def purge_secret(self, call: _Call, request: PurgeSecret) -> SecretSummary:
-        svc = self.service
+    @handles(PurgeSecret, changes_state=True)
+    async def _purge_secret(self, call: _Call, request: PurgeSecret) -> SecretSummary:
+        svc = self
         svc._authorize(call, "purge-secret", request.namespace)
-        record = await self._existing(request.namespace, request.name)
+        record = await self._secret_record(request.namespace, request.name)
         call.detail = f"secret {record.name!r}"
         if not record.deleted:
             raise _error(
@@ -218,12 +217,13 @@ class SecretOperations:
 
     # -- reads -------------------------------------------------------------------------
 
-    async def get_secret(self, call: _Call, request: GetSecret) -> SecretValue:
-        svc = self.service
+    @handles(GetSecret)
+    async def _get_secret(self, call: _Call, request: GetSecret) -> SecretValue:
+        svc = self
         svc._authorize(call, "get-secret", request.namespace)
-        record = await self._live(request.namespace, request.name)
+        record = await self._live_secret(request.namespace, request.name)
         if request.version is not None:
-            version = self._version(record, request.version)
+            version = self._secret_version(record, request.version)
             if not version.enabled:
                 raise _error(
                     ErrorCode.SECRET_DISABLED,
@@ -247,7 +247,7 @@ class SecretOperations:
             )
         if version.expires is not None and now >= version.expires:
             raise _error(ErrorCode.SECRET_EXPIRED, f"{call.detail} expired at {version.expires}")
-        value = await self._unwrap(version)
+        value = await self._unwrap_secret(version)
         return SecretValue(
             namespace=version.namespace,
             name=version.name,
@@ -259,8 +259,9 @@ class SecretOperations:
             expires=version.expires,
         )
 
-    async def list_secrets(self, call: _Call, request: ListSecrets) -> ListSecretsResult:
-        svc = self.service
+    @handles(ListSecrets)
+    async def _list_secrets(self, call: _Call, request: ListSecrets) -> ListSecretsResult:
+        svc = self
         svc._require_some_grant(call, "list-secrets")
         limit = request.limit or LIST_DEFAULT_LIMIT
         after = (request.after[0], request.after[1]) if request.after else ("", "")
@@ -271,21 +272,22 @@ class SecretOperations:
         next_after = (records[-1].namespace, records[-1].name) if len(records) == limit else None
         return ListSecretsResult(secrets=found, next=next_after)
 
-    async def secret_versions(self, call: _Call, request: SecretVersions) -> SecretVersionsResult:
-        self.service._authorize(call, "secret-versions", request.namespace)
-        record = await self._existing(request.namespace, request.name)
+    @handles(SecretVersions)
+    async def _secret_versions(self, call: _Call, request: SecretVersions) -> SecretVersionsResult:
+        self._authorize(call, "secret-versions", request.namespace)
+        record = await self._secret_record(request.namespace, request.name)
         call.detail = f"secret {record.name!r}"
         return SecretVersionsResult(versions=tuple(_info(v) for v in record.versions))
 
     # -- KEK rotation ------------------------------------------------------------------
 
-    async def rewrap_namespace(self, namespace: str, target: KekVersion) -> int:
+    async def rewrap_secrets(self, namespace: str, target: KekVersion) -> int:
         """Rewrap every secret version of a namespace under ``target``; returns how many.
 
         Each batch commits in one transaction, each row only if still under the
         version read, so a crash mid-way loses nothing and a rerun continues.
         """
-        svc = self.service
+        svc = self
         total = 0
         while True:
             batch = await svc.store.secret_versions_to_rewrap(
@@ -295,7 +297,7 @@ class SecretOperations:
                 return total
             updates = []
             for version in batch:
-                value = await self._unwrap(version)
+                value = await self._unwrap_secret(version)
                 wrapped = await svc.hsm.wrap(
                     target.hsm_handle,
                     value,
@@ -306,11 +308,42 @@ class SecretOperations:
                 updates.append((version, wrapped))
             total += await svc.store.rewrap_secret_versions(target.version, updates)
 
+    async def run_rewrap_batch(self, job: RewrapJob, batch_size: int) -> RewrapJob:
+        """A job's batches rewrap DEKs; once they are all done, the namespace's secrets follow."""
+        job = await super().run_rewrap_batch(job, batch_size)
+        if job.state == "done":
+            target = self._kek_version(job.namespace, job.target)
+            rewrapped = await self.rewrap_secrets(job.namespace, target)
+            if rewrapped:
+                log.info("rewrap job %s: %d secret version(s) rewrapped", job.job_id, rewrapped)
+        return job
+
+    async def _destroy_blockers(self, target: KekVersion) -> str | None:
+        blockers = await super()._destroy_blockers(target)
+        if blockers is not None:
+            return blockers
+        count = await self.store.count_secret_versions_under(target.kek, target.version)
+        if count:
+            return (
+                f"{count} secret version(s) are wrapped only under {_kek_what(target)}; "
+                "rewrap them first (start-rewrap), or destroy with force to make them "
+                "unrecoverable"
+            )
+        return None
+
     # -- maintenance -------------------------------------------------------------------
 
     async def purge_due(self) -> int:
+        """Keys first (kmipd.service._maintenance), then deleted secrets whose window ended."""
+        purged = await super().purge_due()
+        secrets_purged = await self.purge_secrets_due()
+        if secrets_purged:
+            await self.store.checkpoint()  # the erased bytes leave the WAL too
+        return purged + secrets_purged
+
+    async def purge_secrets_due(self) -> int:
         """Erase deleted secrets whose soft-delete window ended."""
-        svc = self.service
+        svc = self
         due = await svc.store.secrets_due_for_purge(svc._now())
         for namespace, name in due:
             await svc.store.purge_secret(namespace, name)
@@ -319,20 +352,20 @@ class SecretOperations:
 
     # -- helpers -----------------------------------------------------------------------
 
-    async def _existing(self, namespace: str, name: str) -> SecretRecord:
-        record = await self.service.store.get_secret(namespace, name)
+    async def _secret_record(self, namespace: str, name: str) -> SecretRecord:
+        record = await self.store.get_secret(namespace, name)
         if record is None:
             raise _error(ErrorCode.NOT_FOUND, f"no secret {name!r} in namespace {namespace!r}")
         return record
 
-    async def _live(self, namespace: str, name: str) -> SecretRecord:
-        record = await self._existing(namespace, name)
+    async def _live_secret(self, namespace: str, name: str) -> SecretRecord:
+        record = await self._secret_record(namespace, name)
         if record.deleted:
             raise _deleted(record)
         return record
 
     @staticmethod
-    def _version(record: SecretRecord, number: int | None) -> SecretVersion:
+    def _secret_version(record: SecretRecord, number: int | None) -> SecretVersion:
         version = record.latest if number is None else record.version(number)
         if version is None:
             raise _error(
@@ -342,10 +375,8 @@ class SecretOperations:
             )
         return version
 
-    async def _unwrap(self, version: SecretVersion) -> bytes:
-        from kmipd.service._service import _unwrap_errors  # noqa: PLC0415 - circular
-
-        svc = self.service
+    async def _unwrap_secret(self, version: SecretVersion) -> bytes:
+        svc = self
         kek = svc._kek_version(version.namespace, version.kek_version)
         if not kek.hsm_handle:
             raise _error(
@@ -361,13 +392,11 @@ class SecretOperations:
             )
 
 
-def _error(code: ErrorCode, message: str) -> Exception:
-    from kmipd.service._service import ServiceError  # noqa: PLC0415 - circular
-
+def _error(code: ErrorCode, message: str) -> ServiceError:
     return ServiceError(code, message)
 
 
-def _deleted(record: SecretRecord) -> Exception:
+def _deleted(record: SecretRecord) -> ServiceError:
     return _error(
         ErrorCode.SECRET_DELETED,
         f"secret {record.name!r} in {record.namespace!r} is deleted (purge at "

@@ -1,5 +1,6 @@
 """The key store: only wrapped keys and their metadata, never a plaintext key."""
 
+from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
     AlreadyExistsError,
@@ -9,12 +10,14 @@ from kmipd.store._sqlite import (
     KekRecord,
     KekVersion,
     KeyStore,
+    ObjectRecord,
     RewrapJob,
     SecretDeletedError,
     SecretRecord,
     SecretVersion,
     StoreError,
     TransportCertRecord,
+    store_problems,
 )
 
 __all__ = [
@@ -26,10 +29,14 @@ __all__ = [
     "KekRecord",
     "KekVersion",
     "KeyStore",
+    "ObjectRecord",
     "RewrapJob",
     "SecretDeletedError",
     "SecretRecord",
     "SecretVersion",
     "StoreError",
+    "StoreUnavailableError",
     "TransportCertRecord",
+    "WriteHealth",
+    "store_problems",
 ]
