@@ -34,7 +34,7 @@ secret version needs ``force``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 
@@ -77,6 +77,45 @@ LIST_DEFAULT_LIMIT = 100
 REWRAP_BATCH = 200
 #: Attempts at numbering a new version when other sets race for the same number.
 _SET_ATTEMPTS = 8
+
+
+#: KMIP Unique Identifiers of secret versions: ``secret:NAMESPACE:NAME:VERSION``.
+#: Namespaces and secret names never hold a colon, so the id parses back.
+SECRET_UID_PREFIX = "secret:"  # noqa: S105 - an id prefix
+
+
+def secret_uid(namespace: str, name: str, version: int) -> str:
+    return f"{SECRET_UID_PREFIX}{namespace}:{name}:{version}"
+
+
+def parse_secret_uid(uid: str) -> tuple[str, str, int] | None:
+    """(namespace, name, version) of a secret version's KMIP id; None for any other id."""
+    if not uid.startswith(SECRET_UID_PREFIX):
+        return None
+    parts = uid[len(SECRET_UID_PREFIX) :].split(":")
+    if len(parts) != 3 or not parts[2].isdigit() or not parts[0] or not parts[1]:
+        return None
+    return parts[0], parts[1], int(parts[2])
+
+
+@attrs.frozen
+class LocateSecrets:
+    """KMIP Locate's view of the secrets: the current version of each match.
+
+    Only secrets the caller may list are seen (others are not even counted), and
+    a caller with no secret grant at all simply finds none: a key-only KMIP
+    client's Locate still works.
+    """
+
+    OPERATION: ClassVar[str] = "list-secrets"
+    name: str | None = None
+    namespace: str | None = None
+
+
+@attrs.frozen
+class LocatedSecrets:
+    #: The newest enabled version of each matching secret (KMIP's Name goes to it).
+    versions: tuple[SecretInfo, ...]
 
 
 def secret_associated_data(namespace: str, name: str, version: int, kek_version: int) -> bytes:
@@ -278,6 +317,30 @@ class SecretOperations(RewrapOperations, LifecycleOperations):
         record = await self._secret_record(request.namespace, request.name)
         call.detail = f"secret {record.name!r}"
         return SecretVersionsResult(versions=tuple(_info(v) for v in record.versions))
+
+    @handles(LocateSecrets)
+    async def _locate_secrets(self, call: _Call, request: LocateSecrets) -> LocatedSecrets:
+        if not self.policy.allows_anywhere(call.caller.identity, "list-secrets"):
+            return LocatedSecrets(())
+        found: list[SecretInfo] = []
+        after = ("", "")
+        while True:
+            records = await self.store.list_secrets(
+                namespace=request.namespace,
+                deleted=False,
+                after=after,
+                limit=LIST_DEFAULT_LIMIT,
+                name=request.name,
+            )
+            for record in records:
+                if not self._may(call, "list-secrets", record.namespace):
+                    continue
+                current = [v for v in record.versions if v.enabled]
+                if current:
+                    found.append(_info(current[-1]))
+            if len(records) < LIST_DEFAULT_LIMIT:
+                return LocatedSecrets(tuple(found))
+            after = (records[-1].namespace, records[-1].name)
 
     # -- KEK rotation ------------------------------------------------------------------
 

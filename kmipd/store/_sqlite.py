@@ -164,6 +164,7 @@ CREATE TABLE secrets (
     PRIMARY KEY (namespace, name)
 ) STRICT;
 CREATE INDEX secrets_to_purge ON secrets(purge_at) WHERE purge_at IS NOT NULL;
+CREATE INDEX secrets_by_name ON secrets(name);
 CREATE TABLE secret_versions (
     namespace    TEXT NOT NULL,
     name         TEXT NOT NULL,
@@ -1169,13 +1170,22 @@ class KeyStore:
         return await self._read(lambda db: _load_secret(db, namespace, name))
 
     async def list_secrets(
-        self, *, namespace: str | None, deleted: bool | None, after: tuple[str, str], limit: int
+        self,
+        *,
+        namespace: str | None,
+        deleted: bool | None,
+        after: tuple[str, str],
+        limit: int,
+        name: str | None = None,
     ) -> list[SecretRecord]:
-        """Secrets in (namespace, name) order after ``after``; namespace is a glob."""
+        """Secrets in (namespace, name) order after ``after``; namespace is a glob, name exact."""
         where, args = ["(namespace, name) > (?, ?)"], [after[0], after[1]]
         if namespace is not None:
             where.append("namespace GLOB ?")
             args.append(namespace)
+        if name is not None:
+            where.append("name = ?")
+            args.append(name)
         if deleted is not None:
             where.append("deleted_at IS NOT NULL" if deleted else "deleted_at IS NULL")
 
