@@ -68,6 +68,11 @@ def _frame_size(value: int) -> str | None:
     return f"must be 16..{ABSOLUTE_MAX_FRAME_SIZE}"
 
 
+def _secret_size(value: int) -> str | None:
+    # The wire's own limit on a value (kmipd.protocol SECRET_VALUE).
+    return None if 1 <= value <= 16 * 1024 * 1024 else "must be 1..16777216 (16 MiB)"
+
+
 def _addresses(value: list[Any]) -> str | None:
     if not value:
         return "needs at least one address"
@@ -138,7 +143,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "server": {
         "listen": Option(list, ["127.0.0.1:5696"], "addresses to listen on, HOST:PORT", _addresses),
         "name": Option(str, "kmipd", "server name reported by hello and status"),
-        "max_frame_size": Option(int, 65536, "largest frame accepted, bytes", _frame_size),
+        # 72 KiB: a secret of the default secrets.max_size (64 KiB) and its envelope fit.
+        "max_frame_size": Option(int, 73728, "largest frame accepted, bytes", _frame_size),
         "max_in_flight": Option(int, 64, "unanswered requests per connection", _at_least_one),
         "max_connections": Option(int, 1024, "concurrent client connections", _at_least_one),
         "max_handshaking": Option(
@@ -242,6 +248,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
             _namespace_globs,
         ),
     },
+    "secrets": {
+        "max_size": Option(int, 64 * 1024, "largest secret value accepted, bytes", _secret_size),
+    },
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
     },
@@ -322,6 +331,8 @@ class Config:
     metrics_listen: str | None
     require_sealed: tuple[str, ...] = ()
     kmip: KmipSettings = KmipSettings()
+    #: secrets.max_size: the largest secret value set-secret accepts.
+    secret_max_size: int = 64 * 1024
 
     def software_files(self) -> tuple[Path, Path]:
         """(master key, keyring) of the software backend; only for that backend."""
@@ -480,6 +491,7 @@ def parse_config(
         log_level=v("logging", "level"),
         metrics_listen=v("metrics", "listen") or None,
         require_sealed=tuple(v("transport", "require_sealed")),
+        secret_max_size=v("secrets", "max_size"),
     )
 
 
