@@ -28,6 +28,7 @@ GROUPS: dict[str, str] = {
     "authz": "AUTHZ",
     "liveness": "LIVE",
     "fuzz": "FUZZ",
+    "kmip": "KMIP",
 }
 _PREFIX_TO_GROUP = {prefix: group for group, prefix in GROUPS.items()}
 _CASE_ID = re.compile(r"([A-Z]+)-(\d{3})")
@@ -126,6 +127,7 @@ def all_cases() -> list[Case]:
         codec,
         framing,
         fuzz,
+        kmip,
         liveness,
         protocol,
         sslyze,

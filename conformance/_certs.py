@@ -177,3 +177,29 @@ class CertificateFactory:
             return issued
 
         return self._issue("revoked", make)
+
+    def revocable(self) -> tuple[Credentials, Callable[[], None]]:
+        """A fresh valid certificate, and a function that revokes it in the server's CRL."""
+        if self._ca_dir is None:
+            raise CaseSkipped("needs the CA directory whose CRL the server reads (--ca-dir)")
+        ca_dir = self._ca_dir
+        name = self.client_name("revoked-while-connected")
+        issued = self._issue(
+            "revocable", lambda: CertificateAuthority.load(ca_dir).issue_client(name)
+        )
+
+        def revoke() -> None:
+            CertificateAuthority.load(ca_dir).revoke(name)
+
+        return issued, revoke
+
+    def short_lived(self, seconds: float) -> tuple[Credentials, datetime.datetime]:
+        """A certificate that expires ``seconds`` from now (never cached: each call is new)."""
+        not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+        not_after = not_after.replace(microsecond=0)  # what the certificate can say
+        issued = self._authority("ca", self._trust_domain).issue_client(
+            self.client_name(f"short-lived-{secrets.token_hex(2)}"),
+            not_before=not_after - DAY,
+            not_after=not_after,
+        )
+        return Credentials(issued.cert_path, issued.key_path), not_after

@@ -8,7 +8,7 @@ object on stdout:
 
     {"issues": {criterion: text}, "accepted": {...}, "curves": [...], "error": text|null}
 
-Usage: python _sslyze_scan.py HOST PORT CA CERT KEY
+Usage: python _sslyze_scan.py HOST PORT CA CERT KEY [modern|intermediate]
 """
 
 import ipaddress
@@ -20,6 +20,7 @@ from typing import Any
 
 def main() -> None:
     host, port, ca, cert, key = sys.argv[1:6]
+    judged_as = sys.argv[6] if len(sys.argv) > 6 else "modern"
     from sslyze import (  # noqa: PLC0415 (imported only where sslyze is installed)
         CertificateInfoExtraArgument,
         ClientAuthenticationCredentials,
@@ -69,7 +70,11 @@ def main() -> None:
             ]
     if scan.elliptic_curves.result is not None:
         report["curves"] = [c.name for c in scan.elliptic_curves.result.supported_curves or []]
-    profile = MozillaTlsConfiguration.get(TlsConfigurationEnum.MOZILLA_MODERN)
+    profile = MozillaTlsConfiguration.get(
+        TlsConfigurationEnum.MOZILLA_INTERMEDIATE
+        if judged_as == "intermediate"
+        else TlsConfigurationEnum.MOZILLA_MODERN
+    )
     try:
         check_server_against_tls_configuration(result, profile)
     except ServerNotCompliantWithTlsConfiguration as exc:

@@ -3,6 +3,7 @@ client does. (Every hostile case in every group is also followed by a fresh clie
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import resource
@@ -17,7 +18,7 @@ import sys
 import time
 
 from conformance._case import CaseFailed, CaseSkipped, Informational, case
-from conformance._connection import Connection, parse_response
+from conformance._connection import Connection, ConnectionClosed, parse_response
 from conformance._context import Context, wait_until
 from conformance._tlsprobe import ALLOWED_TLS12_SUITES, TLS12, client_hello
 from conformance._wire import HEADER, frame, request_frame
@@ -331,3 +332,118 @@ def client_that_never_reads(ctx: Context) -> None:
         with ctx.connect(label="other") as other:
             ctx.expect_usable(other)
         _reset(deaf.sock)
+
+
+#: How soon an open connection must end once its certificate is revoked or expires: the
+#: server may take a few seconds to notice a new CRL, then must act at once.
+CUT_OFF = 10.0
+
+
+def _expect_cut(ctx: Context, c: Connection, why: str) -> None:
+    """The server ends ``c`` with an unattributed certificate-revoked, within CUT_OFF."""
+    messages = ctx.expect_closed(c, CUT_OFF)
+    if not messages:
+        raise CaseFailed(f"{why}: the connection closed without certificate-revoked")
+    ctx.expect_error(messages[-1], "certificate-revoked", request_id=None)
+    for message in messages[:-1]:
+        ctx.expect(message.is_error, f"{why}: served after the cut-off: {message.summary()}")
+
+
+@case(
+    "LIVE-007",
+    "A connection open before its client certificate is revoked ends within seconds of the "
+    "CRL naming it, with an unattributed certificate-revoked error, and nothing more is served "
+    "on it.",
+    hostile=True,
+)
+def revoked_while_connected(ctx: Context) -> None:
+    creds, revoke = ctx.certs.revocable()
+    with ctx.connect(creds, label="doomed") as doomed:
+        ctx.expect_usable(doomed)
+        started = time.monotonic()
+        revoke()
+        # Keep asking while it lasts: no answer may come after the cut.
+        _expect_cut(ctx, doomed, "revoked")
+    ctx.measurements["cut_after_seconds"] = round(time.monotonic() - started, 2)
+
+
+@case(
+    "LIVE-008",
+    "A connection whose client certificate expires while it is open ends at the expiry, "
+    "with an unattributed certificate-revoked error.",
+    hostile=True,
+)
+def expired_while_connected(ctx: Context) -> None:
+    creds, not_after = ctx.certs.short_lived(4)
+    with ctx.connect(creds, label="expiring") as expiring:
+        ctx.expect_usable(expiring)
+        _expect_cut(ctx, expiring, "expired")
+    late = (datetime.datetime.now(datetime.UTC) - not_after).total_seconds()
+    ctx.expect(late >= 0, f"cut {-late:.1f} s before the certificate's notAfter")
+    ctx.measurements["cut_after_expiry_seconds"] = round(late, 2)
+
+
+@case(
+    "LIVE-009",
+    "While 256 bare TCP connections that never send a byte are held open, a new client "
+    "completes its handshake and is served promptly.",
+    hostile=True,
+)
+def bare_connection_flood(ctx: Context) -> None:
+    count = min(256, ctx.options.flood_limit)
+    _raise_descriptor_limit(count + 200)
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            try:
+                flood.append(ctx.tcp(timeout=PROMPT))
+            except OSError:
+                break  # the server (or the kernel's backlog) refused it: a bound at work
+        started = time.monotonic()
+        with ctx.connect(label="newcomer") as c:
+            ctx.expect_usable(c)
+        elapsed = time.monotonic() - started
+        ctx.measurements.update(held=len(flood), newcomer_seconds=round(elapsed, 3))
+        ctx.expect(elapsed < PROMPT, f"the newcomer took {elapsed:.1f} s to be served")
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+@case(
+    "LIVE-010",
+    "An identity with no grant cannot hold many authenticated connections: of 20 idle ones, "
+    "those past its small budget are refused with an unattributed busy, and another client "
+    "is served meanwhile.",
+    hostile=True,
+)
+def ungranted_connection_hoard(ctx: Context) -> None:
+    creds = ctx.certs.outsider()
+    held: list[Connection] = []
+    refused = 0
+    try:
+        for index in range(20):
+            c = ctx.connect(creds, hello=False, label=f"hoard{index}")
+            try:
+                # Not ctx.hello: the refusal may come before, and instead of, the answer.
+                c.send({"id": ctx.next_id(), "op": "hello", "args": {"versions": [1]}})
+                reply = ctx.receive(c)
+            except ConnectionClosed:
+                refused += 1  # closed without a word: refused, though not as documented
+                ctx.note("a hoarding connection was closed without busy")
+                c.close()
+                continue
+            if reply.is_error:
+                ctx.expect_error(reply, "busy", request_id=None)
+                ctx.expect_closed(c, PROMPT)
+                refused += 1
+                c.close()
+            else:
+                held.append(c)
+        ctx.measurements.update(held=len(held), refused=refused)
+        ctx.expect(refused > 0, "all 20 connections of an identity with no grant were kept")
+        with ctx.connect(label="granted") as granted:
+            ctx.expect_usable(granted)
+    finally:
+        for c in held:
+            c.close()

@@ -1,4 +1,8 @@
-"""sslyze against the server, with the client's credentials, judged by Mozilla's "modern" profile.
+"""sslyze against the server, with the client's credentials, judged by Mozilla's profiles.
+
+A TLS 1.3-only port (the native protocol only) is judged by "modern"; a port
+that accepts TLS 1.2 (KMIP on, whose clients need 1.2, or tls.allow_tls12)
+by "intermediate", which allows 1.2 with ECDHE + AEAD suites.
 
 sslyze pins cryptography<47 while kmipd needs 50, so it never shares an
 environment with the project: the suite creates a virtual environment for
@@ -24,6 +28,7 @@ from typing import Any, NoReturn
 
 from conformance._case import CaseFailed, CaseSkipped, case
 from conformance._context import Context
+from conformance._tlsprobe import ALLOWED_TLS12_SUITES, TLS12, client_hello, offer_hello
 
 SSLYZE_VERSION = "6.3.1"
 INSTALL_TIMEOUT = 900
@@ -118,6 +123,8 @@ def _run_scan(ctx: Context) -> dict[str, Any]:
         ctx.options.sslyze_venv or default_venv(), install=ctx.options.sslyze_install
     )
     creds = ctx.target.client
+    profile = _profile_for(ctx)
+    ctx.run.cache["sslyze-profile"] = profile
     command = [
         str(python),
         "-I",  # isolated: this directory's sslyze.py must not shadow the real sslyze
@@ -127,6 +134,7 @@ def _run_scan(ctx: Context) -> dict[str, Any]:
         str(ctx.target.ca),
         str(creds.cert),
         str(creds.key),
+        profile,
     ]
     ctx.transcript.add("-- " + " ".join(command))
     try:
@@ -139,6 +147,22 @@ def _run_scan(ctx: Context) -> dict[str, Any]:
         raise CaseFailed(f"sslyze failed (status {done.returncode}): {done.stderr.strip()[-500:]}")
     report: dict[str, Any] = json.loads(done.stdout)
     return report
+
+
+def _profile_for(ctx: Context) -> str:
+    """The Mozilla profile the port is judged by, from its configuration as seen on the wire.
+
+    A port that accepts TLS 1.2 (KMIP on: KMIP clients need it; or tls.allow_tls12) is
+    held to "intermediate"; a TLS 1.3-only port (native only) to "modern".
+    """
+    answer = offer_hello(
+        ctx.tcp(),
+        client_hello(TLS12, list(ALLOWED_TLS12_SUITES), ctx.target.host),
+        ctx.options.timeout,
+    )
+    profile = "intermediate" if answer.version == TLS12 else "modern"
+    ctx.transcript.add(f"-> ClientHello TLS 1.2; <- {answer.describe()}: judged as {profile}")
+    return profile
 
 
 def _findings(ctx: Context, case_id: str) -> None:
@@ -166,12 +190,16 @@ def sslyze_scan(ctx: Context) -> None:
         raise CaseFailed(report["error"])
     ctx.measurements.update(accepted=report["accepted"], curves=report["curves"])
     versions = ", ".join(sorted(report["accepted"])) or "none"
-    ctx.note(f"sslyze {SSLYZE_VERSION}: accepted {versions}; groups {', '.join(report['curves'])}")
+    profile = ctx.run.cache.get("sslyze-profile", "modern")
+    ctx.note(
+        f"sslyze {SSLYZE_VERSION}, judged as Mozilla {profile}: accepted {versions}; "
+        f"groups {', '.join(report['curves'])}"
+    )
 
 
 @case(
     "SSLYZE-002",
-    "sslyze finds only the TLS versions and cipher suites Mozilla's modern profile allows.",
+    "sslyze finds only the TLS versions and cipher suites the port's Mozilla profile allows.",
 )
 def sslyze_versions_and_suites(ctx: Context) -> None:
     _findings(ctx, "SSLYZE-002")
@@ -179,7 +207,7 @@ def sslyze_versions_and_suites(ctx: Context) -> None:
 
 @case(
     "SSLYZE-003",
-    "sslyze finds only the key-exchange groups Mozilla's modern profile allows (X25519, "
+    "sslyze finds only the key-exchange groups the port's Mozilla profile allows (X25519, "
     "P-256, P-384), with adequate sizes.",
 )
 def sslyze_groups(ctx: Context) -> None:
@@ -198,7 +226,7 @@ def sslyze_vulnerabilities(ctx: Context) -> None:
 
 @case(
     "SSLYZE-005",
-    "The server certificate meets Mozilla's modern profile: it verifies against --ca, an "
+    "The server certificate meets the port's Mozilla profile: it verifies against --ca, an "
     "ECDSA P-256/P-384 key and signature, a lifespan of at most 90 days.",
 )
 def sslyze_certificate(ctx: Context) -> None:
@@ -207,7 +235,7 @@ def sslyze_certificate(ctx: Context) -> None:
 
 @case(
     "SSLYZE-006",
-    "sslyze reports no other finding against Mozilla's modern profile.",
+    "sslyze reports no other finding against the port's Mozilla profile.",
 )
 def sslyze_anything_else(ctx: Context) -> None:
     _findings(ctx, "SSLYZE-006")

@@ -177,13 +177,16 @@ async def start_server(
             crl=ca.crl_path,
             trust_domain=TRUST_DOMAIN,
             allow_tls12=limits.pop("allow_tls12", False),
+            kmip_tls12=limits.get("kmip") is not None and limits["kmip"].enabled,
         )
         crl_check_interval = limits.pop("crl_check_interval", 1.0)
+        kmip = limits.pop("kmip", None)  # a KmipSettings: serve KMIP too
         server = KmipServer(
             service,
             ServerTls.load(settings),
             ServerLimits(**limits),
             crl_check_interval=crl_check_interval,
+            kmip=kmip,
         )
         listeners = await trio.open_tcp_listeners(0, host=host)
         stopped = trio.Event()

@@ -105,6 +105,7 @@ def test_every_group_has_cases_with_one_sentence_each() -> None:
         "authz",
         "liveness",
         "fuzz",
+        "kmip",
     }
     for c in cases:
         assert c.title.endswith(".") and len(c.title) < 300, c.id
@@ -250,3 +251,14 @@ def test_list_names_every_case_once() -> None:
     assert done.returncode == 0
     listed = [line.split()[0] for line in done.stdout.splitlines()]
     assert listed == [c.id for c in all_cases()]
+
+
+@pytest.mark.slow
+async def test_session_and_budget_cases_pass_against_kmipd(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    kmipd = await start_server()
+    results = await run_against(kmipd, tmp_path, ["LIVE-007", "LIVE-008", "LIVE-009", "LIVE-010"])
+    for case_id, result in results.items():
+        assert result.verdict is Verdict.PASS, (case_id, result.detail, result.evidence[-5:])
+    assert results["LIVE-010"].measurements["refused"] == 18

@@ -10,15 +10,16 @@ the core's (``_core``), run by ``AsyncClient._drive``.
 
 from __future__ import annotations
 
+import select
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
 import trio
 
 from kmipd.client._common import ConnectionInfo, Endpoint, responses, unwrap_outcome
-from kmipd.client._core import ClientCore, Offload, Steps
+from kmipd.client._core import ClientCore, Offload, Send, Steps
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
@@ -104,6 +105,7 @@ class _Connection:
     async def call(self, request: Any) -> tuple[Any, int]:
         """The raw outcome (result or ErrorInfo) and the request id."""
         async with self._in_flight:
+            await self._take_notice()
             if self.failure is not None:
                 raise self.failure
             request_id, frame = self.protocol.send_request(request)
@@ -134,6 +136,35 @@ class _Connection:
             return waiter.outcome
         finally:
             self._waiters.pop(request_id, None)
+
+    async def _take_notice(self) -> None:
+        """On an idle connection, read what the server sent unasked before using it.
+
+        A connection-level error (certificate-revoked, timeout) waits there while
+        the connection sits in the pool; read it first, so a revoked client gets
+        its error instead of a write into a closed connection.
+        """
+        if self._reading or self._waiters or self.failure is not None:
+            return
+        transport = self.channel.transport
+        if not isinstance(transport, trio.SocketStream):
+            return
+        try:
+            readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return
+        if not readable:
+            return
+        self._reading = True
+        try:
+            with trio.move_on_after(1.0) as scope:
+                await self._receive_once()
+            if scope.cancelled_caught:
+                self._fail(UnavailableError("connection stalled", server=self.server))
+        finally:
+            self._reading = False
+            self._progress.set()
+            self._progress = trio.Event()
 
     async def _receive_once(self) -> None:
         try:
@@ -248,7 +279,7 @@ class AsyncClient(ClientCore, pool_size=2):
                 ConnectionInfo.describe(connection.channel.ssl_object, connection.protocol.hello)
             )
 
-        await self._run(None, inspect=describe)
+        await self._drive(self._reach(describe))
         return info[0]
 
     async def aclose(self) -> None:
@@ -285,6 +316,7 @@ class AsyncClient(ClientCore, pool_size=2):
     async def _drive(self, steps: Steps[R]) -> R:
         """Run steps: each Send through ``_run``, each Offload on a worker thread;
         failures (cancellation too) go back in."""
+        steps = self._guarded(steps)
         answer: Any = None
         failure: BaseException | None = None
         try:
@@ -295,17 +327,21 @@ class AsyncClient(ClientCore, pool_size=2):
                     if isinstance(effect, Offload):
                         answer = await trio.to_thread.run_sync(effect.work)
                     else:
-                        answer = await self._send(effect.requests)
+                        answer = await self._send(effect)
                 except BaseException as exc:
                     failure = exc
         except StopIteration as stop:
             result: R = stop.value
             return result
 
-    async def _send(self, requests: Sequence[Any]) -> list[tuple[Any, str, int]]:
+    async def _send(self, send: Send) -> list[tuple[Any, str, int]]:
         """One answer per request; several go concurrently, each failing over on its own."""
+        requests = send.requests
+        if not requests:
+            await self._run(None, inspect=send.inspect)
+            return []
         if len(requests) == 1:
-            return [await self._run(requests[0])]
+            return [await self._run(requests[0], inspect=send.inspect)]
         answers: list[Any] = [None] * len(requests)
 
         async def one(index: int) -> None:

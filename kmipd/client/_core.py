@@ -50,6 +50,7 @@ from kmipd.client._envelope import (
     write_header,
 )
 from kmipd.client._errors import (
+    CertificateRejectedError,
     DeadlineExceededError,
     KmipdError,
     NotAuthorizedError,
@@ -115,6 +116,8 @@ class Send:
     """
 
     requests: Sequence[Any]
+    #: Called with the connection the requests go over (before they are sent).
+    inspect: Callable[[Any], None] | None = None
 
 
 @attrs.frozen
@@ -277,6 +280,23 @@ class ClientCore:
             self._keys.cache.clear()
 
     # -- the steps every operation is made of -----------------------------------------------
+
+    def _guarded(self, steps: Steps[R]) -> Steps[R]:
+        """``steps``, emptying the cache when the daemon refuses this client's certificate.
+
+        Refused, revoked (the connection cut with certificate-revoked) or
+        expired: this identity may no longer hold keys. Shells run every
+        operation through here.
+        """
+        try:
+            return (yield from steps)
+        except CertificateRejectedError:
+            self._forget_keys()
+            raise
+
+    def _reach(self, inspect: Callable[[Any], None]) -> Steps[None]:
+        """Connect to a daemon and show ``inspect`` the connection; send nothing."""
+        yield Send((), inspect=inspect)
 
     def _ask(self, request: Any) -> Steps[tuple[Any, str, int]]:
         """One request's result (a wire error raised), the server and the request id."""

@@ -67,6 +67,16 @@ class CertificateRejectedError(RemoteError):
     code = ErrorCode.CERTIFICATE_REJECTED
 
 
+class CertificateRevokedError(CertificateRejectedError):
+    """The server closed an open connection: this client's certificate was revoked or expired.
+
+    A CertificateRejectedError, so the same handling applies: never retried on
+    another daemon (they share the CA and the CRL), and the DEK cache is emptied.
+    """
+
+    code = ErrorCode.CERTIFICATE_REVOKED
+
+
 class NotAuthorizedError(RemoteError):
     code = ErrorCode.NOT_AUTHORIZED
 
@@ -159,6 +169,12 @@ class AuditUnavailableError(RemoteError):
     code = ErrorCode.AUDIT_UNAVAILABLE
 
 
+class StoreUnavailableError(RemoteError):
+    """The daemon's store cannot write now (disk full, read-only, damaged): not applied."""
+
+    code = ErrorCode.STORE_UNAVAILABLE
+
+
 class SealedKeyError(KmipdError):
     """A sealed key from the daemon did not open with this client's transport key.
 
@@ -203,8 +219,9 @@ class OutcomeUnknownError(UnavailableError):
         self.idempotency_key = idempotency_key
 
 
+_REMOTE_ERRORS: list[type[RemoteError]] = [*RemoteError.__subclasses__(), CertificateRevokedError]
 ERROR_CLASSES: dict[ErrorCode, type[RemoteError]] = {
-    cls.code: cls for cls in RemoteError.__subclasses__() if cls.code is not None
+    cls.code: cls for cls in _REMOTE_ERRORS if cls.code is not None
 }
 
 

@@ -14,8 +14,8 @@ Whether a request may be retried depends on what is known about the failed
 attempt:
 
 * NOT_SENT (no connection, handshake failed) or REFUSED (the server
-  answered busy, shutting-down or hsm-unavailable): certainly not applied,
-  so any request may go to another server;
+  answered busy, shutting-down, hsm-unavailable or store-unavailable):
+  certainly not applied, so any request may go to another server;
 * UNKNOWN (sent, then the connection broke or the deadline passed):
   idempotent requests may be retried anywhere; a create carries an
   idempotency key, so it may be retried on any server sharing the first
@@ -45,7 +45,14 @@ from kmipd.client._errors import (
 from kmipd.protocol import OPERATIONS, ErrorCode, ErrorInfo
 
 #: Remote errors meaning "not applied here, try another server".
-FAILOVER_CODES = frozenset({ErrorCode.BUSY, ErrorCode.SHUTTING_DOWN, ErrorCode.HSM_UNAVAILABLE})
+FAILOVER_CODES = frozenset(
+    {
+        ErrorCode.BUSY,
+        ErrorCode.SHUTTING_DOWN,
+        ErrorCode.HSM_UNAVAILABLE,
+        ErrorCode.STORE_UNAVAILABLE,
+    }
+)
 
 
 class Attempt(enum.Enum):

@@ -24,15 +24,17 @@ from typing import Any, TypeVar
 from kmipd.client._common import ConnectionInfo, Endpoint, responses, unwrap_outcome
 from kmipd.client._core import ClientCore, Offload, Steps, operation
 from kmipd.client._errors import (
+    CertificateRejectedError,
     DeadlineExceededError,
     KmipdError,
     ServerCertificateError,
     ServerTimeoutError,
     UnavailableError,
+    remote_error,
     tls_failure,
 )
 from kmipd.client._failover import FailoverCall, ServerState
-from kmipd.protocol import ClientConnection
+from kmipd.protocol import ClientConnection, ConnectionFailed
 
 R = TypeVar("R")
 _RECEIVE_SIZE = 65536
@@ -145,6 +147,26 @@ class _Connection:
         with contextlib.suppress(OSError):
             self.sock.close()
 
+    def notice(self) -> KmipdError | None:
+        """What the server said before closing this stale connection, if it said anything.
+
+        A connection-level error (certificate-revoked, timeout) waits there while
+        the connection sits in the pool; a revoked client must get that error,
+        not a fresh handshake on another connection.
+        """
+        try:
+            self.sock.settimeout(1.0)  # the data is already there, or arriving
+            data = self.sock.recv(_RECEIVE_SIZE)
+        except (OSError, ssl.SSLError):
+            return None
+        if not data:
+            return None
+        self.protocol.receive_data(data)
+        event = self.protocol.next_event()
+        if isinstance(event, ConnectionFailed):
+            return remote_error(event.error, server=self.server, request_id=None)
+        return None
+
 
 class _Pool:
     """Long-lived connections to one daemon, shared by the client's threads."""
@@ -167,8 +189,11 @@ class _Pool:
                     connection = self._idle.pop()
                     if not connection.is_stale():
                         return connection
+                    notice = connection.notice()
                     connection.close()  # the server closed it while idle
                     self._open -= 1
+                    if isinstance(notice, CertificateRejectedError):
+                        raise notice  # revoked or expired: no new connection will do
                 if self._open < self._size:
                     self._open += 1
                     break
@@ -246,7 +271,7 @@ class Client(ClientCore, pool_size=4):
             assert connection.protocol.hello is not None
             info.append(ConnectionInfo.describe(connection.sock, connection.protocol.hello))
 
-        self._run([], inspect=describe)
+        self._drive(self._reach(describe))
         return info[0]
 
     def close(self) -> None:
@@ -271,6 +296,7 @@ class Client(ClientCore, pool_size=4):
 
     def _drive(self, steps: Steps[R]) -> R:
         """Run steps: each Send through ``_run``, each Offload here; failures go back in."""
+        steps = self._guarded(steps)
         answer: Any = None
         failure: BaseException | None = None
         try:
@@ -281,7 +307,7 @@ class Client(ClientCore, pool_size=4):
                     if isinstance(effect, Offload):
                         answer = effect.work()
                     else:
-                        answer = self._run(effect.requests)
+                        answer = self._run(effect.requests, inspect=effect.inspect)
                 except BaseException as exc:
                     failure = exc
         except StopIteration as stop:

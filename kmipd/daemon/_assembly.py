@@ -26,7 +26,7 @@ from kmipd.metrics._counters import MeasuredHsm, ServerMetrics
 from kmipd.net._address import format_address
 from kmipd.server import KmipServer, ServerTls, open_listeners
 from kmipd.service import KeyService, ServerInfo
-from kmipd.store import KeyStore
+from kmipd.store import KeyStore, StoreUnavailableError
 
 log = logging.getLogger("kmipd.daemon")
 
@@ -77,7 +77,10 @@ async def run_daemon(
         hsm = await open_hsm(config)
         resources.callback(hsm.close)
         audit = AuditLog.open(
-            config.audit_path, config.audit_key, fail_open_reads=config.audit_fail_open_reads
+            config.audit_path,
+            config.audit_key,
+            fail_open_reads=config.audit_fail_open_reads,
+            batch_window=config.audit_read_batch,
         )
         resources.callback(audit.close)
         notifier.status("waiting for the HSM backend to answer")
@@ -94,8 +97,9 @@ async def run_daemon(
             transport_trust=tls.transport_trust,
             require_sealed=config.require_sealed,
         )
-        server = KmipServer(service, tls, config.limits, metrics=metrics)
+        server = KmipServer(service, tls, config.limits, metrics=metrics, kmip=config.kmip)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
+        supervisor.watch_writers()
         listeners = await _client_listeners(config, manager)
         metrics_listeners = (
             await _open_listeners([config.metrics_listen], "metrics.listen", config)
@@ -111,6 +115,8 @@ async def run_daemon(
 
             if handle_signals:
                 nursery.start_soon(supervisor.handle_signals)
+            nursery.start_soon(store.watch_writes)
+            nursery.start_soon(audit.flush_periodically)
             nursery.start_soon(_maintain, service, config.check_interval)
             nursery.start_soon(_run_rewrap_jobs, service, config.rewrap_batch, config.rewrap_pause)
             if metrics_listeners:
@@ -175,6 +181,8 @@ async def _maintain(service: KeyService, interval: float) -> None:
     while True:
         try:
             await service.maintain()
+        except StoreUnavailableError:
+            pass  # the store's fault is logged (once) by its WriteHealth; the next pass retries
         except Exception:
             log.exception("maintenance pass failed; retrying in %g s", interval)
         await trio.sleep(interval)  # a periodic pass, not a wait for an event
@@ -192,6 +200,8 @@ async def _run_rewrap_jobs(service: KeyService, batch: int, pause: float) -> Non
         for job in jobs:
             try:
                 await service.run_rewrap_batch(job, batch)
+            except StoreUnavailableError:
+                await trio.sleep(1)  # logged once by the store's WriteHealth; back off
             except Exception:
                 log.exception("rewrap job %s: batch failed; retrying in 1 s", job.job_id)
                 await trio.sleep(1)  # back off from a failing store or HSM

@@ -32,6 +32,8 @@ from kmipd.daemon.config import Config
 from kmipd.hsm import HsmError, Pkcs11Settings, SoftwareHsm, read_master_key, read_pin
 from kmipd.server import TlsSettings
 from kmipd.service import Policy
+from kmipd.store import store_problems
+from kmipd.store._faults import directory_cause
 from pki import PkiError, load_crl_serials
 
 #: A server certificate closer than this to its end is worth a warning.
@@ -269,13 +271,23 @@ def _check_store(path: Path, report: CheckReport) -> None:
     if not path.exists():
         _creatable(path, "store.path", report)
         return
-    if not os.access(path, os.R_OK | os.W_OK):
+    unwritable = directory_cause(path.parent)  # a full or read-only disk, not permissions
+    if unwritable is not None:
+        report.problems.append(f"store.path: {path} cannot be written: {unwritable}")
+    elif not os.access(path, os.R_OK | os.W_OK):
         report.problems.append(f"store.path: {path} is not readable and writable by this user")
         return
     with path.open("rb") as file:
         header = file.read(len(_SQLITE_HEADER))
     if header and header != _SQLITE_HEADER:
         report.problems.append(f"store.path: {path} is not an SQLite database")
+    elif header:
+        # What serve would refuse the store for: damage (never repaired).
+        report.problems.extend(
+            f"store.path: {problem}"
+            for problem in store_problems(path)
+            if unwritable is None or "cannot be written" not in problem
+        )
     if path.parent.stat().st_mode & stat.S_IRWXO:
         report.warnings.append(
             f"store.path: its directory {path.parent} is open to others; 0700 is safer"

@@ -88,6 +88,11 @@ class _KmipdCollector(Collector):
         self.exporter = exporter
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._requests()
+        yield from self._connections()
+        yield from self._backends()
+
+    def _requests(self) -> Iterator[Metric]:
         server = self.exporter.server
         metrics = server.metrics
         info = InfoMetricFamily("kmipd_build", "kmipd version and server name")
@@ -125,6 +130,9 @@ class _KmipdCollector(Collector):
             protocol.add_metric([code.wire_name], count)
         yield protocol
 
+    def _connections(self) -> Iterator[Metric]:
+        server = self.exporter.server
+        metrics = server.metrics
         yield GaugeMetricFamily(
             "kmipd_connections", "Client connections open now", value=server.connection_count
         )
@@ -146,7 +154,37 @@ class _KmipdCollector(Collector):
         for reason, count in sorted(metrics.handshake_failures.items()):
             handshakes.add_metric([reason], count)
         yield handshakes
+        yield GaugeMetricFamily(
+            "kmipd_connections_handshaking",
+            "Client connections in the TLS handshake now",
+            value=server.handshaking_count,
+        )
+        yield CounterMetricFamily(
+            "kmipd_handshakes_shed",
+            "Handshaking connections closed to admit a newer one (handshake budget full)",
+            value=metrics.handshakes_shed,
+        )
+        per_identity = CounterMetricFamily(
+            "kmipd_connections_refused_identity",
+            "Authenticated connections refused (busy): the identity's connection budget is used up",
+            labels=["grant"],
+        )
+        for grant, count in sorted(metrics.connections_refused_identity.items()):
+            per_identity.add_metric([grant], count)
+        yield per_identity
+        cut = CounterMetricFamily(
+            "kmipd_connections_cut",
+            "Open connections closed with certificate-revoked: peer certificate revoked, "
+            "expired or no longer trusted",
+            labels=["reason"],
+        )
+        for reason, count in sorted(metrics.connections_cut.items()):
+            cut.add_metric([reason], count)
+        yield cut
 
+    def _backends(self) -> Iterator[Metric]:
+        server = self.exporter.server
+        metrics = server.metrics
         hsm = HistogramMetricFamily(
             "kmipd_hsm_call_duration_seconds", "HSM backend call latency, by call", labels=["call"]
         )
@@ -168,6 +206,26 @@ class _KmipdCollector(Collector):
         for (kind, state), count in sorted(self.exporter.key_counts.items()):
             keys.add_metric([kind, state], count)
         yield keys
+
+        writers = [("store", server.service.store.health)]
+        if server.service.audit is not None:
+            writers.append(("audit", server.service.audit.health))
+        writable = GaugeMetricFamily(
+            "kmipd_writable",
+            "1 if the writer (store, audit trail) can write, 0 while a fault refuses writes;"
+            " the cause label says why",
+            labels=["writer", "cause"],
+        )
+        refused = CounterMetricFamily(
+            "kmipd_write_refused",
+            "Requests refused because the writer could not write (disk full, read-only...)",
+            labels=["writer"],
+        )
+        for name, health in writers:
+            writable.add_metric([name, health.cause or ""], int(health.ok))
+            refused.add_metric([name], health.refused_total)
+        yield writable
+        yield refused
 
         reloads = CounterMetricFamily(
             "kmipd_reloads", "Configuration reloads (SIGHUP), by result", labels=["result"]

@@ -56,6 +56,7 @@ _CONFIG_KEYS = {
     "audit_path": "audit.path",
     "audit_key": "audit.key",
     "audit_fail_open_reads": "audit.fail_open_reads",
+    "audit_read_batch": "audit.read_batch_ms",
     "metrics_listen": "metrics.listen",
 }
 
@@ -120,7 +121,29 @@ class Supervisor:
 
     def serving_status(self) -> str:
         status = f"serving on {', '.join(self.addresses)}"
-        return status if self.hsm_healthy else f"{status}; HSM NOT ANSWERING"
+        if not self.hsm_healthy:
+            status = f"{status}; HSM NOT ANSWERING"
+        service = self.server.service
+        writers = [service.store.health] + ([service.audit.health] if service.audit else [])
+        for health in writers:
+            if not health.ok:
+                status = f"{status}; {health.what.upper()} CANNOT WRITE: {health.cause}"
+        return status
+
+    def watch_writers(self) -> None:
+        """systemd's status line follows the store's and the audit trail's faults at once.
+
+        The watchdog keeps pinging through them: a restart frees no disk space,
+        and the daemon still serves what needs no write.
+        """
+        service = self.server.service
+        writers = [service.store.health] + ([service.audit.health] if service.audit else [])
+        for health in writers:
+            health.listeners.append(self._writer_changed)
+
+    def _writer_changed(self) -> None:
+        if self.addresses and not self.stopping:
+            self.notifier.status(self.serving_status())
 
     def ready(self, addresses: list[str]) -> None:
         self.addresses = addresses

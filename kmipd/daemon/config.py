@@ -24,7 +24,7 @@ from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.net._address import parse_address
 from kmipd.protocol import NAMESPACE_PATTERN
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
-from kmipd.server import ServerLimits, TlsSettings
+from kmipd.server import KmipSettings, ServerLimits, TlsSettings
 from kmipd.service import Grant, Policy, PolicyError, expand_operations
 
 
@@ -56,6 +56,10 @@ def _not_negative(value: float) -> str | None:
 
 def _at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1"
+
+
+def _read_batch(value: int) -> str | None:
+    return None if 0 <= value <= 1000 else "must be 0..1000"
 
 
 def _frame_size(value: int) -> str | None:
@@ -99,6 +103,10 @@ def _absolute(value: str) -> str | None:
     return None if Path(value).is_absolute() else "must be an absolute path"
 
 
+def _namespace(value: str) -> str | None:
+    return None if NAMESPACE_PATTERN.fullmatch(value) else "must be a namespace name"
+
+
 def _credential_name(value: str) -> str | None:
     if value and "/" not in value and value not in (".", ".."):
         return None
@@ -133,6 +141,18 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_frame_size": Option(int, 65536, "largest frame accepted, bytes", _frame_size),
         "max_in_flight": Option(int, 64, "unanswered requests per connection", _at_least_one),
         "max_connections": Option(int, 1024, "concurrent client connections", _at_least_one),
+        "max_handshaking": Option(
+            int, 128, "connections still in the TLS handshake (oldest shed)", _at_least_one
+        ),
+        "max_handshaking_per_address": Option(
+            int, 16, "handshaking connections per source address (oldest shed)", _at_least_one
+        ),
+        "max_connections_per_identity": Option(
+            int, 64, "authenticated connections per identity with a grant", _at_least_one
+        ),
+        "max_connections_ungranted": Option(
+            int, 2, "authenticated connections per identity with no grant", _at_least_one
+        ),
         "handshake_timeout": Option((int, float), 10.0, "seconds to finish TLS", _positive),
         "idle_timeout": Option((int, float), 300.0, "seconds a quiet connection stays", _positive),
         "frame_timeout": Option((int, float), 30.0, "seconds to finish a started frame", _positive),
@@ -149,6 +169,15 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "trust_domain": Option(str, REQUIRED, "SPIFFE trust domain of client identities"),
         "allow_tls12": Option(bool, False, "also accept TLS 1.2 (ECDHE + AEAD suites only)"),
         "session_tickets": Option(int, 0, "TLS 1.3 tickets per handshake (0: no resumption)"),
+    },
+    "kmip": {
+        "enabled": Option(
+            bool, True, "serve KMIP on the listeners too (and accept TLS 1.2 for it)"
+        ),
+        "max_message_size": Option(int, 65536, "largest KMIP message accepted, bytes", _frame_size),
+        "default_namespace": Option(
+            str, "kmip", "namespace of KMIP objects created without an Object Group", _namespace
+        ),
     },
     "store": {
         "path": Option(str, REQUIRED, "SQLite database file"),
@@ -198,6 +227,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "path": Option(str, "audit.log", "audit trail file (JSON lines, hash-chained)"),
         "key": Option(str, "audit.key", "HMAC key for audit values (32 bytes, 0600)"),
         "fail_open_reads": Option(bool, False, "serve reads even when the audit cannot be written"),
+        "read_batch_ms": Option(
+            int,
+            10,
+            "read records written and fsynced together within this many ms (0: each at once)",
+            _read_batch,
+        ),
     },
     "transport": {
         "require_sealed": Option(
@@ -281,9 +316,12 @@ class Config:
     audit_path: Path
     audit_key: Path
     audit_fail_open_reads: bool
+    #: Seconds a read's audit record may wait to be written with others.
+    audit_read_batch: float
     log_level: str
     metrics_listen: str | None
     require_sealed: tuple[str, ...] = ()
+    kmip: KmipSettings = KmipSettings()
 
     def software_files(self) -> tuple[Path, Path]:
         """(master key, keyring) of the software backend; only for that backend."""
@@ -389,6 +427,10 @@ def parse_config(
                     "max_frame_size",
                     "max_in_flight",
                     "max_connections",
+                    "max_handshaking",
+                    "max_handshaking_per_address",
+                    "max_connections_per_identity",
+                    "max_connections_ungranted",
                     "handshake_timeout",
                     "idle_timeout",
                     "frame_timeout",
@@ -405,6 +447,12 @@ def parse_config(
             trust_domain=v("tls", "trust_domain"),
             allow_tls12=v("tls", "allow_tls12"),
             session_tickets=v("tls", "session_tickets"),
+            kmip_tls12=v("kmip", "enabled"),
+        ),
+        kmip=KmipSettings(
+            enabled=v("kmip", "enabled"),
+            max_message_size=v("kmip", "max_message_size"),
+            default_namespace=v("kmip", "default_namespace"),
         ),
         store_path=v("store", "path"),
         store_cache_size=v("store", "cache_size"),
@@ -428,6 +476,7 @@ def parse_config(
         audit_path=v("audit", "path"),
         audit_key=v("audit", "key"),
         audit_fail_open_reads=v("audit", "fail_open_reads"),
+        audit_read_batch=v("audit", "read_batch_ms") / 1000,
         log_level=v("logging", "level"),
         metrics_listen=v("metrics", "listen") or None,
         require_sealed=tuple(v("transport", "require_sealed")),

@@ -69,8 +69,16 @@ class ServerMetrics:
         self.connections_accepted = 0
         #: Closed at once because max_connections was reached.
         self.connections_refused = 0
+        #: Handshaking connections closed to make room for a newer one (budget full).
+        self.handshakes_shed = 0
+        #: "granted" / "ungranted" -> authenticated connections refused (busy)
+        #: because their identity used up its connection budget.
+        self.connections_refused_identity: collections.Counter[str] = collections.Counter()
         #: reason -> TLS handshakes (or post-handshake identity checks) that failed.
         self.handshake_failures: collections.Counter[str] = collections.Counter()
+        #: "revoked" / "expired" / "untrusted" -> open connections closed because
+        #: their peer certificate stopped holding (certificate-revoked sent).
+        self.connections_cut: collections.Counter[str] = collections.Counter()
         #: HSM call -> latency.
         self.hsm_latency: dict[str, Histogram] = {}
         #: "applied" / "refused" -> reloads.

@@ -22,6 +22,9 @@ class ErrorCode(enum.IntEnum):
 
     CERTIFICATE_REJECTED = 100
     NOT_AUTHORIZED = 101
+    #: Sent on an open connection whose peer certificate was revoked, expired
+    #: or stopped chaining to the trusted CA since its handshake.
+    CERTIFICATE_REVOKED = 102
 
     NOT_FOUND = 200
     INTEGRITY_FAILURE = 201
@@ -45,6 +48,8 @@ class ErrorCode(enum.IntEnum):
     HSM_UNAVAILABLE = 302
     INTERNAL = 303
     AUDIT_UNAVAILABLE = 304
+    #: The store cannot write (disk full, read-only, locked, damaged): not applied.
+    STORE_UNAVAILABLE = 305
 
     @property
     def wire_name(self) -> str:
@@ -59,7 +64,12 @@ class ErrorCode(enum.IntEnum):
 #: Errors after which the server closes the connection: framing is broken
 #: (we no longer know where the next frame starts) or the peer was refused.
 CONNECTION_FATAL = frozenset(
-    {ErrorCode.FRAME_TOO_LARGE, ErrorCode.TIMEOUT, ErrorCode.CERTIFICATE_REJECTED}
+    {
+        ErrorCode.FRAME_TOO_LARGE,
+        ErrorCode.TIMEOUT,
+        ErrorCode.CERTIFICATE_REJECTED,
+        ErrorCode.CERTIFICATE_REVOKED,
+    }
 )
 
 

@@ -1,5 +1,6 @@
 """The trio server: TLS listeners, one task per connection, limits, drain."""
 
+from kmipd.server._kmip_conn import KmipSettings
 from kmipd.server._listen import open_listeners
 from kmipd.server._server import KmipServer, ServerLimits
 from kmipd.server._tls import (
@@ -13,6 +14,7 @@ from kmipd.server._tls import (
 __all__ = [
     "TLS12_CIPHERS",
     "KmipServer",
+    "KmipSettings",
     "PeerRejectedError",
     "ServerLimits",
     "ServerTls",

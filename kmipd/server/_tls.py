@@ -22,6 +22,7 @@ from pathlib import Path
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd.crypto import TransportTrust
@@ -57,6 +58,13 @@ class TlsSettings:
     allow_tls12: bool = False
     #: TLS 1.3 session tickets per handshake; 0 (no resumption) by default.
     session_tickets: int = 0
+    #: KMIP is served: accept TLS 1.2 (same suites) for it; the native protocol on a
+    #: 1.2 connection is still refused after the handshake unless allow_tls12.
+    kmip_tls12: bool = False
+
+    @property
+    def accepts_tls12(self) -> bool:
+        return self.allow_tls12 or self.kmip_tls12
 
 
 @attrs.frozen
@@ -109,6 +117,27 @@ class ServerTls:
             )
         return _spiffe_identity(cert, self.settings.trust_domain)
 
+    def certificate_problem(
+        self, cert: x509.Certificate, now: datetime.datetime, *, full: bool = False
+    ) -> tuple[str, str] | None:
+        """Why an authenticated peer's certificate no longer holds, or None.
+
+        The periodic scan asks only the cheap questions (CRL, notAfter);
+        ``full`` (after a reload) also checks the chain to the CA in force
+        and the trust domain, which costs a signature check.
+        """
+        if cert.serial_number in self.revoked:
+            return "revoked", "client certificate was revoked"
+        if now > cert.not_valid_after_utc:
+            return "expired", "client certificate expired"
+        if full:
+            try:
+                cert.verify_directly_issued_by(self.transport_trust.ca_cert)
+                _spiffe_identity(cert, self.settings.trust_domain)
+            except (ValueError, TypeError, InvalidSignature, PeerRejectedError):
+                return "untrusted", "client certificate is no longer trusted"
+        return None
+
 
 def _spiffe_identity(cert: x509.Certificate, trust_domain: str) -> str:
     try:
@@ -144,10 +173,10 @@ def _file_stamp(path: Path) -> tuple[int, int, int]:
 def _server_context(settings: TlsSettings) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = (
-        ssl.TLSVersion.TLSv1_2 if settings.allow_tls12 else ssl.TLSVersion.TLSv1_3
+        ssl.TLSVersion.TLSv1_2 if settings.accepts_tls12 else ssl.TLSVersion.TLSv1_3
     )
     context.maximum_version = ssl.TLSVersion.TLSv1_3
-    if settings.allow_tls12:
+    if settings.accepts_tls12:
         context.set_ciphers(TLS12_CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE

@@ -38,6 +38,7 @@ ADMIN_OPERATIONS = frozenset(
         "destroy",
         "recover",
         "get-attributes",
+        "modify-attributes",
         "locate",
         "dependents",
         "rewrap",

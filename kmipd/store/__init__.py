@@ -1,5 +1,6 @@
 """The key store: only wrapped keys and their metadata, never a plaintext key."""
 
+from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
     AlreadyExistsError,
@@ -9,9 +10,11 @@ from kmipd.store._sqlite import (
     KekRecord,
     KekVersion,
     KeyStore,
+    ObjectRecord,
     RewrapJob,
     StoreError,
     TransportCertRecord,
+    store_problems,
 )
 
 __all__ = [
@@ -23,7 +26,11 @@ __all__ = [
     "KekRecord",
     "KekVersion",
     "KeyStore",
+    "ObjectRecord",
     "RewrapJob",
     "StoreError",
+    "StoreUnavailableError",
     "TransportCertRecord",
+    "WriteHealth",
+    "store_problems",
 ]

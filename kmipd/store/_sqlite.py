@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -32,6 +33,13 @@ import trio
 
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
 from kmipd.store._commit import point_of_no_return
+from kmipd.store._faults import (
+    StoreUnavailableError,
+    WriteHealth,
+    directory_cause,
+    os_cause,
+    sqlite_cause,
+)
 
 #: The schema, as the migrations that build it, in order. A store at
 #: user_version N has had the first N applied; opening it applies the rest in
@@ -120,6 +128,27 @@ CREATE TABLE transport_certificates (
     registered_at INTEGER NOT NULL
 ) STRICT;
 """,
+    # 5: what KMIP says about a key beside the DEK row: object type, algorithm
+    # and length, usage mask, object group, names (a table of their own, for
+    # Locate by name) and the rest (custom x- attributes, links) as JSON.
+    # A DEK without a row here is an AES-256 symmetric key with no names.
+    """
+CREATE TABLE object_attributes (
+    dek_id        TEXT PRIMARY KEY REFERENCES deks(id),
+    object_type   TEXT NOT NULL,
+    algorithm     TEXT,
+    length        INTEGER NOT NULL,
+    usage_mask    INTEGER,
+    object_group  TEXT,
+    attributes    TEXT NOT NULL DEFAULT '{}'
+) STRICT;
+CREATE INDEX object_attributes_by_group ON object_attributes(object_group);
+CREATE TABLE object_names (
+    name          TEXT NOT NULL,
+    dek_id        TEXT NOT NULL REFERENCES deks(id),
+    PRIMARY KEY (name, dek_id)
+) STRICT;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -150,6 +179,38 @@ class DekRecord:
     created_at: int
     created_by: str
     lifecycle: Lifecycle
+
+
+@attrs.frozen
+class ObjectRecord:
+    """A key's KMIP attributes (migration 5); never key material."""
+
+    dek_id: str
+    #: "symmetric-key" or "secret-data".
+    object_type: str = "symmetric-key"
+    algorithm: str | None = "aes"
+    length: int = 256
+    usage_mask: int | None = None
+    object_group: str | None = None
+    names: tuple[str, ...] = ()
+    #: Custom (x-) attributes: name -> [KMIP item type number, JSON-able value].
+    custom: dict[str, list[Any]] = attrs.field(factory=dict)
+    #: Links: [KMIP link type number, linked id].
+    links: tuple[tuple[int, str], ...] = ()
+    last_change: int | None = None
+    secret_data_type: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document: dict[str, Any] = {}
+        if self.custom:
+            document["custom"] = self.custom
+        if self.links:
+            document["links"] = [list(link) for link in self.links]
+        if self.last_change is not None:
+            document["last_change"] = self.last_change
+        if self.secret_data_type is not None:
+            document["secret_data_type"] = self.secret_data_type
+        return document
 
 
 @attrs.frozen
@@ -228,6 +289,7 @@ class TransportCertRecord:
 
 
 T = TypeVar("T")
+log = logging.getLogger("kmipd.store")
 
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
@@ -251,15 +313,25 @@ class KeyStore:
     ) -> None:
         self.path = path
         self.shared = shared
+        #: Whether writes go through; a write failing for an understood cause faults it.
+        self.health = WriteHealth("key store", path)
+        #: Set when a fault starts: the write probe (``watch_writes``) wakes.
+        self._faulted = trio.Event()
+        self.health.listeners.append(self._on_health_change)
         #: Stamps change-feed entries, and ages them for pruning (tests control it).
         self._clock = clock
         self._lock_fd = _lock(path, shared=shared)
         try:
             self._writer = _connect(path)
             self._reader = _connect(path)
+            _refuse_unusable(path, self._reader, self._writer, int(clock()))
         except sqlite3.Error as exc:
             os.close(self._lock_fd)
-            raise StoreError(f"cannot open store {path}: {exc}") from None
+            cause = sqlite_cause(exc, path.parent)
+            raise StoreError(f"cannot open store {path}: {cause or exc}") from None
+        except StoreError:
+            os.close(self._lock_fd)
+            raise
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
@@ -292,13 +364,67 @@ class KeyStore:
         os.close(self._lock_fd)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one transaction; StoreUnavailableError if the machine refuses it.
+
+        A transaction that fails is rolled back (``sqlite3.Connection.__exit__``
+        rolls back after a failed COMMIT too), so the refusal means "not applied".
+        While the store is faulted, writes are refused at once: the probe, not
+        every request, finds out when writing works again.
+        """
+        if not self.health.ok:
+            self.health.count_refused()
+            raise StoreUnavailableError(self.health.cause or "cannot write")
         point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
+        try:
+            result = await trio.to_thread.run_sync(
+                self._transaction, fn, limiter=self._write_limiter
+            )
+        except sqlite3.Error as exc:
+            cause = sqlite_cause(exc, self.path.parent)
+            if cause is None:
+                raise
+            self.health.failed(cause, str(exc))
+            raise StoreUnavailableError(cause, str(exc)) from None
+        self.health.succeeded()
+        return result
 
-        def run() -> T:
-            with self._writer:  # one transaction: commit on success, roll back on error
-                return fn(self._writer)
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._writer:  # one transaction: commit on success, roll back on error
+            return fn(self._writer)
 
-        return await trio.to_thread.run_sync(run, limiter=self._write_limiter)
+    def _on_health_change(self) -> None:
+        if not self.health.ok:
+            self._faulted.set()
+
+    async def probe_write(self) -> bool:
+        """One tiny write (a row of store_meta); True if it went through."""
+
+        def touch(db: sqlite3.Connection) -> None:
+            _touch_probe(db, int(self._clock()))
+
+        try:
+            await trio.to_thread.run_sync(self._transaction, touch, limiter=self._write_limiter)
+        except sqlite3.Error as exc:
+            cause = sqlite_cause(exc, self.path.parent)
+            if cause is None:
+                raise
+            self.health.failed(cause, str(exc), refused=False)
+            return False
+        self.health.succeeded()
+        return True
+
+    async def watch_writes(self, interval: float = 1.0) -> None:
+        """While the store is faulted, probe once per ``interval``; runs forever."""
+        while True:
+            await self._faulted.wait()
+            while not self.health.ok:
+                await trio.sleep(interval)  # a bounded probe rate, not a wait for an event
+                try:
+                    await self.probe_write()
+                except sqlite3.Error as exc:
+                    log.error("store write probe failed unexpectedly: %s", exc)
+                self.health.tick()
+            self._faulted = trio.Event()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
@@ -396,7 +522,13 @@ class KeyStore:
 
     # -- DEKs --------------------------------------------------------------------
 
-    async def put_dek(self, record: DekRecord, *, idempotency_key: bytes | None = None) -> None:
+    async def put_dek(
+        self,
+        record: DekRecord,
+        *,
+        idempotency_key: bytes | None = None,
+        kmip: ObjectRecord | None = None,
+    ) -> None:
         """Insert a DEK; when this returns, the row is durable.
 
         With an idempotency key, the key is recorded in the same transaction
@@ -421,6 +553,8 @@ class KeyStore:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
+            if kmip is not None:
+                _write_object(db, kmip)
             if idempotency_key is None:
                 return
             db.execute(
@@ -524,6 +658,70 @@ class KeyStore:
 
     def _forget(self, dek_id: str) -> None:
         self._cache.pop(dek_id, None)
+
+    # -- KMIP attributes -------------------------------------------------------------
+
+    async def get_object(self, dek_id: str) -> ObjectRecord | None:
+        """The key's KMIP attributes, or None for a key that never had any (a native DEK)."""
+
+        def select(db: sqlite3.Connection) -> ObjectRecord | None:
+            row = db.execute(
+                f"SELECT {_OBJECT_COLUMNS} FROM object_attributes WHERE dek_id = ?", (dek_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            names = db.execute(
+                "SELECT name FROM object_names WHERE dek_id = ? ORDER BY rowid", (dek_id,)
+            ).fetchall()
+            return _object_from_row(row, tuple(name for (name,) in names))
+
+        return await self._read(select)
+
+    async def put_object(self, kmip: ObjectRecord) -> None:
+        """Insert or replace a key's KMIP attributes (its DEK row must exist)."""
+        await self._write(lambda db: _write_object(db, kmip))
+
+    async def locate_objects(
+        self,
+        *,
+        name: str | None = None,
+        object_type: str | None = None,
+        object_group: str | None = None,
+        algorithm: str | None = None,
+        length: int | None = None,
+        state: str | None = None,
+        limit: int = 1000,
+    ) -> list[str]:
+        """Ids of keys matching every given filter, oldest first; native DEKs count as AES-256."""
+        where: list[str] = ["1"]
+        args: list[str | int] = []
+        if name is not None:
+            where.append("d.id IN (SELECT dek_id FROM object_names WHERE name = ?)")
+            args.append(name)
+        for column, default, value in (
+            ("object_type", "'symmetric-key'", object_type),
+            ("algorithm", "'aes'", algorithm),
+            ("length", "256", length),
+        ):
+            if value is not None:
+                where.append(f"coalesce(o.{column}, {default}) = ?")
+                args.append(value)
+        if object_group is not None:
+            where.append("o.object_group = ?")
+            args.append(object_group)
+        if state is not None:
+            where.append("d.state = ?")
+            args.append(state)
+
+        def select(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT d.id FROM deks d LEFT JOIN object_attributes o ON o.dek_id = d.id"
+                f" WHERE {' AND '.join(where)} ORDER BY d.created_at, d.rowid LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [str(dek_id) for (dek_id,) in rows]
+
+        return await self._read(select)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -874,6 +1072,48 @@ class KeyStore:
             raise StoreError(f"store {self.path} does not answer: {exc}") from None
 
 
+_OBJECT_COLUMNS = "dek_id, object_type, algorithm, length, usage_mask, object_group, attributes"
+
+
+def _write_object(db: sqlite3.Connection, kmip: ObjectRecord) -> None:
+    db.execute(
+        f"INSERT OR REPLACE INTO object_attributes ({_OBJECT_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            kmip.dek_id,
+            kmip.object_type,
+            kmip.algorithm,
+            kmip.length,
+            kmip.usage_mask,
+            kmip.object_group,
+            json.dumps(kmip.to_json()),
+        ),
+    )
+    db.execute("DELETE FROM object_names WHERE dek_id = ?", (kmip.dek_id,))
+    db.executemany(
+        "INSERT OR IGNORE INTO object_names (name, dek_id) VALUES (?, ?)",
+        [(name, kmip.dek_id) for name in kmip.names],
+    )
+
+
+def _object_from_row(row: tuple[Any, ...], names: tuple[str, ...]) -> ObjectRecord:
+    dek_id, object_type, algorithm, length, usage_mask, object_group, document = row
+    extra = json.loads(document)
+    return ObjectRecord(
+        dek_id=dek_id,
+        object_type=object_type,
+        algorithm=algorithm,
+        length=length,
+        usage_mask=usage_mask,
+        object_group=object_group,
+        names=names,
+        custom=extra.get("custom", {}),
+        links=tuple((int(kind), str(target)) for kind, target in extra.get("links", [])),
+        last_change=extra.get("last_change"),
+        secret_data_type=extra.get("secret_data_type"),
+    )
+
+
 def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:
     dek_id, namespace, version, wrapped, created_at, created_by, state, document = row
     lifecycle = Lifecycle.from_json(
@@ -904,9 +1144,69 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _touch_probe(db: sqlite3.Connection, now: int) -> None:
+    """The smallest real write: one row of store_meta."""
+    db.execute(
+        "INSERT INTO store_meta (name, value) VALUES ('write_probe', ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (str(now),),
+    )
+
+
+def _refuse_unusable(
+    path: Path, reader: sqlite3.Connection, writer: sqlite3.Connection, now: int
+) -> None:
+    """Refuse a damaged store (never "repaired": restore a backup), or one that cannot
+    take a write, at startup rather than with the first request."""
+    damage = _quick_check(reader)
+    if damage is not None:
+        raise StoreError(
+            f"store {path} fails SQLite's integrity check ({damage}); restore it "
+            "from a kmipd backup"
+        )
+    with writer:
+        _touch_probe(writer, now)
+
+
+def _quick_check(db: sqlite3.Connection) -> str | None:
+    """SQLite's ``PRAGMA quick_check`` (O(size), no index cross-check): None if ok."""
+    rows = [str(row[0]) for row in db.execute("PRAGMA quick_check(3)")]
+    return None if rows == ["ok"] else " ".join("; ".join(rows).split())  # one line
+
+
+def store_problems(path: Path) -> list[str]:
+    """What would make ``KeyStore.open`` refuse an existing store (for check-config).
+
+    Read-only: nothing is migrated, locked or written, and nothing is repaired.
+    """
+    problems = []
+    cause = directory_cause(path.parent)
+    if cause is not None:
+        problems.append(f"{path} cannot be written: {cause}")
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        try:
+            damage = _quick_check(db)
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        damage = sqlite_cause(exc, path.parent) or str(exc)
+    if damage is not None:
+        problems.append(
+            f"{path} fails SQLite's integrity check ({damage}); restore it from a kmipd backup"
+        )
+    return problems
+
+
 def _lock(path: Path, *, shared: bool) -> int:
     lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(
+            f"store {path} cannot be opened for writing: {lock_path}: "
+            f"{os_cause(exc) or exc.strerror}"
+        ) from None
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
