@@ -6,12 +6,19 @@ import inspect
 import socket
 from typing import Any
 
+import pytest
 import trio
 
-from kmipd.client import AsyncClient, Client, UnavailableError
+from kmipd.client import (
+    AsyncClient,
+    CertificateRejectedError,
+    Client,
+    DekCache,
+    UnavailableError,
+)
 from kmipd.client._core import ClientCore, Send, Steps, operation
 from kmipd.protocol import GetDek, Status, StatusResult
-from tests.conftest import RunningServer, credentials
+from tests.conftest import RunningServer, ServerFactory, credentials
 
 
 def core_operations() -> dict[str, operation[Any, Any]]:
@@ -102,4 +109,43 @@ async def test_a_failed_call_is_raised_inside_the_steps_in_both_shells(
     try:
         assert (await trio_client._drive(caught(trio_client))).startswith("caught: cannot connect")
     finally:
+        await trio_client.aclose()
+
+
+async def test_a_refused_certificate_empties_the_cache_in_both_shells_even_at_connect(
+    start_server: ServerFactory,
+) -> None:
+    kmipd = await start_server(crl_check_interval=0)
+    options: dict[str, Any] = credentials(kmipd.ca, "storage")
+    blocking_cache, trio_cache = DekCache(), DekCache()
+    blocking = Client(kmipd.address, **options, cache=blocking_cache)
+    trio_client = AsyncClient(kmipd.address, **options, cache=trio_cache)
+    try:
+
+        def fill() -> None:
+            blocking.get_dek(blocking.create_dek("orders").dek_id)
+
+        await trio.to_thread.run_sync(fill)
+        await trio_client.get_dek((await trio_client.create_dek("orders")).dek_id)
+        assert (len(blocking_cache), len(trio_cache)) == (1, 1)
+        kmipd.ca.revoke("storage")
+
+        # A new client sharing each cache is refused at its handshake: the
+        # guard is the core's, so connect() empties the cache as calls do.
+        def refused() -> None:
+            with (
+                Client(kmipd.address, **options, cache=blocking_cache) as again,
+                pytest.raises(CertificateRejectedError),
+            ):
+                again.connect()
+
+        await trio.to_thread.run_sync(refused)
+        assert len(blocking_cache) == 0
+        trio_again = AsyncClient(kmipd.address, **options, cache=trio_cache)
+        with pytest.raises(CertificateRejectedError):
+            await trio_again.connect()
+        assert len(trio_cache) == 0
+        await trio_again.aclose()
+    finally:
+        blocking.close()
         await trio_client.aclose()

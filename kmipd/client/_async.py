@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from kmipd.client._common import ConnectionInfo, Endpoint, responses, unwrap_outcome
-from kmipd.client._core import ClientCore, Offload, Send, Steps
+from kmipd.client._core import ClientCore, Offload, Run, Send, Steps
 from kmipd.client._errors import (
     DeadlineExceededError,
     KmipdError,
@@ -314,25 +315,17 @@ class AsyncClient(ClientCore, pool_size=2):
         return method
 
     async def _drive(self, steps: Steps[R]) -> R:
-        """Run steps: each Send through ``_run``, each Offload on a worker thread;
+        """Run steps: each Send through ``_send``, each Offload on a worker thread;
         failures (cancellation too) go back in."""
-        steps = self._guarded(steps)
-        answer: Any = None
-        failure: BaseException | None = None
-        try:
-            while True:
-                effect = steps.send(answer) if failure is None else steps.throw(failure)
-                failure = None
-                try:
-                    if isinstance(effect, Offload):
-                        answer = await trio.to_thread.run_sync(effect.work)
-                    else:
-                        answer = await self._send(effect)
-                except BaseException as exc:
-                    failure = exc
-        except StopIteration as stop:
-            result: R = stop.value
-            return result
+        run = Run(self._guarded(steps))
+        while run.effect is not None:
+            run.resume(await outcome.acapture(self._perform, run.effect))
+        return run.result
+
+    async def _perform(self, effect: Send | Offload) -> Any:
+        if isinstance(effect, Offload):
+            return await trio.to_thread.run_sync(effect.work)
+        return await self._send(effect)
 
     async def _send(self, send: Send) -> list[tuple[Any, str, int]]:
         """One answer per request; several go concurrently, each failing over on its own."""

@@ -6,7 +6,9 @@ answer (or an ``Offload`` for blocking work on a stream); the shell does
 that I/O and sends the answers back in, or throws the failure in, so the
 operation's own ``try``/``except`` decides (the stale-cache fallback, for
 one). What comes back is checked here: errors mapped to exceptions, sealed
-keys opened, keys kept in protected memory and the cache. ``Client``
+keys opened, keys kept in protected memory and the cache (emptied when the
+daemon refuses this client's certificate). ``Run`` is the drive loop both
+shells share: they only perform each effect. ``Client``
 (``_sync``) and ``AsyncClient`` (``_async``) only connect, pool, pipeline
 and fail over, each with its own I/O: ``@operation`` turns the steps into a
 blocking method on one and an ``async`` method on the other.
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import attrs
+import outcome
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -129,6 +132,28 @@ class Offload:
 
 #: What an operation is: a generator of effects that returns the operation's result.
 Steps = Generator[Send | Offload, Any, R]
+
+
+class Run(Generic[R]):
+    """Steps being driven: the shell performs ``effect`` and hands back its outcome.
+
+    The one drive loop both shells share (``while run.effect: run.resume(...)``,
+    the outcome captured by blocking or by awaiting); a failure is thrown
+    back in at the step's ``yield``, cancellation too.
+    """
+
+    def __init__(self, steps: Steps[R]) -> None:
+        self._steps = steps
+        self.effect: Send | Offload | None = None
+        self.result: R
+        self.resume(outcome.Value(None))
+
+    def resume(self, answer: outcome.Outcome[Any]) -> None:
+        try:
+            self.effect = answer.send(self._steps)
+        except StopIteration as stop:
+            self.effect = None
+            self.result = stop.value
 
 
 class operation(Generic[P, R]):  # noqa: N801 (used as a decorator, like property)

@@ -21,8 +21,10 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+import outcome
+
 from kmipd.client._common import ConnectionInfo, Endpoint, responses, unwrap_outcome
-from kmipd.client._core import ClientCore, Offload, Steps, operation
+from kmipd.client._core import ClientCore, Offload, Run, Send, Steps, operation
 from kmipd.client._errors import (
     CertificateRejectedError,
     DeadlineExceededError,
@@ -296,23 +298,15 @@ class Client(ClientCore, pool_size=4):
 
     def _drive(self, steps: Steps[R]) -> R:
         """Run steps: each Send through ``_run``, each Offload here; failures go back in."""
-        steps = self._guarded(steps)
-        answer: Any = None
-        failure: BaseException | None = None
-        try:
-            while True:
-                effect = steps.send(answer) if failure is None else steps.throw(failure)
-                failure = None
-                try:
-                    if isinstance(effect, Offload):
-                        answer = effect.work()
-                    else:
-                        answer = self._run(effect.requests, inspect=effect.inspect)
-                except BaseException as exc:
-                    failure = exc
-        except StopIteration as stop:
-            result: R = stop.value
-            return result
+        run = Run(self._guarded(steps))
+        while run.effect is not None:
+            run.resume(outcome.capture(self._perform, run.effect))
+        return run.result
+
+    def _perform(self, effect: Send | Offload) -> Any:
+        if isinstance(effect, Offload):
+            return effect.work()
+        return self._run(effect.requests, inspect=effect.inspect)
 
     def _run(
         self, requests: Sequence[Any], *, inspect: Callable[[_Connection], None] | None = None
