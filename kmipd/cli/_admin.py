@@ -86,6 +86,7 @@ def _backup(args: argparse.Namespace) -> int:
     )
     print(
         f"backup written: {summary.path} (store {summary.store_id}: {summary.deks} DEK(s), "
+        f"{summary.secret_versions} secret version(s), "
         f"{summary.kek_versions} KEK version(s){keyring})"
     )
     print("the master key is not in it: it must be backed up separately")
@@ -96,6 +97,7 @@ def _restore(args: argparse.Namespace) -> int:
     summary = restore_backup(load_config(args.config), args.archive, force=args.force)
     print(
         f"restored store {summary.store_id}: {summary.deks} DEK(s), "
+        f"{summary.secret_versions} secret version(s), "
         f"{summary.kek_versions} KEK version(s)"
     )
     for path in summary.moved_aside:

@@ -7,6 +7,9 @@ wire error codes. Keys come back in protected memory (``Dek``, ``DataKey``:
 locked, never dumped, zeroed when closed), optionally through a ``DekCache``.
 With a ``TransportKey`` they ask for every key sealed to it (HPKE) and open
 it themselves, and they seal and open files for one another (``seal``/``open``).
+
+Every operation is written once, in the sans-IO core (``_core``); ``_sync``
+and ``_async`` are the I/O shells that run it.
 """
 
 from kmipd.client._async import AsyncClient
@@ -43,6 +46,11 @@ from kmipd.client._errors import (
     RemoteError,
     SealedDeliveryRequiredError,
     SealedKeyError,
+    SecretDeletedError,
+    SecretDisabledError,
+    SecretExpiredError,
+    SecretNotYetValidError,
+    SecretTooLargeError,
     ServerCertificateError,
     ServerTimeoutError,
     ShuttingDownError,
@@ -52,6 +60,7 @@ from kmipd.client._errors import (
     TransportCertificateRejectedError,
     UnavailableError,
     UnknownOperationError,
+    UnknownSecretVersionError,
     UnsupportedVersionError,
     UsageNotPermittedError,
     WrongStateError,
@@ -105,6 +114,11 @@ __all__ = [
     "RemoteError",
     "SealedDeliveryRequiredError",
     "SealedKeyError",
+    "SecretDeletedError",
+    "SecretDisabledError",
+    "SecretExpiredError",
+    "SecretNotYetValidError",
+    "SecretTooLargeError",
     "ServerCertificateError",
     "ServerTimeoutError",
     "ShuttingDownError",
@@ -118,6 +132,7 @@ __all__ = [
     "TransportKey",
     "UnavailableError",
     "UnknownOperationError",
+    "UnknownSecretVersionError",
     "UnsupportedVersionError",
     "UsageNotPermittedError",
     "WrongStateError",

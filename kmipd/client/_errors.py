@@ -186,6 +186,30 @@ class StoreOutcomeUnknownError(RemoteError):
     code = ErrorCode.STORE_OUTCOME_UNKNOWN
 
 
+class SecretDisabledError(RemoteError):
+    code = ErrorCode.SECRET_DISABLED
+
+
+class SecretExpiredError(RemoteError):
+    code = ErrorCode.SECRET_EXPIRED
+
+
+class SecretNotYetValidError(RemoteError):
+    code = ErrorCode.SECRET_NOT_YET_VALID
+
+
+class SecretTooLargeError(RemoteError):
+    code = ErrorCode.SECRET_TOO_LARGE
+
+
+class UnknownSecretVersionError(RemoteError):
+    code = ErrorCode.UNKNOWN_SECRET_VERSION
+
+
+class SecretDeletedError(RemoteError):
+    code = ErrorCode.SECRET_DELETED
+
+
 class SealedKeyError(KmipdError):
     """A sealed key from the daemon did not open with this client's transport key.
 

@@ -93,6 +93,7 @@ async def run_daemon(
             audit=audit,
             transport_trust=tls.transport_trust,
             require_sealed=config.require_sealed,
+            secret_max_size=config.secret_max_size,
         )
         server = KmipServer(service, tls, config.limits, metrics=metrics, kmip=config.kmip)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)

@@ -6,7 +6,7 @@ A backup is one tar archive (mode 0600) with:
   of each other member (a damaged archive is refused before anything is
   written);
 * ``store.sqlite``: a consistent snapshot of the key store, taken online
-  (wrapped DEKs and KEK metadata only);
+  (wrapped DEKs, wrapped secret values and KEK metadata only);
 * ``keyring.cbor`` (software HSM backend): the KEKs, each sealed under the
   master key, copied after the store snapshot, so every KEK the snapshot
   refers to is in it.
@@ -79,6 +79,7 @@ class BackupSummary:
     kek_versions: int
     #: KEKs in the keyring copy; None when the HSM backend keeps its own keys.
     keyring_keks: int | None
+    secret_versions: int = 0
 
 
 @attrs.frozen
@@ -88,6 +89,7 @@ class RestoreSummary:
     kek_versions: int
     #: Where the replaced store and keyring were moved (kept, not deleted).
     moved_aside: list[Path]
+    secret_versions: int = 0
 
 
 # -- backup --------------------------------------------------------------------------------
@@ -122,7 +124,12 @@ def create_backup(config: Config, output: Path, *, force: bool = False) -> Backu
         manifest = _manifest(config, snapshot, members)
         _write_archive(output, manifest, members)
     return BackupSummary(
-        output, snapshot.store_id, snapshot.deks, snapshot.kek_versions, keyring_keks
+        output,
+        snapshot.store_id,
+        snapshot.deks,
+        snapshot.kek_versions,
+        keyring_keks,
+        snapshot.secret_versions,
     )
 
 
@@ -140,6 +147,7 @@ def _manifest(config: Config, snapshot: StoreSnapshot, members: dict[str, Path])
         "hsm_backend": config.hsm_backend,
         "deks": snapshot.deks,
         "kek_versions": snapshot.kek_versions,
+        "secret_versions": snapshot.secret_versions,
         "files": {
             name: {"sha256": _sha256(path), "size": path.stat().st_size}
             for name, path in members.items()
@@ -213,7 +221,9 @@ def restore_backup(config: Config, archive: Path, *, force: bool = False) -> Res
                     moved.append(aside)
                 write_private_file(keyring_path, keyring)
                 _own_like_directory(keyring_path)
-    return RestoreSummary(snapshot.store_id, snapshot.deks, snapshot.kek_versions, moved)
+    return RestoreSummary(
+        snapshot.store_id, snapshot.deks, snapshot.kek_versions, moved, snapshot.secret_versions
+    )
 
 
 def _extract(archive: Path, work: Path) -> dict[str, Any]:

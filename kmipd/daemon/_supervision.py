@@ -36,7 +36,16 @@ log = logging.getLogger("kmipd.daemon")
 
 #: Config fields a reload applies; any other change waits for a restart.
 RELOADED_FIELDS = frozenset(
-    {"source", "tls", "policy", "lifecycle", "limits", "log_level", "require_sealed"}
+    {
+        "source",
+        "tls",
+        "policy",
+        "lifecycle",
+        "limits",
+        "log_level",
+        "require_sealed",
+        "secret_max_size",
+    }
 )
 
 #: Config field -> the key an operator edits, for "needs a restart" messages.
@@ -224,6 +233,7 @@ class Supervisor:
         self.server.service.policy = new.policy
         self.server.service.lifecycle = new.lifecycle
         self.server.service.require_sealed = new.require_sealed
+        self.server.service.secret_max_size = new.secret_max_size
         set_level(new.log_level)
         self.config = new
         pending = restart_only_changes(old, new)

@@ -69,6 +69,11 @@ def _frame_size(value: int) -> str | None:
     return f"must be 16..{ABSOLUTE_MAX_FRAME_SIZE}"
 
 
+def _secret_size(value: int) -> str | None:
+    # The wire's own limit on a value (kmipd.protocol SECRET_VALUE).
+    return None if 1 <= value <= 16 * 1024 * 1024 else "must be 1..16777216 (16 MiB)"
+
+
 def _addresses(value: list[Any]) -> str | None:
     if not value:
         return "needs at least one address"
@@ -150,7 +155,8 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "server": {
         "listen": Option(list, ["127.0.0.1:5696"], "addresses to listen on, HOST:PORT", _addresses),
         "name": Option(str, "kmipd", "server name reported by hello and status"),
-        "max_frame_size": Option(int, 65536, "largest frame accepted, bytes", _frame_size),
+        # 72 KiB: a secret of the default secrets.max_size (64 KiB) and its envelope fit.
+        "max_frame_size": Option(int, 73728, "largest frame accepted, bytes", _frame_size),
         "max_in_flight": Option(int, 64, "unanswered requests per connection", _at_least_one),
         "max_connections": Option(int, 1024, "concurrent client connections", _at_least_one),
         "max_handshaking": Option(
@@ -268,6 +274,9 @@ SCHEMA: dict[str, dict[str, Option]] = {
             "namespaces (globs) whose keys leave the daemon only sealed (HPKE)",
             _namespace_globs,
         ),
+    },
+    "secrets": {
+        "max_size": Option(int, 64 * 1024, "largest secret value accepted, bytes", _secret_size),
     },
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
@@ -414,6 +423,8 @@ class Config:
     store_backend: str = "sqlite"
     #: The postgresql backend's settings (None with SQLite).
     postgres: PostgresSettings | None = None
+    #: secrets.max_size: the largest secret value set-secret accepts.
+    secret_max_size: int = 64 * 1024
 
     def sqlite_path(self) -> Path:
         """The SQLite store's file; only for that backend."""
@@ -584,6 +595,7 @@ def parse_config(
         require_sealed=tuple(v("transport", "require_sealed")),
         store_backend=v("store", "backend"),
         postgres=_postgres_settings(values),
+        secret_max_size=v("secrets", "max_size"),
     )
 
 

@@ -494,6 +494,162 @@ class ChangesResult:
     reset: bool | None = wire(Bool(), default=None)
 
 
+# -- secrets -----------------------------------------------------------------
+#
+# A secret is a named value kept in a namespace (wrapped under its KEK):
+# setting it adds a version; a read gets the newest enabled version, or a
+# named one. Values appear only in set-secret requests and secret-value
+# results, both redacted in reprs.
+
+SECRET_NAME = Text(max_length=256, pattern=NAMESPACE_PATTERN, description="secret name")
+#: The wire limit; the daemon's own limit is secrets.max_size (default 64 KiB).
+SECRET_VALUE = Bytes(max_length=16 * 1024 * 1024)
+CONTENT_TYPE = Text(max_length=128, min_length=0)
+TAGS = TextMap(max_entries=32, key=Text(max_length=128), value=Text(max_length=256, min_length=0))
+
+
+@attrs.frozen
+class SetSecret:
+    OPERATION: ClassVar[str] = "set-secret"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+    value: bytes = wire(SECRET_VALUE, repr=redacted)
+    content_type: str | None = wire(CONTENT_TYPE, default=None)
+    tags: dict[str, str] | None = wire(TAGS, default=None)
+    enabled: bool | None = wire(Bool(), default=None)
+    not_before: int | None = wire(TIMESTAMP, default=None)
+    expires: int | None = wire(TIMESTAMP, default=None)
+
+
+@attrs.frozen
+class GetSecret:
+    OPERATION: ClassVar[str] = "get-secret"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+    #: Without it, the newest enabled version.
+    version: int | None = wire(VERSION, default=None)
+
+
+@attrs.frozen
+class SecretInfo:
+    """One version's metadata: never its value."""
+
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+    version: int = wire(VERSION)
+    kek_version: int = wire(VERSION)
+    size: int = wire(UInt())
+    content_type: str = wire(CONTENT_TYPE)
+    tags: dict[str, str] = wire(TAGS)
+    enabled: bool = wire(Bool())
+    created: int = wire(TIMESTAMP)
+    updated: int = wire(TIMESTAMP)
+    not_before: int | None = wire(TIMESTAMP, default=None)
+    expires: int | None = wire(TIMESTAMP, default=None)
+
+
+@attrs.frozen
+class SecretValue:
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+    version: int = wire(VERSION)
+    content_type: str = wire(CONTENT_TYPE)
+    tags: dict[str, str] = wire(TAGS)
+    value: bytes = wire(SECRET_VALUE, repr=redacted)
+    not_before: int | None = wire(TIMESTAMP, default=None)
+    expires: int | None = wire(TIMESTAMP, default=None)
+
+
+@attrs.frozen
+class SecretSummary:
+    """A secret as list-secrets shows it: its newest version's metadata, no value."""
+
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+    versions: int = wire(UInt())
+    created: int = wire(TIMESTAMP)
+    latest: SecretInfo | None = wire(Struct(SecretInfo), default=None)
+    deleted: int | None = wire(TIMESTAMP, default=None)
+    purge_at: int | None = wire(TIMESTAMP, default=None)
+
+
+@attrs.frozen
+class ListSecrets:
+    OPERATION: ClassVar[str] = "list-secrets"
+    #: A namespace name or glob (``*`` matches across ``/``); only permitted ones are listed.
+    namespace: str | None = wire(Text(max_length=128), default=None)
+    #: True: only deleted secrets; false or absent: only live ones.
+    deleted: bool | None = wire(Bool(), default=None)
+    #: Resume after this (namespace, name): the ``next`` of the previous page.
+    after: tuple[str, ...] | None = wire(
+        ListOf(Text(max_length=256), min_items=2, max_items=2), default=None
+    )
+    limit: int | None = wire(UInt(minimum=1, maximum=1000), default=None)
+
+
+@attrs.frozen
+class ListSecretsResult:
+    secrets: tuple[SecretSummary, ...] = wire(ListOf(Struct(SecretSummary), max_items=1000))
+    next: tuple[str, ...] | None = wire(
+        ListOf(Text(max_length=256), min_items=2, max_items=2), default=None
+    )
+
+
+@attrs.frozen
+class SecretVersions:
+    OPERATION: ClassVar[str] = "secret-versions"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+
+
+@attrs.frozen
+class SecretVersionsResult:
+    versions: tuple[SecretInfo, ...] = wire(ListOf(Struct(SecretInfo), max_items=100_000))
+
+
+@attrs.frozen
+class UpdateSecret:
+    """Change a version's attributes (the newest unless ``version``); absent ones stay.
+
+    A not-before or expires of 0 clears that date.
+    """
+
+    OPERATION: ClassVar[str] = "update-secret"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+    version: int | None = wire(VERSION, default=None)
+    enabled: bool | None = wire(Bool(), default=None)
+    not_before: int | None = wire(TIMESTAMP, default=None)
+    expires: int | None = wire(TIMESTAMP, default=None)
+    tags: dict[str, str] | None = wire(TAGS, default=None)
+    content_type: str | None = wire(CONTENT_TYPE, default=None)
+
+
+@attrs.frozen
+class DeleteSecret:
+    """Soft delete: recoverable until the purge date (lifecycle.soft_delete_days)."""
+
+    OPERATION: ClassVar[str] = "delete-secret"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+
+
+@attrs.frozen
+class RecoverSecret:
+    OPERATION: ClassVar[str] = "recover-secret"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+
+
+@attrs.frozen
+class PurgeSecret:
+    """Erase a deleted secret's every version now, beyond recovery."""
+
+    OPERATION: ClassVar[str] = "purge-secret"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SECRET_NAME)
+
+
 # -- the operation table -----------------------------------------------------
 
 
@@ -538,6 +694,14 @@ OPERATIONS: dict[str, Operation] = {
             "register-transport-cert", RegisterTransportCert, TransportCertInfo, idempotent=True
         ),
         Operation("get-transport-cert", GetTransportCert, TransportCertInfo, idempotent=True),
+        Operation("set-secret", SetSecret, SecretInfo, idempotent=False),
+        Operation("get-secret", GetSecret, SecretValue, idempotent=True),
+        Operation("list-secrets", ListSecrets, ListSecretsResult, idempotent=True),
+        Operation("secret-versions", SecretVersions, SecretVersionsResult, idempotent=True),
+        Operation("update-secret", UpdateSecret, SecretInfo, idempotent=True),
+        Operation("delete-secret", DeleteSecret, SecretSummary, idempotent=True),
+        Operation("recover-secret", RecoverSecret, SecretSummary, idempotent=True),
+        Operation("purge-secret", PurgeSecret, SecretSummary, idempotent=True),
     )
 }
 

@@ -5,6 +5,23 @@ as Activate, Revoke and Destroy, or the object requests of
 kmipd.service._objects), so authorization, the store, the HSM and the audit
 trail are the native protocol's, with ``protocol: kmip`` in each record.
 
+Secrets (kmipd.service._secrets) are KMIP Secret Data: a Register of Secret
+Data WITH a Name sets a secret of that name (a new version if it exists) in
+the Object Group's namespace; Locate (by Name, Object Type, Object Group,
+State) finds each secret's current version (newest enabled: KMIP's Name goes
+to the newest, as on Re-key), whose Unique Identifier is
+``secret:NAMESPACE:NAME:VERSION``; Get, Get Attributes, Get Attribute List,
+Activate (enable), Revoke (disable) and Destroy (soft delete of the whole
+secret, recoverable as over the native protocol) take such an id; the
+attribute operations, Re-key and Encrypt/Decrypt refuse it (a secret's
+attributes change with update-secret). A Secret Data WITHOUT a Name
+(libmongocrypt registers its data keys so) has no name to be a secret under:
+it stays an anonymous KMIP object, a wrapped row addressed by its id only,
+like a registered key, and never shows among the secrets. So does one whose
+Name no secret can have (secret names are letters, digits, ``. _ - /``;
+PyKMIP's default Name "Secret Data" holds a space) or with several Names: it
+keeps its Names as KMIP attributes, and Locate finds it by them.
+
 Namespaces: a Create or Register puts its object in the namespace named by
 its Object Group attribute, or, without one, in ``kmip.default_namespace``;
 the grants of that namespace decide, as for create-dek. Any other operation
@@ -51,7 +68,22 @@ from kmipd.kmip import (
     version_item,
 )
 from kmipd.lifecycle import RevocationReason, State
-from kmipd.protocol import NAMESPACE_PATTERN, Activate, Destroy, ErrorCode, KeyRef, Revoke
+from kmipd.protocol import (
+    NAMESPACE_PATTERN,
+    Activate,
+    DeleteSecret,
+    Destroy,
+    ErrorCode,
+    GetSecret,
+    KeyRef,
+    Revoke,
+    SecretInfo,
+    SecretValue,
+    SecretVersions,
+    SecretVersionsResult,
+    SetSecret,
+    UpdateSecret,
+)
 from kmipd.service._core import Caller, ServiceError
 from kmipd.service._objects import (
     CreateObject,
@@ -68,6 +100,12 @@ from kmipd.service._objects import (
     PutObject,
     RegisterObject,
     kmip_state,
+)
+from kmipd.service._secrets import (
+    LocatedSecrets,
+    LocateSecrets,
+    parse_secret_uid,
+    secret_uid,
 )
 from kmipd.service._service import KeyService
 from kmipd.store import ObjectRecord
@@ -122,7 +160,15 @@ _REASONS: Final = {
     ErrorCode.KEY_COMPROMISED: ResultReason.PERMISSION_DENIED,
     ErrorCode.KEY_DESTROYED: ResultReason.ITEM_NOT_FOUND,
     ErrorCode.DESTROY_PENDING: ResultReason.ITEM_NOT_FOUND,
+    ErrorCode.SECRET_DISABLED: ResultReason.PERMISSION_DENIED,
+    ErrorCode.SECRET_EXPIRED: ResultReason.PERMISSION_DENIED,
+    ErrorCode.SECRET_NOT_YET_VALID: ResultReason.PERMISSION_DENIED,
+    ErrorCode.SECRET_TOO_LARGE: ResultReason.INVALID_FIELD,
+    ErrorCode.UNKNOWN_SECRET_VERSION: ResultReason.ITEM_NOT_FOUND,
+    ErrorCode.SECRET_DELETED: ResultReason.ITEM_NOT_FOUND,
 }
+#: The tag a registered Secret Data's type is kept under, when it is not Password.
+_SECRET_DATA_TYPE_TAG: Final = "kmip-secret-data-type"  # noqa: S105 - a tag name
 #: Result Reason -> the error code the metrics count it under.
 _METRIC_CODES: Final = {
     ResultReason.ITEM_NOT_FOUND: ErrorCode.NOT_FOUND,
@@ -212,6 +258,44 @@ def _uid(payload: Item, placeholder: str | None) -> str:
         raise _fail(ResultReason.INVALID_FIELD, "Unique Identifier must be a text string")
     assert isinstance(item.value, str)
     return item.value
+
+
+def _key_uid(payload: Item, placeholder: str | None, operation: str) -> str:
+    """The id of an operation that secrets do not take (it refuses a secret's id)."""
+    uid = _uid(payload, placeholder)
+    if parse_secret_uid(uid) is not None:
+        raise _fail(
+            ResultReason.ILLEGAL_OPERATION,
+            f"{uid} is a secret: {operation} is not served for secrets "
+            "(their attributes change with update-secret, e.g. kmipd secret update)",
+        )
+    return uid
+
+
+def _secret_name(names: tuple[str, ...]) -> str | None:
+    """The secret a registered Secret Data becomes: its one Name, if that is a secret name.
+
+    Without a Name (libmongocrypt), with several, or with one no secret can have
+    (PyKMIP's default "Secret Data" holds a space), it stays an anonymous object.
+    """
+    if len(names) != 1 or len(names[0]) > 256 or not NAMESPACE_PATTERN.fullmatch(names[0]):
+        return None
+    return names[0]
+
+
+def _secret_of(uid: str) -> tuple[str, str, int]:
+    parsed = parse_secret_uid(uid)
+    assert parsed is not None
+    return parsed
+
+
+def _secret_state(info: SecretInfo, now: float) -> int:
+    """A secret version's KMIP State: Active while it may be read, else why not."""
+    if info.not_before is not None and now < info.not_before:
+        return _STATES[State.PRE_ACTIVE.value]
+    if not info.enabled or (info.expires is not None and now >= info.expires):
+        return _STATES[State.DEACTIVATED.value]
+    return _STATES[State.ACTIVE.value]
 
 
 def _scalar(payload: Item, name: str, kind: ItemType) -> Any:
@@ -419,6 +503,8 @@ class KmipOperations:
         secret_type = None
         if kind == "secret-data":
             secret_type = _scalar(holder, "SecretDataType", ItemType.ENUMERATION)
+            if _secret_name(fields["names"]) is not None:
+                return await self._register_secret(batch, fields, material, secret_type)
         created: ObjectCreated = await self._call(
             batch,
             RegisterObject(
@@ -428,8 +514,31 @@ class KmipOperations:
         batch.placeholder = created.dek_id
         return structure("ResponsePayload", text("UniqueIdentifier", created.dek_id))
 
+    async def _register_secret(
+        self, batch: _Batch, fields: dict[str, Any], material: bytes, secret_type: int | None
+    ) -> Item:
+        """A named Secret Data: a new version of the secret of that name (see the module doc)."""
+        name = _secret_name(fields["names"])
+        assert name is not None
+        tags = {}
+        if secret_type not in (None, ENUMS["SecretDataType"]["Password"]):
+            tags[_SECRET_DATA_TYPE_TAG] = str(secret_type)
+        info: SecretInfo = await self._call(
+            batch,
+            SetSecret(
+                namespace=fields["namespace"],
+                name=name,
+                value=material,
+                tags=tags,
+                not_before=fields.get("activation"),
+            ),
+        )
+        uid = secret_uid(info.namespace, info.name, info.version)
+        batch.placeholder = uid
+        return structure("ResponsePayload", text("UniqueIdentifier", uid))
+
     async def _rekey(self, batch: _Batch, payload: Item) -> Item:
-        uid = _uid(payload, batch.placeholder)
+        uid = _key_uid(payload, batch.placeholder, "Re-key")
         view: ObjectView = await self._call(batch, ObjectInfo(uid))
         old = view.kmip
         if old.object_type != "symmetric-key":
@@ -464,6 +573,8 @@ class KmipOperations:
         if payload.find("KeyWrappingSpecification") is not None:
             raise _fail(ResultReason.FEATURE_NOT_SUPPORTED, "key wrapping on Get is not supported")
         wanted = _scalar(payload, "KeyFormatType", ItemType.ENUMERATION)
+        if parse_secret_uid(uid) is not None:
+            return await self._get_secret(batch, uid, wanted)
         got: ObjectMaterial = await self._call(batch, GetObject(uid))
         kmip = got.kmip
         if kmip.object_type == "secret-data":
@@ -509,7 +620,68 @@ class KmipOperations:
             obj,
         )
 
+    async def _get_secret(self, batch: _Batch, uid: str, wanted: int | None) -> Item:
+        if wanted not in (None, _KEY_FORMAT["Opaque"], _KEY_FORMAT["Raw"]):
+            raise _fail(ResultReason.KEY_FORMAT_TYPE_NOT_SUPPORTED, "Secret Data is Opaque")
+        namespace, name, version = _secret_of(uid)
+        got: SecretValue = await self._call(
+            batch, GetSecret(namespace=namespace, name=name, version=version)
+        )
+        secret_type = got.tags.get(_SECRET_DATA_TYPE_TAG, "")
+        password = ENUMS["SecretDataType"]["Password"]
+        return structure(
+            "ResponsePayload",
+            enumeration("ObjectType", _OBJECT_TYPES["secret-data"]),
+            text("UniqueIdentifier", uid),
+            structure(
+                "SecretData",
+                enumeration(
+                    "SecretDataType",
+                    int(secret_type) if secret_type.isdigit() else password,
+                ),
+                structure(
+                    "KeyBlock",
+                    enumeration("KeyFormatType", wanted or _KEY_FORMAT["Opaque"]),
+                    structure("KeyValue", byte_string("KeyMaterial", got.value)),
+                ),
+            ),
+        )
+
     # -- attributes -----------------------------------------------------------------
+
+    async def _secret_attributes(self, batch: _Batch, uid: str) -> list[tuple[str, Any]]:
+        namespace, name, number = _secret_of(uid)
+        listed: SecretVersionsResult = await self._call(
+            batch, SecretVersions(namespace=namespace, name=name)
+        )
+        info = next((v for v in listed.versions if v.version == number), None)
+        if info is None:
+            raise _fail(ResultReason.ITEM_NOT_FOUND, f"secret {name!r} has no version {number}")
+        current = [v for v in listed.versions if v.enabled]
+        found: list[tuple[str, Any]] = [
+            ("Unique Identifier", uid),
+            ("Object Type", _OBJECT_TYPES["secret-data"]),
+        ]
+        if current and current[-1].version == number:
+            found.append(("Name", (name, 1)))  # the Name is the current version's
+        found += [
+            ("Cryptographic Usage Mask", 0),
+            ("Object Group", namespace),
+            ("State", _secret_state(info, self.service._clock())),
+            ("Initial Date", info.created),
+            ("Last Change Date", info.updated),
+        ]
+        if info.not_before is not None:
+            found.append(("Activation Date", info.not_before))
+        if info.expires is not None:
+            found.append(("Deactivation Date", info.expires))
+        return found
+
+    async def _attributes_of(self, batch: _Batch, uid: str) -> list[tuple[str, Any]]:
+        if parse_secret_uid(uid) is not None:
+            return await self._secret_attributes(batch, uid)
+        view: ObjectView = await self._call(batch, ObjectInfo(uid))
+        return self._all_attributes(view)
 
     def _all_attributes(self, view: ObjectView) -> list[tuple[str, Any]]:
         record, kmip = view.record, view.kmip
@@ -571,8 +743,7 @@ class KmipOperations:
             attribute_reference_name(item, batch.version)
             for item in payload.find_all("AttributeName") + payload.find_all("AttributeReference")
         ]
-        view: ObjectView = await self._call(batch, ObjectInfo(uid))
-        attributes = self._all_attributes(view)
+        attributes = await self._attributes_of(batch, uid)
         if wanted:
             attributes = [(n, v) for n, v in attributes if n in wanted]
         return structure(
@@ -583,8 +754,7 @@ class KmipOperations:
 
     async def _get_attribute_list(self, batch: _Batch, payload: Item) -> Item:
         uid = _uid(payload, batch.placeholder)
-        view: ObjectView = await self._call(batch, ObjectInfo(uid))
-        names = list(dict.fromkeys(name for name, _ in self._all_attributes(view)))
+        names = list(dict.fromkeys(name for name, _ in await self._attributes_of(batch, uid)))
         if batch.version >= (2, 0):
             refs = [
                 enumeration("AttributeReference", TAGS[name.replace(" ", "")])
@@ -604,7 +774,7 @@ class KmipOperations:
         payload: Item,
         change: Callable[[ObjectRecord, ObjectView], tuple[ObjectRecord, Attribute | None]],
     ) -> Item:
-        uid = _uid(payload, batch.placeholder)
+        uid = _key_uid(payload, batch.placeholder, "changing attributes")
         view: ObjectView = await self._call(batch, ObjectInfo(uid))
         updated, shown = change(view.kmip, view)
         await self._call(batch, PutObject(updated, view.kmip.last_change))
@@ -737,21 +907,70 @@ class KmipOperations:
         offset = _scalar(payload, "OffsetItems", ItemType.INTEGER) or 0
         if (maximum is not None and maximum < 0) or offset < 0:
             raise _fail(ResultReason.INVALID_FIELD, "Maximum Items and Offset Items are >= 0")
-        located: LocatedObjects = await self._call(
-            batch, LocateObjects(maximum=maximum, offset=offset, **filters)
-        )
-        if located.dek_ids:
-            batch.placeholder = located.dek_ids[0]
+        ids, total = await self._located(batch, filters, maximum, offset)
+        if ids:
+            batch.placeholder = ids[0]
         out: list[Item] = []
         if batch.version >= (1, 3):
-            out.append(integer("LocatedItems", located.total))
-        out += [text("UniqueIdentifier", dek_id) for dek_id in located.dek_ids]
+            out.append(integer("LocatedItems", total))
+        out += [text("UniqueIdentifier", uid) for uid in ids]
         return structure("ResponsePayload", *out)
+
+    async def _located(
+        self, batch: _Batch, filters: dict[str, Any], maximum: int | None, offset: int
+    ) -> tuple[list[str], int]:
+        if not self._may_be_secret(filters):
+            located: LocatedObjects = await self._call(
+                batch, LocateObjects(maximum=maximum, offset=offset, **filters)
+            )
+            return list(located.dek_ids), located.total
+        # Keys and anonymous objects first, then the secrets; one window over both.
+        located = await self._call(batch, LocateObjects(**filters))
+        ids = [*located.dek_ids, *await self._locate_secrets(batch, filters)]
+        window = ids[offset:] if maximum is None else ids[offset : offset + maximum]
+        return window, len(ids)
+
+    @staticmethod
+    def _may_be_secret(filters: dict[str, Any]) -> bool:
+        """Whether a secret can match: secrets have no algorithm and no length."""
+        return (
+            filters.get("object_type") in (None, "secret-data")
+            and "algorithm" not in filters
+            and "length" not in filters
+        )
+
+    async def _locate_secrets(self, batch: _Batch, filters: dict[str, Any]) -> list[str]:
+        name, group = filters.get("name"), filters.get("object_group")
+        if (name is not None and not NAMESPACE_PATTERN.fullmatch(name)) or (
+            group is not None and not NAMESPACE_PATTERN.fullmatch(group)
+        ):
+            return []  # no secret can have it
+        found: LocatedSecrets = await self._call(
+            # A namespace name holds no GLOB syntax: as a pattern it matches only itself.
+            batch,
+            LocateSecrets(name=name, namespace=group),
+        )
+        state = filters.get("state")
+        now = self.service._clock()
+        return [
+            secret_uid(info.namespace, info.name, info.version)
+            for info in found.versions
+            if state is None or _STATES.get(state) == _secret_state(info, now)
+        ]
 
     # -- lifecycle --------------------------------------------------------------------
 
+    async def _enable_secret(self, batch: _Batch, uid: str, enabled: bool) -> Item:
+        namespace, name, version = _secret_of(uid)
+        await self._call(
+            batch, UpdateSecret(namespace=namespace, name=name, version=version, enabled=enabled)
+        )
+        return structure("ResponsePayload", text("UniqueIdentifier", uid))
+
     async def _activate(self, batch: _Batch, payload: Item) -> Item:
         uid = _uid(payload, batch.placeholder)
+        if parse_secret_uid(uid) is not None:
+            return await self._enable_secret(batch, uid, True)
         await self._call(batch, Activate(key=KeyRef(dek_id=uid)))
         return structure("ResponsePayload", text("UniqueIdentifier", uid))
 
@@ -765,6 +984,8 @@ class KmipOperations:
         reason = _REVOCATION.get(code)
         if reason is None:
             raise _fail(ResultReason.INVALID_FIELD, "unknown Revocation Reason Code")
+        if parse_secret_uid(uid) is not None:
+            return await self._enable_secret(batch, uid, False)
         await self._call(
             batch,
             Revoke(
@@ -777,13 +998,17 @@ class KmipOperations:
 
     async def _destroy(self, batch: _Batch, payload: Item) -> Item:
         uid = _uid(payload, batch.placeholder)
+        parsed = parse_secret_uid(uid)
+        if parsed is not None:
+            await self._call(batch, DeleteSecret(namespace=parsed[0], name=parsed[1]))
+            return structure("ResponsePayload", text("UniqueIdentifier", uid))
         await self._call(batch, Destroy(key=KeyRef(dek_id=uid)))
         return structure("ResponsePayload", text("UniqueIdentifier", uid))
 
     # -- encrypt, decrypt ---------------------------------------------------------------
 
     def _crypt_request(self, batch: _Batch, payload: Item, cls: type[CryptObject]) -> CryptObject:
-        uid = _uid(payload, batch.placeholder)
+        uid = _key_uid(payload, batch.placeholder, "Encrypt/Decrypt")
         params_item = payload.find("CryptographicParameters")
         params = {} if params_item is None else parse_cryptographic_parameters(params_item)
         mode_number = params.get("BlockCipherMode", _GCM)

@@ -87,14 +87,9 @@ class LifecycleOperations(MaintenanceOperations):
     async def _destroy(self, call: _Call, request: Destroy) -> KeyAttributes:
         target = await self._resolve(call, "destroy", request.key)
         if isinstance(target, KekVersion) and not request.force:
-            count, ids = await self.store.dependents(target.kek, target.version, 5)
-            if count:
-                raise ServiceError(
-                    ErrorCode.DEPENDENTS_EXIST,
-                    f"{count} DEK(s) are wrapped only under {_kek_what(target)} "
-                    f"(e.g. {', '.join(ids)}); rewrap them first, or destroy with force "
-                    "to make them unrecoverable",
-                )
+            blockers = await self._destroy_blockers(target)
+            if blockers is not None:
+                raise ServiceError(ErrorCode.DEPENDENTS_EXIST, blockers)
         now = self._now()
         purge_at = now if request.purge_now else now + self.lifecycle.soft_delete_seconds
         call.detail = "purge now" if request.purge_now else f"purge at {purge_at}"
@@ -106,6 +101,20 @@ class LifecycleOperations(MaintenanceOperations):
             await self.purge_due()
             return await self._attributes_of(call, request.key)
         return attributes
+
+    async def _destroy_blockers(self, target: KekVersion) -> str | None:
+        """Why the KEK version may not be destroyed without force (None: it may).
+
+        Families whose objects a KEK version wraps (secrets) add theirs.
+        """
+        count, ids = await self.store.dependents(target.kek, target.version, 5)
+        if count:
+            return (
+                f"{count} DEK(s) are wrapped only under {_kek_what(target)} "
+                f"(e.g. {', '.join(ids)}); rewrap them first, or destroy with force "
+                "to make them unrecoverable"
+            )
+        return None
 
     @handles(Recover, changes_state=True)
     async def _recover(self, call: _Call, request: Recover) -> KeyAttributes:

@@ -48,16 +48,36 @@ ADMIN_OPERATIONS = frozenset(
         "recovery",
     }
 )
+#: Reading secret values and their metadata: what a database reads its replication
+#: password with. Separate from managing them, so "read secrets under db/*" and
+#: "manage secrets" are separate grants.
+SECRET_READ_OPERATIONS = frozenset({"get-secret", "list-secrets", "secret-versions"})
+#: Writing and administering secrets; reading their metadata, never their values.
+SECRET_MANAGE_OPERATIONS = frozenset(
+    {
+        "set-secret",
+        "update-secret",
+        "delete-secret",
+        "recover-secret",
+        "purge-secret",
+        "list-secrets",
+        "secret-versions",
+    }
+)
 #: Allowed to every authenticated client: they reveal nothing about keys or
 #: other clients (registration concerns only the caller's own certificate).
 UNRESTRICTED_OPERATIONS = frozenset({"hello", "status", "register-transport-cert"})
-GRANTABLE_OPERATIONS = DATA_OPERATIONS | ADMIN_OPERATIONS
+GRANTABLE_OPERATIONS = (
+    DATA_OPERATIONS | ADMIN_OPERATIONS | SECRET_READ_OPERATIONS | SECRET_MANAGE_OPERATIONS
+)
 
 #: Names usable in a grant's operations list beside single operation names.
 OPERATION_GROUPS = {
     "*": GRANTABLE_OPERATIONS,
     "data": DATA_OPERATIONS,
     "admin": ADMIN_OPERATIONS,
+    "secrets-read": SECRET_READ_OPERATIONS,
+    "secrets-manage": SECRET_MANAGE_OPERATIONS,
 }
 
 

@@ -14,15 +14,17 @@ from kmipd.service._lifecycle import LifecycleOperations
 from kmipd.service._maintenance import MaintenanceOperations
 from kmipd.service._objects import object_handlers
 from kmipd.service._rewrap import RewrapOperations
+from kmipd.service._secrets import SecretOperations
 from kmipd.service._transport import TransportOperations
 
 
 class KeyService(
+    SecretOperations,
     RewrapOperations,
-    LifecycleOperations,
-    MaintenanceOperations,
     DeliveryOperations,
     TransportOperations,
+    LifecycleOperations,
+    MaintenanceOperations,
     KekOperations,
 ):
     """The operations the daemon serves: ``handle`` / ``handle_now`` one request.

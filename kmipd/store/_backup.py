@@ -38,6 +38,8 @@ class StoreSnapshot:
     kek_versions: int
     #: HSM handles of KEK versions not destroyed: the HSM must still hold each.
     live_hsm_handles: frozenset[str]
+    #: Stored secret versions (wrapped values); 0 before the store had secrets.
+    secret_versions: int = 0
 
 
 def snapshot_store(store_path: Path, destination: Path) -> StoreSnapshot:
@@ -87,12 +89,24 @@ def inspect_snapshot(path: Path) -> StoreSnapshot:
         else:
             rows = db.execute(query).fetchall()
         (kek_versions,) = db.execute("SELECT count(*) FROM kek_versions").fetchone()
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        secret_versions = (
+            db.execute("SELECT count(*) FROM secret_versions").fetchone()[0]
+            if "secret_versions" in tables
+            else 0
+        )
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: not a kmipd store ({exc})") from None
     finally:
         db.close()
     return StoreSnapshot(
-        path, store_id, version, int(deks), int(kek_versions), frozenset(r[0] for r in rows)
+        path,
+        store_id,
+        version,
+        int(deks),
+        int(kek_versions),
+        frozenset(r[0] for r in rows),
+        int(secret_versions),
     )
 
 

@@ -70,6 +70,9 @@ from kmipd.store._sqlite import (
     KekVersion,
     ObjectRecord,
     RewrapJob,
+    SecretDeletedError,
+    SecretRecord,
+    SecretVersion,
     StoreError,
     TransportCertRecord,
 )
@@ -188,6 +191,41 @@ CREATE TABLE object_names (
 );
 CREATE INDEX object_names_by_dek ON object_names(dek_id);
 """,
+    # 6: secrets (see SQLite's migration 6). Names compare bytewise ("C"), as in
+    # SQLite, so list_secrets' (namespace, name) paging visits every row once.
+    """
+CREATE TABLE secrets (
+    namespace   TEXT COLLATE "C" NOT NULL REFERENCES keks(name),
+    name        TEXT COLLATE "C" NOT NULL,
+    created_at  BIGINT NOT NULL,
+    created_by  TEXT NOT NULL,
+    deleted_at  BIGINT,
+    purge_at    BIGINT,
+    PRIMARY KEY (namespace, name)
+);
+CREATE INDEX secrets_to_purge ON secrets(purge_at) WHERE purge_at IS NOT NULL;
+CREATE INDEX secrets_by_name ON secrets(name);
+CREATE TABLE secret_versions (
+    namespace    TEXT COLLATE "C" NOT NULL,
+    name         TEXT COLLATE "C" NOT NULL,
+    version      INTEGER NOT NULL,
+    kek_version  INTEGER NOT NULL,
+    wrapped      BYTEA NOT NULL,
+    size         INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    tags         TEXT NOT NULL DEFAULT '{}',
+    enabled      BOOLEAN NOT NULL DEFAULT true,
+    not_before   BIGINT,
+    expires      BIGINT,
+    created_at   BIGINT NOT NULL,
+    created_by   TEXT NOT NULL,
+    updated_at   BIGINT NOT NULL,
+    PRIMARY KEY (namespace, name, version),
+    FOREIGN KEY (namespace, name) REFERENCES secrets(namespace, name) ON DELETE CASCADE,
+    FOREIGN KEY (namespace, kek_version) REFERENCES kek_versions(kek, version)
+);
+CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_version);
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -197,6 +235,10 @@ MAINTENANCE_LOCK = 0x6B6D69706402
 #: NOTIFY channel; payloads "d:<dek id>", "k" (KEK metadata), "t" (transport certificates).
 CHANNEL = "kmipd_changes"
 
+_VALUE_VERSION_COLUMNS = (
+    "namespace, name, version, kek_version, wrapped, size, content_type, tags, enabled,"
+    " not_before, expires, created_at, created_by, updated_at"
+)
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 _DESTROYED = ("destroyed", "destroyed-compromised")
 #: Deadlocks and serialization failures are retried; each attempt is a fresh transaction.
@@ -1062,6 +1104,11 @@ class PostgresStore:
             )
             self._record_change(db, version.kek, None, version.version, lifecycle.state)
             self._notify(db, "k")
+            # Secret values under it could never be unwrapped again either.
+            db.execute(
+                "DELETE FROM secret_versions WHERE namespace = %s AND kek_version = %s",
+                (version.kek, version.version),
+            )
             orphans = db.execute(
                 "SELECT id, state, lifecycle, created_at FROM deks"
                 " WHERE namespace = %s AND kek_version = %s AND wrapped != ''::bytea"
@@ -1191,6 +1238,214 @@ class PostgresStore:
                 "SELECT count(*) FROM deks WHERE namespace = %s AND kek_version < %s"
                 " AND wrapped != ''::bytea",
                 (namespace, target),
+            ).fetchone() or (0,)
+            return int(count)
+
+        return await self._read(select_one)
+
+    # -- secrets ---------------------------------------------------------------------
+
+    async def add_secret_version(self, version: SecretVersion) -> SecretRecord:
+        """Add a version (creating the secret at version 1); as SQLite's.
+
+        The secret's row is locked first, so a set waits for a concurrent
+        delete, recover or purge of the same secret and then sees its outcome;
+        two sets taking one number meet on the primary key (AlreadyExistsError).
+        """
+
+        def insert(db: Db) -> SecretRecord:
+            db.execute(
+                "INSERT INTO secrets (namespace, name, created_at, created_by)"
+                " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (version.namespace, version.name, version.created_at, version.created_by),
+            )
+            row = db.execute(
+                "SELECT deleted_at FROM secrets WHERE namespace = %s AND name = %s FOR UPDATE",
+                (version.namespace, version.name),
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                raise SecretDeletedError(
+                    f"secret {version.name!r} in {version.namespace!r} is deleted"
+                )
+            try:
+                db.execute(
+                    f"INSERT INTO secret_versions ({_VALUE_VERSION_COLUMNS})"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    _secret_version_row(version),
+                )
+            except pg_errors.UniqueViolation:
+                raise AlreadyExistsError(
+                    f"secret {version.name!r} already has a version {version.version}"
+                ) from None
+            found = _load_secret(db, version.namespace, version.name)
+            assert found is not None
+            return found
+
+        return await self._write(insert)
+
+    async def get_secret(self, namespace: str, name: str) -> SecretRecord | None:
+        return await self._read(lambda db: _load_secret(db, namespace, name))
+
+    async def list_secrets(
+        self,
+        *,
+        namespace: str | None,
+        deleted: bool | None,
+        after: tuple[str, str],
+        limit: int,
+        name: str | None = None,
+    ) -> list[SecretRecord]:
+        """Secrets in (namespace, name) order after ``after``; namespace is a glob, name exact."""
+        where, args = ["(namespace, name) > (%s, %s)"], [after[0], after[1]]
+        if namespace is not None:
+            where.append("namespace ~ %s")
+            args.append(glob_to_regex(namespace))
+        if name is not None:
+            where.append("name = %s")
+            args.append(name)
+        if deleted is not None:
+            where.append("deleted_at IS NOT NULL" if deleted else "deleted_at IS NULL")
+
+        def select_all(db: Db) -> list[SecretRecord]:
+            keys = db.execute(
+                f"SELECT namespace, name FROM secrets WHERE {' AND '.join(where)}"
+                " ORDER BY namespace, name LIMIT %s",
+                (*args, limit),
+            ).fetchall()
+            found = [_load_secret(db, ns, key) for ns, key in keys]
+            return [record for record in found if record is not None]
+
+        return await self._read(select_all)
+
+    async def update_secret_version(self, version: SecretVersion) -> SecretRecord:
+        """Replace a version's attributes (never its value or wrapping)."""
+
+        def update(db: Db) -> SecretRecord:
+            cursor = db.execute(
+                "UPDATE secret_versions SET content_type = %s, tags = %s, enabled = %s,"
+                " not_before = %s, expires = %s, updated_at = %s"
+                " WHERE namespace = %s AND name = %s AND version = %s",
+                (
+                    version.content_type,
+                    json.dumps(version.tags, sort_keys=True),
+                    version.enabled,
+                    version.not_before,
+                    version.expires,
+                    version.updated_at,
+                    version.namespace,
+                    version.name,
+                    version.version,
+                ),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"secret {version.name!r} has no version {version.version}")
+            found = _load_secret(db, version.namespace, version.name)
+            assert found is not None
+            return found
+
+        return await self._write(update)
+
+    async def set_secret_deleted(
+        self, namespace: str, name: str, deleted_at: int | None, purge_at: int | None
+    ) -> bool:
+        """Soft-delete (both set) or recover (both None) a secret; False if it is gone."""
+
+        def update(db: Db) -> bool:
+            cursor = db.execute(
+                "UPDATE secrets SET deleted_at = %s, purge_at = %s"
+                " WHERE namespace = %s AND name = %s",
+                (deleted_at, purge_at, namespace, name),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(update)
+
+    async def purge_secret(self, namespace: str, name: str) -> int:
+        """Erase a secret and every version; how many versions went.
+
+        Under the secret's row lock, and only while it is still deleted: a
+        recover on another daemon after the caller read it wins
+        (StaleRecordError, nothing erased). The values are blanked before the
+        rows go; PostgreSQL keeps dead row versions until VACUUM (see checkpoint).
+        """
+
+        def erase(db: Db) -> int:
+            row = db.execute(
+                "SELECT deleted_at FROM secrets WHERE namespace = %s AND name = %s FOR UPDATE",
+                (namespace, name),
+            ).fetchone()
+            if row is None:
+                return 0
+            if row[0] is None:
+                raise StaleRecordError(f"secret {name!r} in {namespace!r} was recovered meanwhile")
+            db.execute(
+                "UPDATE secret_versions SET wrapped = ''::bytea WHERE namespace = %s AND name = %s",
+                (namespace, name),
+            )
+            count = db.execute(
+                "DELETE FROM secret_versions WHERE namespace = %s AND name = %s", (namespace, name)
+            ).rowcount
+            db.execute("DELETE FROM secrets WHERE namespace = %s AND name = %s", (namespace, name))
+            return int(count)
+
+        return await self._write(erase)
+
+    async def secrets_due_for_purge(self, now: int) -> list[tuple[str, str]]:
+        def select_all(db: Db) -> list[tuple[str, str]]:
+            rows = db.execute(
+                "SELECT namespace, name FROM secrets WHERE purge_at <= %s ORDER BY namespace, name",
+                (now,),
+            ).fetchall()
+            return [(str(ns), str(name)) for ns, name in rows]
+
+        return await self._read(select_all)
+
+    async def secret_versions_to_rewrap(
+        self, namespace: str, target: int, limit: int
+    ) -> list[SecretVersion]:
+        """The next batch of a namespace's secret versions under an older KEK version."""
+
+        def select_all(db: Db) -> list[SecretVersion]:
+            rows = db.execute(
+                f"SELECT {_VALUE_VERSION_COLUMNS} FROM secret_versions"
+                " WHERE namespace = %s AND kek_version < %s ORDER BY name, version LIMIT %s",
+                (namespace, target, limit),
+            ).fetchall()
+            return [_secret_version_from_row(row) for row in rows]
+
+        return await self._read(select_all)
+
+    async def rewrap_secret_versions(
+        self, target: int, updates: list[tuple[SecretVersion, bytes]]
+    ) -> int:
+        """Replace wrappings in one transaction, each only if still under the version read."""
+
+        def apply(db: Db) -> int:
+            changed = 0
+            for version, wrapped in updates:
+                changed += db.execute(
+                    "UPDATE secret_versions SET kek_version = %s, wrapped = %s"
+                    " WHERE namespace = %s AND name = %s AND version = %s AND kek_version = %s",
+                    (
+                        target,
+                        wrapped,
+                        version.namespace,
+                        version.name,
+                        version.version,
+                        version.kek_version,
+                    ),
+                ).rowcount
+            return changed
+
+        return await self._write(apply)
+
+    async def count_secret_versions_under(self, namespace: str, kek_version: int) -> int:
+        """Secret versions wrapped under this KEK version: they depend on it."""
+
+        def select_one(db: Db) -> int:
+            (count,) = db.execute(
+                "SELECT count(*) FROM secret_versions WHERE namespace = %s AND kek_version = %s",
+                (namespace, kek_version),
             ).fetchone() or (0,)
             return int(count)
 
@@ -1382,6 +1637,66 @@ def _lifecycle(row: tuple[Any, ...], usages: frozenset[Any]) -> Lifecycle:
     return Lifecycle.from_json(
         state, json.loads(document), default_usage=usages, created_at=created_at
     )
+
+
+def _secret_version_row(version: SecretVersion) -> tuple[Any, ...]:
+    return (
+        version.namespace,
+        version.name,
+        version.version,
+        version.kek_version,
+        version.wrapped,
+        version.size,
+        version.content_type,
+        json.dumps(version.tags, sort_keys=True),
+        version.enabled,
+        version.not_before,
+        version.expires,
+        version.created_at,
+        version.created_by,
+        version.updated_at,
+    )
+
+
+def _secret_version_from_row(row: tuple[Any, ...]) -> SecretVersion:
+    (ns, name, number, kek_version, wrapped, size, content_type, tags, enabled) = row[:9]
+    not_before, expires, created_at, created_by, updated_at = row[9:]
+    return SecretVersion(
+        ns,
+        name,
+        number,
+        kek_version,
+        bytes(wrapped),
+        size,
+        content_type,
+        json.loads(tags),
+        bool(enabled),
+        not_before,
+        expires,
+        created_at,
+        created_by,
+        updated_at,
+    )
+
+
+def _load_secret(db: Db, namespace: str, name: str) -> SecretRecord | None:
+    row = db.execute(
+        "SELECT created_at, created_by, deleted_at, purge_at FROM secrets"
+        " WHERE namespace = %s AND name = %s",
+        (namespace, name),
+    ).fetchone()
+    if row is None:
+        return None
+    versions = tuple(
+        _secret_version_from_row(r)
+        for r in db.execute(
+            f"SELECT {_VALUE_VERSION_COLUMNS} FROM secret_versions"
+            " WHERE namespace = %s AND name = %s ORDER BY version",
+            (namespace, name),
+        ).fetchall()
+    )
+    created_at, created_by, deleted_at, purge_at = row
+    return SecretRecord(namespace, name, created_at, created_by, deleted_at, purge_at, versions)
 
 
 def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:

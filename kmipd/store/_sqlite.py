@@ -149,6 +149,43 @@ CREATE TABLE object_names (
     PRIMARY KEY (name, dek_id)
 ) STRICT;
 """,
+    # 6: secrets: named values kept beside the keys, each set adding a version.
+    # A version's value is stored only wrapped under a KEK version of its
+    # namespace; its attributes (enabled, dates, content type, tags) are per
+    # version, as in a key vault. A deleted secret keeps its rows until purged.
+    """
+CREATE TABLE secrets (
+    namespace   TEXT NOT NULL REFERENCES keks(name),
+    name        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    created_by  TEXT NOT NULL,
+    deleted_at  INTEGER,
+    purge_at    INTEGER,
+    PRIMARY KEY (namespace, name)
+) STRICT;
+CREATE INDEX secrets_to_purge ON secrets(purge_at) WHERE purge_at IS NOT NULL;
+CREATE INDEX secrets_by_name ON secrets(name);
+CREATE TABLE secret_versions (
+    namespace    TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    kek_version  INTEGER NOT NULL,
+    wrapped      BLOB NOT NULL,
+    size         INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    tags         TEXT NOT NULL DEFAULT '{}',
+    enabled      INTEGER NOT NULL DEFAULT 1,
+    not_before   INTEGER,
+    expires      INTEGER,
+    created_at   INTEGER NOT NULL,
+    created_by   TEXT NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (namespace, name, version),
+    FOREIGN KEY (namespace, name) REFERENCES secrets(namespace, name) ON DELETE CASCADE,
+    FOREIGN KEY (namespace, kek_version) REFERENCES kek_versions(kek, version)
+) STRICT;
+CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_version);
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -159,6 +196,10 @@ class StoreError(Exception):
 
 class AlreadyExistsError(StoreError):
     pass
+
+
+class SecretDeletedError(StoreError):
+    """The secret is soft-deleted: it must be recovered before a new version is set."""
 
 
 class IdempotencyKeyUsedError(StoreError):
@@ -288,8 +329,61 @@ class TransportCertRecord:
     registered_at: int
 
 
+@attrs.frozen
+class SecretVersion:
+    """One version of a secret: its value wrapped, and its attributes."""
+
+    namespace: str
+    name: str
+    version: int
+    kek_version: int
+    #: The value under AES-GCM with secret_associated_data; never in clear here.
+    wrapped: bytes = attrs.field(repr=False)
+    size: int
+    content_type: str
+    tags: dict[str, str]
+    enabled: bool
+    not_before: int | None
+    expires: int | None
+    created_at: int
+    created_by: str
+    updated_at: int
+
+
+@attrs.frozen
+class SecretRecord:
+    """A secret's metadata and its versions, oldest first (values stay wrapped)."""
+
+    namespace: str
+    name: str
+    created_at: int
+    created_by: str
+    deleted_at: int | None
+    purge_at: int | None
+    versions: tuple[SecretVersion, ...]
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
+
+    @property
+    def latest(self) -> SecretVersion | None:
+        return self.versions[-1] if self.versions else None
+
+    def version(self, number: int) -> SecretVersion | None:
+        for version in self.versions:
+            if version.version == number:
+                return version
+        return None
+
+
 T = TypeVar("T")
 log = logging.getLogger("kmipd.store")
+
+_VALUE_VERSION_COLUMNS = (
+    "namespace, name, version, kek_version, wrapped, size, content_type, tags, enabled,"
+    " not_before, expires, created_at, created_by, updated_at"
+)
 
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
@@ -890,6 +984,11 @@ class KeyStore:
                 ),
             )
             self._record_change(db, version.kek, None, version.version, lifecycle.state)
+            # Secret values under it could never be unwrapped again either.
+            db.execute(
+                "DELETE FROM secret_versions WHERE namespace = ? AND kek_version = ?",
+                (version.kek, version.version),
+            )
             orphans = [
                 row[0]
                 for row in db.execute(
@@ -1031,6 +1130,199 @@ class KeyStore:
 
         return await self._read(select)
 
+    # -- secrets ---------------------------------------------------------------------
+
+    async def add_secret_version(self, version: SecretVersion) -> SecretRecord:
+        """Add a version (creating the secret at version 1); durable when this returns.
+
+        The caller numbers the version (the number is bound into the wrapping)
+        as the latest plus one; if another set took that number first this
+        raises AlreadyExistsError and the caller wraps again with the next.
+        A deleted secret is refused: recover it first (StoreError).
+        """
+
+        def insert(db: sqlite3.Connection) -> SecretRecord:
+            row = db.execute(
+                "SELECT deleted_at FROM secrets WHERE namespace = ? AND name = ?",
+                (version.namespace, version.name),
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO secrets (namespace, name, created_at, created_by)"
+                    " VALUES (?, ?, ?, ?)",
+                    (version.namespace, version.name, version.created_at, version.created_by),
+                )
+            elif row[0] is not None:
+                raise SecretDeletedError(
+                    f"secret {version.name!r} in {version.namespace!r} is deleted"
+                )
+            try:
+                db.execute(
+                    f"INSERT INTO secret_versions ({_VALUE_VERSION_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _secret_version_row(version),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExistsError(
+                    f"secret {version.name!r} already has a version {version.version}"
+                ) from None
+            found = _load_secret(db, version.namespace, version.name)
+            assert found is not None
+            return found
+
+        return await self._write(insert)
+
+    async def get_secret(self, namespace: str, name: str) -> SecretRecord | None:
+        return await self._read(lambda db: _load_secret(db, namespace, name))
+
+    async def list_secrets(
+        self,
+        *,
+        namespace: str | None,
+        deleted: bool | None,
+        after: tuple[str, str],
+        limit: int,
+        name: str | None = None,
+    ) -> list[SecretRecord]:
+        """Secrets in (namespace, name) order after ``after``; namespace is a glob, name exact."""
+        where, args = ["(namespace, name) > (?, ?)"], [after[0], after[1]]
+        if namespace is not None:
+            where.append("namespace GLOB ?")
+            args.append(namespace)
+        if name is not None:
+            where.append("name = ?")
+            args.append(name)
+        if deleted is not None:
+            where.append("deleted_at IS NOT NULL" if deleted else "deleted_at IS NULL")
+
+        def select(db: sqlite3.Connection) -> list[SecretRecord]:
+            keys = db.execute(
+                f"SELECT namespace, name FROM secrets WHERE {' AND '.join(where)}"
+                " ORDER BY namespace, name LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            found = [_load_secret(db, ns, name) for ns, name in keys]
+            return [record for record in found if record is not None]
+
+        return await self._read(select)
+
+    async def update_secret_version(self, version: SecretVersion) -> SecretRecord:
+        """Replace a version's attributes (never its value or wrapping)."""
+
+        def update(db: sqlite3.Connection) -> SecretRecord:
+            cursor = db.execute(
+                "UPDATE secret_versions SET content_type = ?, tags = ?, enabled = ?,"
+                " not_before = ?, expires = ?, updated_at = ?"
+                " WHERE namespace = ? AND name = ? AND version = ?",
+                (
+                    version.content_type,
+                    json.dumps(version.tags, sort_keys=True),
+                    int(version.enabled),
+                    version.not_before,
+                    version.expires,
+                    version.updated_at,
+                    version.namespace,
+                    version.name,
+                    version.version,
+                ),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(f"secret {version.name!r} has no version {version.version}")
+            found = _load_secret(db, version.namespace, version.name)
+            assert found is not None
+            return found
+
+        return await self._write(update)
+
+    async def set_secret_deleted(
+        self, namespace: str, name: str, deleted_at: int | None, purge_at: int | None
+    ) -> bool:
+        """Soft-delete (both set) or recover (both None) a secret; False if it is gone."""
+
+        def update(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE secrets SET deleted_at = ?, purge_at = ? WHERE namespace = ? AND name = ?",
+                (deleted_at, purge_at, namespace, name),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(update)
+
+    async def purge_secret(self, namespace: str, name: str) -> int:
+        """Erase a secret and every version; secure_delete overwrites the freed bytes.
+
+        Returns how many versions went. Call checkpoint() after to clear the WAL too.
+        """
+
+        def erase(db: sqlite3.Connection) -> int:
+            count = db.execute(
+                "DELETE FROM secret_versions WHERE namespace = ? AND name = ?", (namespace, name)
+            ).rowcount
+            db.execute("DELETE FROM secrets WHERE namespace = ? AND name = ?", (namespace, name))
+            return int(count)
+
+        return await self._write(erase)
+
+    async def secrets_due_for_purge(self, now: int) -> list[tuple[str, str]]:
+        return await self._read(
+            lambda db: [
+                (str(ns), str(name))
+                for ns, name in db.execute(
+                    "SELECT namespace, name FROM secrets WHERE purge_at <= ?", (now,)
+                )
+            ]
+        )
+
+    async def secret_versions_to_rewrap(
+        self, namespace: str, target: int, limit: int
+    ) -> list[SecretVersion]:
+        """The next batch of a namespace's secret versions under an older KEK version."""
+
+        def select(db: sqlite3.Connection) -> list[SecretVersion]:
+            rows = db.execute(
+                f"SELECT {_VALUE_VERSION_COLUMNS} FROM secret_versions"
+                " WHERE namespace = ? AND kek_version < ? ORDER BY name, version LIMIT ?",
+                (namespace, target, limit),
+            ).fetchall()
+            return [_secret_version_from_row(row) for row in rows]
+
+        return await self._read(select)
+
+    async def rewrap_secret_versions(
+        self, target: int, updates: list[tuple[SecretVersion, bytes]]
+    ) -> int:
+        """Replace wrappings in one transaction, each only if still under the version read."""
+
+        def apply(db: sqlite3.Connection) -> int:
+            changed = 0
+            for version, wrapped in updates:
+                changed += db.execute(
+                    "UPDATE secret_versions SET kek_version = ?, wrapped = ?"
+                    " WHERE namespace = ? AND name = ? AND version = ? AND kek_version = ?",
+                    (
+                        target,
+                        wrapped,
+                        version.namespace,
+                        version.name,
+                        version.version,
+                        version.kek_version,
+                    ),
+                ).rowcount
+            return changed
+
+        return await self._write(apply)
+
+    async def count_secret_versions_under(self, namespace: str, kek_version: int) -> int:
+        """Secret versions wrapped under this KEK version: they depend on it."""
+        return await self._read(
+            lambda db: int(
+                db.execute(
+                    "SELECT count(*) FROM secret_versions WHERE namespace = ? AND kek_version = ?",
+                    (namespace, kek_version),
+                ).fetchone()[0]
+            )
+        )
+
     # -- health and shared mode ------------------------------------------------------------
 
     async def refresh_if_changed(self) -> None:
@@ -1133,6 +1425,66 @@ def _object_from_row(row: tuple[Any, ...], names: tuple[str, ...]) -> ObjectReco
         last_change=extra.get("last_change"),
         secret_data_type=extra.get("secret_data_type"),
     )
+
+
+def _secret_version_row(version: SecretVersion) -> tuple[Any, ...]:
+    return (
+        version.namespace,
+        version.name,
+        version.version,
+        version.kek_version,
+        version.wrapped,
+        version.size,
+        version.content_type,
+        json.dumps(version.tags, sort_keys=True),
+        int(version.enabled),
+        version.not_before,
+        version.expires,
+        version.created_at,
+        version.created_by,
+        version.updated_at,
+    )
+
+
+def _secret_version_from_row(row: tuple[Any, ...]) -> SecretVersion:
+    (ns, name, number, kek_version, wrapped, size, content_type, tags, enabled) = row[:9]
+    not_before, expires, created_at, created_by, updated_at = row[9:]
+    return SecretVersion(
+        ns,
+        name,
+        number,
+        kek_version,
+        bytes(wrapped),
+        size,
+        content_type,
+        json.loads(tags),
+        bool(enabled),
+        not_before,
+        expires,
+        created_at,
+        created_by,
+        updated_at,
+    )
+
+
+def _load_secret(db: sqlite3.Connection, namespace: str, name: str) -> SecretRecord | None:
+    row = db.execute(
+        "SELECT created_at, created_by, deleted_at, purge_at FROM secrets"
+        " WHERE namespace = ? AND name = ?",
+        (namespace, name),
+    ).fetchone()
+    if row is None:
+        return None
+    versions = tuple(
+        _secret_version_from_row(r)
+        for r in db.execute(
+            f"SELECT {_VALUE_VERSION_COLUMNS} FROM secret_versions"
+            " WHERE namespace = ? AND name = ? ORDER BY version",
+            (namespace, name),
+        )
+    )
+    created_at, created_by, deleted_at, purge_at = row
+    return SecretRecord(namespace, name, created_at, created_by, deleted_at, purge_at, versions)
 
 
 def _dek_from_row(row: tuple[Any, ...]) -> DekRecord:
