@@ -1,5 +1,9 @@
 """The key store: wrapped DEKs and KEK metadata in one SQLite file.
 
+Why one long module: every table's SQL shares one connection discipline (a single
+writer, the commit point, the row cache); splitting it by table family, as the service is
+split, waits until the PostgreSQL backend lands so both backends follow one layout.
+
 Only wrapped key material ever reaches this file. SQLite runs in WAL mode
 with ``synchronous=FULL``, so a DEK whose insert returned has reached the
 disk and survives ``kill -9`` of the daemon; ``secure_delete`` overwrites
