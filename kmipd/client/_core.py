@@ -1,5 +1,7 @@
 """The client's sans-IO core: every operation written once, as steps both shells run.
 
+Why it is long: it holds every client operation once; the two I/O shells stay short.
+
 An operation is a generator. It builds its requests, checks the cache,
 follows revocations, and ``yield``s a ``Send`` when it needs a daemon's
 answer (or an ``Offload`` for blocking work on a stream); the shell does

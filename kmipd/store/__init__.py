@@ -13,6 +13,7 @@ from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, Store, StoreOutcomeUnknownError
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
+    UNCACHED,
     AlreadyExistsError,
     Change,
     DekRecord,
@@ -48,6 +49,7 @@ def open_postgres_store(conninfo: str, **options: Any) -> PostgresStore:
 
 __all__ = [
     "IDEMPOTENCY_RETENTION",
+    "UNCACHED",
     "AlreadyExistsError",
     "Change",
     "DekRecord",

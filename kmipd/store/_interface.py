@@ -22,6 +22,7 @@ from kmipd.store._sqlite import (
     SecretVersion,
     StoreError,
     TransportCertRecord,
+    _Uncached,
 )
 
 
@@ -91,6 +92,7 @@ class Store(Protocol):
     async def rewrap_dek(self, record: DekRecord, version: int, wrapped: bytes) -> bool: ...
 
     # KMIP attributes.
+    def cached_object(self, dek_id: str) -> ObjectRecord | _Uncached | None: ...
     async def get_object(self, dek_id: str) -> ObjectRecord | None: ...
     async def put_object(self, kmip: ObjectRecord) -> None: ...
     async def locate_objects(

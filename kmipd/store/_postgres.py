@@ -44,6 +44,7 @@ import collections
 import json
 import logging
 import os
+import secrets
 import select
 import threading
 import time
@@ -62,6 +63,7 @@ from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, StoreOutcomeUnknownError
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
+    UNCACHED,
     AlreadyExistsError,
     Change,
     DekRecord,
@@ -75,6 +77,7 @@ from kmipd.store._sqlite import (
     SecretVersion,
     StoreError,
     TransportCertRecord,
+    _Uncached,
 )
 
 #: The schema, numbered as SQLite's MIGRATIONS: entry N here is the same change
@@ -232,7 +235,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: Advisory lock keys (one 64-bit space per database): "kmipd" + a number.
 MIGRATION_LOCK = 0x6B6D69706401
 MAINTENANCE_LOCK = 0x6B6D69706402
-#: NOTIFY channel; payloads "d:<dek id>", "k" (KEK metadata), "t" (transport certificates).
+#: NOTIFY channel; payloads "d:<dek id>", "k" (KEK metadata), "t" (transport certificates),
+#: each followed by "@<origin>": the sending store's random id, so a daemon skips what it
+#: already applied to its own memory.
 CHANNEL = "kmipd_changes"
 
 _VALUE_VERSION_COLUMNS = (
@@ -327,6 +332,9 @@ class PostgresStore:
         self._clock = clock
         self._cache_size = cache_size
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
+        #: KMIP attributes beside the rows (None: the key has none), under the same rules:
+        #: evicted with the row by the same notification, cached only while listening.
+        self._objects: collections.OrderedDict[str, ObjectRecord | None] = collections.OrderedDict()
         #: Guards the cache and the in-memory metadata: the listener thread edits them.
         self._lock = threading.Lock()
         self._listening = False
@@ -339,6 +347,7 @@ class PostgresStore:
         #: predate that change, and is redone rather than installed over it.
         self._metadata_generation = 0
         self._reload_wanted = False
+        self._origin = secrets.token_hex(8)
         self._maintenance: Db | None = None
         #: Whether the database takes writes; a write failing for a cause an operator
         #: must fix (unreachable, standby, disk full, permission) faults it, and while
@@ -604,11 +613,14 @@ class PostgresStore:
                 continue
             reload_keks = reload_certs = False
             for note in db.notifies(timeout=0):
-                if note.payload.startswith("d:"):
-                    self._forget(note.payload[2:])
-                elif note.payload == "k":
+                payload, _, origin = note.payload.rpartition("@")
+                if payload.startswith("d:"):
+                    # Our own writes replaced or evicted the row when they committed.
+                    if origin != self._origin:
+                        self._forget(payload[2:])
+                elif payload == "k":
                     reload_keks = True
-                elif note.payload == "t":
+                elif payload == "t":
                     reload_certs = True
             if reload_keks or reload_certs:
                 self._reload_metadata(db)
@@ -625,6 +637,7 @@ class PostgresStore:
                 self._transport = certs
                 if clear_cache:
                     self._cache.clear()
+                    self._objects.clear()
                     self._epoch += 1
                 return
 
@@ -633,7 +646,7 @@ class PostgresStore:
 
     def _notify(self, db: Db, payload: str) -> None:
         """Sent when the transaction commits, and only then."""
-        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+        db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{payload}@{self._origin}"))
 
     # -- KEKs --------------------------------------------------------------------
 
@@ -793,8 +806,10 @@ class PostgresStore:
                 # Raising rolls the whole transaction back, the DEK insert with it.
                 raise IdempotencyKeyUsedError from None
 
+        epoch = self._epoch
         await self._write(insert)
-        self._remember(record)
+        self._remember(record, epoch)
+        self._remember_object(record.dek_id, kmip, epoch)
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
         """The wrapped row if it is in memory and the listener vouches for it."""
@@ -843,6 +858,11 @@ class PostgresStore:
         return record
 
     async def set_dek_lifecycle(self, record: DekRecord, lifecycle: Lifecycle) -> DekRecord:
+        # Evicted before, and cached after only if no notification came in between:
+        # another daemon's change committed after ours may be heard before we return.
+        self._forget(record.dek_id)
+        epoch = self._epoch
+
         def update(db: Db) -> None:
             row = db.execute(
                 "SELECT state, lifecycle, created_at FROM deks WHERE id = %s FOR UPDATE",
@@ -865,8 +885,7 @@ class PostgresStore:
 
         await self._write(update, feed=True)
         updated = attrs.evolve(record, lifecycle=lifecycle)
-        self._forget(record.dek_id)
-        self._remember(updated)
+        self._replace(updated, epoch)
         return updated
 
     async def rewrap_dek(self, record: DekRecord, version: int, wrapped: bytes) -> bool:
@@ -893,15 +912,52 @@ class PostgresStore:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
+    def _replace(self, record: DekRecord, epoch: int) -> None:
+        """After our own committed write: cache the new row if nothing was evicted since
+        ``epoch``, and bump the epoch so no read that began before the commit caches
+        the old one."""
+        with self._lock:
+            if epoch == self._epoch and self._listening:
+                self._cache[record.dek_id] = record
+                self._cache.move_to_end(record.dek_id)
+            else:
+                self._cache.pop(record.dek_id, None)
+            self._objects.pop(record.dek_id, None)
+            self._epoch += 1
+
     def _forget(self, dek_id: str) -> None:
         with self._lock:
             self._cache.pop(dek_id, None)
+            self._objects.pop(dek_id, None)
             self._epoch += 1
+
+    def _remember_object(self, dek_id: str, kmip: ObjectRecord | None, epoch: int) -> None:
+        """Cache a key's attributes as read or written while ``epoch`` was current."""
+        with self._lock:
+            if epoch != self._epoch or not self._listening:
+                return
+            self._objects[dek_id] = kmip
+            self._objects.move_to_end(dek_id)
+            while len(self._objects) > self._cache_size:
+                self._objects.popitem(last=False)
 
     # -- KMIP attributes -------------------------------------------------------------
 
+    def cached_object(self, dek_id: str) -> ObjectRecord | _Uncached | None:
+        """The key's KMIP attributes if memory knows them and the listener vouches for
+        them (None: it has none), else UNCACHED; never touches the database."""
+        with self._lock:
+            if not self._listening or dek_id not in self._objects:
+                return UNCACHED
+            self._objects.move_to_end(dek_id)
+            return self._objects[dek_id]
+
     async def get_object(self, dek_id: str) -> ObjectRecord | None:
         """The key's KMIP attributes, or None for a key that never had any (a native DEK)."""
+        cached = self.cached_object(dek_id)
+        if cached is not UNCACHED:
+            return cached
+        epoch = self._epoch
 
         def select_one(db: Db) -> ObjectRecord | None:
             row = db.execute(
@@ -914,11 +970,28 @@ class PostgresStore:
             ).fetchall()
             return _object_from_row(row, tuple(name for (name,) in names))
 
-        return await self._read(select_one)
+        found = await self._read(select_one)
+        self._remember_object(dek_id, found, epoch)
+        return found
 
     async def put_object(self, kmip: ObjectRecord) -> None:
-        """Insert or replace a key's KMIP attributes (its DEK row must exist)."""
-        await self._write(lambda db: _write_object(db, kmip))
+        """Insert or replace a key's KMIP attributes (its DEK row must exist); every
+        daemon's cached copy is evicted by the notification."""
+        self._forget(kmip.dek_id)  # whatever the write's fate, reread next time
+        epoch = self._epoch
+
+        def write(db: Db) -> None:
+            _write_object(db, kmip)
+            self._notify(db, f"d:{kmip.dek_id}")
+
+        await self._write(write)
+        with self._lock:  # as _replace: no read begun before the commit caches the old one
+            if epoch == self._epoch and self._listening:
+                self._objects[kmip.dek_id] = kmip
+                self._objects.move_to_end(kmip.dek_id)
+                while len(self._objects) > self._cache_size:
+                    self._objects.popitem(last=False)
+            self._epoch += 1
 
     async def locate_objects(
         self,
