@@ -29,7 +29,7 @@ from kmipd.audit import records, verify
 from kmipd.client import Client, KeyCompromisedError
 from kmipd.hsm import SoftwareHsm
 from kmipd.lifecycle import DEK_USAGES, Event, Lifecycle, RevocationReason, State
-from kmipd.protocol import CreateDek, CreateKek, ErrorCode, GetDek, KeyRef, Revoke
+from kmipd.protocol import CreateDek, CreateKek, ErrorCode, GetDek, KeyRef, Revoke, RotateKek
 from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import (
     DekRecord,
@@ -238,6 +238,23 @@ async def test_a_kek_made_on_one_daemon_is_used_by_another(daemons: Daemons) -> 
     assert again.key == dek.key
     await b.handle(STORAGE, CreateDek(namespace="fresh"))
     assert count(daemons.conninfo, "SELECT count(*) FROM keks") == 1
+
+
+async def test_a_daemon_s_own_kek_writes_and_its_listener_agree(daemons: Daemons) -> None:
+    """Its listener reloads KEKs on the daemon's own notification, as the write returns:
+    each rotation shows its version once (it once showed up twice, ~1 run in 4)."""
+    a, b = daemons.start(), daemons.start()
+    await a.handle(ADMIN, CreateKek(name="orders"))
+    for n in range(2, 32):
+        await a.handle(ADMIN, RotateKek(name="orders"))
+        kek = a.store.get_kek("orders")
+        assert kek is not None
+        assert [v.version for v in kek.versions] == list(range(1, n + 1))
+    await b.store.refresh_if_changed()
+    deadline = trio.current_time() + 10
+    while b.store.get_kek("orders") != a.store.get_kek("orders"):
+        assert trio.current_time() < deadline, "b never heard of a's rotations"
+        await trio.sleep(0.01)  # b's listener thread reloads on the notification
 
 
 async def test_one_daemon_at_a_time_runs_maintenance_and_another_takes_over(

@@ -346,6 +346,9 @@ class PostgresStore:
         #: KEKs or certificates: a load from the database that started before it may
         #: predate that change, and is redone rather than installed over it.
         self._metadata_generation = 0
+        #: One metadata load at a time (listener, request path, a writer after its
+        #: commit): each installs a snapshot at least as new as the one it replaces.
+        self._load_lock = threading.Lock()
         self._reload_wanted = False
         self._origin = secrets.token_hex(8)
         self._maintenance: Db | None = None
@@ -626,20 +629,36 @@ class PostgresStore:
                 self._reload_metadata(db)
 
     def _reload_metadata(self, db: Db, *, clear_cache: bool = False) -> None:
-        """Load KEKs and certificates; install them unless a local change raced the load."""
-        while True:
-            generation = self._metadata_generation
-            _, keks, certs, _ = _load_all(db)
+        """Load KEKs and certificates; install them unless a local patch raced the load
+        (then load again: it may predate the patch's write)."""
+        with self._load_lock:
+            while True:
+                generation = self._metadata_generation
+                _, keks, certs, _ = _load_all(db)
+                with self._lock:
+                    if generation != self._metadata_generation:
+                        continue
+                    self._keks = keks
+                    self._transport = certs
+                    if clear_cache:
+                        self._cache.clear()
+                        self._objects.clear()
+                        self._epoch += 1
+                    return
+
+    async def _reload_after_write(self, patch: Callable[[], object]) -> None:
+        """After our own committed KEK or certificate write: memory from a load begun
+        after the commit, so it holds this write and never an older copy than the
+        listener installed (patching memory instead raced the listener's reload of our
+        own notification: a version appended twice). If the database cannot be read
+        right now, ``patch`` applies the write (idempotently) and the next request reloads."""
+        try:
+            await self._read(self._reload_metadata)
+        except (StoreUnavailableError, StoreError):
             with self._lock:
-                if generation != self._metadata_generation:
-                    continue
-                self._keks = keks
-                self._transport = certs
-                if clear_cache:
-                    self._cache.clear()
-                    self._objects.clear()
-                    self._epoch += 1
-                return
+                patch()
+                self._metadata_generation += 1
+            self._reload_wanted = True
 
     def _reload_everything(self, db: Db) -> None:
         self._reload_metadata(db, clear_cache=True)
@@ -675,10 +694,8 @@ class PostgresStore:
             self._notify(db, "k")
 
         await self._write(insert)
-        with self._lock:
-            self._keks[name] = record
-            self._metadata_generation += 1
-        return record
+        await self._reload_after_write(lambda: self._keks.setdefault(name, record))
+        return self._keks.get(name, record)
 
     async def add_kek_version(self, version: KekVersion) -> KekRecord:
         def insert(db: Db) -> None:
@@ -692,11 +709,8 @@ class PostgresStore:
             self._notify(db, "k")
 
         await self._write(insert)
-        with self._lock:
-            kek = self._keks[version.kek]
-            self._keks[version.kek] = attrs.evolve(kek, versions=(*kek.versions, version))
-            self._metadata_generation += 1
-            return self._keks[version.kek]
+        await self._reload_after_write(lambda: self._patch_version(version))
+        return self._keks[version.kek]
 
     async def set_kek_version_lifecycle(self, version: KekVersion, lifecycle: Lifecycle) -> None:
         def update(db: Db) -> None:
@@ -725,14 +739,16 @@ class PostgresStore:
             self._notify(db, "k")
 
         await self._write(update, feed=True)
-        self._replace_version(attrs.evolve(version, lifecycle=lifecycle))
+        changed = attrs.evolve(version, lifecycle=lifecycle)
+        await self._reload_after_write(lambda: self._patch_version(changed))
 
-    def _replace_version(self, version: KekVersion) -> None:
-        with self._lock:
-            kek = self._keks[version.kek]
-            versions = tuple(version if v.version == version.version else v for v in kek.versions)
-            self._keks[version.kek] = attrs.evolve(kek, versions=versions)
-            self._metadata_generation += 1
+    def _patch_version(self, version: KekVersion) -> None:
+        """Put a version into the in-memory KEK, replacing the one of its number (under
+        the lock)."""
+        kek = self._keks[version.kek]
+        others = [v for v in kek.versions if v.version != version.version]
+        versions = tuple(sorted((*others, version), key=lambda v: v.version))
+        self._keks[version.kek] = attrs.evolve(kek, versions=versions)
 
     # -- key-transport certificates ----------------------------------------------
 
@@ -751,9 +767,7 @@ class PostgresStore:
             self._notify(db, "t")
 
         await self._write(upsert)
-        with self._lock:
-            self._transport[record.identity] = record
-            self._metadata_generation += 1
+        await self._reload_after_write(lambda: self._transport.update({record.identity: record}))
 
     # -- DEKs --------------------------------------------------------------------
 
@@ -835,24 +849,20 @@ class PostgresStore:
         record = self.cached_dek(dek_id)
         if record is not None:
             return record
-        epoch, generation = self._epoch, self._metadata_generation
+        epoch = self._epoch
 
-        def select_one(db: Db) -> tuple[DekRecord | None, list[KekRecord] | None]:
+        def select_one(db: Db) -> DekRecord | None:
             row = db.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE id = %s", (dek_id,)).fetchone()
             if row is None:
-                return None, None
+                return None
             found = _dek_from_row(row)
             kek = self._keks.get(found.namespace)
             if kek is None or kek.version(found.kek_version) is None:
                 # Made under a KEK version created since our last notification.
-                return found, _load_keks(db)
-            return found, None
+                self._reload_metadata(db)
+            return found
 
-        record, keks = await self._read(select_one)
-        if keks is not None:
-            with self._lock:
-                if generation == self._metadata_generation:  # else ours is newer already
-                    self._keks = {kek.name: kek for kek in keks}
+        record = await self._read(select_one)
         if record is not None:
             self._remember(record, epoch)
         return record
@@ -1208,7 +1218,8 @@ class PostgresStore:
             return [str(row[0]) for row in orphans]
 
         orphans = await self._write(erase, feed=True)
-        self._replace_version(attrs.evolve(version, hsm_handle="", lifecycle=lifecycle))
+        gone = attrs.evolve(version, hsm_handle="", lifecycle=lifecycle)
+        await self._reload_after_write(lambda: self._patch_version(gone))
         for dek_id in orphans:
             self._forget(dek_id)
         return orphans
