@@ -7,6 +7,7 @@ serves a whole test module (each test uses its own keys).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,24 @@ class DevDaemon:
     def credentials(self, name: str) -> tuple[Path, Path, Path]:
         """(CA, certificate, key) of a dev client."""
         return self.pki / "ca.pem", self.pki / f"{name}.pem", self.pki / f"{name}-key.pem"
+
+    def pykmip_client(self, name: str = "admin") -> Any:
+        """PyKMIP 0.11's ProxyKmipClient for dev client ``name`` (not opened yet)."""
+        with warnings.catch_warnings():
+            # PyKMIP 0.11 imports SQLAlchemy 1.x names at import time; nothing else is silenced.
+            warnings.simplefilter("ignore")
+            from kmip.pie.client import ProxyKmipClient  # noqa: PLC0415 (a test dependency)
+        ca, cert, key = self.credentials(name)
+        return ProxyKmipClient(
+            hostname=self.host,
+            port=self.port,
+            cert=str(cert),
+            key=str(key),
+            ca=str(ca),
+            config_file="/dev/null",
+            # What PyKMIP deployments configure: its client cannot do TLS 1.3.
+            ssl_version="PROTOCOL_TLSv1_2",
+        )
 
     def audit_records(self) -> list[dict[str, Any]]:
         lines = (self.data / "audit.log").read_text().splitlines()

@@ -45,17 +45,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def _client(dev: DevDaemon, name: str = "admin") -> ProxyKmipClient:
-    ca, cert, key = dev.credentials(name)
-    return ProxyKmipClient(
-        hostname=dev.host,
-        port=dev.port,
-        cert=str(cert),
-        key=str(key),
-        ca=str(ca),
-        config_file="/dev/null",
-        # What PyKMIP deployments configure: its client cannot do TLS 1.3.
-        ssl_version="PROTOCOL_TLSv1_2",
-    )
+    client: ProxyKmipClient = dev.pykmip_client(name)
+    return client
 
 
 def _name(value: str) -> Any:

@@ -6,6 +6,7 @@ what a client's bytes would parse to), and handed to KmipOperations.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from kmipd.kmip import (
 )
 from kmipd.protocol import CreateDek, GetDek
 from kmipd.service import Caller, KeyService, KmipOperations
+from kmipd.store import UNCACHED, KeyStore, ObjectRecord
 from tests.test_service import close_service, open_service
 
 ADMIN = Caller("spiffe://kmipd.test/admin", None, protocol="kmip")
@@ -428,3 +430,62 @@ async def test_destroy_is_the_native_soft_delete(ops: KmipOperations) -> None:
     found = attributes_of(await one(ops, ADMIN, by_uid("GetAttributes", uid)))
     assert found["State"][0].value == ENUMS["State"]["DestroyedCompromised"]
     assert (await failure(ops, ADMIN, by_uid("Get", uid)))[0] is ResultReason.ITEM_NOT_FOUND
+
+
+async def test_warm_gets_are_checked_like_cold_ones_and_see_every_change(
+    ops: KmipOperations, service: KeyService
+) -> None:
+    # A Get of a key whose row and attributes the store has cached is answered inline
+    # (no store round trip): the same grants, states and answers as the first one.
+    uid = uid_of(await one(ops, ADMIN, create(128, name_attr("warm"))))
+    await one(ops, ADMIN, by_uid("Activate", uid))
+    key = key_of(await one(ops, ADMIN, by_uid("Get", uid)))
+    assert service.store.cached_dek(uid) is not None
+    assert service.store.cached_object(uid) is not UNCACHED
+    assert key_of(await one(ops, ADMIN, by_uid("Get", uid))) == key
+    payload = await one(ops, ADMIN, by_uid("Get", uid))
+    assert payload.find("SymmetricKey").find("KeyBlock").find("CryptographicLength").value == 128  # type: ignore[union-attr]
+    assert (await failure(ops, STRANGER, by_uid("Get", uid)))[0] is (ResultReason.PERMISSION_DENIED)
+    # An attribute change is what the next read sees.
+    await one(ops, ADMIN, by_uid("AddAttribute", uid, name_attr("warmer")))
+    names = attributes_of(await one(ops, ADMIN, by_uid("GetAttributes", uid)))["Name"]
+    assert [n.find("NameValue").value for n in names] == ["warm", "warmer"]  # type: ignore[union-attr]
+    # A state change too: a destroyed key is refused even though it was cached.
+    reason = structure(
+        "RevocationReason", enumeration("RevocationReasonCode", "CessationOfOperation")
+    )
+    await one(ops, ADMIN, by_uid("Revoke", uid, reason))
+    await one(ops, ADMIN, by_uid("Destroy", uid))
+    assert (await failure(ops, ADMIN, by_uid("Get", uid)))[0] is ResultReason.ITEM_NOT_FOUND
+
+
+async def test_the_attribute_cache_never_says_what_the_file_does_not(tmp_path: Path) -> None:
+    service = open_service(tmp_path)
+    uid = uid_of(await one(KmipOperations(service), ADMIN, create(256, name_attr("a"))))
+    close_service(service)
+    first = KeyStore.open(tmp_path / "kmipd.db", shared=True)
+    second = KeyStore.open(tmp_path / "kmipd.db", shared=True)
+    try:
+        assert (await second.get_object(uid)).names == ("a",)  # type: ignore[union-attr]
+        # Shared: another daemon changes the attributes; this one reads them afresh.
+        await first.put_object(ObjectRecord(dek_id=uid, names=("b",)))
+        assert second.cached_object(uid) is UNCACHED
+        assert (await second.get_object(uid)).names == ("b",)  # type: ignore[union-attr]
+    finally:
+        first.close()
+        second.close()
+    store = KeyStore.open(tmp_path / "kmipd.db")
+    try:
+        assert await store.get_object("dek_nothere") is None
+        # A write that fails (no such key: the foreign key refuses it) is not remembered.
+        with pytest.raises(sqlite3.IntegrityError):
+            await store.put_object(ObjectRecord(dek_id="dek_nothere", names=("ghost",)))
+        assert store.cached_object("dek_nothere") is UNCACHED
+        assert await store.get_object("dek_nothere") is None
+        assert await store.locate_objects(name="ghost") == []
+        # One that succeeds is what the cache and the file both say.
+        await store.put_object(ObjectRecord(dek_id=uid, names=("c",)))
+        assert (await store.get_object(uid)).names == ("c",)  # type: ignore[union-attr]
+        assert await store.locate_objects(name="c") == [uid]
+    finally:
+        store.close()

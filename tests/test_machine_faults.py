@@ -164,8 +164,10 @@ def test_a_full_audit_disk_refuses_with_its_own_cause_and_recovers(
                     outcomes.append("served")
             except Exception as exc:  # the refusal is what is checked
                 outcomes.append(type(exc).__name__)
-        # Never served unaudited: once the trail is full, every read is refused.
-        assert outcomes[-1] == "AuditUnavailableError", outcomes[-5:]
+        # Never served unaudited: once the trail is full, every read is refused, with
+        # the code that sends the client elsewhere (nothing was applied nor served).
+        assert outcomes[-1] == "StoreUnavailableError", outcomes[-5:]
+        assert "AuditUnavailableError" not in outcomes, outcomes
         assert "cannot write: disk full" in kms.status().store
         filler.unlink()
         with kms.get_dek(dek_id) as again:

@@ -31,7 +31,10 @@ from tests.systemd_harness import NotifySocket, kmipd_serve, socket_activated
 
 ROOT = Path(__file__).parent.parent
 UNITS = ROOT / "packaging" / "systemd"
-README = (ROOT / "README.md").read_text()
+# The README and the manuals in docs/ (the systemd section is in docs/operators.md).
+README = "\n".join(
+    p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+)
 
 needs_systemd_tools = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None or shutil.which("systemd-socket-activate") is None,
@@ -116,7 +119,7 @@ def test_packaged_config_and_units_agree(tmp_path: Path) -> None:
     assert {config.tls.key.name, config.master_key.name} <= loaded
     assert unit_lines("kmipd.service", "StateDirectory") == ["kmipd"]
     assert unit_lines("kmipd.service", "LogsDirectory") == ["kmipd"]
-    # The unit's command line is one kmipd accepts, with the config where README says.
+    # The unit's command line is one kmipd accepts, with the config where the docs say.
     [command] = unit_lines("kmipd.service", "ExecStart")
     argv = command.split()
     args = _build_parser().parse_args(argv[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from pathlib import Path
 from typing import Any
@@ -240,4 +241,47 @@ async def test_duplicate_request_id_in_flight_is_refused(kmipd: RunningServer) -
     replies = [await raw.receive(), await raw.receive()]
     names = sorted(r["error"]["name"] if "error" in r else "result" for r in replies)
     assert names == ["duplicate-request-id", "result"]
+    await raw.aclose()
+
+
+async def test_a_client_that_stops_reading_is_held_to_its_bounds_then_closed(
+    start_server: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelining without ever reading: the server answers until its send blocks,
+    then stops reading (the rest stays in the client's socket, not in the server),
+    serves everyone else, and closes the connection after server.send_timeout."""
+    caplog.set_level(logging.INFO, logger="kmipd")
+    kmipd = await start_server(send_timeout=1.0, max_in_flight=8)
+    async with kmipd.async_client() as kms:
+        dek = await kms.create_dek("orders")
+    raw = await kmipd.raw()  # hello already negotiated
+    chunk = b"".join(
+        encode_frame(cbor2.dumps({"id": n, "op": "get-dek", "args": {"dek-id": dek.dek_id}}))
+        for n in range(1, 1001)
+    )
+    offered = 400 * len(chunk)  # 400,000 gets: answers far beyond any socket buffer
+    sent = 0
+    stalled = trio.Event()
+
+    async def flood() -> None:
+        nonlocal sent
+        try:
+            for _ in range(400):
+                with trio.move_on_after(0.5) as blocked:
+                    await raw.send_raw(chunk)
+                if blocked.cancelled_caught:
+                    stalled.set()  # the server stopped reading: wait for it to hang up
+                    await raw.send_raw(chunk)
+                sent += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood)
+            await stalled.wait()
+            await assert_other_clients_unaffected(kmipd)  # served while that one is stuck
+    assert sent < offered  # the server stopped reading long before the end
+    assert kmipd.server.connection_count == 0
+    assert "it stopped reading responses" in caplog.text
     await raw.aclose()

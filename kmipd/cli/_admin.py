@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
+from kmipd.cli._common import Commands
 from kmipd.daemon._backup import create_backup, restore_backup
 from kmipd.daemon._checks import check_config
 from kmipd.daemon.config import ConfigError, load_config
 
 
-def add_operations_commands(commands: Any) -> None:
+def register(commands: Commands) -> None:
     check = commands.add_parser(
         "check-config",
         help="check a config and everything it points at; list every problem",

@@ -18,6 +18,7 @@ import trio
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmipd import client as km
+from kmipd.cli._common import Commands
 from kmipd.daemon import RunningDaemon, run_daemon
 from kmipd.daemon._dev import prepare_dev
 from kmipd.daemon.config import load_config
@@ -26,6 +27,11 @@ from pki import CertificateAuthority, load_certificate
 
 class DemoFailedError(Exception):
     pass
+
+
+def register(commands: Commands) -> None:
+    demo = commands.add_parser("demo", help="walk the DEK delivery flow step by step")
+    demo.set_defaults(handler=lambda args: run_demo())
 
 
 def run_demo(out: Callable[[str], None] = print) -> int:

@@ -1,4 +1,4 @@
-"""``kmipd hsm init`` and ``kmipd hsm list``: the token side of an installation.
+"""``kmipd hsm ...``: the token side of an installation (software-init, init, list).
 
 ``hsm init`` runs with the daemon stopped (it takes the store's lock, as the
 daemon does): it logs in to the token, creates a namespace's KEK version 1
@@ -9,23 +9,80 @@ wraps and unwraps before printing its token object.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import getpass
+import json
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
 from kmipd.audit import AuditLog
+from kmipd.cli._common import CliError, Commands
 from kmipd.daemon import open_hsm
-from kmipd.daemon.config import Config
-from kmipd.hsm import HsmError, HsmIntegrityError, Pkcs11Hsm
+from kmipd.daemon._logging import configure_logging
+from kmipd.daemon.config import Config, load_config
+from kmipd.hsm import HsmError, HsmIntegrityError, Pkcs11Hsm, create_master_key
 from kmipd.protocol import CreateKek, KekInfo
-from kmipd.service import Caller, Grant, KeyService, Policy, ServerInfo
+from kmipd.service import Caller, Grant, KeyService, Policy, ServerInfo, ServiceError
 from kmipd.store import KeyStore
 
 _SELF_TEST_AAD = b"kmipd hsm init: self-test"
+
+
+def register(commands: Commands) -> None:
+    hsm = commands.add_parser("hsm", help="HSM backends").add_subparsers(metavar="ACTION")
+    soft = hsm.add_parser("software-init", help="create the software backend's master key")
+    soft.add_argument("--master-key", type=Path, required=True)
+    soft.set_defaults(handler=_hsm_software_init)
+    init = hsm.add_parser(
+        "init",
+        help="create a namespace's KEK (version 1) in the configured HSM; daemon stopped",
+        description="Logs in to the HSM of the config, creates KEK NAME version 1 as the "
+        "create-kek operation does (audited), checks that it wraps and unwraps, and prints "
+        "it (PKCS#11: the token object and its attributes). Takes the store's lock: stop "
+        "the daemon first.",
+    )
+    init.add_argument("--config", type=Path, required=True, help="the daemon's config file")
+    init.add_argument("name", metavar="NAME", help="the namespace (KEK name)")
+    init.set_defaults(handler=_hsm_init)
+    listing = hsm.add_parser(
+        "list", help="kmipd's KEK objects on the PKCS#11 token and their attributes"
+    )
+    listing.add_argument("--config", type=Path, required=True, help="the daemon's config file")
+    listing.set_defaults(handler=_hsm_list)
+
+
+def _hsm_software_init(args: argparse.Namespace) -> int:
+    create_master_key(args.master_key)
+    print(f"created master key {args.master_key} (mode 0600); back it up somewhere safe")
+    return 0
+
+
+def _hsm_init(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    configure_logging(config.log_level)
+    try:
+        result = trio.run(init_kek, config, args.name)
+    except ServiceError as exc:
+        raise CliError(f"{args.name}: {exc.message}") from None
+    print(
+        f"created KEK {result.kek.name!r} version {result.kek.version} "
+        f"(HSM handle {result.handle}), audited as {result.identity}; wrap+unwrap verified"
+    )
+    if result.token_object is not None:
+        print(json.dumps(result.token_object, indent=2))
+    return 0
+
+
+def _hsm_list(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(json.dumps(trio.run(list_token_objects, config), indent=2))
+    return 0
 
 
 @attrs.frozen

@@ -7,6 +7,9 @@ wire error codes. Keys come back in protected memory (``Dek``, ``DataKey``:
 locked, never dumped, zeroed when closed), optionally through a ``DekCache``.
 With a ``TransportKey`` they ask for every key sealed to it (HPKE) and open
 it themselves, and they seal and open files for one another (``seal``/``open``).
+
+Every operation is written once, in the sans-IO core (``_core``); ``_sync``
+and ``_async`` are the I/O shells that run it.
 """
 
 from kmipd.client._async import AsyncClient

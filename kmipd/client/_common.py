@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,16 @@ import attrs
 from kmipd.client._errors import KmipdError, remote_error
 from kmipd.client._tls import client_context
 from kmipd.net._address import format_address, parse_address
-from kmipd.protocol import OPERATIONS, ErrorInfo, HelloResult, KeyRef
+from kmipd.protocol import (
+    NEED_DATA,
+    OPERATIONS,
+    ClientConnection,
+    ConnectionFailed,
+    ErrorInfo,
+    HelloResult,
+    KeyRef,
+    ResponseReceived,
+)
 
 DEFAULT_PORT = 5696
 DEFAULT_TIMEOUT = 10.0
@@ -131,6 +140,15 @@ def unwrap_outcome(outcome: Any, *, server: str, request_id: int) -> Any:
     if isinstance(outcome, ErrorInfo):
         raise remote_error(outcome, server=server, request_id=request_id)
     return outcome
+
+
+def responses(protocol: ClientConnection, *, server: str) -> Iterator[ResponseReceived]:
+    """The responses complete in what was received so far; broken framing raises its error."""
+    while (event := protocol.next_event()) is not NEED_DATA:
+        if isinstance(event, ConnectionFailed):
+            raise remote_error(event.error, server=server, request_id=None)
+        assert isinstance(event, ResponseReceived)
+        yield event
 
 
 def is_idempotent(request: Any) -> bool:

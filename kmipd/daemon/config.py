@@ -1,7 +1,9 @@
 """The daemon's configuration file (TOML), checked in full before anything starts.
 
+Why it is long: it is the declaration of every option, one entry each (data).
+
 Every option is declared once below with its type, default and meaning; the
-README's configuration table is the same list. A bad file is refused with
+configuration table in docs/operators.md is the same list. A bad file is refused with
 every problem at once, each naming the key: ``server.max_in_flight: expected
 an integer, got text``. Relative paths are relative to the config file.
 """

@@ -1,5 +1,8 @@
 """The PKCS#11 backend: KEKs are AES-256 objects on a token that never leave it.
 
+Why it is long: a token's failure modes are handled here in full (session pool, login,
+per-call timeouts, each CKR_* mapped to our errors), all under one session discipline.
+
 Wrapping is AES-256-GCM in one ``C_Encrypt`` / ``C_Decrypt`` on the token,
 laid out exactly like the software backend's blobs (``nonce || ciphertext ||
 tag``, the same associated data), so a store can move between backends. No

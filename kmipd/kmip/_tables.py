@@ -1,5 +1,7 @@
 """KMIP tag numbers and enumerations, as data (KMIP 1.0-2.0, the specification's tables).
 
+Why it is long: it is the specification's tables, as data.
+
 The names are the specification's, written as in its XML/JSON encodings
 (``ActivationDate``); ``TAGS`` and ``ENUMS`` are built from the text below at
 import, so adding a tag is adding a line.

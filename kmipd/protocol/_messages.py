@@ -1,5 +1,7 @@
 """Every operation's request and result, declared as data (see _schema).
 
+Why it is long: it declares every message of the protocol, one class each (data).
+
 Wire shape (conformance/protocol.cddl is normative):
 
     request  = {"id": uint, "op": text, ? "args": {...}}

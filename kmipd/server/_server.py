@@ -1,5 +1,8 @@
 """The trio shell around ServerConnection and KeyService.
 
+Why it is long: a connection's deadlines, budgets and revocation cut-off are one state
+machine around its socket; the protocols' own state lives in kmipd.protocol and _kmip_conn.
+
 One task per connection reads frames; each request runs in its own task,
 so a slow request never holds up the ones behind it, and responses go out
 as they finish (out of order). A connection may have at most

@@ -342,8 +342,18 @@ class ServiceCore:
         except AuditError as exc:
             if self.audit.health.ok:  # an understood fault was logged once by its WriteHealth
                 log.error("%s", exc)
-            if self.audit.fail_open_reads and call.operation not in self._changes_state:
+            if call.operation in self._changes_state:
+                raise _audit_failed(exc) from None  # applied: the client must hear that
+            if self.audit.fail_open_reads:
                 return None
+            if self.audit.health.cause is not None:
+                # A read refused for an understood fault of the trail's disk: nothing was
+                # applied nor served, so the client may go to a daemon that can audit it.
+                raise ServiceError(
+                    ErrorCode.STORE_UNAVAILABLE,
+                    f"the audit trail cannot be written ({self.audit.health.cause}); "
+                    "not served, retry elsewhere or later",
+                ) from None
             raise _audit_failed(exc) from None
 
     # -- helpers -------------------------------------------------------------------------

@@ -25,17 +25,20 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kmipd.lifecycle import DEK_USAGES, State, Usage
 from kmipd.protocol import ErrorCode
 from kmipd.service._core import (
+    NOT_NOW,
     ServiceError,
+    _backend_errors,
     _Call,
     _kek_what,
     _lifecycle_errors,
+    _NotNow,
     _record_associated_data,
     _stored_dek_what,
     _unwrap_errors,
     dek_associated_data,
     new_dek_id,
 )
-from kmipd.store import DekRecord, ObjectRecord
+from kmipd.store import UNCACHED, DekRecord, KekVersion, ObjectRecord
 
 if TYPE_CHECKING:
     from kmipd.service._service import KeyService
@@ -188,10 +191,11 @@ def usages_for(mask: int | None) -> frozenset[Usage]:
     return frozenset(usage)
 
 
-def object_handlers(service: KeyService) -> dict[type[Any], Any]:
-    """The handlers KeyService registers for the KMIP object requests."""
+def object_handlers(service: KeyService) -> tuple[dict[type[Any], Any], dict[type[Any], Any]]:
+    """The handlers KeyService registers for the KMIP object requests: for ``handle``,
+    and the inline ones for ``handle_now``."""
     ops = _ObjectOperations(service)
-    return {
+    handlers = {
         CreateObject: ops.create,
         RegisterObject: ops.create,
         GetObject: ops.get,
@@ -201,6 +205,7 @@ def object_handlers(service: KeyService) -> dict[type[Any], Any]:
         CryptObject: ops.crypt,
         DecryptObject: ops.crypt,
     }
+    return handlers, {GetObject: ops.get_now}
 
 
 class _ObjectOperations:
@@ -260,10 +265,15 @@ class _ObjectOperations:
         return ObjectCreated(dek_id)
 
     async def _record(self, call: _Call, operation: str, dek_id: str) -> DekRecord:
-        service = self.service
         call.dek_id = dek_id
-        service._require_some_grant(call, operation)
-        record = await service.store.get_dek(dek_id)
+        self.service._require_some_grant(call, operation)
+        return self._admit(call, operation, dek_id, await self.service.store.get_dek(dek_id))
+
+    def _admit(
+        self, call: _Call, operation: str, dek_id: str, record: DekRecord | None
+    ) -> DekRecord:
+        """The record once the caller may ``operation`` it (some grant already checked)."""
+        service = self.service
         if record is None:
             raise self._error(ErrorCode.NOT_FOUND, f"no key with id {dek_id}")
         call.namespace = record.namespace
@@ -278,18 +288,49 @@ class _ObjectOperations:
     async def _kmip(self, record: DekRecord) -> ObjectRecord:
         return await self.service.store.get_object(record.dek_id) or default_object(record)
 
-    async def _unwrap(self, call: _Call, record: DekRecord) -> bytes:
+    def _unwrapping_version(self, record: DekRecord) -> KekVersion:
         service = self.service
         version = service._kek_version(record.namespace, record.kek_version)
         with _lifecycle_errors():
             version.lifecycle.check_recovery(Usage.UNWRAP, service._clock(), _kek_what(version))
+        return version
+
+    async def _unwrap(self, call: _Call, record: DekRecord) -> bytes:
+        version = self._unwrapping_version(record)
         with _unwrap_errors(version, _stored_dek_what(record)):
-            return await service.hsm.unwrap(
+            return await self.service.hsm.unwrap(
                 version.hsm_handle, record.wrapped, _record_associated_data(record)
             )
 
     async def get(self, call: _Call, request: GetObject) -> ObjectMaterial:
         record = await self._record(call, "get-dek", request.dek_id)
+        self._check_get(call, record)
+        key = await self._unwrap(call, record)
+        return ObjectMaterial(record, await self._kmip(record), key)
+
+    def get_now(self, call: _Call, request: GetObject) -> ObjectMaterial | _NotNow:
+        """Get from the cached row and attributes through an HSM that unwraps without
+        blocking (a storage system fetches the same keys again and again)."""
+        store = self.service.store
+        record = store.cached_dek(request.dek_id)
+        kmip = store.cached_object(request.dek_id)
+        if record is None or kmip is UNCACHED:
+            return NOT_NOW
+        call.dek_id = request.dek_id
+        with _backend_errors(request):
+            self.service._require_some_grant(call, "get-dek")
+            self._admit(call, "get-dek", request.dek_id, record)
+            self._check_get(call, record)
+            version = self._unwrapping_version(record)
+            with _unwrap_errors(version, _stored_dek_what(record)):
+                key = self.service.hsm.unwrap_now(
+                    version.hsm_handle, record.wrapped, _record_associated_data(record)
+                )
+        if key is None:
+            return NOT_NOW
+        return ObjectMaterial(record, kmip or default_object(record), key)
+
+    def _check_get(self, call: _Call, record: DekRecord) -> None:
         lifecycle = record.lifecycle
         state = lifecycle.effective(self.service._clock())
         call.detail = "kmip get"
@@ -299,8 +340,6 @@ class _ObjectOperations:
             raise self._error(ErrorCode.KEY_COMPROMISED, f"key {record.dek_id} is compromised")
         # Pre-Active, Active and Deactivated objects may be fetched (KMIP Get); what
         # the holder may do with them is the key's lifecycle, checked here on Encrypt.
-        key = await self._unwrap(call, record)
-        return ObjectMaterial(record, await self._kmip(record), key)
 
     async def info(self, call: _Call, request: ObjectInfo) -> ObjectView:
         record = await self._record(call, "get-attributes", request.dek_id)

@@ -37,5 +37,7 @@ class KeyService(
         super().__init__(**kwargs)
         # KMIP's object operations (kmipd.service._objects) run through the same
         # handle(): authorization, audit and the commit point as the native ones.
-        self._handlers.update(object_handlers(self))
+        handlers, inline = object_handlers(self)
+        self._handlers.update(handlers)
+        self._inline.update(inline)
         self._changes_state = self._changes_state | {"register", "modify-attributes"}

@@ -3,6 +3,7 @@
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
+    UNCACHED,
     AlreadyExistsError,
     Change,
     DekRecord,
@@ -22,6 +23,7 @@ from kmipd.store._sqlite import (
 
 __all__ = [
     "IDEMPOTENCY_RETENTION",
+    "UNCACHED",
     "AlreadyExistsError",
     "Change",
     "DekRecord",

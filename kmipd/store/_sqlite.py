@@ -1,5 +1,9 @@
 """The key store: wrapped DEKs and KEK metadata in one SQLite file.
 
+Why one long module: every table's SQL shares one connection discipline (a single
+writer, the commit point, the row cache); splitting it by table family, as the service is
+split, waits until the PostgreSQL backend lands so both backends follow one layout.
+
 Only wrapped key material ever reaches this file. SQLite runs in WAL mode
 with ``synchronous=FULL``, so a DEK whose insert returned has reached the
 disk and survives ``kill -9`` of the daemon; ``secure_delete`` overwrites
@@ -8,9 +12,9 @@ deleted rows instead of leaving them in free pages.
 SQLite calls block, so they run on worker threads (one connection for
 writes, one for reads: WAL lets the reader proceed while a write commits).
 Reads of recently used DEKs are served from a bounded in-memory cache of
-*wrapped* records, which spares the ~0.1 ms thread round trip on the hot
-path; one daemon owns the file (an exclusive lock enforces it), so the
-cache cannot go stale behind its back.
+*wrapped* records and their KMIP attributes, which spares the ~0.1 ms
+thread round trip on the hot path; one daemon owns the file (an exclusive
+lock enforces it), so the cache cannot go stale behind its back.
 """
 
 # ruff: noqa: S608 - queries interpolate only constant column lists and conditions;
@@ -18,6 +22,7 @@ cache cannot go stale behind its back.
 from __future__ import annotations
 
 import collections
+import enum
 import fcntl
 import json
 import logging
@@ -26,7 +31,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import attrs
 import trio
@@ -385,6 +390,14 @@ _VALUE_VERSION_COLUMNS = (
     " not_before, expires, created_at, created_by, updated_at"
 )
 
+
+class _Uncached(enum.Enum):
+    UNCACHED = "uncached"
+
+
+#: cached_object's answer when only the database knows.
+UNCACHED: Final = _Uncached.UNCACHED
+
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
 
@@ -430,6 +443,9 @@ class KeyStore:
         self._read_limiter = trio.CapacityLimiter(1)
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
         self._cache_size = cache_size
+        #: KMIP attributes beside the DEK cache (None: the key has none), same rules: a
+        #: KMIP Get reads them with the row, and a thread hop per Get cost more than both.
+        self._objects: collections.OrderedDict[str, ObjectRecord | None] = collections.OrderedDict()
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
         self._transport = {r.identity: r for r in _load_transport_certs(self._reader)}
         self._data_version = _data_version(self._reader)
@@ -667,6 +683,7 @@ class KeyStore:
 
         await self._write(insert)
         self._remember(record)
+        self._remember_object(record.dek_id, kmip)
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
         """The row if it is in the cache; never touches the database."""
@@ -752,11 +769,33 @@ class KeyStore:
 
     def _forget(self, dek_id: str) -> None:
         self._cache.pop(dek_id, None)
+        self._objects.pop(dek_id, None)
+
+    def _remember_object(self, dek_id: str, kmip: ObjectRecord | None) -> None:
+        if self.shared:
+            return
+        self._objects[dek_id] = kmip
+        self._objects.move_to_end(dek_id)
+        while len(self._objects) > self._cache_size:
+            self._objects.popitem(last=False)
 
     # -- KMIP attributes -------------------------------------------------------------
 
+    def cached_object(self, dek_id: str) -> ObjectRecord | _Uncached | None:
+        """The key's KMIP attributes if the cache knows them (None: it has none), else
+        UNCACHED; never touches the database."""
+        if self.shared:
+            return UNCACHED  # another daemon may have changed them
+        if dek_id not in self._objects:
+            return UNCACHED
+        self._objects.move_to_end(dek_id)
+        return self._objects[dek_id]
+
     async def get_object(self, dek_id: str) -> ObjectRecord | None:
         """The key's KMIP attributes, or None for a key that never had any (a native DEK)."""
+        cached = self.cached_object(dek_id)
+        if cached is not UNCACHED:
+            return cached
 
         def select(db: sqlite3.Connection) -> ObjectRecord | None:
             row = db.execute(
@@ -769,11 +808,15 @@ class KeyStore:
             ).fetchall()
             return _object_from_row(row, tuple(name for (name,) in names))
 
-        return await self._read(select)
+        found = await self._read(select)
+        self._remember_object(dek_id, found)
+        return found
 
     async def put_object(self, kmip: ObjectRecord) -> None:
         """Insert or replace a key's KMIP attributes (its DEK row must exist)."""
+        self._objects.pop(kmip.dek_id, None)  # whatever the write's fate, reread next time
         await self._write(lambda db: _write_object(db, kmip))
+        self._remember_object(kmip.dek_id, kmip)
 
     async def locate_objects(
         self,
