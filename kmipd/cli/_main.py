@@ -16,7 +16,18 @@ from collections.abc import Callable, Sequence
 
 from kmipd import client as km
 from kmipd.audit import AuditError
-from kmipd.cli import _admin, _audit, _demo, _envelope, _hsm, _keys, _pki, _serve, _transport
+from kmipd.cli import (
+    _admin,
+    _audit,
+    _demo,
+    _envelope,
+    _hsm,
+    _keys,
+    _pki,
+    _secret,
+    _serve,
+    _transport,
+)
 from kmipd.cli._common import CliError, Commands
 from kmipd.daemon._backup import BackupError
 from kmipd.daemon._systemd import SystemdError
@@ -33,6 +44,7 @@ GROUPS: tuple[Callable[[Commands], None], ...] = (
     _pki.register,  # pki
     _hsm.register,  # hsm
     _keys.register,  # dek, datakey, kek, status, key, job
+    _secret.register,  # secret
     _audit.register,  # audit
     _envelope.register,  # encrypt, decrypt, seal, open
     _transport.register,  # transport
