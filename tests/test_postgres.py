@@ -10,11 +10,12 @@ real daemons with one killed mid-run.
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,8 +352,9 @@ def postgres_config(template: str, conninfo: str, n: int, store: str = "") -> st
 
 
 def start_on_postgres(
-    tmp_path: Path, conninfo: str, how_many: int, store: str = ""
+    tmp_path: Path, conninfo: str, how_many: int, store: str = "", extra: str = ""
 ) -> tuple[list[Daemon], dict[str, Path], Path, Callable[[int], Path]]:
+    """``extra``: TOML appended to every daemon's config (whole tables)."""
     data = tmp_path / "dev"
     first = Daemon("--dev", "--data", data, "--listen", "127.0.0.1:0", log=tmp_path / "init.log")
     assert first.stop() == 0  # it made the CA, master key and keyring; now they share them
@@ -360,7 +362,7 @@ def start_on_postgres(
 
     def config(n: int) -> Path:
         path = data / f"kmipd-{n}.toml"
-        path.write_text(postgres_config(template, conninfo, n, store))
+        path.write_text(postgres_config(template, conninfo, n, store) + extra)
         return path
 
     daemons = [Daemon("--config", config(n), log=tmp_path / f"d{n}.log") for n in range(how_many)]
@@ -558,3 +560,186 @@ def test_the_client_settles_store_outcome_unknown_on_another_daemon_of_the_store
     assert count(postgres_db, "SELECT count(*) FROM deks") == 1
     assert count(postgres_db, "SELECT last_value FROM commit_kills") == 2
     assert "store outcome unknown during create-dek" in daemons[0].stderr()
+
+
+# -- store failover: a primary, a synchronous streaming replica, the primary killed ---------
+
+
+@pytest.fixture
+def primary_and_replica() -> Iterator[tuple[Cluster, Cluster]]:
+    """A primary whose every commit is applied on its streaming replica before it is
+    acknowledged (``synchronous_commit = remote_apply``), both running."""
+    with running_cluster() as primary:
+        primary.execute("CREATE DATABASE kmipd")
+        replica = primary.replica()
+        try:
+            replica.start()
+            # Synchronous only now: with no standby yet, CREATE DATABASE would wait for one.
+            primary.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            primary.execute("ALTER SYSTEM SET synchronous_commit = 'remote_apply'")
+            primary.execute("SELECT pg_reload_conf()")
+            deadline = time.monotonic() + 30
+            while primary.execute("SELECT sync_state FROM pg_stat_replication") != [("sync",)]:
+                assert time.monotonic() < deadline, "the replica never became synchronous"
+                time.sleep(0.02)  # polling the primary's view of its standby
+            yield primary, replica
+        finally:
+            replica.destroy()
+
+
+RETRYABLE = (
+    km.StoreUnavailableError,
+    km.StoreOutcomeUnknownError,
+    km.UnavailableError,
+    km.BusyError,
+    km.ShuttingDownError,
+)
+
+
+@pytest.mark.slow
+def test_the_store_fails_over_to_its_replica_and_no_acknowledged_key_is_lost(
+    tmp_path: Path, primary_and_replica: tuple[Cluster, Cluster]
+) -> None:
+    primary, replica = primary_and_replica
+    # libpq multi-host: whichever of the two takes writes.
+    conninfo = (
+        f"host={primary.socket_dir},{replica.socket_dir} port={primary.port},{replica.port}"
+        " dbname=kmipd user=postgres target_session_attrs=read-write"
+    )
+    daemons, creds, data, _ = start_on_postgres(tmp_path, conninfo, 2)
+    addresses = [d.address for d in daemons]
+    acknowledged: dict[str, bytes] = {}
+    retried: list[tuple[float, str]] = []  # (when, error) of every retryable error seen
+    failures: list[BaseException] = []
+    workers = 4
+    before = threading.Barrier(workers + 1)
+    promoted = threading.Event()
+
+    def retrying(call: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                return call()
+            except RETRYABLE as exc:  # the client backs off between attempts itself
+                retried.append((time.monotonic(), type(exc).__name__))
+                assert len(retried) < 2000, "the retryable errors never stopped"
+
+    def create_and_read(kms: Client) -> None:
+        key = os.urandom(16)  # one idempotency key for every attempt of this create
+
+        def create() -> tuple[str, bytes]:
+            with kms.create_dek("failover", idempotency_key=key) as dek:
+                return dek.dek_id, bytes(dek.key)
+
+        dek_id, value = retrying(create)
+        acknowledged[dek_id] = value
+
+        def read() -> bytes:
+            with kms.get_dek(dek_id) as again:
+                return bytes(again.key)
+
+        assert retrying(read) == value
+
+    def workload() -> None:
+        try:
+            with Client(addresses, **creds, timeout=30, backoff_base=0.05) as kms:
+                for _ in range(10):
+                    create_and_read(kms)
+                before.wait(60)
+                while not promoted.is_set():  # writes in flight while the primary dies
+                    create_and_read(kms)
+                for _ in range(10):
+                    create_and_read(kms)
+        except BaseException as exc:  # collected and asserted below
+            failures.append(exc)
+            before.abort()
+
+    threads = [threading.Thread(target=workload) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    before.wait(60)
+    flowing = len(acknowledged) + 2 * workers
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < flowing:  # kill it with writes in flight, not between them
+        assert time.monotonic() < deadline and not failures, failures
+        time.sleep(0.001)  # polling the workers' progress
+    killed_at = time.monotonic()
+    primary.kill()
+    replica.promote()
+    promoted_at = time.monotonic()
+    promoted.set()
+    for thread in threads:
+        thread.join(120)
+    assert failures == [], (failures, [d.stderr()[-4000:] for d in daemons])
+    late = [when - promoted_at for when, _ in retried]
+    print(
+        f"primary killed, replica promoted in {promoted_at - killed_at:.2f} s;"
+        f" {len(retried)} retryable errors reached the workers"
+        f" ({sorted({name for _, name in retried})}),"
+        f" the last {max(late, default=0):.2f} s after the promotion;"
+        f" {len(acknowledged)} keys acknowledged"
+    )
+    assert len(acknowledged) >= workers * 20
+    # Every acknowledged key is on the new primary, each once; the daemons serve them
+    # without a restart.
+    survivor = replica.conninfo("kmipd")
+    assert count(survivor, "SELECT count(*) FROM deks") == len(acknowledged)
+    with Client(addresses, **creds) as kms:
+        fetched = kms.get_deks(list(acknowledged))
+        assert {d.dek_id: d.key_bytes() for d in fetched} == acknowledged
+    for daemon in daemons:
+        assert daemon.stop() == 0
+    # What the daemons answered meanwhile (the client library retried it): a burst of
+    # retryable refusals while no server took writes, and every audit chain whole.
+    trails = [data / f"audit-{n}.log" for n in range(2)]
+    answers: dict[str, int] = {}
+    for trail in trails:
+        report = verify(trail)
+        assert report.ok, (trail.name, report.problem)
+        for _, record in records(trail):
+            answers[record["result"]] = answers.get(record["result"], 0) + 1
+    print(f"the daemons' answers: {answers}")
+    assert set(answers) <= {"ok", "store-unavailable", "store-outcome-unknown"}, answers
+    assert answers.get("store-unavailable", 0) + answers.get("store-outcome-unknown", 0) < 500
+
+
+@pytest.mark.slow
+def test_maintenance_runs_on_one_daemon_and_moves_to_another_when_it_dies(
+    tmp_path: Path, postgres_db: str
+) -> None:
+    """Purges (like rotations and rewrap jobs) run where the maintenance lock is held."""
+    daemons, creds, data, _ = start_on_postgres(
+        tmp_path,
+        postgres_db,
+        2,
+        extra="\n[lifecycle]\nsoft_delete_days = 0\ncheck_interval = 0.05\n",
+    )
+    admin = {**creds, "cert": data / "pki" / "admin.pem", "key": data / "pki" / "admin-key.pem"}
+    addresses = [d.address for d in daemons]
+
+    def purged_by(dek_ids: list[str]) -> list[set[int]]:
+        """For each key, which daemons logged erasing it, once some daemon did."""
+        deadline = time.monotonic() + 30
+        while True:
+            logs = [d.stderr() for d in daemons]
+            erased = [f"destroyed DEK {k}: its wrapped material is erased" for k in dek_ids]
+            found = [{n for n, text in enumerate(logs) if line in text} for line in erased]
+            if all(found):
+                return found
+            assert time.monotonic() < deadline, "nothing purged the destroyed keys"
+            time.sleep(0.02)  # polling the daemons' logs
+
+    def destroy_some(kms: Client, admin_kms: Client, n: int) -> list[str]:
+        made = [kms.create_dek("maintained").dek_id for _ in range(n)]
+        for dek_id in made:
+            admin_kms.revoke("superseded", dek_id=dek_id)
+            admin_kms.destroy(dek_id=dek_id)  # soft-deleted: due for purge at once
+        return made
+
+    with Client(addresses, **creds) as kms, Client(addresses, **admin) as admin_kms:
+        holders = purged_by(destroy_some(kms, admin_kms, 12))
+        assert len(set().union(*holders)) == 1, holders  # one daemon erased them all, alone
+        (holder,) = holders[0]
+        daemons[holder].kill()  # its session ends, and the lock with it
+        survivor = 1 - holder
+        assert purged_by(destroy_some(kms, admin_kms, 3)) == [{survivor}] * 3
+    assert daemons[survivor].stop() == 0

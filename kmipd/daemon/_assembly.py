@@ -116,7 +116,13 @@ async def run_daemon(
             nursery.start_soon(store.watch_writes)
             nursery.start_soon(audit.flush_periodically)
             nursery.start_soon(_maintain, service, config.check_interval)
-            nursery.start_soon(_run_rewrap_jobs, service, config.rewrap_batch, config.rewrap_pause)
+            nursery.start_soon(
+                _run_rewrap_jobs,
+                service,
+                config.rewrap_batch,
+                config.rewrap_pause,
+                config.check_interval,
+            )
             if metrics_listeners:
                 await nursery.start(serve_metrics, metrics_listeners, MetricsExporter(server))
                 log.info(
@@ -198,10 +204,16 @@ async def _client_listeners(config: Config, manager: ServiceManager) -> list[tri
 
 
 async def _maintain(service: KeyService, interval: float) -> None:
-    """Apply date transitions, rotate KEKs that reached protect-stop, purge destroyed keys."""
+    """Apply date transitions, rotate KEKs that reached protect-stop, purge destroyed keys.
+
+    On a shared store only the daemon whose turn it is (the holder of the store's
+    maintenance lock) does: two rotating one KEK at once would make two versions.
+    When it dies the lock goes with it, and another daemon's next pass takes over.
+    """
     while True:
         try:
-            await service.maintain()
+            if await service.store.maintenance_turn():
+                await service.maintain()
         except StoreUnavailableError:
             pass  # the store's fault is logged (once) by its WriteHealth; the next pass retries
         except Exception:
@@ -209,14 +221,26 @@ async def _maintain(service: KeyService, interval: float) -> None:
         await trio.sleep(interval)  # a periodic pass, not a wait for an event
 
 
-async def _run_rewrap_jobs(service: KeyService, batch: int, pause: float) -> None:
-    """Advance running rewrap jobs batch by batch; jobs survive restarts in the store."""
+async def _run_rewrap_jobs(service: KeyService, batch: int, pause: float, interval: float) -> None:
+    """Advance running rewrap jobs batch by batch; jobs survive restarts in the store.
+
+    On a shared store the maintenance holder runs them (see _maintain): it looks again
+    every ``interval``, so a job started through another daemon starts within it.
+    """
     while True:
         # A fresh event before looking: a job started meanwhile wakes us.
         waiting = service.jobs_waiting = trio.Event()
-        jobs = await service.store.list_jobs("running")
+        try:
+            mine = await service.store.maintenance_turn()
+            jobs = await service.store.list_jobs("running") if mine else []
+        except StoreUnavailableError:
+            jobs = []  # logged once by the store's WriteHealth; looked at again below
         if not jobs:
-            await waiting.wait()
+            if service.store.shared:
+                with trio.move_on_after(interval):  # another daemon's job, or our turn
+                    await waiting.wait()
+            else:
+                await waiting.wait()
             continue
         for job in jobs:
             try:

@@ -1575,7 +1575,10 @@ class PostgresStore:
                 db = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
             except psycopg.Error:
                 return False
-            row = db.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK,)).fetchone()
+            try:
+                row = db.execute("SELECT pg_try_advisory_lock(%s)", (MAINTENANCE_LOCK,)).fetchone()
+            except psycopg.Error:
+                row = None  # the server went away meanwhile: not our turn, ask again later
             if row is None or not row[0]:
                 db.close()
                 return False
