@@ -15,6 +15,7 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 import kmipd.client as km
 from kmipd.audit import records, verify
@@ -743,3 +745,27 @@ def test_maintenance_runs_on_one_daemon_and_moves_to_another_when_it_dies(
         survivor = 1 - holder
         assert purged_by(destroy_some(kms, admin_kms, 3)) == [{survivor}] * 3
     assert daemons[survivor].stop() == 0
+
+
+@pytest.mark.slow
+def test_metrics_show_the_pool_and_the_store_latency(tmp_path: Path, postgres_db: str) -> None:
+    (daemon,), creds, _, _ = start_on_postgres(
+        tmp_path, postgres_db, 1, extra='\n[metrics]\nlisten = "127.0.0.1:0"\n'
+    )
+    with Client(daemon.address, **creds) as kms:
+        kms.create_dek("metered").close()
+    [url] = re.findall(r"Prometheus metrics on (http://\S+?/metrics)", daemon.stderr())
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        text = answer.read().decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("kmipd_store_pool_max", ())] == 8  # store.pool_size's default
+    assert 1 <= samples[("kmipd_store_pool_size", ())] <= 8
+    assert ("kmipd_store_pool_waiting", ()) in samples
+    assert ("kmipd_store_pool_connections_lost_total", ()) in samples
+    writes = samples[("kmipd_store_transaction_duration_seconds_count", (("kind", "write"),))]
+    assert writes >= 1  # the create's commit, at least
+    assert daemon.stop() == 0

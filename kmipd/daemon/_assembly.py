@@ -83,6 +83,7 @@ async def run_daemon(
         notifier.status("waiting for the HSM backend to answer")
         await hsm.check()
         metrics = ServerMetrics()
+        store.observer = metrics.record_store
         service = KeyService(
             store=store,
             hsm=MeasuredHsm(hsm, metrics),

@@ -7,6 +7,7 @@ the service is written against ``Store`` and never learns which it has.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from kmipd.lifecycle import Lifecycle, State
@@ -55,6 +56,9 @@ class Store(Protocol):
     #: Where the store is served from, for status: the file, or the PostgreSQL server
     #: (host:port) the last check reached.
     server: str
+    #: Told every database transaction's kind ("read", "write") and duration in
+    #: seconds, if set (the daemon's metrics); called on the event loop.
+    observer: Callable[[str, float], None] | None
 
     def close(self) -> None: ...
 
@@ -160,6 +164,7 @@ class Store(Protocol):
     async def count_secret_versions_under(self, namespace: str, kek_version: int) -> int: ...
 
     # Health, sharing, maintenance.
+    def pool_stats(self) -> dict[str, int]: ...
     async def refresh_if_changed(self) -> None: ...
     async def maintenance_turn(self) -> bool: ...
     async def count_deks(self) -> int: ...

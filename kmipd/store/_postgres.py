@@ -330,6 +330,8 @@ class PostgresStore:
         self.where = describe_conninfo(conninfo)
         self.server = self.where
         self._clock = clock
+        #: See Store.observer: told each transaction's kind and duration.
+        self.observer: Callable[[str, float], None] | None = None
         self._cache_size = cache_size
         self._cache: collections.OrderedDict[str, DekRecord] = collections.OrderedDict()
         #: KMIP attributes beside the rows (None: the key has none), under the same rules:
@@ -502,7 +504,7 @@ class PostgresStore:
             self.health.count_refused()
             raise StoreUnavailableError(self.health.cause or "cannot write")
         point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
-        result = await self._on_thread(lambda: self._run(fn, feed=feed, write=True))
+        result = await self._timed("write", lambda: self._run(fn, feed=feed, write=True))
         self.health.succeeded()
         return result
 
@@ -510,7 +512,15 @@ class PostgresStore:
         if self._unreachable:
             self.health.count_refused()
             raise StoreUnavailableError(self.health.cause or _UNREACHABLE)
-        return await self._on_thread(lambda: self._run(fn, feed=False, write=False))
+        return await self._timed("read", lambda: self._run(fn, feed=False, write=False))
+
+    async def _timed(self, kind: str, call: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await self._on_thread(call)
+        finally:
+            if self.observer is not None:
+                self.observer(kind, time.perf_counter() - started)
 
     async def _on_thread(self, call: Callable[[], T]) -> T:
         try:

@@ -423,6 +423,8 @@ class KeyStore:
         self.path = path
         self.server = str(path)
         self.shared = shared
+        #: See Store.observer: told each transaction's kind and duration.
+        self.observer: Callable[[str, float], None] | None = None
         #: Whether writes go through; a write failing for an understood cause faults it.
         self.health = WriteHealth("key store", path)
         #: Set when a fault starts: the write probe (``watch_writes``) wakes.
@@ -491,6 +493,7 @@ class KeyStore:
             self.health.count_refused()
             raise StoreUnavailableError(self.health.cause or "cannot write")
         point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
+        started = time.perf_counter()
         try:
             result = await trio.to_thread.run_sync(
                 self._transaction, fn, limiter=self._write_limiter
@@ -501,6 +504,9 @@ class KeyStore:
                 raise
             self.health.failed(cause, str(exc))
             raise StoreUnavailableError(cause, str(exc)) from None
+        finally:
+            if self.observer is not None:
+                self.observer("write", time.perf_counter() - started)
         self.health.succeeded()
         return result
 
@@ -543,7 +549,16 @@ class KeyStore:
             self._faulted = trio.Event()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
+        started = time.perf_counter()
+        try:
+            return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
+        finally:
+            if self.observer is not None:
+                self.observer("read", time.perf_counter() - started)
+
+    def pool_stats(self) -> dict[str, int]:
+        """No pool: one writer and one reader connection, always open."""
+        return {}
 
     # -- KEKs --------------------------------------------------------------------
 
