@@ -25,7 +25,7 @@ from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from kmipd.hsm import Pkcs11Settings
 from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.net._address import parse_address
-from kmipd.protocol import NAMESPACE_PATTERN
+from kmipd.protocol import NAMESPACE_PATTERN, SECRET_MAX_VALUE_SIZE
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
 from kmipd.server import KmipSettings, ServerLimits, TlsSettings
 from kmipd.service import Grant, Policy, PolicyError, expand_operations
@@ -72,8 +72,8 @@ def _frame_size(value: int) -> str | None:
 
 
 def _secret_size(value: int) -> str | None:
-    # The wire's own limit on a value (kmipd.protocol SECRET_VALUE).
-    return None if 1 <= value <= 16 * 1024 * 1024 else "must be 1..16777216 (16 MiB)"
+    # The wire's own limit on a value.
+    return None if 1 <= value <= SECRET_MAX_VALUE_SIZE else "must be 1..16777216 (16 MiB)"
 
 
 def _addresses(value: list[Any]) -> str | None:
@@ -518,6 +518,7 @@ def parse_config(
     kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
     _check_hsm_backend(document.get("hsm", {}), values, problems)
     _check_store_backend(document.get("store", {}), values, problems)
+    _check_secret_frames(values, problems)
     env = os.environ if environ is None else environ
     for section, key in sorted(_PATH_KEYS):
         if isinstance(values[(section, key)], str):
@@ -599,6 +600,22 @@ def parse_config(
         postgres=_postgres_settings(values),
         secret_max_size=v("secrets", "max_size"),
     )
+
+
+#: What a set-secret frame carries beside the value: ids, names, content type, a few tags.
+SECRET_FRAME_HEADROOM = 8 * 1024
+
+
+def _check_secret_frames(values: dict[tuple[str, str], Any], problems: list[str]) -> None:
+    """A value travels in one frame: secrets.max_size must fit in server.max_frame_size."""
+    frame, size = values[("server", "max_frame_size")], values[("secrets", "max_size")]
+    if isinstance(frame, int) and isinstance(size, int) and frame < size + SECRET_FRAME_HEADROOM:
+        problems.append(
+            f"secrets.max_size: a secret of {size} bytes cannot reach the daemon in a frame "
+            f"of server.max_frame_size = {frame} bytes: raise server.max_frame_size to at "
+            f"least {size + SECRET_FRAME_HEADROOM} (the value and {SECRET_FRAME_HEADROOM} "
+            "bytes for its name and attributes), or lower secrets.max_size"
+        )
 
 
 def _check_section(
