@@ -41,23 +41,14 @@ from typing import Any
 
 from kmipd.client import Client
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+from bench_core import start  # noqa: E402 - a daemon's 'listening on' line, as there
+
 from tests.postgres import Cluster, find_bindir  # noqa: E402 - the tests' throwaway cluster
 
 CLIENT_THREADS = 2
 KEYS = 200
-
-
-def start(command: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a daemon and wait for its 'listening on HOST:PORT' line."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("wb"))
-    assert process.stdout is not None
-    for raw in process.stdout:
-        match = re.search(r"listening on (\S+?)(,|$)", raw.decode())
-        if match:
-            return process, match.group(1)
-    raise RuntimeError(f"kmipd did not start; see {log}")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

@@ -62,6 +62,7 @@ from kmipd.store._commit import point_of_no_return
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, StoreOutcomeUnknownError
 from kmipd.store._sqlite import (
+    _VALUE_VERSION_COLUMNS,
     IDEMPOTENCY_RETENTION,
     UNCACHED,
     AlreadyExistsError,
@@ -77,6 +78,8 @@ from kmipd.store._sqlite import (
     SecretVersion,
     StoreError,
     TransportCertRecord,
+    _object_from_row,
+    _secret_version_from_row,
     _Uncached,
 )
 
@@ -240,10 +243,6 @@ MAINTENANCE_LOCK = 0x6B6D69706402
 #: already applied to its own memory.
 CHANNEL = "kmipd_changes"
 
-_VALUE_VERSION_COLUMNS = (
-    "namespace, name, version, kek_version, wrapped, size, content_type, tags, enabled,"
-    " not_before, expires, created_at, created_by, updated_at"
-)
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 _DESTROYED = ("destroyed", "destroyed-compromised")
 #: Deadlocks and serialization failures are retried; each attempt is a fresh transaction.
@@ -1755,27 +1754,6 @@ def _secret_version_row(version: SecretVersion) -> tuple[Any, ...]:
     )
 
 
-def _secret_version_from_row(row: tuple[Any, ...]) -> SecretVersion:
-    (ns, name, number, kek_version, wrapped, size, content_type, tags, enabled) = row[:9]
-    not_before, expires, created_at, created_by, updated_at = row[9:]
-    return SecretVersion(
-        ns,
-        name,
-        number,
-        kek_version,
-        bytes(wrapped),
-        size,
-        content_type,
-        json.loads(tags),
-        bool(enabled),
-        not_before,
-        expires,
-        created_at,
-        created_by,
-        updated_at,
-    )
-
-
 def _load_secret(db: Db, namespace: str, name: str) -> SecretRecord | None:
     row = db.execute(
         "SELECT created_at, created_by, deleted_at, purge_at FROM secrets"
@@ -1831,24 +1809,6 @@ def _write_object(db: Db, kmip: ObjectRecord) -> None:
             " ON CONFLICT DO NOTHING",
             [(name, kmip.dek_id, n) for n, name in enumerate(kmip.names)],
         )
-
-
-def _object_from_row(row: tuple[Any, ...], names: tuple[str, ...]) -> ObjectRecord:
-    dek_id, object_type, algorithm, length, usage_mask, object_group, document = row
-    extra = json.loads(document)
-    return ObjectRecord(
-        dek_id=dek_id,
-        object_type=object_type,
-        algorithm=algorithm,
-        length=length,
-        usage_mask=usage_mask,
-        object_group=object_group,
-        names=names,
-        custom=extra.get("custom", {}),
-        links=tuple((int(kind), str(target)) for kind, target in extra.get("links", [])),
-        last_change=extra.get("last_change"),
-        secret_data_type=extra.get("secret_data_type"),
-    )
 
 
 def _touch_probe(db: Db, now: int) -> None:
