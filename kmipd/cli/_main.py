@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from kmipd import client as km
 from kmipd.audit import AuditError
-from kmipd.cli import _admin, _audit, _demo, _envelope, _hsm, _keys, _pki, _serve, _transport
+from kmipd.cli import _admin, _audit, _ca, _demo, _envelope, _hsm, _keys, _pki, _serve, _transport
 from kmipd.cli._common import CliError, Commands
 from kmipd.daemon._backup import BackupError
 from kmipd.daemon._systemd import SystemdError
@@ -31,6 +31,7 @@ GROUPS: tuple[Callable[[Commands], None], ...] = (
     _serve.register,  # serve
     _demo.register,  # demo
     _pki.register,  # pki
+    _ca.register,  # ca
     _hsm.register,  # hsm
     _keys.register,  # dek, datakey, kek, status, key, job
     _audit.register,  # audit

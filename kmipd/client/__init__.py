@@ -14,6 +14,7 @@ and ``_async`` are the I/O shells that run it.
 
 from kmipd.client._async import AsyncClient
 from kmipd.client._cache import CacheStats, DekCache
+from kmipd.client._certs import IssuedCertificate, generate_key, make_csr
 from kmipd.client._common import ConnectionInfo
 from kmipd.client._envelope import EnvelopeError
 from kmipd.client._errors import (
@@ -22,8 +23,15 @@ from kmipd.client._errors import (
     AuditUnavailableError,
     BadRequestError,
     BusyError,
+    CertificateIdentityMismatchError,
+    CertificateKeyNotAllowedError,
+    CertificateKeyReusedError,
+    CertificateNameNotAllowedError,
+    CertificateNotRenewableError,
     CertificateRejectedError,
     CertificateRevokedError,
+    CertificateValidityTooLongError,
+    CsrInvalidError,
     DeadlineExceededError,
     DependentsExistError,
     DestroyPendingError,
@@ -38,6 +46,7 @@ from kmipd.client._errors import (
     KeyDestroyedError,
     KeyNotActiveError,
     KmipdError,
+    NoOnlineCaError,
     NotAuthorizedError,
     NotFoundError,
     NoTransportCertificateError,
@@ -80,10 +89,17 @@ __all__ = [
     "BadRequestError",
     "BusyError",
     "CacheStats",
+    "CertificateIdentityMismatchError",
+    "CertificateKeyNotAllowedError",
+    "CertificateKeyReusedError",
+    "CertificateNameNotAllowedError",
+    "CertificateNotRenewableError",
     "CertificateRejectedError",
     "CertificateRevokedError",
+    "CertificateValidityTooLongError",
     "Client",
     "ConnectionInfo",
+    "CsrInvalidError",
     "DataKey",
     "DeadlineExceededError",
     "Dek",
@@ -97,6 +113,7 @@ __all__ = [
     "HsmUnavailableError",
     "IntegrityFailureError",
     "InternalError",
+    "IssuedCertificate",
     "KekInfo",
     "KeyCompromisedError",
     "KeyDeactivatedError",
@@ -104,6 +121,7 @@ __all__ = [
     "KeyNotActiveError",
     "KeyWipedError",
     "KmipdError",
+    "NoOnlineCaError",
     "NoTransportCertificateError",
     "NotAuthorizedError",
     "NotFoundError",
@@ -135,4 +153,6 @@ __all__ = [
     "UsageNotPermittedError",
     "WrongStateError",
     "client_context",
+    "generate_key",
+    "make_csr",
 ]
