@@ -16,7 +16,19 @@ from collections.abc import Callable, Sequence
 
 from kmipd import client as km
 from kmipd.audit import AuditError
-from kmipd.cli import _admin, _audit, _ca, _demo, _envelope, _hsm, _keys, _pki, _serve, _transport
+from kmipd.cli import (
+    _admin,
+    _audit,
+    _ca,
+    _demo,
+    _envelope,
+    _hsm,
+    _keys,
+    _pki,
+    _secret,
+    _serve,
+    _transport,
+)
 from kmipd.cli._common import CliError, Commands
 from kmipd.daemon._backup import BackupError
 from kmipd.daemon._systemd import SystemdError
@@ -34,6 +46,7 @@ GROUPS: tuple[Callable[[Commands], None], ...] = (
     _ca.register,  # ca
     _hsm.register,  # hsm
     _keys.register,  # dek, datakey, kek, status, key, job
+    _secret.register,  # secret
     _audit.register,  # audit
     _envelope.register,  # encrypt, decrypt, seal, open
     _transport.register,  # transport

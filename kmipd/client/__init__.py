@@ -4,7 +4,8 @@ Both verify the server's certificate and name against the kmipd CA, present
 this client's certificate, keep long-lived connections to one or more
 daemons and fail over between them, and raise exceptions named after the
 wire error codes. Keys come back in protected memory (``Dek``, ``DataKey``:
-locked, never dumped, zeroed when closed), optionally through a ``DekCache``.
+locked, never dumped, zeroed when closed), optionally through a ``DekCache``;
+so do secret values (``Secret``, in a ``ProtectedValue``), never cached.
 With a ``TransportKey`` they ask for every key sealed to it (HPKE) and open
 it themselves, and they seal and open files for one another (``seal``/``open``).
 
@@ -73,12 +74,12 @@ from kmipd.client._errors import (
     UsageNotPermittedError,
     WrongStateError,
 )
-from kmipd.client._keys import DataKey, Dek
-from kmipd.client._memory import KeyWipedError, ProtectedKey
+from kmipd.client._keys import DataKey, Dek, Secret
+from kmipd.client._memory import KeyWipedError, ProtectedKey, ProtectedValue
 from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
 from kmipd.crypto import TransportKey
-from kmipd.protocol import KekInfo, StatusResult, TransportCertInfo
+from kmipd.protocol import KekInfo, SecretInfo, SecretSummary, StatusResult, TransportCertInfo
 from pki import TransportKem
 
 __all__ = [
@@ -128,13 +129,17 @@ __all__ = [
     "OutcomeUnknownError",
     "ProtectStopPassedError",
     "ProtectedKey",
+    "ProtectedValue",
     "RemoteError",
     "SealedDeliveryRequiredError",
     "SealedKeyError",
+    "Secret",
     "SecretDeletedError",
     "SecretDisabledError",
     "SecretExpiredError",
+    "SecretInfo",
     "SecretNotYetValidError",
+    "SecretSummary",
     "SecretTooLargeError",
     "ServerCertificateError",
     "ServerTimeoutError",

@@ -33,7 +33,7 @@ import io
 import logging
 import ssl
 import types
-from collections.abc import Callable, Coroutine, Generator, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
@@ -63,7 +63,7 @@ from kmipd.client._errors import (
     UnavailableError,
 )
 from kmipd.client._failover import ServerSet
-from kmipd.client._keys import DataKey, Dek, KeyKeeper
+from kmipd.client._keys import DataKey, Dek, KeyKeeper, Secret
 from kmipd.client._transport import KeyDelivery, client_ca_certificates, verify_fetched
 from kmipd.crypto import DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE
 from kmipd.crypto import SealedEnvelopeError, TransportKey
@@ -75,6 +75,7 @@ from kmipd.protocol import (
     ChangesSince,
     CreateDek,
     CreateKek,
+    DeleteSecret,
     Dependents,
     DependentsResult,
     Destroy,
@@ -83,6 +84,7 @@ from kmipd.protocol import (
     GetCaCertificates,
     GetDek,
     GetJob,
+    GetSecret,
     GetTransportCert,
     IssueCertificate,
     IssuedCertificateInfo,
@@ -93,9 +95,12 @@ from kmipd.protocol import (
     ListCertificatesResult,
     ListJobs,
     ListKeks,
+    ListSecrets,
     Locate,
     LocateResult,
+    PurgeSecret,
     Recover,
+    RecoverSecret,
     RegisterTransportCert,
     RenewCertificate,
     Revoke,
@@ -104,11 +109,16 @@ from kmipd.protocol import (
     RewrapBlobResult,
     RewrapDek,
     RotateKek,
+    SecretInfo,
+    SecretSummary,
+    SecretVersions,
+    SetSecret,
     StartRewrap,
     Status,
     StatusResult,
     TransportCertInfo,
     Unwrap,
+    UpdateSecret,
 )
 
 if TYPE_CHECKING:
@@ -832,4 +842,123 @@ class ClientCore:
     def changes_since(self, seq: int, *, limit: int | None = None) -> Steps[ChangesResult]:
         """State changes after ``seq``; the DEK cache uses this to evict revoked keys."""
         result: ChangesResult = yield from self._result(ChangesSince(seq=seq, limit=limit))
+        return result
+
+    # -- secrets: named, versioned values (PROTOCOL.md 4.7) --------------------------------
+
+    @operation
+    def set_secret(
+        self,
+        namespace: str,
+        name: str,
+        value: bytes | bytearray | memoryview,
+        *,
+        content_type: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        enabled: bool | None = None,
+        not_before: int | None = None,
+        expires: int | None = None,
+    ) -> Steps[SecretInfo]:
+        """Add the secret's next version (version 1 makes the secret); returns its metadata.
+
+        ``content_type`` defaults to the previous version's; dates are epoch
+        seconds. A lost answer is never retried (that could add a second
+        version): it raises OutcomeUnknownError; look with ``secret_versions``.
+        """
+        result: SecretInfo = yield from self._result(
+            SetSecret(
+                namespace=namespace,
+                name=name,
+                value=bytes(value),
+                content_type=content_type,
+                tags=None if tags is None else dict(tags),
+                enabled=enabled,
+                not_before=not_before,
+                expires=expires,
+            )
+        )
+        return result
+
+    @operation
+    def get_secret(self, namespace: str, name: str, version: int | None = None) -> Steps[Secret]:
+        """The newest enabled version (or ``version``), its value in protected memory.
+
+        Close it, or use it in a ``with`` block, to zero the value when done.
+        """
+        result = yield from self._result(GetSecret(namespace=namespace, name=name, version=version))
+        return Secret(result)
+
+    @operation
+    def list_secrets(
+        self, namespace: str | None = None, *, deleted: bool = False
+    ) -> Steps[list[SecretSummary]]:
+        """Every secret the caller may list (metadata, never values), in pages of 1,000.
+
+        ``namespace``: a name or glob; ``deleted``: the soft-deleted ones instead.
+        """
+        found: list[SecretSummary] = []
+        after: tuple[str, ...] | None = None
+        while True:
+            page = yield from self._result(
+                ListSecrets(namespace=namespace, deleted=deleted or None, after=after)
+            )
+            found.extend(page.secrets)
+            if page.next is None:
+                return found
+            after = page.next
+
+    @operation
+    def secret_versions(self, namespace: str, name: str) -> Steps[list[SecretInfo]]:
+        """Every version's metadata, oldest first."""
+        result = yield from self._result(SecretVersions(namespace=namespace, name=name))
+        return list(result.versions)
+
+    @operation
+    def update_secret(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        version: int | None = None,
+        enabled: bool | None = None,
+        not_before: int | None = None,
+        expires: int | None = None,
+        tags: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> Steps[SecretInfo]:
+        """Change a version's attributes (the newest unless ``version``); a date of 0 clears it."""
+        result: SecretInfo = yield from self._result(
+            UpdateSecret(
+                namespace=namespace,
+                name=name,
+                version=version,
+                enabled=enabled,
+                not_before=not_before,
+                expires=expires,
+                tags=None if tags is None else dict(tags),
+                content_type=content_type,
+            )
+        )
+        return result
+
+    @operation
+    def delete_secret(self, namespace: str, name: str) -> Steps[SecretSummary]:
+        """Soft delete: every version refused until recovered, purged at ``purge_at``."""
+        result: SecretSummary = yield from self._result(
+            DeleteSecret(namespace=namespace, name=name)
+        )
+        return result
+
+    @operation
+    def recover_secret(self, namespace: str, name: str) -> Steps[SecretSummary]:
+        """Undo a delete within the soft-delete window."""
+        result: SecretSummary = yield from self._result(
+            RecoverSecret(namespace=namespace, name=name)
+        )
+        return result
+
+    @operation
+    def purge_secret(self, namespace: str, name: str) -> Steps[SecretSummary]:
+        """Erase a deleted secret's every version now, beyond recovery."""
+        result: SecretSummary = yield from self._result(PurgeSecret(namespace=namespace, name=name))
         return result

@@ -1,7 +1,8 @@
-"""What the client hands to a storage system: keys in protected memory.
+"""What the client hands to a storage system: keys and secrets in protected memory.
 
 ``Dek`` (a stored DEK) and ``DataKey`` (a stateless data key with its blob)
-hold their key bytes in a ProtectedKey. ``key`` is a read-only view, valid
+hold their key bytes in a ProtectedKey; ``Secret`` (one version of a secret)
+holds its value, of any size, in a ProtectedValue. ``key`` is a read-only view, valid
 until the object is closed; use the object as a context manager so the key
 is zeroed as soon as the caller is done:
 
@@ -17,8 +18,8 @@ import math
 from types import TracebackType
 
 from kmipd.client._cache import DekCache
-from kmipd.client._memory import ProtectedKey
-from kmipd.protocol import ChangeInfo, ChangesResult, DekResult, encode_deterministic
+from kmipd.client._memory import ProtectedKey, ProtectedValue
+from kmipd.protocol import ChangeInfo, ChangesResult, DekResult, SecretValue, encode_deterministic
 
 log = logging.getLogger("kmipd.client")
 
@@ -101,6 +102,73 @@ class DataKey(_HoldsKey):
         return (
             f"DataKey(kek={self.kek!r}, kek_version={self.kek_version}, "
             f"blob=<{len(self.blob)} bytes>, key={self._protected!r})"
+        )
+
+
+class Secret:
+    """One version of a secret: its name, version, content type, tags, dates, and value.
+
+    The value is copied into its own locked pages at once (the decoded
+    ``bytes`` is dropped); ``value`` is a read-only view of them until
+    ``close()`` or the end of a ``with`` block zeroes them:
+
+        with kms.get_secret("db", "replication") as secret:
+            connect(password=bytes(secret.value))
+    """
+
+    __slots__ = (
+        "_protected",
+        "content_type",
+        "expires",
+        "name",
+        "namespace",
+        "not_before",
+        "tags",
+        "version",
+    )
+
+    def __init__(self, result: SecretValue) -> None:
+        self.namespace = result.namespace
+        self.name = result.name
+        self.version = result.version
+        self.content_type = result.content_type
+        self.tags = dict(result.tags)
+        self.not_before = result.not_before
+        self.expires = result.expires
+        self._protected = ProtectedValue(result.value)
+
+    @property
+    def value(self) -> memoryview:
+        """The value (read-only), until close(); raises KeyWipedError after."""
+        return self._protected.view
+
+    def value_bytes(self) -> bytes:
+        """An unprotected copy, for APIs that need ``bytes`` (not zeroed: see _memory)."""
+        return bytes(self._protected.view)
+
+    @property
+    def protected(self) -> ProtectedValue:
+        return self._protected
+
+    def close(self) -> None:
+        """Zero the value now."""
+        self._protected.wipe()
+
+    def __enter__(self) -> Secret:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Secret(namespace={self.namespace!r}, name={self.name!r}, version={self.version}, "
+            f"content_type={self.content_type!r}, value={self._protected!r})"
         )
 
 

@@ -23,6 +23,7 @@ the memory stays usable and zeroed on release, a warning is logged once, and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hmac
@@ -199,3 +200,76 @@ class ProtectedKey:
         if self._chunk is None:
             return "<ProtectedKey wiped>"
         return f"<ProtectedKey {self._length} bytes{', locked' if self.locked else ''}>"
+
+
+class ProtectedValue:
+    """A secret value of any size in its own locked, non-dumpable pages, zeroed by ``wipe``.
+
+    The same protection as ProtectedKey (whose 64-byte slots hold keys), for
+    values up to the daemon's secrets.max_size: one private anonymous mapping
+    per value, rounded up to whole pages.
+    """
+
+    __slots__ = ("__weakref__", "_length", "_locked", "_memory", "_view")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._length = len(data)
+        size = max(_PAGE, -(-self._length // _PAGE) * _PAGE)
+        memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory.madvise(mmap.MADV_DONTDUMP)
+        anchor = (ctypes.c_char * size).from_buffer(memory)
+        self._locked = _libc.mlock(ctypes.c_void_p(ctypes.addressof(anchor)), size) == 0
+        del anchor
+        memory[: self._length] = data
+        self._memory: mmap.mmap | None = memory
+        self._view: memoryview | None = memoryview(memory)[: self._length].toreadonly()
+
+    @property
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise KeyWipedError("this value has been wiped")
+        return self._view
+
+    @property
+    def locked(self) -> bool:
+        return self._memory is not None and self._locked
+
+    @property
+    def wiped(self) -> bool:
+        return self._memory is None
+
+    def wipe(self) -> None:
+        """Zero the value now (and unmap it unless a caller still holds a view). Idempotent."""
+        memory, view = self._memory, self._view
+        if memory is None:
+            return
+        self._memory = self._view = None
+        memory[:] = bytes(len(memory))
+        if view is not None:
+            view.release()
+        with contextlib.suppress(BufferError):
+            memory.close()  # refused while a caller's derived view lives: it stays zeroed
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bytes__(self) -> bytes:
+        """An unprotected copy: the caller owns its fate (see the module docs)."""
+        return bytes(self.view)
+
+    def __del__(self) -> None:
+        self.wipe()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ProtectedValue):
+            return hmac.compare_digest(self.view, other.view)
+        if isinstance(other, bytes | bytearray | memoryview):
+            return hmac.compare_digest(self.view, other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        if self._memory is None:
+            return "<ProtectedValue wiped>"
+        return f"<ProtectedValue {self._length} bytes{', locked' if self._locked else ''}>"

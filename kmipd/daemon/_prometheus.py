@@ -19,6 +19,7 @@ import logging
 import math
 from collections.abc import Iterator
 
+import h11
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
@@ -42,6 +43,12 @@ HSM_CHECK_TIMEOUT = 2.0
 #: A scraper gets this long to send its request and read the answer.
 REQUEST_TIMEOUT = 10.0
 MAX_REQUEST_HEAD = 8192
+#: After an error answer, what a scraper is still sending is read (this long, this many
+#: reads at most) so that closing does not reset the connection under the answer.
+LINGER_TIMEOUT = 1.0
+LINGER_READS = 16
+#: Scrapes answered at once; a connection beyond them is closed unanswered.
+MAX_SCRAPERS = 8
 
 
 class MetricsExporter:
@@ -253,12 +260,16 @@ async def serve_metrics(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer scrapes until cancelled; one request per connection."""
+    """Answer scrapes until cancelled; one request per connection, HTTP/1.1 by h11."""
+    scrapers = trio.Semaphore(MAX_SCRAPERS)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            with trio.move_on_after(REQUEST_TIMEOUT):
-                await _answer(stream, exporter)
+            if scrapers.value == 0:
+                return  # a scraper is one process: more at once is a flood, not a scrape
+            async with scrapers:
+                with trio.move_on_after(REQUEST_TIMEOUT):
+                    await _answer(stream, exporter)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("metrics: scraper went away: %r", exc)
         finally:
@@ -271,32 +282,55 @@ async def serve_metrics(
 
 
 async def _answer(stream: trio.SocketStream, exporter: MetricsExporter) -> None:
-    head = b""
-    while b"\r\n\r\n" not in head and b"\n\n" not in head:
-        if len(head) > MAX_REQUEST_HEAD:
-            await stream.send_all(_response(431, b"request head too large\n"))
-            return
-        data = await stream.receive_some(4096)
-        if not data:
-            return
-        head += data
-    request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        await stream.send_all(_response(400, b"bad request\n"))
+    http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    try:
+        request = await _receive_request(stream, http)
+    except h11.RemoteProtocolError as exc:
+        # h11's hint: 431 for a head over MAX_REQUEST_HEAD, 400 for anything malformed.
+        status = exc.error_status_hint
+        body = b"request head too large\n" if status == 431 else b"bad request\n"
+        await _respond(stream, http, status, body)
+        await _discard_rest(stream)
         return
-    method, target = parts[0], parts[1].split("?", 1)[0]
+    if request is None:
+        return
+    method, target = request.method.decode("latin-1"), request.target.split(b"?", 1)[0]
     if method not in ("GET", "HEAD"):
-        await stream.send_all(_response(405, b"GET /metrics only\n", allow="GET, HEAD"))
+        await _respond(stream, http, 405, b"GET /metrics only\n", allow="GET, HEAD")
         return
-    if target != "/metrics":
-        await stream.send_all(_response(404, b"the metrics are at /metrics\n"))
+    if target != b"/metrics":
+        await _respond(stream, http, 404, b"the metrics are at /metrics\n")
         return
     await exporter.refresh()
     body = exporter.render()
-    await stream.send_all(
-        _response(200, body, content_type=CONTENT_TYPE_LATEST, head_only=method == "HEAD")
+    await _respond(
+        stream, http, 200, body, content_type=CONTENT_TYPE_LATEST, head_only=method == "HEAD"
     )
+
+
+async def _receive_request(stream: trio.SocketStream, http: h11.Connection) -> h11.Request | None:
+    """The request's head, or None if the scraper closed first; raises RemoteProtocolError."""
+    while True:
+        event = http.next_event()
+        if event is h11.NEED_DATA:
+            http.receive_data(await stream.receive_some(4096))
+        elif isinstance(event, h11.Request):
+            return event
+        else:  # ConnectionClosed: nothing was asked
+            return None
+
+
+async def _discard_rest(stream: trio.SocketStream) -> None:
+    """Read what the scraper still sends, bounded, before closing.
+
+    Closing a socket with unread input makes the kernel answer with a reset,
+    which can destroy the error answer before the scraper reads it.
+    """
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_TIMEOUT):
+        for _ in range(LINGER_READS):
+            if not await stream.receive_some(65536):
+                return
 
 
 _REASONS = {
@@ -308,22 +342,27 @@ _REASONS = {
 }
 
 
-def _response(
+async def _respond(
+    stream: trio.SocketStream,
+    http: h11.Connection,
     status: int,
     body: bytes,
     *,
     content_type: str = "text/plain; charset=utf-8",
     allow: str | None = None,
     head_only: bool = False,
-) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {_REASONS[status]}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "Connection: close",
+) -> None:
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("Connection", "close"),
     ]
     if allow:
-        lines.append(f"Allow: {allow}")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + body
+        headers.append(("Allow", allow))
+    # An answer to HEAD says the length of what GET would get, and h11 refuses its body.
+    data = [http.send(h11.Response(status_code=status, headers=headers, reason=_REASONS[status]))]
+    if not head_only:
+        data.append(http.send(h11.Data(data=body)))
+    data.append(http.send(h11.EndOfMessage()))
+    await stream.send_all(b"".join(chunk for chunk in data if chunk))
