@@ -458,3 +458,44 @@ def test_renewal_that_fails_keeps_the_certificate_and_the_request(
     ) as kms:
         assert kms.status().state == "serving"
     assert not (directory / "cert.pem").exists()
+
+
+def test_the_cert_cli_issues_renews_when_due_and_revokes(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    root = deployment.root
+    connection = ["--server", deployment.daemon.address, "--ca", root.ca_cert_path]
+    storage = [*connection, "--cert", root.directory / "storage.pem"]
+    storage += ["--key", root.directory / "storage-key.pem"]
+    out = tmp_path / "node"
+    issued = run_kmipd("cert", "issue", *storage, "--out", out, "--days", "3")
+    assert issued.returncode == 0, issued.stderr
+    first = json.loads(issued.stdout)
+    assert first["issued"] and first["subject"] == STORAGE
+    assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
+    again = run_kmipd("cert", "issue", *storage, "--out", out)
+    assert again.returncode != 0 and "--force" in again.stderr  # nothing replaced
+    assert json.loads(issued.stdout)["serial"] == first["serial"]
+    # Renewal connects with the certificate in the directory itself.
+    fresh = run_kmipd("cert", "renew", *connection, "--dir", out)
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads(fresh.stdout)["renewed"] is False  # not due yet
+    forced = run_kmipd("cert", "renew", *connection, "--dir", out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    second = json.loads(forced.stdout)
+    assert second["renewed"] and second["serial"] != first["serial"]
+    admin = [*connection, "--cert", root.directory / "admin.pem"]
+    admin += ["--key", root.directory / "admin-key.pem"]
+    revoked = run_kmipd("cert", "revoke", *admin, first["serial"], "--reason", "superseded")
+    assert revoked.returncode == 0, revoked.stderr
+    assert json.loads(revoked.stdout)["revocation_reason"] == "superseded"
+    listed = run_kmipd("cert", "issued", *admin, "--subject", STORAGE)
+    serials = {c["serial"] for c in json.loads(listed.stdout)["certificates"]}
+    assert serials == {first["serial"], second["serial"]}
+    fetched = run_kmipd("cert", "ca", *admin, "--out", tmp_path / "ca")
+    assert fetched.returncode == 0, fetched.stderr
+    crl = x509.load_pem_x509_crl((tmp_path / "ca" / "online-ca-crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(first["serial"], 16)) is not None
+    bad = run_kmipd("cert", "issue", *storage, "--out", tmp_path / "x", "--days", "30")
+    assert bad.returncode != 0 and "certificate-validity-too-long" in bad.stderr
+    assert not (tmp_path / "x" / "key.pem").exists()

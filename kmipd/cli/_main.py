@@ -20,6 +20,7 @@ from kmipd.cli import (
     _admin,
     _audit,
     _ca,
+    _cert,
     _demo,
     _envelope,
     _hsm,
@@ -44,6 +45,7 @@ GROUPS: tuple[Callable[[Commands], None], ...] = (
     _demo.register,  # demo
     _pki.register,  # pki
     _ca.register,  # ca
+    _cert.register,  # cert
     _hsm.register,  # hsm
     _keys.register,  # dek, datakey, kek, status, key, job
     _secret.register,  # secret

@@ -356,14 +356,17 @@ class ClientCore:
             self._forget_keys()
             raise
 
-    def _renew_own_certificate(self, renewal: Renewal) -> Steps[None]:
-        """Renew before the operation; a failure is logged, the operation goes ahead."""
+    def _renew_own_certificate(self, renewal: Renewal, *, quiet: bool = True) -> Steps[None]:
+        """Renew before the operation; when ``quiet``, a failure is logged (and retried
+        later) and the operation goes ahead with the current certificate."""
         key, csr = renewal.begin()
         try:
             result = yield from self._result(RenewCertificate(csr=csr))
             renewal.finish(key, IssuedCertificate.from_result(result), self._context)
         except (KmipdError, OSError, ssl.SSLError, ValueError) as exc:
             renewal.failed(exc)
+            if not quiet:
+                raise
         except BaseException as exc:  # cancelled: try again next time
             renewal.failed(KmipdError(f"interrupted ({type(exc).__name__})"))
             raise
@@ -556,23 +559,28 @@ class ClientCore:
         result = yield from self._result(RenewCertificate(csr=csr, validity=validity))
         return IssuedCertificate.from_result(result)
 
+    @property
+    def certificate(self) -> x509.Certificate | None:
+        """The certificate new connections present (``renewal_dir`` clients), else None."""
+        return None if self._renewal is None else self._renewal.certificate
+
+    @property
+    def renewal_due(self) -> bool:
+        """Whether our certificate is past ``renew_at`` of its lifetime (``renewal_dir``)."""
+        return self._renewal is not None and self._renewal.due()
+
     @operation
-    def renew_now(self) -> Steps[IssuedCertificate | None]:
-        """Renew our own certificate now (``renewal_dir`` clients); None if it failed."""
+    def renew_now(self) -> Steps[x509.Certificate]:
+        """Renew our own certificate now, whatever its age (``renewal_dir`` clients).
+
+        Raises what the renewal met; the files and the connections' certificate
+        change only once the new certificate is in hand.
+        """
         if self._renewal is None:
             raise KmipdError("renew_now needs a client constructed with renewal_dir=")
-        before = self._renewal.certificate
-        yield from self._renew_own_certificate(self._renewal)
-        after = self._renewal.certificate
-        if after is None or after is before:
-            return None
-        return IssuedCertificate(
-            serial=format(after.serial_number, "x"),
-            certificate=after,
-            chain=(),
-            not_before=int(after.not_valid_before_utc.timestamp()),
-            not_after=int(after.not_valid_after_utc.timestamp()),
-        )
+        yield from self._renew_own_certificate(self._renewal, quiet=False)
+        assert self._renewal.certificate is not None
+        return self._renewal.certificate
 
     @operation
     def get_ca_certificates(self) -> Steps[CaCertificates]:
