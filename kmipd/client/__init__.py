@@ -15,6 +15,7 @@ and ``_async`` are the I/O shells that run it.
 
 from kmipd.client._async import AsyncClient
 from kmipd.client._cache import CacheStats, DekCache
+from kmipd.client._certs import IssuedCertificate, generate_key, make_csr
 from kmipd.client._common import ConnectionInfo
 from kmipd.client._envelope import EnvelopeError
 from kmipd.client._errors import (
@@ -23,8 +24,15 @@ from kmipd.client._errors import (
     AuditUnavailableError,
     BadRequestError,
     BusyError,
+    CertificateIdentityMismatchError,
+    CertificateKeyNotAllowedError,
+    CertificateKeyReusedError,
+    CertificateNameNotAllowedError,
+    CertificateNotRenewableError,
     CertificateRejectedError,
     CertificateRevokedError,
+    CertificateValidityTooLongError,
+    CsrInvalidError,
     DeadlineExceededError,
     DependentsExistError,
     DestroyPendingError,
@@ -39,6 +47,7 @@ from kmipd.client._errors import (
     KeyDestroyedError,
     KeyNotActiveError,
     KmipdError,
+    NoOnlineCaError,
     NotAuthorizedError,
     NotFoundError,
     NoTransportCertificateError,
@@ -81,10 +90,17 @@ __all__ = [
     "BadRequestError",
     "BusyError",
     "CacheStats",
+    "CertificateIdentityMismatchError",
+    "CertificateKeyNotAllowedError",
+    "CertificateKeyReusedError",
+    "CertificateNameNotAllowedError",
+    "CertificateNotRenewableError",
     "CertificateRejectedError",
     "CertificateRevokedError",
+    "CertificateValidityTooLongError",
     "Client",
     "ConnectionInfo",
+    "CsrInvalidError",
     "DataKey",
     "DeadlineExceededError",
     "Dek",
@@ -98,6 +114,7 @@ __all__ = [
     "HsmUnavailableError",
     "IntegrityFailureError",
     "InternalError",
+    "IssuedCertificate",
     "KekInfo",
     "KeyCompromisedError",
     "KeyDeactivatedError",
@@ -105,6 +122,7 @@ __all__ = [
     "KeyNotActiveError",
     "KeyWipedError",
     "KmipdError",
+    "NoOnlineCaError",
     "NoTransportCertificateError",
     "NotAuthorizedError",
     "NotFoundError",
@@ -140,4 +158,6 @@ __all__ = [
     "UsageNotPermittedError",
     "WrongStateError",
     "client_context",
+    "generate_key",
+    "make_csr",
 ]

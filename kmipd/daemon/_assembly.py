@@ -19,14 +19,15 @@ from kmipd.audit import AuditLog
 from kmipd.daemon._checks import check_serving_config
 from kmipd.daemon._prometheus import MetricsExporter, serve_metrics
 from kmipd.daemon._supervision import Supervisor
-from kmipd.daemon._systemd import ServiceManager
+from kmipd.daemon._systemd import Notifier, ServiceManager
 from kmipd.daemon.config import Config, ConfigError
-from kmipd.hsm import HsmBackend, Pkcs11Hsm, SoftwareHsm, read_pin
+from kmipd.hsm import HsmBackend, HsmError, Pkcs11Hsm, SoftwareHsm, read_pin
 from kmipd.metrics._counters import MeasuredHsm, ServerMetrics
 from kmipd.net._address import format_address
-from kmipd.server import KmipServer, ServerTls, open_listeners
-from kmipd.service import KeyService, ServerInfo
+from kmipd.server import KmipServer, ServerTls, TlsConfigError, open_listeners
+from kmipd.service import KeyService, OnlineCa, OnlineCaError, ServerInfo, open_online_ca
 from kmipd.store import KeyStore, StoreUnavailableError
+from pki import PkiError, load_certificate, write_private_file
 
 log = logging.getLogger("kmipd.daemon")
 
@@ -83,9 +84,8 @@ async def run_daemon(
             batch_window=config.audit_read_batch,
         )
         resources.callback(audit.close)
-        notifier.status("waiting for the HSM backend to answer")
-        await hsm.check()
         metrics = ServerMetrics()
+        publish = _CrlPublisher(config, await _open_online_ca(config, hsm, notifier))
         service = KeyService(
             store=store,
             hsm=MeasuredHsm(hsm, metrics),
@@ -97,8 +97,11 @@ async def run_daemon(
             transport_trust=tls.transport_trust,
             require_sealed=config.require_sealed,
             secret_max_size=config.secret_max_size,
+            online_ca=publish.online_ca,
+            publish_crl=publish if publish.online_ca is not None else None,
         )
         server = KmipServer(service, tls, config.limits, metrics=metrics, kmip=config.kmip)
+        await publish.start(server, notifier)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
         supervisor.watch_writers()
         listeners = await _client_listeners(config, manager)
@@ -135,6 +138,47 @@ async def run_daemon(
                 on_ready(RunningDaemon(addresses, server, supervisor))
         notifier.status("stopped")
         log.info("stopped")
+
+
+async def _open_online_ca(config: Config, hsm: HsmBackend, notifier: Notifier) -> OnlineCa | None:
+    """Once the HSM backend answers: the online CA, if configured, its key in the HSM."""
+    notifier.status("waiting for the HSM backend to answer")
+    await hsm.check()
+    if config.online_ca_key is None or config.tls.online_ca is None:
+        return None
+    try:
+        certificate = load_certificate(config.tls.online_ca, "online CA certificate")
+        root = load_certificate(config.tls.ca, "CA certificate")
+        return await open_online_ca(hsm, certificate, root, config.online_ca_key)
+    except (PkiError, OnlineCaError, HsmError) as exc:
+        raise ConfigError(config.source, [f"online_ca: {exc}"]) from None
+
+
+@attrs.define
+class _CrlPublisher:
+    """Writes each CRL the online CA signs where the TLS layer reads it, and loads it
+    at once: a revoked certificate is refused from the next handshake on, and open
+    connections presenting it are cut."""
+
+    config: Config
+    online_ca: OnlineCa | None
+    server: KmipServer | None = None
+
+    async def start(self, server: KmipServer, notifier: Notifier) -> None:
+        self.server = server
+        if self.online_ca is not None:
+            notifier.status("signing the online CA's CRL")
+            await server.service.refresh_crl()  # fresh at every start
+
+    async def __call__(self, pem: bytes) -> None:
+        path = self.config.tls.online_ca_crl
+        assert path is not None
+        await trio.to_thread.run_sync(lambda: write_private_file(path, pem, mode=0o644))
+        if self.server is not None:
+            try:
+                self.server.tls = ServerTls.load(self.server.tls.settings)
+            except TlsConfigError as exc:
+                log.error("the online CA's new CRL was not loaded: %s", exc)
 
 
 async def open_hsm(config: Config) -> HsmBackend:

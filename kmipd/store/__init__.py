@@ -1,5 +1,6 @@
 """The key store: only wrapped keys and their metadata, never a plaintext key."""
 
+from kmipd.store._certs import IssuedCertificateRecord
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
@@ -28,6 +29,7 @@ __all__ = [
     "Change",
     "DekRecord",
     "IdempotencyKeyUsedError",
+    "IssuedCertificateRecord",
     "KekRecord",
     "KekVersion",
     "KeyStore",

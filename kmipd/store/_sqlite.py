@@ -37,6 +37,7 @@ import attrs
 import trio
 
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
+from kmipd.store._certs import CERTIFICATES_MIGRATION, CertificateStore
 from kmipd.store._commit import point_of_no_return
 from kmipd.store._faults import (
     StoreUnavailableError,
@@ -191,6 +192,8 @@ CREATE TABLE secret_versions (
 ) STRICT;
 CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_version);
 """,
+    # 7: certificates the online CA issued, and their revocations (kmipd.store._certs).
+    CERTIFICATES_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -401,7 +404,7 @@ UNCACHED: Final = _Uncached.UNCACHED
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
 
-class KeyStore:
+class KeyStore(CertificateStore):
     """The store. One daemon owns it, or (``shared``) several on one host serve it together.
 
     Shared mode is for availability: each daemon takes a shared lock instead
