@@ -7,9 +7,12 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import cbor2
 import pycddl
 import pytest
+import trio
+import trio.testing
 
 from kmipd.audit import AuditLog
 from kmipd.hsm import SoftwareHsm
@@ -394,3 +397,40 @@ async def test_a_secret_row_that_no_longer_unwraps_is_skipped_and_keeps_its_kek(
     blocked = await refused(svc, ADMIN, Destroy(key=KeyRef(kek="db", version=1)))
     assert "1 secret version(s)" in blocked.message
     close_service(svc)
+
+
+async def test_the_store_never_serves_a_secret_its_writes_changed(service: KeyService) -> None:
+    """get-secret reads through an in-memory cache of rows: every change is seen at once."""
+    store = service.store
+    await service.handle(MANAGER, SetSecret(namespace="db", name="c", value=VALUE))
+    await service.handle(READER, GetSecret(namespace="db", name="c"))  # now cached
+    await service.handle(MANAGER, SetSecret(namespace="db", name="c", value=b"two"))
+    assert (await service.handle(READER, GetSecret(namespace="db", name="c"))).value == b"two"
+    await service.handle(MANAGER, UpdateSecret(namespace="db", name="c", enabled=False))
+    got = await service.handle(READER, GetSecret(namespace="db", name="c"))
+    assert (got.version, got.value) == (1, VALUE)
+    await service.handle(ADMIN, RotateKek(name="db"))
+    await service.handle(ADMIN, StartRewrap(namespace="db"))
+    await service.rewrap_secrets("db", service._kek_version("db", 2))
+    record = await store.get_secret("db", "c")
+    assert record is not None and [v.kek_version for v in record.versions] == [2, 2]
+    await service.handle(MANAGER, DeleteSecret(namespace="db", name="c"))
+    assert (await refused(service, READER, GetSecret(namespace="db", name="c"))).code is (
+        ErrorCode.SECRET_DELETED
+    )
+    await service.handle(MANAGER, PurgeSecret(namespace="db", name="c"))
+    assert await store.get_secret("db", "c") is None
+
+    # A read that a write overtook is not remembered: the cache only keeps what no
+    # write has changed since the read began.
+    await service.handle(MANAGER, SetSecret(namespace="db", name="r", value=VALUE))
+    record = await store.get_secret("db", "r")
+    assert record is not None
+    store._secrets.clear()
+    async with trio.open_nursery() as nursery, store._read_limiter:
+        nursery.start_soon(store.get_secret, "db", "r")  # waits for the reader connection
+        await trio.testing.wait_all_tasks_blocked()
+        await store.update_secret_version(attrs.evolve(record.versions[0], enabled=False))
+    assert ("db", "r") not in store._secrets
+    error = await refused(service, READER, GetSecret(namespace="db", name="r"))
+    assert error.code is ErrorCode.SECRET_DISABLED
