@@ -449,6 +449,14 @@ class KeyStore(CertificateStore):
         #: KMIP attributes beside the DEK cache (None: the key has none), same rules: a
         #: KMIP Get reads them with the row, and a thread hop per Get cost more than both.
         self._objects: collections.OrderedDict[str, ObjectRecord | None] = collections.OrderedDict()
+        #: Secrets as get-secret reads them (wrapped values only), same rules: a read is a
+        #: thread hop, dearer than the rest of a get-secret. Every secret write forgets
+        #: what it touched once it is done, and bumps the generation, so a read that
+        #: raced with it is not remembered (a disabled version must not stay readable).
+        self._secrets: collections.OrderedDict[tuple[str, str], SecretRecord] = (
+            collections.OrderedDict()
+        )
+        self._secrets_generation = 0
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
         self._transport = {r.identity: r for r in _load_transport_certs(self._reader)}
         self._data_version = _data_version(self._reader)
@@ -1060,7 +1068,10 @@ class KeyStore(CertificateStore):
                 self._record_change(db, version.kek, dek_id, None, shredded)
             return orphans
 
-        orphans = await self._write(erase)
+        try:
+            orphans = await self._write(erase)
+        finally:
+            self._secrets_written(None)  # its secret versions went
         self._replace_version(attrs.evolve(version, hsm_handle="", lifecycle=lifecycle))
         for dek_id in orphans:
             self._forget(dek_id)
@@ -1210,10 +1221,36 @@ class KeyStore(CertificateStore):
             assert found is not None
             return found
 
-        return await self._write(insert)
+        return await self._write_secret((version.namespace, version.name), insert)
 
     async def get_secret(self, namespace: str, name: str) -> SecretRecord | None:
-        return await self._read(lambda db: _load_secret(db, namespace, name))
+        key = (namespace, name)
+        if not self.shared and (cached := self._secrets.get(key)) is not None:
+            self._secrets.move_to_end(key)
+            return cached
+        generation = self._secrets_generation
+        found = await self._read(lambda db: _load_secret(db, namespace, name))
+        if found is not None and not self.shared and generation == self._secrets_generation:
+            self._secrets[key] = found
+            while len(self._secrets) > self._cache_size:
+                self._secrets.popitem(last=False)
+        return found
+
+    async def _write_secret(
+        self, key: tuple[str, str] | None, fn: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        """A write touching secret ``key`` (None: any), which the cache then forgets."""
+        try:
+            return await self._write(fn)
+        finally:
+            self._secrets_written(key)
+
+    def _secrets_written(self, key: tuple[str, str] | None) -> None:
+        self._secrets_generation += 1
+        if key is None:
+            self._secrets.clear()
+        else:
+            self._secrets.pop(key, None)
 
     async def list_secrets(
         self,
@@ -1272,7 +1309,7 @@ class KeyStore(CertificateStore):
             assert found is not None
             return found
 
-        return await self._write(update)
+        return await self._write_secret((version.namespace, version.name), update)
 
     async def set_secret_deleted(
         self, namespace: str, name: str, deleted_at: int | None, purge_at: int | None
@@ -1286,7 +1323,7 @@ class KeyStore(CertificateStore):
             )
             return cursor.rowcount == 1
 
-        return await self._write(update)
+        return await self._write_secret((namespace, name), update)
 
     async def purge_secret(self, namespace: str, name: str) -> int:
         """Erase a secret and every version; secure_delete overwrites the freed bytes.
@@ -1301,7 +1338,7 @@ class KeyStore(CertificateStore):
             db.execute("DELETE FROM secrets WHERE namespace = ? AND name = ?", (namespace, name))
             return int(count)
 
-        return await self._write(erase)
+        return await self._write_secret((namespace, name), erase)
 
     async def secrets_due_for_purge(self, now: int) -> list[tuple[str, str]]:
         return await self._read(
@@ -1350,7 +1387,7 @@ class KeyStore(CertificateStore):
                 ).rowcount
             return changed
 
-        return await self._write(apply)
+        return await self._write_secret(None, apply)
 
     async def count_secret_versions_under(self, namespace: str, kek_version: int) -> int:
         """Secret versions wrapped under this KEK version: they depend on it."""
