@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -68,6 +69,30 @@ async def test_dek_survives_a_restart(tmp_path: Path) -> None:
     again = await second.handle(STORAGE, GetDek(dek_id=dek.dek_id))
     assert again.key == dek.key
     close_service(second)
+
+
+async def test_bulk_insert_stores_every_dek_or_none(tmp_path: Path) -> None:
+    """put_deks (a bulk import; the benchmark fills the store with it): one transaction."""
+    service = open_service(tmp_path)
+    dek = await service.handle(STORAGE, CreateDek(namespace="orders"))
+    row = await service.store.get_dek(dek.dek_id)
+    assert row is not None
+    copies = [attrs.evolve(row, dek_id=f"dek_bulk{i:06d}") for i in range(500)]
+    await service.store.put_deks(copies)
+    # A batch with one id already stored is refused whole, clearly, and inserts nothing.
+    batch = [attrs.evolve(row, dek_id=f"dek_more{i:06d}") for i in range(10)] + [copies[7]]
+    with pytest.raises(StoreError, match="already exists"):
+        await service.store.put_deks(batch)
+    close_service(service)
+    reopened = open_service(tmp_path)
+    for i in (0, 250, 499):
+        stored = await reopened.store.get_dek(f"dek_bulk{i:06d}")
+        assert stored is not None and stored.wrapped == row.wrapped
+    assert await reopened.store.get_dek("dek_more000000") is None
+    # The real DEK is untouched and still opens.
+    again = await reopened.handle(STORAGE, GetDek(dek_id=dek.dek_id))
+    assert again.key == dek.key
+    close_service(reopened)
 
 
 async def test_swapped_store_rows_fail_to_unwrap(tmp_path: Path) -> None:

@@ -908,7 +908,7 @@ def parse_response(item: object, result_for: dict[int, type[Any]]) -> tuple[int 
         if set(item) - {"id", "error"}:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "error response: unknown field")
         return request_id, _parse_error(item["error"])
-    if request_id is None or set(item) != {"id", "result"}:
+    if request_id is None or len(item) != 2 or "result" not in item:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "response: needs id and result or error")
     return request_id, parse_struct(result_for[request_id], item["result"], "result")
 

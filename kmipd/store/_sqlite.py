@@ -29,7 +29,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -659,19 +659,7 @@ class KeyStore(CertificateStore):
 
         def insert(db: sqlite3.Connection) -> None:
             try:
-                db.execute(
-                    f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.dek_id,
-                        record.namespace,
-                        record.kek_version,
-                        record.wrapped,
-                        record.created_at,
-                        record.created_by,
-                        record.lifecycle.state.value,
-                        json.dumps(record.lifecycle.to_json()),
-                    ),
-                )
+                db.execute(_INSERT_DEK, _dek_row(record))
             except sqlite3.IntegrityError:
                 raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
             if kmip is not None:
@@ -695,6 +683,21 @@ class KeyStore(CertificateStore):
         await self._write(insert)
         self._remember(record)
         self._remember_object(record.dek_id, kmip)
+
+    async def put_deks(self, records: Sequence[DekRecord]) -> None:
+        """Insert many DEKs in one transaction (a bulk import, or a benchmark filling
+        the store): all are durable when this returns, or none is inserted.
+
+        No idempotency keys, no KMIP attributes, not cached: rows to be read later.
+        """
+
+        def insert(db: sqlite3.Connection) -> None:
+            try:
+                db.executemany(_INSERT_DEK, (_dek_row(record) for record in records))
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExistsError(f"a DEK in the batch already exists ({exc})") from None
+
+        await self._write(insert)
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
         """The row if it is in the cache; never touches the database."""
@@ -1658,6 +1661,22 @@ def _lock(path: Path, *, shared: bool) -> int:
 def _data_version(db: sqlite3.Connection) -> int:
     """Changes whenever another connection commits (SQLite's PRAGMA data_version)."""
     return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+
+_INSERT_DEK = f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _dek_row(record: DekRecord) -> tuple[object, ...]:
+    return (
+        record.dek_id,
+        record.namespace,
+        record.kek_version,
+        record.wrapped,
+        record.created_at,
+        record.created_by,
+        record.lifecycle.state.value,
+        json.dumps(record.lifecycle.to_json()),
+    )
 
 
 def _insert_kek_version(db: sqlite3.Connection, version: KekVersion) -> None:
