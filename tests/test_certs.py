@@ -10,12 +10,15 @@ chains pass ``openssl verify`` and ``cryptography``'s path validation.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -499,3 +502,102 @@ def test_the_cert_cli_issues_renews_when_due_and_revokes(
     bad = run_kmipd("cert", "issue", *storage, "--out", tmp_path / "x", "--days", "30")
     assert bad.returncode != 0 and "certificate-validity-too-long" in bad.stderr
     assert not (tmp_path / "x" / "key.pem").exists()
+
+
+def _short_server_certificate(root: CertificateAuthority, seconds: int) -> None:
+    """Replace the root's server certificate by one that lives ``seconds`` from now."""
+    root_key = serialization.load_pem_private_key(root.ca_key_path.read_bytes(), password=None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(root.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(seconds=2))
+        .not_valid_after(now + datetime.timedelta(seconds=seconds))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    root.server_key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    root.server_cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _served_certificate(address: str, root: CertificateAuthority) -> x509.Certificate:
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=root.ca_cert_path)
+    context.load_cert_chain(root.directory / "storage.pem", root.directory / "storage-key.pem")
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_the_daemon_renews_its_own_server_certificate_without_dropping_connections(
+    tmp_path: Path,
+) -> None:
+    master = tmp_path / "master.key"
+    assert run_kmipd("hsm", "software-init", "--master-key", master).returncode == 0
+    hsm = f'backend = "software"\nmaster_key = "{master}"\nkeyring = "{tmp_path / "keyring"}"'
+    root = make_root(tmp_path / "pki")
+    # Due at two thirds of 12 s: a few maintenance passes after the start.
+    _short_server_certificate(root, 10)
+    config = write_config(tmp_path, root, hsm)
+    result = run_kmipd("ca", "init", "--config", config, "--root", root.directory)
+    assert result.returncode == 0, result.stderr
+    text = config.read_text() + result.stdout[result.stdout.index("[online_ca]") :]
+    config.write_text(text + "\n[lifecycle]\ncheck_interval = 0.2\n")
+    daemon = Daemon("--config", config, log=tmp_path / "daemon.log")
+    try:
+        before = _served_certificate(daemon.address, root)
+        assert before.issuer == root.certificate.subject
+        with km.Client(
+            daemon.address,
+            ca=root.ca_cert_path,
+            cert=root.directory / "storage.pem",
+            key=root.directory / "storage-key.pem",
+        ) as kms:
+            assert kms.status().state == "serving"  # a connection opened before the renewal
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # a condition with a deadline, not a fixed sleep
+                current = x509.load_pem_x509_certificate(root.server_cert_path.read_bytes())
+                if current.serial_number != before.serial_number:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the server certificate was not renewed: {daemon.stderr()}")
+            renewed = _served_certificate(daemon.address, root)  # a new handshake: the new one
+            assert renewed.serial_number == current.serial_number
+            assert renewed.issuer != root.certificate.subject  # from the online CA now
+            assert renewed.not_valid_after_utc - renewed.not_valid_before_utc >= (
+                datetime.timedelta(hours=1)
+            )
+            assert kms.status().state == "serving"  # the old connection still serves
+        assert root.server_key_path.stat().st_mode & 0o777 == 0o600
+        audit = (tmp_path / "audit.log").read_text()
+        assert "renew-server-certificate" in audit and "BEGIN" not in audit
+    finally:
+        daemon.stop()

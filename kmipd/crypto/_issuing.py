@@ -32,6 +32,7 @@ MIN_RSA_BITS = 3072
 MAX_CSR_SIZE = 16384
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 class CsrError(ValueError):
@@ -53,12 +54,32 @@ def key_type_of(public_key: object) -> str | None:
     return None
 
 
+def generate_key(key_type: str = "p256") -> PrivateKey:
+    """A new private key: ``p256``, ``p384``, ``rsa3072`` or ``ed25519``."""
+    if key_type == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "rsa3072":
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unknown key type {key_type!r} ({', '.join(KEY_TYPES)})")
+
+
 def describe_key(public_key: object) -> str:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return f"EC {public_key.curve.name}"
     if isinstance(public_key, rsa.RSAPublicKey):
         return f"RSA-{public_key.key_size}"
     return type(public_key).__name__.removesuffix("PublicKey").removeprefix("_") or "unknown"
+
+
+def renewal_due(cert: x509.Certificate, renew_at: float, now: float) -> bool:
+    """Whether ``now`` is past ``renew_at`` (a fraction) of the certificate's lifetime."""
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    return now >= start + (end - start) * renew_at
 
 
 def spki_der(public_key: PublicKey) -> bytes:
