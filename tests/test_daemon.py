@@ -200,3 +200,13 @@ def test_demo_walks_the_flow_and_verifies_every_step() -> None:
     assert "refused by the daemon" in result.stdout
     assert "storage opened it with its transport key" in result.stdout
     assert "All steps verified." in result.stdout
+
+
+def test_demo_sets_and_reads_a_secret() -> None:
+    result = run_kmipd("demo", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "set-secret orders/db/replication -> version 1" in result.stdout
+    assert "get-secret -> Secret(" in result.stdout
+    assert "value=<ProtectedValue 37 bytes" in result.stdout
+    assert "7f3c-kmipd-demo" not in result.stdout + result.stderr
+    assert "storage, granted keys but not secrets, is refused" in result.stdout

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from kmipd import client as km
+from kmipd.daemon.config import SECRET_FRAME_HEADROOM, ConfigError, parse_config
 from tests.kmip_dev import DevDaemon, dev
 from tests.processes import kmipd_command
 
@@ -265,3 +266,48 @@ def test_list_pages_through_more_than_one_page(dev: DevDaemon) -> None:
         listed = kms.list_secrets("many")
         assert len(listed) == 1001
         assert [s.name for s in listed[:2]] == ["s0000", "s0001"]
+
+
+def test_a_value_of_the_largest_size_fits_the_frames_and_a_larger_one_is_refused(
+    dev: DevDaemon,
+) -> None:
+    largest = os.urandom(64 * 1024)  # secrets.max_size, the default
+    with client(dev) as kms:
+        assert kms.set_secret("frames", "big", largest).size == len(largest)
+        with kms.get_secret("frames", "big") as got:
+            assert got.value == largest
+        # Above the frame limit the client refuses it before sending: a clear error,
+        # and the connection, with anything else in flight on it, is not cut.
+        with pytest.raises(km.FrameTooLargeError, match=r"max_frame_size.*nothing was sent"):
+            kms.set_secret("frames", "big", b"x" * (100 * 1024))
+        assert [v.version for v in kms.secret_versions("frames", "big")] == [1]
+
+    async def use_async() -> None:
+        async with async_client(dev) as kms:
+            with await kms.get_secret("frames", "big") as got:
+                assert got.value == largest
+            with pytest.raises(km.FrameTooLargeError):
+                await kms.set_secret("frames", "big", b"x" * (100 * 1024))
+            assert (await kms.status()).hsm.endswith("ok")
+
+    trio.run(use_async)
+
+
+def test_a_secret_max_size_no_frame_can_carry_is_a_config_problem() -> None:
+    base: dict[str, Any] = {
+        "tls": dict.fromkeys(("ca", "cert", "key", "crl", "trust_domain"), "x"),
+        "store": {"path": "kmipd.db"},
+        "hsm": {"master_key": "m", "keyring": "k"},
+    }
+    config = parse_config(base, source="t.toml", base=Path("/base"))
+    assert config.secret_max_size + SECRET_FRAME_HEADROOM <= config.limits.max_frame_size
+    with pytest.raises(ConfigError) as refused:
+        parse_config({**base, "secrets": {"max_size": 1 << 20}}, source="t.toml", base=Path("/"))
+    assert refused.value.problems == [
+        "secrets.max_size: a secret of 1048576 bytes cannot reach the daemon in a frame of "
+        "server.max_frame_size = 73728 bytes: raise server.max_frame_size to at least "
+        "1056768 (the value and 8192 bytes for its name and attributes), or lower "
+        "secrets.max_size"
+    ]
+    bigger = {**base, "secrets": {"max_size": 1 << 20}, "server": {"max_frame_size": 1056768}}
+    assert parse_config(bigger, source="t.toml", base=Path("/")).secret_max_size == 1 << 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,13 +15,17 @@ from kmipd.audit import AuditLog
 from kmipd.hsm import SoftwareHsm
 from kmipd.protocol import (
     OPERATIONS,
+    CreateDek,
     DeleteSecret,
+    Destroy,
     ErrorCode,
     GetSecret,
+    KeyRef,
     ListSecrets,
     ProtocolError,
     PurgeSecret,
     RecoverSecret,
+    Revoke,
     RotateKek,
     SecretVersions,
     SetSecret,
@@ -339,3 +344,53 @@ async def test_real_secret_messages_match_the_cddl(service: KeyService) -> None:
             schema.validate_cbor(cbor2.dumps(bad))
         with pytest.raises(ProtocolError):
             parse_request(bad)
+
+
+async def test_a_rewrap_job_rewraps_secrets_before_it_can_be_seen_done(
+    service: KeyService,
+) -> None:
+    await service.handle(MANAGER, SetSecret(namespace="db", name="repl", value=VALUE))
+    for _ in range(3):
+        await service.handle(ADMIN, CreateDek(namespace="db", idempotency_key=os.urandom(16)))
+    await service.handle(ADMIN, RotateKek(name="db"))
+    job = await service.handle(ADMIN, StartRewrap(namespace="db"))
+    stored = await service.store.get_job(job.job_id)
+    assert stored is not None
+    # After the first batch (of 2 DEKs: still running), the secret is done already, so
+    # whoever sees the job done next never sees a secret under the old version.
+    stored = await service.run_rewrap_batch(stored, 2)
+    assert stored.state == "running"
+    assert await service.store.count_secret_versions_under("db", 1) == 0
+    while stored.state == "running":
+        stored = await service.run_rewrap_batch(stored, 2)
+    assert (stored.rewrapped, stored.skipped) == (3, 0)
+
+
+async def test_a_secret_row_that_no_longer_unwraps_is_skipped_and_keeps_its_kek(
+    tmp_path: Path,
+) -> None:
+    svc = open_service(tmp_path)
+    for name, value in (("a", b"alpha"), ("b", b"bravo"), ("c", b"charlie")):
+        await svc.handle(MANAGER, SetSecret(namespace="db", name=name, value=value))
+    close_service(svc)
+    with sqlite3.connect(tmp_path / "kmipd.db") as db:
+        rows = dict(db.execute("SELECT name, wrapped FROM secret_versions"))
+        db.execute("UPDATE secret_versions SET wrapped = ? WHERE name = 'a'", (rows["b"],))
+    svc = open_service(tmp_path)
+    await svc.handle(ADMIN, RotateKek(name="db"))
+    job = await svc.handle(ADMIN, StartRewrap(namespace="db"))
+    stored = await svc.store.get_job(job.job_id)
+    assert stored is not None
+    while stored.state == "running":
+        stored = await svc.run_rewrap_batch(stored, 10)
+    versions = {}
+    for name in ("a", "b", "c"):
+        found = await svc.handle(READER, SecretVersions(namespace="db", name=name))
+        versions[name] = [v.kek_version for v in found.versions]
+    assert versions == {"a": [1], "b": [2], "c": [2]}
+    assert (await svc.handle(READER, GetSecret(namespace="db", name="c"))).value == b"charlie"
+    # The old KEK version still wraps "a": destroying it is refused, naming why.
+    await svc.handle(ADMIN, Revoke(key=KeyRef(kek="db", version=1), reason="superseded"))
+    blocked = await refused(svc, ADMIN, Destroy(key=KeyRef(kek="db", version=1)))
+    assert "1 secret version(s)" in blocked.message
+    close_service(svc)

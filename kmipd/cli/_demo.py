@@ -141,6 +141,7 @@ def _storage_system(data: Path, address: str, tmp: Path, out: Callable[[str], No
         raise DemoFailedError("a certificate from another CA was accepted")
 
     _asymmetric_flow(data, address, dek.dek_id, plaintext, out)
+    _secrets(data, address, out)
 
 
 def _asymmetric_flow(
@@ -193,6 +194,43 @@ def _asymmetric_flow(
         opened = receiver.open(envelope)
     _check(opened == plaintext, "the recipient opens the sealed record")
     out(f"   storage opened it with its transport key: {opened.decode()!r}")
+
+
+def _secrets(data: Path, address: str, out: Callable[[str], None]) -> None:
+    pki_dir = data / "pki"
+    value = b"replication-password: 7f3c-kmipd-demo"
+    out("\nSecrets: named, versioned values beside the keys, wrapped under the namespace's KEK.")
+
+    def client(name: str) -> km.Client:
+        return km.Client(
+            address,
+            ca=pki_dir / "ca.pem",
+            cert=pki_dir / f"{name}.pem",
+            key=pki_dir / f"{name}-key.pem",
+        )
+
+    with client("admin") as kms:
+        info = kms.set_secret("orders", "db/replication", value, content_type="text/plain")
+        out(
+            f"   set-secret orders/{info.name} -> version {info.version} ({info.size} bytes), "
+            f"wrapped under KEK version {info.kek_version}"
+        )
+        with kms.get_secret("orders", "db/replication") as secret:
+            _check(secret.value == value, "get-secret returns the value that was set")
+            _check(value.decode() not in repr(secret), "the secret's repr hides its value")
+            out(f"   get-secret -> {secret!r}")
+            out("   (the value sits in locked, non-dumpable memory, zeroed when the block ends)")
+        files = ("kmipd.db", "kmipd.db-wal", "audit.log")
+        on_disk = b"".join((data / name).read_bytes() for name in files)
+        _check(value not in on_disk, "the secret value never reaches the disk in the clear")
+        out("   the value is nowhere in the database files or the audit trail")
+    with client("storage") as kms:
+        try:
+            kms.get_secret("orders", "db/replication")
+        except km.NotAuthorizedError:
+            out("   storage, granted keys but not secrets, is refused: reading secrets is a grant")
+        else:
+            raise DemoFailedError("a client without a secrets grant read a secret")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ from kmipd import client as km
 from kmipd.cli._client import client_call, client_options, connect
 from kmipd.cli._common import CliError, Commands, parse_timestamp
 from kmipd.cli._files import open_output
+from kmipd.protocol import SECRET_MAX_VALUE_SIZE
 
 #: Read one byte past the wire's own limit on a value, so a larger one is refused
 #: here without reading it all; the daemon's secrets.max_size refuses smaller ones.
-_READ_LIMIT = 16 * 1024 * 1024
+_READ_LIMIT = SECRET_MAX_VALUE_SIZE
 
 
 def register(commands: Commands) -> None:

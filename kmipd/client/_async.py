@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from kmipd.client._common import ConnectionInfo, Endpoint, responses, unwrap_outcome
+from kmipd.client._common import (
+    ConnectionInfo,
+    Endpoint,
+    responses,
+    send_request,
+    unwrap_outcome,
+)
 from kmipd.client._core import ClientCore, Offload, Run, Send, Steps
 from kmipd.client._errors import (
     DeadlineExceededError,
@@ -109,7 +115,7 @@ class _Connection:
             await self._take_notice()
             if self.failure is not None:
                 raise self.failure
-            request_id, frame = self.protocol.send_request(request)
+            request_id, frame = send_request(self.protocol, request, server=self.server)
             return await self.exchange(request_id, frame), request_id
 
     async def exchange(self, request_id: int, frame: bytes) -> Any:

@@ -21,6 +21,7 @@ from kmipd.protocol import (
     ErrorInfo,
     HelloResult,
     KeyRef,
+    ProtocolError,
     ResponseReceived,
 )
 
@@ -140,6 +141,18 @@ def unwrap_outcome(outcome: Any, *, server: str, request_id: int) -> Any:
     if isinstance(outcome, ErrorInfo):
         raise remote_error(outcome, server=server, request_id=request_id)
     return outcome
+
+
+def send_request(protocol: ClientConnection, request: Any, *, server: str) -> tuple[int, bytes]:
+    """The request's id and frame; one the server could not read raises FrameTooLargeError.
+
+    Nothing is sent then and the connection stays usable.
+    """
+    try:
+        return protocol.send_request(request)
+    except ProtocolError as exc:
+        error = ErrorInfo(exc.code, exc.message)
+        raise remote_error(error, server=server, request_id=None) from None
 
 
 def responses(protocol: ClientConnection, *, server: str) -> Iterator[ResponseReceived]:

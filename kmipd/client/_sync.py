@@ -23,7 +23,13 @@ from typing import Any, TypeVar
 
 import outcome
 
-from kmipd.client._common import ConnectionInfo, Endpoint, responses, unwrap_outcome
+from kmipd.client._common import (
+    ConnectionInfo,
+    Endpoint,
+    responses,
+    send_request,
+    unwrap_outcome,
+)
 from kmipd.client._core import ClientCore, Offload, Run, Send, Steps, operation
 from kmipd.client._errors import (
     CertificateRejectedError,
@@ -333,7 +339,9 @@ class Client(ClientCore, pool_size=4):
             try:
                 if inspect is not None:
                     inspect(connection)
-                frames = [connection.protocol.send_request(r) for r in requests]
+                frames = [
+                    send_request(connection.protocol, r, server=server.address) for r in requests
+                ]
                 outcomes = connection.exchange(frames, call.deadline) if frames else []
             except ServerTimeoutError:
                 # The daemon closed this idle connection and processed nothing

@@ -24,7 +24,7 @@ import attrs
 from kmipd.hsm import Pkcs11Settings
 from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.net._address import parse_address
-from kmipd.protocol import NAMESPACE_PATTERN
+from kmipd.protocol import NAMESPACE_PATTERN, SECRET_MAX_VALUE_SIZE
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
 from kmipd.server import KmipSettings, ServerLimits, TlsSettings
 from kmipd.service import (
@@ -83,8 +83,8 @@ def _frame_size(value: int) -> str | None:
 
 
 def _secret_size(value: int) -> str | None:
-    # The wire's own limit on a value (kmipd.protocol SECRET_VALUE).
-    return None if 1 <= value <= 16 * 1024 * 1024 else "must be 1..16777216 (16 MiB)"
+    # The wire's own limit on a value.
+    return None if 1 <= value <= SECRET_MAX_VALUE_SIZE else "must be 1..16777216 (16 MiB)"
 
 
 def _addresses(value: list[Any]) -> str | None:
@@ -456,6 +456,7 @@ def parse_config(
         problems.append("online_ca: give cert, key and crl together (or none of them)")
     kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
     _check_hsm_backend(document.get("hsm", {}), values, problems)
+    _check_secret_frames(values, problems)
     env = os.environ if environ is None else environ
     for section, key in sorted(_PATH_KEYS):
         if isinstance(values[(section, key)], str):
@@ -540,6 +541,22 @@ def parse_config(
         online_ca_renew_server=v("online_ca", "renew_server"),
         online_ca_renew_at=float(v("online_ca", "renew_at")),
     )
+
+
+#: What a set-secret frame carries beside the value: ids, names, content type, a few tags.
+SECRET_FRAME_HEADROOM = 8 * 1024
+
+
+def _check_secret_frames(values: dict[tuple[str, str], Any], problems: list[str]) -> None:
+    """A value travels in one frame: secrets.max_size must fit in server.max_frame_size."""
+    frame, size = values[("server", "max_frame_size")], values[("secrets", "max_size")]
+    if isinstance(frame, int) and isinstance(size, int) and frame < size + SECRET_FRAME_HEADROOM:
+        problems.append(
+            f"secrets.max_size: a secret of {size} bytes cannot reach the daemon in a frame "
+            f"of server.max_frame_size = {frame} bytes: raise server.max_frame_size to at "
+            f"least {size + SECRET_FRAME_HEADROOM} (the value and {SECRET_FRAME_HEADROOM} "
+            "bytes for its name and attributes), or lower secrets.max_size"
+        )
 
 
 def _check_section(

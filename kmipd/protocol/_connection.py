@@ -19,6 +19,7 @@ from kmipd.protocol._errors import CONNECTION_FATAL, ErrorCode, ProtocolError
 from kmipd.protocol._framing import DEFAULT_MAX_FRAME_SIZE, FrameReader, encode_frame
 from kmipd.protocol._messages import (
     PROTOCOL_VERSIONS,
+    SECRET_MAX_VALUE_SIZE,
     ErrorInfo,
     Hello,
     HelloResult,
@@ -315,13 +316,19 @@ class ConnectionFailed:
     error: ErrorInfo
 
 
+#: The largest response a client reads. The server's max_frame_size bounds what it
+#: reads, not what it answers: a get-secret result carries a whole value (up to the
+#: wire's 16 MiB) and its metadata, a listing a page of 1,000 entries.
+RESPONSE_MAX_FRAME_SIZE = 2 * SECRET_MAX_VALUE_SIZE
+
+
 class ClientConnection:
     """The client's end: assigns request ids, matches responses, negotiates the version."""
 
     def __init__(
         self,
         *,
-        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_frame_size: int = RESPONSE_MAX_FRAME_SIZE,
         versions: tuple[int, ...] = PROTOCOL_VERSIONS,
         client_name: str = "kmipd-python",
     ) -> None:
@@ -349,9 +356,19 @@ class ClientConnection:
         if self.failed is not None:
             raise RuntimeError("connection failed: " + self.failed.message)
         request_id = self._next_id
+        payload = encode_item(request_to_wire(request_id, request))
+        if self.hello is not None and len(payload) > self.hello.max_frame_size:
+            # The server would refuse it on the length prefix and close the
+            # connection, and every request in flight on it: refuse it here.
+            raise ProtocolError(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"the {request.OPERATION} request is {len(payload)} bytes; this daemon reads "
+                f"frames of at most {self.hello.max_frame_size} (server.max_frame_size); "
+                "nothing was sent",
+            )
         self._next_id += 1
         self._pending[request_id] = result_type(request)
-        return request_id, encode_frame(encode_item(request_to_wire(request_id, request)))
+        return request_id, encode_frame(payload)
 
     def receive_data(self, data: bytes) -> None:
         self._reader.feed(data)

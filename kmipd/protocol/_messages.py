@@ -503,7 +503,8 @@ class ChangesResult:
 
 SECRET_NAME = Text(max_length=256, pattern=NAMESPACE_PATTERN, description="secret name")
 #: The wire limit; the daemon's own limit is secrets.max_size (default 64 KiB).
-SECRET_VALUE = Bytes(max_length=16 * 1024 * 1024)
+SECRET_MAX_VALUE_SIZE = 16 * 1024 * 1024
+SECRET_VALUE = Bytes(max_length=SECRET_MAX_VALUE_SIZE)
 CONTENT_TYPE = Text(max_length=128, min_length=0)
 TAGS = TextMap(max_entries=32, key=Text(max_length=128), value=Text(max_length=256, min_length=0))
 

@@ -354,9 +354,11 @@ class _Connection:
         self._partial_since: float | None = None
         self._partial_frames = 0
         self._receive_scope: trio.CancelScope | None = None
-        self._deadline_reason = ""
+        self._deadline_reason = "idle"  # or "frame": which deadline a receive waits under
         self._output_ready = trio.Event()
         self._writing = True
+        #: Frames handled since the reader last waited (see FRAMES_PER_TURN).
+        self._turn = 0
 
     def start_draining(self) -> None:
         """Refuse every new request with shutting-down, finish those in flight, hang up.
@@ -621,12 +623,14 @@ class _Connection:
     async def _read_loop(self, requests: trio.Nursery) -> None:
         assert self.conn is not None
         conn = self.conn
-        handled = 0
         while True:
             event = conn.next_event()
             if event is ANSWERED or isinstance(event, RequestReceived):
-                handled += 1
-                if handled % FRAMES_PER_TURN == 0:
+                # Frames handled since this task last waited: a receive that had to
+                # wait gave every other connection its turn already.
+                self._turn += 1
+                if self._turn >= FRAMES_PER_TURN:
+                    self._turn = 0
                     await trio.lowlevel.checkpoint()
             if event is ANSWERED:
                 continue
@@ -654,49 +658,64 @@ class _Connection:
                 return
 
     async def _receive(self) -> bytes | None:
-        """Receive within the deadline that applies; on expiry fail the connection."""
+        """Receive within the deadline that applies; on expiry fail the connection.
+
+        Bytes already there are taken without a cancel scope or a scheduler
+        pass; only a receive that must wait gets its deadline scope.
+        """
         assert self.conn is not None
-        with trio.CancelScope() as scope:
-            self._receive_scope = scope
-            self._update_receive_deadline()
-            try:
-                return await self.channel.receive_some()
-            finally:
-                self._receive_scope = None
+        deadline = self._receive_deadline(trio.current_time())
+        if deadline > trio.current_time():
+            data = self.channel.receive_nowait()
+            if data is not None:
+                return data
+            with trio.CancelScope(deadline=deadline) as scope:
+                self._receive_scope = scope
+                try:
+                    data = await self.channel.receive_some(after_nowait=True)
+                finally:
+                    self._receive_scope = None
+                self._turn = 0
+                return data
         if self._cut or (self._draining and self.conn.in_flight == 0):
             return None
+        reason = (
+            f"frame not completed within {self.limits.frame_timeout:g} s"
+            if self._deadline_reason == "frame"
+            else f"idle for {self.limits.idle_timeout:g} s"
+        )
         log.info(
             "closing connection from %s: %s",
             self.peer,
-            self._deadline_reason,
+            reason,
             extra={"fields": {"peer": self.peer, "identity": self.conn.identity}},
         )
-        self.conn.fail(ErrorCode.TIMEOUT, self._deadline_reason)
+        self.conn.fail(ErrorCode.TIMEOUT, reason)
         return None
 
     def _update_receive_deadline(self) -> None:
         """Idle and partial-frame deadlines, recomputed whenever in-flight work changes."""
-        scope, conn = self._receive_scope, self.conn
-        if scope is None or conn is None:
-            return
-        now = trio.current_time()
+        if self._receive_scope is not None and self.conn is not None:
+            self._receive_scope.deadline = self._receive_deadline(trio.current_time())
+
+    def _receive_deadline(self, now: float) -> float:
+        conn = self.conn
+        assert conn is not None
         if self._draining and conn.in_flight == 0:
-            scope.deadline = -math.inf  # nothing left to answer: stop reading now
-        elif conn.has_partial_frame:
+            return -math.inf  # nothing left to answer: stop reading now
+        if conn.has_partial_frame:
             # The clock runs from when the current partial frame began: a
             # sender that keeps completing frames is making progress.
             if self._partial_since is None or self._partial_frames != conn.frames_received:
                 self._partial_since = now
                 self._partial_frames = conn.frames_received
-            scope.deadline = self._partial_since + self.limits.frame_timeout
-            self._deadline_reason = f"frame not completed within {self.limits.frame_timeout:g} s"
-        elif conn.in_flight == 0:
-            self._partial_since = None
-            scope.deadline = now + self.limits.idle_timeout
-            self._deadline_reason = f"idle for {self.limits.idle_timeout:g} s"
-        else:
-            self._partial_since = None
-            scope.deadline = math.inf  # our own answers are pending; the client waits on us
+            self._deadline_reason = "frame"
+            return self._partial_since + self.limits.frame_timeout
+        self._partial_since = None
+        if conn.in_flight == 0:
+            self._deadline_reason = "idle"
+            return now + self.limits.idle_timeout
+        return math.inf  # our own answers are pending; the client waits on us
 
     async def _refuse_buffered_requests(self) -> None:
         """After drain began: answer what is already buffered with shutting-down."""
@@ -790,8 +809,10 @@ class _Connection:
 
     async def _send_queued(self) -> None:
         assert self.conn is not None
-        if not self.conn.has_data_to_send:
+        if not self.conn.has_data_to_send and not self.channel.has_backlog:
             return
+        if self.channel.try_send(self.conn.data_to_send):
+            return  # the socket took it all: no wait, so no deadline to keep
         with trio.move_on_after(self.limits.send_timeout) as scope:
             await self.channel.send_pending(self.conn.data_to_send)
         if scope.cancelled_caught:

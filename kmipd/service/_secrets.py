@@ -349,18 +349,27 @@ class SecretOperations(RewrapOperations, LifecycleOperations):
 
         Each batch commits in one transaction, each row only if still under the
         version read, so a crash mid-way loses nothing and a rerun continues.
+        A version that does not unwrap (its row altered) is logged and left
+        under its old KEK version, which then cannot be destroyed without force.
         """
         svc = self
         total = 0
+        skipped: set[tuple[str, int]] = set()
         while True:
             batch = await svc.store.secret_versions_to_rewrap(
-                namespace, target.version, REWRAP_BATCH
+                namespace, target.version, REWRAP_BATCH + len(skipped)
             )
+            batch = [v for v in batch if (v.name, v.version) not in skipped]
             if not batch:
                 return total
             updates = []
             for version in batch:
-                value = await self._unwrap_secret(version)
+                try:
+                    value = await self._unwrap_secret(version)
+                except ServiceError as exc:
+                    log.warning("rewrap: skipping %s: %s", _of(version), exc.message)
+                    skipped.add((version.name, version.version))
+                    continue
                 wrapped = await svc.hsm.wrap(
                     target.hsm_handle,
                     value,
@@ -372,14 +381,18 @@ class SecretOperations(RewrapOperations, LifecycleOperations):
             total += await svc.store.rewrap_secret_versions(target.version, updates)
 
     async def run_rewrap_batch(self, job: RewrapJob, batch_size: int) -> RewrapJob:
-        """A job's batches rewrap DEKs; once they are all done, the namespace's secrets follow."""
-        job = await super().run_rewrap_batch(job, batch_size)
-        if job.state == "done":
+        """A job's first batch rewraps the namespace's secrets, then each batch its DEKs.
+
+        Secrets first: the batch that finds no more DEKs commits the job as
+        done, and a job seen done must mean its secrets are rewrapped too.
+        Versions set after the job started are wrapped under its target already.
+        """
+        if not job.cursor:  # no DEK batch committed yet: this is the job's start (or restart)
             target = self._kek_version(job.namespace, job.target)
             rewrapped = await self.rewrap_secrets(job.namespace, target)
             if rewrapped:
                 log.info("rewrap job %s: %d secret version(s) rewrapped", job.job_id, rewrapped)
-        return job
+        return await super().run_rewrap_batch(job, batch_size)
 
     async def _destroy_blockers(self, target: KekVersion) -> str | None:
         blockers = await super()._destroy_blockers(target)
