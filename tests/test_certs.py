@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 import pytest
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -601,3 +602,36 @@ def test_the_daemon_renews_its_own_server_certificate_without_dropping_connectio
         assert "renew-server-certificate" in audit and "BEGIN" not in audit
     finally:
         daemon.stop()
+
+
+async def test_an_async_client_renews_while_requests_are_in_flight(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    key = km.generate_key("p384")
+    with deployment.client("storage") as kms:
+        issued = kms.issue_certificate(km.make_csr(key, identity=STORAGE), validity=60)
+    directory = tmp_path / "async"
+    write_key_and_certificate(directory, key, issued)
+    answered: list[str] = []
+    async with km.AsyncClient(
+        deployment.daemon.address,
+        ca=deployment.root.ca_cert_path,
+        cert=directory / "cert.pem",
+        key=directory / "key.pem",
+        renewal_dir=directory,
+    ) as kms:
+
+        async def ask() -> None:
+            answered.append((await kms.status()).state)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(ask)
+        assert kms.certificate is not None
+        assert kms.certificate.serial_number != issued.certificate.serial_number
+    assert answered == ["serving"] * 20  # not one request failed across the renewal
+    renewed = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+    public = renewed.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    with deployment.client_with(directory / "cert.pem", directory / "key.pem") as sync:
+        assert sync.status().state == "serving"

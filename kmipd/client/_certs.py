@@ -154,10 +154,13 @@ class Renewal:
             return False
         return renewal_due(cert, self.renew_at, now)
 
-    def begin(self) -> tuple[PrivateKey, bytes]:
+    def begin(self) -> None:
+        """A renewal starts: no other starts until it finished or failed."""
+        self._running = True
+
+    def new_key(self) -> tuple[PrivateKey, bytes]:
         """A new key of the current certificate's type and its CSR."""
         assert self.certificate is not None
-        self._running = True
         key = generate_key(key_type_of(self.certificate.public_key()) or "p256")
         return key, make_csr(key, identity=identity_of(self.certificate))
 
