@@ -34,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd import client as km
 from kmipd.client._certs import write_key_and_certificate
+from kmipd.hsm import HsmError, HsmKeyNotFoundError, SoftwareHsm
 from kmipd.protocol import ErrorCode
 from pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN
@@ -635,3 +636,53 @@ async def test_an_async_client_renews_while_requests_are_in_flight(
     assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
     with deployment.client_with(directory / "cert.pem", directory / "key.pem") as sync:
         assert sync.status().state == "serving"
+
+
+# -- signing keys in both HSM backends ---------------------------------------------------
+
+
+async def _check_signing_keys(hsm: Any) -> None:
+    for curve, digest in (("p256", hashes.SHA256()), ("p384", hashes.SHA384())):
+        handle = await hsm.generate_signing_key("ca", curve)
+        public = serialization.load_der_public_key(await hsm.signing_public_key(handle))
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(await hsm.sign(handle, b"tbs"), b"tbs", ec.ECDSA(digest))
+        # One purpose per key: a signing key wraps nothing, a KEK signs nothing.
+        with pytest.raises(HsmKeyNotFoundError):
+            await hsm.wrap(handle, b"k" * 32, b"ad")
+    kek = await hsm.generate_kek("kek")
+    with pytest.raises(HsmKeyNotFoundError):
+        await hsm.sign(kek, b"tbs")
+    mine = ec.generate_private_key(ec.SECP256R1())
+    der = mine.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    imported = await hsm.import_signing_key("imported", der)
+    mine.public_key().verify(await hsm.sign(imported, b"x"), b"x", ec.ECDSA(hashes.SHA256()))
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_der = weak.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(HsmError, match="must be an EC key"):
+        await hsm.import_signing_key("rsa", rsa_der)
+    with pytest.raises(HsmError, match=r"p256 or p384, not 'p521'"):
+        await hsm.generate_signing_key("ca", "p521")
+
+
+async def test_software_keyring_signing_keys(tmp_path: Path) -> None:
+    hsm = SoftwareHsm.open(tmp_path / "master", tmp_path / "keyring", create=True)
+    await hsm.generate_kek("before")  # a keyring of KEKs only, as earlier daemons wrote
+    await _check_signing_keys(hsm)
+    reopened = SoftwareHsm.open(tmp_path / "master", tmp_path / "keyring")
+    [handle, *_] = sorted(reopened._signers)
+    assert await reopened.signing_public_key(handle) == await hsm.signing_public_key(handle)
+    assert len(reopened._keks) == 2  # the KEKs survived the signing-key writes
+    assert b"PRIVATE" not in (tmp_path / "keyring").read_bytes()  # sealed, not PEM
+
+
+async def test_pkcs11_signing_keys(softhsm: SoftToken) -> None:
+    hsm = await softhsm.open()
+    try:
+        await _check_signing_keys(hsm)
+    finally:
+        hsm.close()

@@ -299,11 +299,7 @@ class CertificateOperations(MaintenanceOperations):
     ) -> _Decision:
         key_type = key_type_of(public_key)
         if key_type is None:
-            raise ServiceError(
-                ErrorCode.CERTIFICATE_KEY_NOT_ALLOWED,
-                f"the CSR's key ({describe_key(public_key)}) is not accepted: use EC P-256, "
-                "P-384, RSA of 3072 bits or more, or Ed25519",
-            )
+            raise _key_not_accepted(public_key)
         grants = [g for g in grants if key_type in g.key_types]
         if not grants:
             raise ServiceError(
@@ -587,13 +583,17 @@ def _names(csr: x509.CertificateSigningRequest) -> tuple[list[str], list[str]]:
 def _public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
     key = csr.public_key()
     if key_type_of(key) is None:
-        raise ServiceError(
-            ErrorCode.CERTIFICATE_KEY_NOT_ALLOWED,
-            f"the CSR's key ({describe_key(key)}) is not accepted: use EC P-256, P-384, "
-            "RSA of 3072 bits or more, or Ed25519",
-        )
+        raise _key_not_accepted(key)
     assert isinstance(key, PublicKey)
     return key
+
+
+def _key_not_accepted(key: object) -> ServiceError:
+    return ServiceError(
+        ErrorCode.CERTIFICATE_KEY_NOT_ALLOWED,
+        f"the CSR's key ({describe_key(key)}) is not accepted: use EC P-256, P-384, "
+        "RSA of 3072 bits or more, or Ed25519",
+    )
 
 
 def _serial_text(serial: int) -> str:
