@@ -16,6 +16,7 @@ Also the checks a CSR must pass before a CA looks at what it asks for
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Sequence
 
 import attrs
@@ -182,23 +183,25 @@ class Unsigned:
     algorithm: bytes = attrs.field(repr=False)
 
 
-def _curve(name: str) -> tuple[ec.EllipticCurve, hashes.SHA256 | hashes.SHA384]:
+@functools.cache
+def _draft_signer(name: str) -> tuple[ec.EllipticCurvePrivateKey, hashes.SHA256 | hashes.SHA384]:
+    """A throwaway key per curve: its signature is discarded, it only fixes the algorithm."""
     if name == "p384":
-        return ec.SECP384R1(), hashes.SHA384()
-    return ec.SECP256R1(), hashes.SHA256()
+        return ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()
+    return ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()
 
 
 def unsigned_certificate(builder: x509.CertificateBuilder, ca_curve: str) -> Unsigned:
-    curve, digest = _curve(ca_curve)
-    draft = builder.sign(ec.generate_private_key(curve), digest)
+    key, digest = _draft_signer(ca_curve)
+    draft = builder.sign(key, digest)
     return Unsigned(
         draft.tbs_certificate_bytes, _algorithm(draft.public_bytes(serialization.Encoding.DER))
     )
 
 
 def unsigned_crl(builder: x509.CertificateRevocationListBuilder, ca_curve: str) -> Unsigned:
-    curve, digest = _curve(ca_curve)
-    draft = builder.sign(ec.generate_private_key(curve), digest)
+    key, digest = _draft_signer(ca_curve)
+    draft = builder.sign(key, digest)
     return Unsigned(
         draft.tbs_certlist_bytes, _algorithm(draft.public_bytes(serialization.Encoding.DER))
     )
