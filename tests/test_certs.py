@@ -10,18 +10,22 @@ chains pass ``openssl verify`` and ``cryptography``'s path validation.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import socket
 import ssl
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -30,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd import client as km
 from kmipd.client._certs import write_key_and_certificate
+from kmipd.hsm import HsmError, HsmKeyNotFoundError, SoftwareHsm
 from kmipd.protocol import ErrorCode
 from pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN
@@ -499,3 +504,185 @@ def test_the_cert_cli_issues_renews_when_due_and_revokes(
     bad = run_kmipd("cert", "issue", *storage, "--out", tmp_path / "x", "--days", "30")
     assert bad.returncode != 0 and "certificate-validity-too-long" in bad.stderr
     assert not (tmp_path / "x" / "key.pem").exists()
+
+
+def _short_server_certificate(root: CertificateAuthority, seconds: int) -> None:
+    """Replace the root's server certificate by one that lives ``seconds`` from now."""
+    root_key = serialization.load_pem_private_key(root.ca_key_path.read_bytes(), password=None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(root.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(seconds=2))
+        .not_valid_after(now + datetime.timedelta(seconds=seconds))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(root_key, hashes.SHA256())
+    )
+    root.server_key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    root.server_cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _served_certificate(address: str, root: CertificateAuthority) -> x509.Certificate:
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=root.ca_cert_path)
+    context.load_cert_chain(root.directory / "storage.pem", root.directory / "storage-key.pem")
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_the_daemon_renews_its_own_server_certificate_without_dropping_connections(
+    tmp_path: Path,
+) -> None:
+    master = tmp_path / "master.key"
+    assert run_kmipd("hsm", "software-init", "--master-key", master).returncode == 0
+    hsm = f'backend = "software"\nmaster_key = "{master}"\nkeyring = "{tmp_path / "keyring"}"'
+    root = make_root(tmp_path / "pki")
+    # Due at two thirds of 12 s: a few maintenance passes after the start.
+    _short_server_certificate(root, 10)
+    config = write_config(tmp_path, root, hsm)
+    result = run_kmipd("ca", "init", "--config", config, "--root", root.directory)
+    assert result.returncode == 0, result.stderr
+    text = config.read_text() + result.stdout[result.stdout.index("[online_ca]") :]
+    config.write_text(text + "\n[lifecycle]\ncheck_interval = 0.2\n")
+    daemon = Daemon("--config", config, log=tmp_path / "daemon.log")
+    try:
+        before = _served_certificate(daemon.address, root)
+        assert before.issuer == root.certificate.subject
+        with km.Client(
+            daemon.address,
+            ca=root.ca_cert_path,
+            cert=root.directory / "storage.pem",
+            key=root.directory / "storage-key.pem",
+        ) as kms:
+            assert kms.status().state == "serving"  # a connection opened before the renewal
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # a condition with a deadline, not a fixed sleep
+                current = x509.load_pem_x509_certificate(root.server_cert_path.read_bytes())
+                if current.serial_number != before.serial_number:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the server certificate was not renewed: {daemon.stderr()}")
+            renewed = _served_certificate(daemon.address, root)  # a new handshake: the new one
+            assert renewed.serial_number == current.serial_number
+            assert renewed.issuer != root.certificate.subject  # from the online CA now
+            assert renewed.not_valid_after_utc - renewed.not_valid_before_utc >= (
+                datetime.timedelta(hours=1)
+            )
+            assert kms.status().state == "serving"  # the old connection still serves
+        assert root.server_key_path.stat().st_mode & 0o777 == 0o600
+        audit = (tmp_path / "audit.log").read_text()
+        assert "renew-server-certificate" in audit and "BEGIN" not in audit
+    finally:
+        daemon.stop()
+
+
+async def test_an_async_client_renews_while_requests_are_in_flight(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    key = km.generate_key("p384")
+    with deployment.client("storage") as kms:
+        issued = kms.issue_certificate(km.make_csr(key, identity=STORAGE), validity=60)
+    directory = tmp_path / "async"
+    write_key_and_certificate(directory, key, issued)
+    answered: list[str] = []
+    async with km.AsyncClient(
+        deployment.daemon.address,
+        ca=deployment.root.ca_cert_path,
+        cert=directory / "cert.pem",
+        key=directory / "key.pem",
+        renewal_dir=directory,
+    ) as kms:
+
+        async def ask() -> None:
+            answered.append((await kms.status()).state)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(ask)
+        assert kms.certificate is not None
+        assert kms.certificate.serial_number != issued.certificate.serial_number
+    assert answered == ["serving"] * 20  # not one request failed across the renewal
+    renewed = x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
+    public = renewed.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    with deployment.client_with(directory / "cert.pem", directory / "key.pem") as sync:
+        assert sync.status().state == "serving"
+
+
+# -- signing keys in both HSM backends ---------------------------------------------------
+
+
+async def _check_signing_keys(hsm: Any) -> None:
+    for curve, digest in (("p256", hashes.SHA256()), ("p384", hashes.SHA384())):
+        handle = await hsm.generate_signing_key("ca", curve)
+        public = serialization.load_der_public_key(await hsm.signing_public_key(handle))
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(await hsm.sign(handle, b"tbs"), b"tbs", ec.ECDSA(digest))
+        # One purpose per key: a signing key wraps nothing, a KEK signs nothing.
+        with pytest.raises(HsmKeyNotFoundError):
+            await hsm.wrap(handle, b"k" * 32, b"ad")
+    kek = await hsm.generate_kek("kek")
+    with pytest.raises(HsmKeyNotFoundError):
+        await hsm.sign(kek, b"tbs")
+    mine = ec.generate_private_key(ec.SECP256R1())
+    der = mine.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    imported = await hsm.import_signing_key("imported", der)
+    mine.public_key().verify(await hsm.sign(imported, b"x"), b"x", ec.ECDSA(hashes.SHA256()))
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_der = weak.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(HsmError, match="must be an EC key"):
+        await hsm.import_signing_key("rsa", rsa_der)
+    with pytest.raises(HsmError, match=r"p256 or p384, not 'p521'"):
+        await hsm.generate_signing_key("ca", "p521")
+
+
+async def test_software_keyring_signing_keys(tmp_path: Path) -> None:
+    hsm = SoftwareHsm.open(tmp_path / "master", tmp_path / "keyring", create=True)
+    await hsm.generate_kek("before")  # a keyring of KEKs only, as earlier daemons wrote
+    await _check_signing_keys(hsm)
+    reopened = SoftwareHsm.open(tmp_path / "master", tmp_path / "keyring")
+    [handle, *_] = sorted(reopened._signers)
+    assert await reopened.signing_public_key(handle) == await hsm.signing_public_key(handle)
+    assert len(reopened._keks) == 2  # the KEKs survived the signing-key writes
+    assert b"PRIVATE" not in (tmp_path / "keyring").read_bytes()  # sealed, not PEM
+
+
+async def test_pkcs11_signing_keys(softhsm: SoftToken) -> None:
+    hsm = await softhsm.open()
+    try:
+        await _check_signing_keys(hsm)
+    finally:
+        hsm.close()

@@ -15,7 +15,7 @@ and ``_async`` are the I/O shells that run it.
 
 from kmipd.client._async import AsyncClient
 from kmipd.client._cache import CacheStats, DekCache
-from kmipd.client._certs import IssuedCertificate, generate_key, make_csr
+from kmipd.client._certs import IssuedCertificate, make_csr
 from kmipd.client._common import ConnectionInfo
 from kmipd.client._envelope import EnvelopeError
 from kmipd.client._errors import (
@@ -79,6 +79,7 @@ from kmipd.client._memory import KeyWipedError, ProtectedKey, ProtectedValue
 from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
 from kmipd.crypto import TransportKey
+from kmipd.crypto._issuing import generate_key
 from kmipd.protocol import KekInfo, SecretInfo, SecretSummary, StatusResult, TransportCertInfo
 from pki import TransportKem
 

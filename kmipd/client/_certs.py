@@ -25,15 +25,15 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from kmipd.client._errors import KmipdError
+from kmipd.crypto._issuing import PrivateKey, generate_key, key_type_of, renewal_due
 from kmipd.protocol import CertificateResult
 from pki import write_private_file
 
 log = logging.getLogger("kmipd.client")
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 KEY_FILE = "key.pem"
 CERT_FILE = "cert.pem"
 DEFAULT_RENEW_AT = 2 / 3
@@ -63,27 +63,6 @@ class IssuedCertificate:
         """The certificate, then the online CA's (what a TLS peer presents); not the root."""
         certs = (self.certificate, *self.chain[:-1])
         return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-
-
-def generate_key(key_type: str = "p256") -> PrivateKey:
-    """A new private key: ``p256``, ``p384``, ``rsa3072`` or ``ed25519``."""
-    if key_type == "p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type == "p384":
-        return ec.generate_private_key(ec.SECP384R1())
-    if key_type == "rsa3072":
-        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    if key_type == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    raise KmipdError(f"unknown key type {key_type!r} (p256, p384, rsa3072, ed25519)")
-
-
-def key_type_of(key: PrivateKey) -> str:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return "p384" if isinstance(key.curve, ec.SECP384R1) else "p256"
-    if isinstance(key, rsa.RSAPrivateKey):
-        return "rsa3072"
-    return "ed25519"
 
 
 def make_csr(
@@ -173,15 +152,16 @@ class Renewal:
         now = time.time() if now is None else now
         if now < self._next_try:
             return False
-        start = cert.not_valid_before_utc.timestamp()
-        end = cert.not_valid_after_utc.timestamp()
-        return now >= start + (end - start) * self.renew_at
+        return renewal_due(cert, self.renew_at, now)
 
-    def begin(self) -> tuple[PrivateKey, bytes]:
+    def begin(self) -> None:
+        """A renewal starts: no other starts until it finished or failed."""
+        self._running = True
+
+    def new_key(self) -> tuple[PrivateKey, bytes]:
         """A new key of the current certificate's type and its CSR."""
         assert self.certificate is not None
-        self._running = True
-        key = generate_key(_key_type_of_public(self.certificate.public_key()))
+        key = generate_key(key_type_of(self.certificate.public_key()) or "p256")
         return key, make_csr(key, identity=identity_of(self.certificate))
 
     def finish(self, key: PrivateKey, issued: IssuedCertificate, context: ssl.SSLContext) -> None:
@@ -220,13 +200,3 @@ def _matches(cert: x509.Certificate, key_path: Path) -> bool:
     return key.public_key().public_bytes(
         serialization.Encoding.DER, spki
     ) == cert.public_key().public_bytes(serialization.Encoding.DER, spki)
-
-
-def _key_type_of_public(public: object) -> str:
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        return "p384" if isinstance(public.curve, ec.SECP384R1) else "p256"
-    if isinstance(public, rsa.RSAPublicKey):
-        return "rsa3072"
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        return "ed25519"
-    return "p256"

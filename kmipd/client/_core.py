@@ -359,10 +359,13 @@ class ClientCore:
     def _renew_own_certificate(self, renewal: Renewal, *, quiet: bool = True) -> Steps[None]:
         """Renew before the operation; when ``quiet``, a failure is logged (and retried
         later) and the operation goes ahead with the current certificate."""
-        key, csr = renewal.begin()
+        renewal.begin()
         try:
+            # Key generation (RSA: ~a second) and the file writes are blocking work.
+            key, csr = yield Offload(renewal.new_key)
             result = yield from self._result(RenewCertificate(csr=csr))
-            renewal.finish(key, IssuedCertificate.from_result(result), self._context)
+            issued = IssuedCertificate.from_result(result)
+            yield Offload(lambda: renewal.finish(key, issued, self._context))
         except (KmipdError, OSError, ssl.SSLError, ValueError) as exc:
             renewal.failed(exc)
             if not quiet:

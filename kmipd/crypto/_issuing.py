@@ -16,6 +16,7 @@ Also the checks a CSR must pass before a CA looks at what it asks for
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Sequence
 
 import attrs
@@ -32,6 +33,7 @@ MIN_RSA_BITS = 3072
 MAX_CSR_SIZE = 16384
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
 class CsrError(ValueError):
@@ -53,12 +55,32 @@ def key_type_of(public_key: object) -> str | None:
     return None
 
 
+def generate_key(key_type: str = "p256") -> PrivateKey:
+    """A new private key: ``p256``, ``p384``, ``rsa3072`` or ``ed25519``."""
+    if key_type == "p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "rsa3072":
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(f"unknown key type {key_type!r} ({', '.join(KEY_TYPES)})")
+
+
 def describe_key(public_key: object) -> str:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         return f"EC {public_key.curve.name}"
     if isinstance(public_key, rsa.RSAPublicKey):
         return f"RSA-{public_key.key_size}"
     return type(public_key).__name__.removesuffix("PublicKey").removeprefix("_") or "unknown"
+
+
+def renewal_due(cert: x509.Certificate, renew_at: float, now: float) -> bool:
+    """Whether ``now`` is past ``renew_at`` (a fraction) of the certificate's lifetime."""
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    return now >= start + (end - start) * renew_at
 
 
 def spki_der(public_key: PublicKey) -> bytes:
@@ -161,23 +183,25 @@ class Unsigned:
     algorithm: bytes = attrs.field(repr=False)
 
 
-def _curve(name: str) -> tuple[ec.EllipticCurve, hashes.SHA256 | hashes.SHA384]:
+@functools.cache
+def _draft_signer(name: str) -> tuple[ec.EllipticCurvePrivateKey, hashes.SHA256 | hashes.SHA384]:
+    """A throwaway key per curve: its signature is discarded, it only fixes the algorithm."""
     if name == "p384":
-        return ec.SECP384R1(), hashes.SHA384()
-    return ec.SECP256R1(), hashes.SHA256()
+        return ec.generate_private_key(ec.SECP384R1()), hashes.SHA384()
+    return ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()
 
 
 def unsigned_certificate(builder: x509.CertificateBuilder, ca_curve: str) -> Unsigned:
-    curve, digest = _curve(ca_curve)
-    draft = builder.sign(ec.generate_private_key(curve), digest)
+    key, digest = _draft_signer(ca_curve)
+    draft = builder.sign(key, digest)
     return Unsigned(
         draft.tbs_certificate_bytes, _algorithm(draft.public_bytes(serialization.Encoding.DER))
     )
 
 
 def unsigned_crl(builder: x509.CertificateRevocationListBuilder, ca_curve: str) -> Unsigned:
-    curve, digest = _curve(ca_curve)
-    draft = builder.sign(ec.generate_private_key(curve), digest)
+    key, digest = _draft_signer(ca_curve)
+    draft = builder.sign(key, digest)
     return Unsigned(
         draft.tbs_certlist_bytes, _algorithm(draft.public_bytes(serialization.Encoding.DER))
     )

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
 
 from kmipd.audit import AuditLog
+from kmipd.crypto._issuing import renewal_due
 from kmipd.daemon._checks import check_serving_config
 from kmipd.daemon._prometheus import MetricsExporter, serve_metrics
 from kmipd.daemon._supervision import Supervisor
@@ -85,7 +87,7 @@ async def run_daemon(
         )
         resources.callback(audit.close)
         metrics = ServerMetrics()
-        publish = _CrlPublisher(config, await _open_online_ca(config, hsm, notifier))
+        online = _OnlineCaTasks(config, await _open_online_ca(config, hsm, notifier))
         service = KeyService(
             store=store,
             hsm=MeasuredHsm(hsm, metrics),
@@ -97,11 +99,11 @@ async def run_daemon(
             transport_trust=tls.transport_trust,
             require_sealed=config.require_sealed,
             secret_max_size=config.secret_max_size,
-            online_ca=publish.online_ca,
-            publish_crl=publish if publish.online_ca is not None else None,
+            online_ca=online.online_ca,
+            publish_crl=online.publish_crl if online.online_ca is not None else None,
         )
         server = KmipServer(service, tls, config.limits, metrics=metrics, kmip=config.kmip)
-        await publish.start(server, notifier)
+        await online.start(server, notifier)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
         supervisor.watch_writers()
         listeners = await _client_listeners(config, manager)
@@ -121,7 +123,7 @@ async def run_daemon(
                 nursery.start_soon(supervisor.handle_signals)
             nursery.start_soon(store.watch_writes)
             nursery.start_soon(audit.flush_periodically)
-            nursery.start_soon(_maintain, service, config.check_interval)
+            nursery.start_soon(_maintain, service, config.check_interval, online.maintain)
             nursery.start_soon(_run_rewrap_jobs, service, config.rewrap_batch, config.rewrap_pause)
             if metrics_listeners:
                 await nursery.start(serve_metrics, metrics_listeners, MetricsExporter(server))
@@ -155,10 +157,17 @@ async def _open_online_ca(config: Config, hsm: HsmBackend, notifier: Notifier) -
 
 
 @attrs.define
-class _CrlPublisher:
-    """Writes each CRL the online CA signs where the TLS layer reads it, and loads it
-    at once: a revoked certificate is refused from the next handshake on, and open
-    connections presenting it are cut."""
+class _OnlineCaTasks:
+    """What the daemon does for its online CA, beside the service's operations.
+
+    It writes each CRL the CA signs where the TLS layer reads it and loads it at
+    once (a revoked certificate is refused from the next handshake on, and open
+    connections presenting it are cut); and it renews the daemon's own server
+    certificate from the online CA once it is past ``online_ca.renew_at`` of its
+    lifetime: new key and certificate written over tls.key and tls.cert
+    (atomically, the key first), then loaded for new handshakes while open
+    connections carry on.
+    """
 
     config: Config
     online_ca: OnlineCa | None
@@ -169,16 +178,40 @@ class _CrlPublisher:
         if self.online_ca is not None:
             notifier.status("signing the online CA's CRL")
             await server.service.refresh_crl()  # fresh at every start
+            await self.maintain()
 
-    async def __call__(self, pem: bytes) -> None:
+    async def publish_crl(self, pem: bytes) -> None:
         path = self.config.tls.online_ca_crl
         assert path is not None
         await trio.to_thread.run_sync(lambda: write_private_file(path, pem, mode=0o644))
-        if self.server is not None:
-            try:
-                self.server.tls = ServerTls.load(self.server.tls.settings)
-            except TlsConfigError as exc:
-                log.error("the online CA's new CRL was not loaded: %s", exc)
+        self._reload("the online CA's new CRL")
+
+    async def maintain(self) -> None:
+        """Renew the server certificate if it is due (each maintenance pass)."""
+        if self.online_ca is None or self.server is None or not self.config.online_ca_renew_server:
+            return
+        settings = self.server.tls.settings
+        current = load_certificate(settings.cert, "server certificate")
+        if not renewal_due(current, self.config.online_ca_renew_at, time.time()):
+            return
+        key_pem, chain_pem = await self.server.service.renew_server_certificate(current)
+
+        def write() -> None:
+            # The key first: until the certificate follows, the old pair stays loaded.
+            write_private_file(settings.key, key_pem)
+            write_private_file(settings.cert, chain_pem, mode=0o644)
+
+        await trio.to_thread.run_sync(write)
+        self._reload("the renewed server certificate")
+        log.info("renewed the server certificate from the online CA (%s)", settings.cert)
+
+    def _reload(self, what: str) -> None:
+        if self.server is None:
+            return
+        try:
+            self.server.tls = ServerTls.load(self.server.tls.settings)
+        except TlsConfigError as exc:
+            log.error("%s was not loaded: %s", what, exc)
 
 
 async def open_hsm(config: Config) -> HsmBackend:
@@ -221,11 +254,15 @@ async def _client_listeners(config: Config, manager: ServiceManager) -> list[tri
     ]
 
 
-async def _maintain(service: KeyService, interval: float) -> None:
-    """Apply date transitions, rotate KEKs that reached protect-stop, purge destroyed keys."""
+async def _maintain(
+    service: KeyService, interval: float, also: Callable[[], Awaitable[None]]
+) -> None:
+    """Apply date transitions, rotate KEKs that reached protect-stop, purge destroyed keys
+    (and ``also``: the online CA's server-certificate renewal)."""
     while True:
         try:
             await service.maintain()
+            await also()
         except StoreUnavailableError:
             pass  # the store's fault is logged (once) by its WriteHealth; the next pass retries
         except Exception:

@@ -64,6 +64,10 @@ def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def _fraction(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be between 0 and 1 (a fraction of the lifetime)"
+
+
 def _at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1"
 
@@ -267,6 +271,15 @@ SCHEMA: dict[str, dict[str, Option]] = {
         ),
         "key": Option(str, None, "HSM handle of its signing key (kmipd ca init prints it)"),
         "crl": Option(str, None, "the online CA's CRL (PEM), written by the daemon"),
+        "renew_server": Option(
+            bool, True, "renew tls.cert from the online CA when due (rewrites tls.key/tls.cert)"
+        ),
+        "renew_at": Option(
+            (int, float),
+            2 / 3,
+            "fraction of tls.cert's lifetime after which it is renewed",
+            _fraction,
+        ),
     },
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
@@ -355,6 +368,9 @@ class Config:
     secret_max_size: int = 64 * 1024
     #: The HSM handle of the online CA's signing key (None: no online CA).
     online_ca_key: str | None = None
+    #: Renew tls.cert from the online CA once past online_ca_renew_at of its lifetime.
+    online_ca_renew_server: bool = True
+    online_ca_renew_at: float = 2 / 3
 
     def software_files(self) -> tuple[Path, Path]:
         """(master key, keyring) of the software backend; only for that backend."""
@@ -522,6 +538,8 @@ def parse_config(
         require_sealed=tuple(v("transport", "require_sealed")),
         secret_max_size=v("secrets", "max_size"),
         online_ca_key=v("online_ca", "key"),
+        online_ca_renew_server=v("online_ca", "renew_server"),
+        online_ca_renew_at=float(v("online_ca", "renew_at")),
     )
 
 

@@ -65,7 +65,7 @@ from kmipd.hsm._interface import (
     HsmKeyNotFoundError,
     HsmUnavailableError,
 )
-from kmipd.hsm._signing import SIGNING_CURVES, check_curve, curve_of
+from kmipd.hsm._signing import SIGNING_CURVES, check_curve, curve_of, load_signing_key
 
 log = logging.getLogger("kmipd.hsm")
 
@@ -313,12 +313,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _signing_id(handle: str) -> bytes:
-    if not handle.startswith(SIGNING_PREFIX):
-        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 signing key handle")
-    try:
-        return bytes.fromhex(handle[len(SIGNING_PREFIX) :])
-    except ValueError:
-        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 signing key handle") from None
+    return _id_of(handle, SIGNING_PREFIX, "signing key")
 
 
 def _signing_templates(
@@ -359,12 +354,17 @@ def _signing_templates(
 
 
 def _handle_id(handle: str) -> bytes:
-    if not handle.startswith(HANDLE_PREFIX):
-        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 KEK handle")
+    return _id_of(handle, HANDLE_PREFIX, "KEK")
+
+
+def _id_of(handle: str, prefix: str, what: str) -> bytes:
+    """The CKA_ID a handle names (``PREFIX`` + hex)."""
+    if not handle.startswith(prefix):
+        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 {what} handle")
     try:
-        return bytes.fromhex(handle[len(HANDLE_PREFIX) :])
+        return bytes.fromhex(handle[len(prefix) :])
     except ValueError:
-        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 KEK handle") from None
+        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 {what} handle") from None
 
 
 def _kek_template(label: str, cka_id: bytes) -> dict[Attribute, Any]:
@@ -964,12 +964,7 @@ class Pkcs11Hsm:
         return handle
 
     async def import_signing_key(self, label: str, private_key_der: bytes) -> str:
-        try:
-            key = serialization.load_der_private_key(private_key_der, password=None)
-        except (ValueError, TypeError):
-            raise HsmError("the signing key is not an unencrypted PKCS#8 DER private key") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise HsmError("a signing key must be an EC key (P-256 or P-384)")
+        key = load_signing_key(private_key_der)
         curve = curve_of(key)
         full_label = self._label(label)
         # python-pkcs11 reads the traditional (SEC 1) encoding, not PKCS#8.

@@ -7,7 +7,7 @@ name one signature algorithm.
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kmipd.hsm._interface import HsmError
@@ -33,3 +33,15 @@ def curve_of(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> str
 
 def signature_hash(curve: str) -> hashes.HashAlgorithm:
     return SIGNING_CURVES[curve][1]()
+
+
+def load_signing_key(private_key_der: bytes) -> ec.EllipticCurvePrivateKey:
+    """An imported signing key (PKCS#8 DER), checked: EC, on a curve we sign with."""
+    try:
+        key = serialization.load_der_private_key(private_key_der, password=None)
+    except (ValueError, TypeError):
+        raise HsmError("the signing key is not an unencrypted PKCS#8 DER private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise HsmError("a signing key must be an EC key (P-256 or P-384)")
+    curve_of(key)
+    return key

@@ -31,7 +31,13 @@ from kmipd.hsm._interface import (
     HsmKeyNotFoundError,
     HsmUnavailableError,
 )
-from kmipd.hsm._signing import SIGNING_CURVES, check_curve, curve_of, signature_hash
+from kmipd.hsm._signing import (
+    SIGNING_CURVES,
+    check_curve,
+    curve_of,
+    load_signing_key,
+    signature_hash,
+)
 from kmipd.protocol import ProtocolError, decode_item, encode_deterministic, encode_item
 from pki import write_private_file
 
@@ -161,39 +167,14 @@ class SoftwareHsm:
             raise HsmError(f"cannot read keyring {self._keyring_path}: {exc.strerror}") from None
         return _parse_keyring(raw, self._keyring_path, section)
 
-    def _open_signers(
-        self, entries: dict[str, dict[str, Any]]
-    ) -> dict[str, ec.EllipticCurvePrivateKey]:
-        signers = {}
-        for handle, entry in entries.items():
-            try:
-                der = self._master.decrypt(
-                    entry["sealed"][:NONCE_SIZE],
-                    entry["sealed"][NONCE_SIZE:],
-                    _signing_entry_aad(handle),
-                )
-                key = serialization.load_der_private_key(der, password=None)
-            except InvalidTag:
-                raise HsmError(
-                    f"keyring {self._keyring_path} does not open with this master key "
-                    "(wrong master key file, or the keyring was altered)"
-                ) from None
-            except (KeyError, TypeError, ValueError) as exc:
-                raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise HsmError(f"keyring {self._keyring_path}: {handle} is not an EC key")
-            signers[handle] = key
-        return signers
-
-    def _open_all(self, entries: dict[str, dict[str, Any]]) -> dict[str, AESGCM]:
+    def _unseal(
+        self, entries: dict[str, dict[str, Any]], aad: Callable[[str], bytes]
+    ) -> dict[str, bytes]:
+        """Every entry's sealed bytes opened under the master key, bound to its handle."""
         try:
             return {
-                handle: AESGCM(
-                    self._master.decrypt(
-                        entry["sealed"][:NONCE_SIZE],
-                        entry["sealed"][NONCE_SIZE:],
-                        _kek_entry_aad(handle),
-                    )
+                handle: self._master.decrypt(
+                    entry["sealed"][:NONCE_SIZE], entry["sealed"][NONCE_SIZE:], aad(handle)
                 )
                 for handle, entry in entries.items()
             }
@@ -204,6 +185,26 @@ class SoftwareHsm:
             ) from None
         except (KeyError, TypeError, ValueError) as exc:
             raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
+
+    def _open_all(self, entries: dict[str, dict[str, Any]]) -> dict[str, AESGCM]:
+        try:
+            return {h: AESGCM(k) for h, k in self._unseal(entries, _kek_entry_aad).items()}
+        except ValueError as exc:
+            raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
+
+    def _open_signers(
+        self, entries: dict[str, dict[str, Any]]
+    ) -> dict[str, ec.EllipticCurvePrivateKey]:
+        signers = {}
+        for handle, der in self._unseal(entries, _signing_entry_aad).items():
+            try:
+                key = serialization.load_der_private_key(der, password=None)
+            except (TypeError, ValueError) as exc:
+                raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise HsmError(f"keyring {self._keyring_path}: {handle} is not an EC key")
+            signers[handle] = key
+        return signers
 
     def _change(
         self, edit: Callable[[dict[str, dict[str, Any]]], None], section: str = "keks"
@@ -280,14 +281,7 @@ class SoftwareHsm:
         return await self._store_signer(label, key)
 
     async def import_signing_key(self, label: str, private_key_der: bytes) -> str:
-        try:
-            key = serialization.load_der_private_key(private_key_der, password=None)
-        except (ValueError, TypeError):
-            raise HsmError("the signing key is not an unencrypted PKCS#8 DER private key") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise HsmError("a signing key must be an EC key (P-256 or P-384)")
-        curve_of(key)
-        return await self._store_signer(label, key)
+        return await self._store_signer(label, load_signing_key(private_key_der))
 
     async def _store_signer(self, label: str, key: ec.EllipticCurvePrivateKey) -> str:
         handle = f"soft-sign-{secrets.token_hex(12)}"

@@ -47,6 +47,7 @@ from kmipd.crypto._issuing import (
     assemble_certificate,
     assemble_crl,
     describe_key,
+    generate_key,
     key_type_of,
     leaf_builder,
     load_csr,
@@ -68,7 +69,7 @@ from kmipd.protocol import (
     RenewCertificate,
     RevokeCertificate,
 )
-from kmipd.service._core import ServiceError, _Call, handles
+from kmipd.service._core import Caller, ServiceError, _Call, handles
 from kmipd.service._maintenance import MaintenanceOperations
 from kmipd.service._policy import CertificateGrant
 from kmipd.store import IssuedCertificateRecord
@@ -81,6 +82,10 @@ CRL_VALIDITY = 7 * DAY
 #: Backdating, as pki does: a peer whose clock runs a little behind still accepts it.
 CLOCK_SKEW = 300
 LIST_DEFAULT_LIMIT = 100
+#: The daemon's own server certificate lives at most this long (Mozilla "modern": 90 days).
+SERVER_VALIDITY = 90 * DAY
+#: Who the audit trail says asked for the daemon's own server certificate.
+SERVER_RENEWAL_IDENTITY = "local:kmipd"
 
 #: Wire revocation reasons ("key-compromise") to RFC 5280's ("keyCompromise").
 _REASONS = {flag.value.lower(): flag for flag in x509.ReasonFlags}
@@ -294,11 +299,7 @@ class CertificateOperations(MaintenanceOperations):
     ) -> _Decision:
         key_type = key_type_of(public_key)
         if key_type is None:
-            raise ServiceError(
-                ErrorCode.CERTIFICATE_KEY_NOT_ALLOWED,
-                f"the CSR's key ({describe_key(public_key)}) is not accepted: use EC P-256, "
-                "P-384, RSA of 3072 bits or more, or Ed25519",
-            )
+            raise _key_not_accepted(public_key)
         grants = [g for g in grants if key_type in g.key_types]
         if not grants:
             raise ServiceError(
@@ -382,6 +383,63 @@ class CertificateOperations(MaintenanceOperations):
         unsigned = unsigned_certificate(builder, ca.curve)
         signature = await self.hsm.sign(ca.key_handle, unsigned.tbs)
         return assemble_certificate(unsigned, signature, ca.public_key)
+
+    # -- the daemon's own server certificate -------------------------------------------
+
+    async def renew_server_certificate(
+        self, current: x509.Certificate, *, max_validity: int = SERVER_VALIDITY
+    ) -> tuple[bytes, bytes]:
+        """A new key and certificate for the names ``current`` has, from the online CA.
+
+        Returns (private key PEM, certificate + online CA PEM) for the daemon to
+        write where tls.key and tls.cert point; recorded and audited like an
+        issuance (requested by ``local:kmipd``), never showing the key.
+        """
+        ca = self._require_online_ca()
+        try:
+            names = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise OnlineCaError(
+                "the server certificate names no host (no subjectAltName)"
+            ) from None
+        sans = list(names)
+        key = generate_key(key_type_of(current.public_key()) or "p256")
+        public_key = key.public_key()
+        span = current.not_valid_after_utc - current.not_valid_before_utc
+        # At least an hour: a short-lived certificate renewed for its own short span
+        # would be due again at once (its start is backdated).
+        seconds = min(max_validity, max(3600, int(span.total_seconds()) - CLOCK_SKEW))
+        now = self._now()
+        decision = _Decision(
+            now - CLOCK_SKEW,
+            min(now + seconds, int(ca.certificate.not_valid_after_utc.timestamp())),
+            key_type_of(public_key) or "p256",
+        )
+        call = _Call(Caller(SERVER_RENEWAL_IDENTITY), "renew-server-certificate")
+        texts = tuple(str(n.value) for n in sans)
+        result = await self._sign_and_record(
+            call,
+            ca,
+            public_key,
+            subject=texts[0],
+            sans=sans,
+            usage=ExtendedKeyUsageOID.SERVER_AUTH,
+            profile="server",
+            names=texts,
+            decision=decision,
+            renewed_from=_serial_text(current.serial_number),
+        )
+        self._audit(call, "ok")
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        chain = (
+            x509.load_der_x509_certificate(result.certificate),
+            ca.certificate,
+        )
+        return key_pem, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
 
     # -- revocation and the CRL --------------------------------------------------------
 
@@ -525,13 +583,17 @@ def _names(csr: x509.CertificateSigningRequest) -> tuple[list[str], list[str]]:
 def _public_key(csr: x509.CertificateSigningRequest) -> PublicKey:
     key = csr.public_key()
     if key_type_of(key) is None:
-        raise ServiceError(
-            ErrorCode.CERTIFICATE_KEY_NOT_ALLOWED,
-            f"the CSR's key ({describe_key(key)}) is not accepted: use EC P-256, P-384, "
-            "RSA of 3072 bits or more, or Ed25519",
-        )
+        raise _key_not_accepted(key)
     assert isinstance(key, PublicKey)
     return key
+
+
+def _key_not_accepted(key: object) -> ServiceError:
+    return ServiceError(
+        ErrorCode.CERTIFICATE_KEY_NOT_ALLOWED,
+        f"the CSR's key ({describe_key(key)}) is not accepted: use EC P-256, P-384, "
+        "RSA of 3072 bits or more, or Ed25519",
+    )
 
 
 def _serial_text(serial: int) -> str:
