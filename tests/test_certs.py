@@ -13,12 +13,14 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import re
 import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from prometheus_client.parser import text_string_to_metric_families
 
 from kmipd import client as km
 from kmipd.client._certs import write_key_and_certificate
@@ -118,14 +121,14 @@ def make_root(directory: Path) -> CertificateAuthority:
     return root
 
 
-def start(directory: Path, hsm: str) -> Deployment:
+def start(directory: Path, hsm: str, extra: str = "") -> Deployment:
     root = make_root(directory / "pki")
     config = write_config(directory, root, hsm)
     result = run_kmipd("ca", "init", "--config", config, "--root", root.directory)
     assert result.returncode == 0, result.stderr
     snippet = result.stdout[result.stdout.index("[online_ca]") :]
     with config.open("a") as f:
-        f.write(snippet + "\n")
+        f.write(snippet + "\n" + extra)
     daemon = Daemon("--config", config, log=directory / "daemon.log")
     return Deployment(root, config, daemon, directory)
 
@@ -686,3 +689,48 @@ async def test_pkcs11_signing_keys(softhsm: SoftToken) -> None:
         await _check_signing_keys(hsm)
     finally:
         hsm.close()
+
+
+def test_metrics_show_when_certificates_run_out(tmp_path: Path) -> None:
+    master = tmp_path / "master.key"
+    assert run_kmipd("hsm", "software-init", "--master-key", master).returncode == 0
+    hsm = f'backend = "software"\nmaster_key = "{master}"\nkeyring = "{tmp_path / "keyring"}"'
+    running = start(tmp_path, hsm, '[metrics]\nlisten = "127.0.0.1:0"\n')
+    try:
+        with running.client("storage") as kms:
+            issued = kms.issue_certificate(km.make_csr(km.generate_key(), identity=STORAGE))
+        [url] = re.findall(r"Prometheus metrics on http://(\S+?)/metrics", running.daemon.stderr())
+        with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    finally:
+        running.daemon.stop()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    issued_key = (
+        "kmipd_issued_certificate_expiry_timestamp_seconds",
+        (("profile", "client"), ("subject", STORAGE)),
+    )
+    assert samples[issued_key] == issued.not_after
+    online_ca = issued.chain[0].not_valid_after_utc.timestamp()
+    ours = "kmipd_certificate_expiry_timestamp_seconds"
+    assert samples[(ours, (("certificate", "online-ca"),))] == online_ca
+    assert samples[(ours, (("certificate", "server"),))] > issued.not_after
+
+
+def test_check_config_checks_the_online_ca(deployment: Deployment, tmp_path: Path) -> None:
+    deployment.daemon.stop()
+    good = run_kmipd("check-config", deployment.config)
+    assert good.returncode == 0, good.stdout + good.stderr
+    # An online CA certificate that is not a CA: the server's own certificate.
+    text = deployment.config.read_text()
+    online = text.split("[online_ca]\ncert = ")[1].split("\n")[0]
+    wrong = text.replace(f"cert = {online}", f'cert = "{deployment.root.server_cert_path}"', 1)
+    bad_config = tmp_path / "bad.toml"
+    bad_config.write_text(wrong)
+    bad_config.chmod(0o600)
+    bad = run_kmipd("check-config", bad_config)
+    assert bad.returncode != 0
+    assert "online_ca.cert" in bad.stdout + bad.stderr and "not a CA" in bad.stdout + bad.stderr

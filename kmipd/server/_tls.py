@@ -84,6 +84,8 @@ class ServerTls:
     transport_trust: TransportTrust
     #: The online issuing CA's certificate, when there is one.
     online_ca: x509.Certificate | None = None
+    #: When the server certificate being served expires (Unix time), for metrics.
+    server_not_after: float = 0.0
 
     @classmethod
     def load(cls, settings: TlsSettings) -> ServerTls:
@@ -104,7 +106,13 @@ class ServerTls:
         except PkiError as exc:
             raise TlsConfigError(str(exc)) from None
         trust = TransportTrust(ca_cert, settings.trust_domain, revoked)
-        return cls(settings, _server_context(settings), revoked, stamp, trust, online_ca)
+        context = _server_context(settings)
+        try:
+            served = load_certificate(settings.cert, "server certificate")
+        except PkiError as exc:
+            raise TlsConfigError(str(exc)) from None
+        not_after = served.not_valid_after_utc.timestamp()
+        return cls(settings, context, revoked, stamp, trust, online_ca, not_after)
 
     def current_crl_stamp(self) -> tuple[int, ...]:
         """The CRL files' identity now; differs from crl_stamp once one was replaced."""

@@ -157,3 +157,15 @@ class CertificateStore:
             ).fetchall()
         )
         return [(str(s), int(t), str(r)) for s, t, r in rows]
+
+    async def issued_expiry_by_subject(self, now: int) -> dict[tuple[str, str], int]:
+        """(subject, profile) -> the latest notAfter of its unrevoked, unexpired
+        certificates: when that subject runs out of certificates (for metrics)."""
+        rows = await self._read(
+            lambda db: db.execute(
+                "SELECT subject, profile, max(not_after) FROM issued_certificates"
+                " WHERE revoked_at IS NULL AND not_after >= ? GROUP BY subject, profile",
+                (now,),
+            ).fetchall()
+        )
+        return {(str(s), str(p)): int(t) for s, p, t in rows}
