@@ -295,11 +295,14 @@ class CertificateAuthority:
         ip_addresses: Sequence[str] = ("127.0.0.1",),
         force: bool = False,
         validity_days: int = 3650,
+        path_length: int = 0,
     ) -> CertificateAuthority:
         """Create a CA, a server certificate and an empty CRL in ``directory``.
 
         Refuses to replace an existing CA unless ``force``: its key may be the
         only thing that can still revoke certificates out in the field.
+        ``path_length`` 1 lets the root sign one level of intermediate CAs (the
+        daemon's online issuing CA, ``issue_intermediate``); 0 forbids them.
         """
         directory = Path(directory)
         # Every argument is checked before anything is written: bad input loses nothing.
@@ -307,6 +310,8 @@ class CertificateAuthority:
         _server_names(dns_names, ip_addresses)
         if validity_days < 1:
             raise PkiError("validity_days must be at least 1")
+        if path_length not in (0, 1):
+            raise PkiError("path_length must be 0 (no intermediates) or 1 (an online CA)")
         existing = [f for f in ("ca.pem", "ca-key.pem") if (directory / f).exists()]
         if existing and not force:
             raise PkiError(
@@ -331,8 +336,8 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + datetime.timedelta(days=validity_days))
-            # A CA, and it signs only end-entity certificates: pathlen 0 forbids intermediates.
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            # A CA; pathlen 0 forbids intermediates, 1 allows the online CA (and no deeper).
+            .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
             # Certificates and CRLs, nothing else: the CA key never speaks TLS.
             .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
             # Lets verifiers match the AKI of what it signs to this key (RFC 5280 4.2.1.2).
@@ -621,6 +626,66 @@ class CertificateAuthority:
         write_private_file(paths[1], transport_keys_pem(keys))
         write_private_file(paths[0], _cert_pem(cert), mode=0o644)
         return IssuedCertificate(record_name, paths[0], paths[1], cert.serial_number, identity)
+
+    def issue_intermediate(
+        self,
+        name: str,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        validity_days: int = 1825,
+        force: bool = False,
+    ) -> IssuedCertificate:
+        """Sign an intermediate CA (the daemon's online issuing CA) for ``public_key``.
+
+        Only the public key comes here: its private half stays in the daemon's HSM
+        backend. Written to ``NAME.pem`` and recorded as ``NAME`` so that
+        ``revoke(NAME)`` puts it on this root's CRL. It may sign end-entity
+        certificates and CRLs only (pathlen 0).
+        """
+        _check_name(name)
+        constraints = self._cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if constraints.path_length is not None and constraints.path_length < 1:
+            raise PkiError(
+                f"the CA in {self.directory} was created with pathlen 0 and cannot sign an "
+                "intermediate; create one with `kmipd pki init --online-ca`"
+            )
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise PkiError("the online CA's key must be an EC key")
+        path = self.directory / f"{name}.pem"
+        if not force and path.exists():
+            raise PkiError(f"{path} already exists; pass force to replace it")
+        start, end = _validity(validity_days, None, None)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(
+                            NameOID.COMMON_NAME, f"kmipd online CA {self.trust_domain}"
+                        )
+                    ]
+                )
+            )
+            .issuer_name(self._cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(min(end, self._cert.not_valid_after_utc))
+            # A CA for end entities only: it cannot make further CAs.
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            # Certificates and CRLs, nothing else: the key never speaks TLS.
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        self._index.issued[name] = Issued(cert.serial_number, "intermediate", path.name, "")
+        self._index.save(self._index_path)
+        write_private_file(path, _cert_pem(cert), mode=0o644)
+        return IssuedCertificate(name, path, path, cert.serial_number, None)
 
     # -- revocation -----------------------------------------------------------------------
 

@@ -249,6 +249,7 @@ async def start_server(
             crl=ca.crl_path,
             trust_domain=TRUST_DOMAIN,
             allow_tls12=limits.pop("allow_tls12", False),
+            session_tickets=limits.pop("session_tickets", 0),
             kmip_tls12=limits.get("kmip") is not None and limits["kmip"].enabled,
         )
         crl_check_interval = limits.pop("crl_check_interval", 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmipd.client import DekCache, KeyWipedError, ProtectedKey
+from kmipd.client import DekCache, KeyWipedError, ProtectedKey, ProtectedValue
 from kmipd.client._memory import SLOT_SIZE
 
 SECRET = bytes(range(1, 33))
@@ -25,6 +26,19 @@ def slot_contents(key: ProtectedKey) -> tuple[object, int]:
 def read_slot(location: tuple[object, int]) -> bytes:
     chunk, slot = location
     return bytes(chunk.memory[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE])  # type: ignore[attr-defined]
+
+
+def vm_flags(address: int) -> set[str]:
+    """The kernel's flags for the mapping that holds ``address`` (/proc/self/smaps)."""
+    flags: set[str] = set()
+    current = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if "-" in line.split()[0] and not line.startswith(("VmFlags", " ")):
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            current = start <= address < end
+        elif line.startswith("VmFlags") and current:
+            flags = set(line.split()[1:])
+    return flags
 
 
 def test_key_is_locked_and_zeroed_when_its_block_ends() -> None:
@@ -71,14 +85,7 @@ def test_dropping_the_last_reference_zeroes_the_key() -> None:
 
 def test_memory_is_excluded_from_core_dumps() -> None:
     key = ProtectedKey(SECRET)
-    address = key._chunk.address  # type: ignore[union-attr]
-    flags = {}
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if "-" in line.split()[0] and not line.startswith(("VmFlags", " ")):
-            start, end = (int(x, 16) for x in line.split()[0].split("-"))
-            current = start <= address < end
-        elif line.startswith("VmFlags") and current:
-            flags = set(line.split()[1:])
+    flags = vm_flags(key._chunk.address)  # type: ignore[union-attr]
     assert "dd" in flags  # "do not include area into core dump"
     assert "lo" in flags  # locked
 
@@ -217,3 +224,26 @@ def test_cache_under_many_threads_never_hands_out_a_wiped_or_wrong_key() -> None
     assert errors == []
     assert len(cache) <= 50
     assert cache.stats.hits > 0
+
+
+def test_a_secret_value_of_any_size_is_locked_undumped_and_zeroed() -> None:
+    value = os.urandom(64 * 1024 + 5)  # larger than a key slot, than a page
+    protected = ProtectedValue(value)
+    assert protected.locked and len(protected) == len(value)
+    assert protected == value and protected == ProtectedValue(value)
+    assert protected != ProtectedValue(b"other")
+    memory = protected._memory
+    assert memory is not None
+    address = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    assert {"dd", "lo"} <= vm_flags(address)  # no core dump; locked in RAM
+    assert value.hex()[:16] not in repr(protected)
+    assert repr(protected) == f"<ProtectedValue {len(value)} bytes, locked>"
+    piece = protected.view[:100]  # a derived view the library cannot release
+    with protected as view:
+        assert bytes(view) == value
+    assert protected.wiped and repr(protected) == "<ProtectedValue wiped>"
+    assert bytes(piece) == bytes(100)  # zeroed all the same (still mapped, for the view)
+    with pytest.raises(KeyWipedError, match="value has been wiped"):
+        _ = protected.view
+    with pytest.raises(ValueError, match="released"):
+        bytes(view)

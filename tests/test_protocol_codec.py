@@ -17,7 +17,7 @@ from kmipd.protocol import (
     encode_deterministic,
     encode_frame,
 )
-from kmipd.protocol._codec import MAX_DEPTH
+from kmipd.protocol._codec import MAX_DEPTH, ItemDecoder
 
 # -- framing --------------------------------------------------------------------------
 
@@ -214,3 +214,57 @@ _plain = st.recursive(
 @given(_plain)
 def test_plain_values_round_trip(value: object) -> None:
     assert decode_item(cbor2.dumps(value)) == value
+
+
+# -- one decoder reused for every frame of a connection -------------------------------------
+
+_REFUSED_FRAMES = [
+    b"",
+    b"\xff",
+    bytes.fromhex("0102"),
+    bytes.fromhex("a2616101616102"),
+    bytes.fromhex("9f01ff"),
+    bytes.fromhex("62c328"),
+    bytes.fromhex("a1"),
+    bytes.fromhex("f93c00"),
+    bytes.fromhex("d81c01"),  # shareable (tag 28)
+    bytes.fromhex("d9010081"),  # stringref namespace (tag 256), then a truncated array
+    b"\x81" * (MAX_DEPTH + 1) + b"\x01",
+    b"\x81" * (MAX_DEPTH - 1) + b"\x61",  # truncated at the deepest level
+]
+
+
+def test_a_reused_decoder_refuses_like_a_fresh_one_and_then_decodes_the_next_frame() -> None:
+    decoder = ItemDecoder()
+    # The deepest frame allowed.
+    deepest = cbor2.dumps(_nest(MAX_DEPTH - 2, {"k": [b"\x00", None, True, -1]}))
+    for bad in _REFUSED_FRAMES * 3:
+        with pytest.raises(ProtocolError) as caught:
+            decoder.decode(bad)
+        assert caught.value.message == _refusal(bad)
+        # Nothing the refused frame left behind changes the next one.
+        assert decoder.decode(deepest) == decode_item(deepest)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=60) | _plain.map(cbor2.dumps), max_size=12))
+def test_one_decoder_over_many_frames_agrees_with_a_fresh_decoder_each(
+    frames: list[bytes],
+) -> None:
+    decoder = ItemDecoder()
+    for frame in frames:
+        try:
+            expected: object = decode_item(frame)
+        except ProtocolError as exc:
+            expected = exc.message
+        try:
+            got: object = decoder.decode(frame)
+        except ProtocolError as exc:
+            got = exc.message
+        assert got == expected
+
+
+def _nest(levels: int, inner: object) -> object:
+    for _ in range(levels):
+        inner = [inner]
+    return inner

@@ -176,6 +176,10 @@ def test_bad_input_is_refused_clearly_and_loses_nothing(dev: DevDaemon, tmp_path
     assert bad_date.returncode == 2  # a usage error, from argparse
     assert b"neither ISO 8601 nor epoch seconds" in bad_date.stderr
     refused(secret(dev, "get", "api-token", "-o", tmp_path / "no-dir" / "f"), b"No such file")
+    ok(secret(dev, "set", "later", "--not-before", "2099-01-01", stdin=b"early"))
+    refused(secret(dev, "get", "later"), b"is not valid before 4070908800")
+    ok(secret(dev, "set", "old", "--expires", "2000-01-01T00:00:00Z", stdin=b"late"))
+    refused(secret(dev, "get", "old"), b"expired at 946684800")
     refused(secret(dev, "get", "api-token", identity="storage"), b"not-authorized")
     refused(secret(dev, "set", "a" * 300, stdin=b"x"), b"bad-request")
 

@@ -9,9 +9,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import cbor2
 import pycddl
 import pytest
+import trio
+import trio.testing
 
 from kmipd.audit import AuditLog
 from kmipd.hsm import SoftwareHsm
@@ -41,7 +44,7 @@ from kmipd.protocol import (
     result_to_wire,
 )
 from kmipd.service import Caller, Grant, KeyService, Policy, ServiceError, expand_operations
-from kmipd.store import KeyStore, Store
+from kmipd.store import KeyStore, RewrapJob, Store
 from kmipd.store._sqlite import MIGRATIONS
 from tests.conftest import StoreOpener
 
@@ -119,6 +122,21 @@ async def refused(service: KeyService, caller: Caller, request: object) -> Servi
         await service.handle(caller, request)
     assert VALUE not in caught.value.message.encode()
     return caught.value
+
+
+async def rotate_and_start_rewrap(service: KeyService, namespace: str) -> RewrapJob:
+    """Rotate the namespace's KEK and start its rewrap job; the job as stored."""
+    await service.handle(ADMIN, RotateKek(name=namespace))
+    job = await service.handle(ADMIN, StartRewrap(namespace=namespace))
+    stored = await service.store.get_job(job.job_id)
+    assert stored is not None
+    return stored
+
+
+async def run_to_end(service: KeyService, job: RewrapJob, batch_size: int = 10) -> RewrapJob:
+    while job.state == "running":
+        job = await service.run_rewrap_batch(job, batch_size)
+    return job
 
 
 async def test_set_adds_versions_and_get_reads_newest_or_named(service: KeyService) -> None:
@@ -298,12 +316,7 @@ async def test_moved_or_edited_rows_fail_to_unwrap(tmp_path: Path) -> None:
 async def test_rotation_and_rewrap_job_rewrap_secrets(service: KeyService, tmp_path: Path) -> None:
     await service.handle(MANAGER, SetSecret(namespace="db", name="repl", value=VALUE))
     await service.handle(MANAGER, SetSecret(namespace="db", name="repl", value=b"v2"))
-    await service.handle(ADMIN, RotateKek(name="db"))
-    job = await service.handle(ADMIN, StartRewrap(namespace="db"))
-    stored = await service.store.get_job(job.job_id)
-    assert stored is not None
-    while stored.state == "running":
-        stored = await service.run_rewrap_batch(stored, 10)
+    await run_to_end(service, await rotate_and_start_rewrap(service, "db"))
     versions = await service.handle(READER, SecretVersions(namespace="db", name="repl"))
     assert [v.kek_version for v in versions.versions] == [2, 2]
     assert (
@@ -381,17 +394,13 @@ async def test_a_rewrap_job_rewraps_secrets_before_it_can_be_seen_done(
     await service.handle(MANAGER, SetSecret(namespace="db", name="repl", value=VALUE))
     for _ in range(3):
         await service.handle(ADMIN, CreateDek(namespace="db", idempotency_key=os.urandom(16)))
-    await service.handle(ADMIN, RotateKek(name="db"))
-    job = await service.handle(ADMIN, StartRewrap(namespace="db"))
-    stored = await service.store.get_job(job.job_id)
-    assert stored is not None
+    stored = await rotate_and_start_rewrap(service, "db")
     # After the first batch (of 2 DEKs: still running), the secret is done already, so
     # whoever sees the job done next never sees a secret under the old version.
     stored = await service.run_rewrap_batch(stored, 2)
     assert stored.state == "running"
     assert await service.store.count_secret_versions_under("db", 1) == 0
-    while stored.state == "running":
-        stored = await service.run_rewrap_batch(stored, 2)
+    stored = await run_to_end(service, stored, 2)
     assert (stored.rewrapped, stored.skipped) == (3, 0)
 
 
@@ -406,12 +415,7 @@ async def test_a_secret_row_that_no_longer_unwraps_is_skipped_and_keeps_its_kek(
         rows = dict(db.execute("SELECT name, wrapped FROM secret_versions"))
         db.execute("UPDATE secret_versions SET wrapped = ? WHERE name = 'a'", (rows["b"],))
     svc = open_service(tmp_path)
-    await svc.handle(ADMIN, RotateKek(name="db"))
-    job = await svc.handle(ADMIN, StartRewrap(namespace="db"))
-    stored = await svc.store.get_job(job.job_id)
-    assert stored is not None
-    while stored.state == "running":
-        stored = await svc.run_rewrap_batch(stored, 10)
+    await run_to_end(svc, await rotate_and_start_rewrap(svc, "db"))
     versions = {}
     for name in ("a", "b", "c"):
         found = await svc.handle(READER, SecretVersions(namespace="db", name=name))
@@ -423,3 +427,52 @@ async def test_a_secret_row_that_no_longer_unwraps_is_skipped_and_keeps_its_kek(
     blocked = await refused(svc, ADMIN, Destroy(key=KeyRef(kek="db", version=1)))
     assert "1 secret version(s)" in blocked.message
     close_service(svc)
+
+
+async def writes_are_seen_at_once(service: KeyService) -> None:
+    store = service.store
+    await service.handle(MANAGER, SetSecret(namespace="db", name="c", value=VALUE))
+    await service.handle(READER, GetSecret(namespace="db", name="c"))  # now cached
+    await service.handle(MANAGER, SetSecret(namespace="db", name="c", value=b"two"))
+    assert (await service.handle(READER, GetSecret(namespace="db", name="c"))).value == b"two"
+    await service.handle(MANAGER, UpdateSecret(namespace="db", name="c", enabled=False))
+    got = await service.handle(READER, GetSecret(namespace="db", name="c"))
+    assert (got.version, got.value) == (1, VALUE)
+    await run_to_end(service, await rotate_and_start_rewrap(service, "db"))
+    record = await store.get_secret("db", "c")
+    assert record is not None and [v.kek_version for v in record.versions] == [2, 2]
+    await service.handle(MANAGER, DeleteSecret(namespace="db", name="c"))
+    assert (await refused(service, READER, GetSecret(namespace="db", name="c"))).code is (
+        ErrorCode.SECRET_DELETED
+    )
+    await service.handle(MANAGER, PurgeSecret(namespace="db", name="c"))
+    assert await store.get_secret("db", "c") is None
+
+
+async def test_every_secret_write_is_seen_by_the_next_read(service: KeyService) -> None:
+    """On either backend (PostgreSQL has no secret cache: each get-secret is a read)."""
+    await writes_are_seen_at_once(service)
+
+
+async def test_the_store_never_serves_a_secret_its_writes_changed(
+    sqlite_service: KeyService,
+) -> None:
+    """get-secret reads through an in-memory cache of rows: every change is seen at once."""
+    service = sqlite_service
+    store = service.store
+    assert isinstance(store, KeyStore)  # below: what the SQLite store's cache does
+    await writes_are_seen_at_once(service)
+
+    # A read that a write overtook is not remembered: the cache only keeps what no
+    # write has changed since the read began.
+    await service.handle(MANAGER, SetSecret(namespace="db", name="r", value=VALUE))
+    record = await store.get_secret("db", "r")
+    assert record is not None
+    store._secrets.clear()
+    async with trio.open_nursery() as nursery, store._read_limiter:
+        nursery.start_soon(store.get_secret, "db", "r")  # waits for the reader connection
+        await trio.testing.wait_all_tasks_blocked()
+        await store.update_secret_version(attrs.evolve(record.versions[0], enabled=False))
+    assert ("db", "r") not in store._secrets
+    error = await refused(service, READER, GetSecret(namespace="db", name="r"))
+    assert error.code is ErrorCode.SECRET_DISABLED

@@ -7,6 +7,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
@@ -28,7 +29,7 @@ from kmipd.protocol import (
     parse_struct,
 )
 from kmipd.service import Caller, KeyService, ServiceError
-from kmipd.store import KeyStore, StoreError
+from kmipd.store import IssuedCertificateRecord, KeyStore, StoreError
 from tests.conftest import StoreOpener, make_policy
 
 STORAGE = Caller("spiffe://kmipd.test/storage", 1)
@@ -75,6 +76,32 @@ async def test_dek_survives_a_restart(tmp_path: Path, open_store: StoreOpener) -
     again = await second.handle(STORAGE, GetDek(dek_id=dek.dek_id))
     assert again.key == dek.key
     close_service(second)
+
+
+async def test_bulk_insert_stores_every_dek_or_none(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    """put_deks (a bulk import; the benchmark fills the store with it): one transaction."""
+    service = open_service(tmp_path, open_store=open_store)
+    dek = await service.handle(STORAGE, CreateDek(namespace="orders"))
+    row = await service.store.get_dek(dek.dek_id)
+    assert row is not None
+    copies = [attrs.evolve(row, dek_id=f"dek_bulk{i:06d}") for i in range(500)]
+    await service.store.put_deks(copies)
+    # A batch with one id already stored is refused whole, clearly, and inserts nothing.
+    batch = [attrs.evolve(row, dek_id=f"dek_more{i:06d}") for i in range(10)] + [copies[7]]
+    with pytest.raises(StoreError, match="already exists"):
+        await service.store.put_deks(batch)
+    close_service(service)
+    reopened = open_service(tmp_path, open_store=open_store)
+    for i in (0, 250, 499):
+        stored = await reopened.store.get_dek(f"dek_bulk{i:06d}")
+        assert stored is not None and stored.wrapped == row.wrapped
+    assert await reopened.store.get_dek("dek_more000000") is None
+    # The real DEK is untouched and still opens.
+    again = await reopened.handle(STORAGE, GetDek(dek_id=dek.dek_id))
+    assert again.key == dek.key
+    close_service(reopened)
 
 
 async def test_swapped_store_rows_fail_to_unwrap(tmp_path: Path) -> None:
@@ -277,3 +304,50 @@ async def test_a_request_cut_off_by_shutdown_was_either_answered_or_not_applied(
     finally:
         audit.close()
         close_service(svc)
+
+
+async def test_issued_certificates_are_kept_listed_and_revoked_once(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    """The online CA's records (kmipd.store._certs) on either backend, across a reopen."""
+    store = open_store(tmp_path)
+
+    def issued(serial: str, subject: str, not_after: int) -> IssuedCertificateRecord:
+        return IssuedCertificateRecord(
+            serial=serial,
+            requested_by="spiffe://kmipd.test/admin",
+            subject=subject,
+            profile="client",
+            names=(subject,),
+            key_type="ec-p256",
+            spki_sha256=bytes(32),
+            not_before=1000,
+            not_after=not_after,
+            issued_at=1000,
+            renewed_from=None,
+            certificate=b"\x30\x82 DER",
+        )
+
+    a, b = "spiffe://kmipd.test/a", "spiffe://kmipd.test/b"
+    records = [issued("0a", a, 5000), issued("0b", b, 6000), issued("1f", a, 9000)]
+    try:
+        for record in records:
+            await store.put_issued_certificate(record)
+        assert await store.revoke_issued_certificate("1f", 2000, "key-compromise")
+        assert not await store.revoke_issued_certificate("1f", 3000, "superseded")  # first stands
+    finally:
+        store.close()
+    store = open_store(tmp_path)
+    try:
+        assert await store.get_issued_certificate("0b") == records[1]
+        assert await store.get_issued_certificate("ff") is None
+        page = await store.list_issued_certificates(subject=None, after="0a", limit=10)
+        assert [r.serial for r in page] == ["0b", "1f"]
+        mine = await store.list_issued_certificates(subject=a, after="", limit=1)
+        assert [r.serial for r in mine] == ["0a"]
+        assert await store.revoked_certificates(4000) == [("1f", 2000, "key-compromise")]
+        assert await store.revoked_certificates(9001) == []  # expired: off the CRL
+        expiry = await store.issued_expiry_by_subject(4000)
+        assert expiry == {(a, "client"): 5000, (b, "client"): 6000}  # 1f is revoked
+    finally:
+        store.close()

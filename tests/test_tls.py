@@ -22,6 +22,7 @@ from kmipd.client import (
     client_context,
 )
 from kmipd.net._trio_tls import TlsHandshakeError
+from kmipd.protocol import NEED_DATA, ClientConnection, ConnectionFailed
 from pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN, RawConnection, RunningServer, ServerFactory, credentials
 
@@ -68,6 +69,58 @@ async def test_revoked_client_certificate_is_refused_without_a_reload(
     # The server notices the new CRL file when the next client connects.
     with pytest.raises(CertificateRejectedError, match="revoked"):
         await status_with(kmipd, cert, key)
+    await assert_server_still_serves(kmipd)
+
+
+def _hello_over_tls(
+    address: str, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLSession | None, bool, str]:
+    """One connection, one hello: (its session, whether it was resumed, what happened)."""
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=host, session=session) as sock,
+    ):
+        protocol = ClientConnection()
+        _, hello = protocol.start()
+        try:
+            sock.sendall(hello)
+            while (event := protocol.next_event()) is NEED_DATA:
+                data = sock.recv(65536)
+                if not data:
+                    return sock.session, sock.session_reused, "closed"
+                protocol.receive_data(data)
+        except ssl.SSLError as exc:
+            return None, sock.session_reused, f"alert: {exc}"
+        if isinstance(event, ConnectionFailed):
+            return None, sock.session_reused, f"refused: {event.error.message}"
+        return sock.session, sock.session_reused, "served"
+
+
+async def test_a_resumed_tls_session_is_checked_for_revocation_too(
+    start_server: ServerFactory,
+) -> None:
+    """DESIGN.md 4a: a resumed session is not verified again by OpenSSL.
+
+    A new CRL is loaded with a new TLS context, and the ticket keys go with
+    it: the revoked client's ticket no longer resumes, its next connection is
+    a full handshake, refused with the revoked alert. (A session that does
+    resume is checked after the handshake like any other: verify_peer.)
+    """
+    kmipd = await start_server(crl_check_interval=0, session_tickets=2)
+    kmipd.ca.issue_client("leaver")
+    context = client_context(**credentials(kmipd.ca, "leaver"))
+    first, resumed, what = await trio.to_thread.run_sync(
+        _hello_over_tls, kmipd.address, context, None
+    )
+    assert (resumed, what) == (False, "served") and first is not None
+    again, resumed, what = await trio.to_thread.run_sync(
+        _hello_over_tls, kmipd.address, context, first
+    )
+    assert (resumed, what) == (True, "served")  # tickets work: this one skipped the handshake
+    kmipd.ca.revoke("leaver")
+    _, resumed, what = await trio.to_thread.run_sync(_hello_over_tls, kmipd.address, context, again)
+    assert not resumed and "revoked" in what and not what.startswith("served")
     await assert_server_still_serves(kmipd)
 
 

@@ -92,8 +92,13 @@ class AuditEvent:
 _EVENT_FIELDS = tuple(field.name for field in attrs.fields(AuditEvent))
 
 
+#: Made once: json.dumps with these options builds a new encoder on every call,
+#: a third of what serialising a get-dek record costs.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+    return _CANONICAL.encode(record).encode()
 
 
 def _chain_hash(prev: str, record: dict[str, Any]) -> str:

@@ -144,12 +144,12 @@ def _jsonable(value: Any, *, reveal: bool) -> Any:
     return value
 
 
-def parse_context(pairs: list[str]) -> dict[str, str]:
-    """--context KEY=VALUE (repeated) as the encryption context."""
+def parse_context(pairs: list[str], flag: str = "--context") -> dict[str, str]:
+    """--context KEY=VALUE (repeated) as the encryption context; ``flag`` names another."""
     context: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CliError(f"--context {pair!r}: expected KEY=VALUE")
+            raise CliError(f"{flag} {pair!r}: expected KEY=VALUE")
         context[key] = value
     return context

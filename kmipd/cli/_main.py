@@ -19,6 +19,8 @@ from kmipd.audit import AuditError
 from kmipd.cli import (
     _admin,
     _audit,
+    _ca,
+    _cert,
     _demo,
     _envelope,
     _hsm,
@@ -42,6 +44,8 @@ GROUPS: tuple[Callable[[Commands], None], ...] = (
     _serve.register,  # serve
     _demo.register,  # demo
     _pki.register,  # pki
+    _ca.register,  # ca
+    _cert.register,  # cert
     _hsm.register,  # hsm
     _keys.register,  # dek, datakey, kek, status, key, job
     _secret.register,  # secret

@@ -38,6 +38,11 @@ def register(commands: Commands) -> None:
     )
     init.add_argument("--rsa", action="store_true", help="RSA-3072 instead of ECDSA P-256")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.add_argument(
+        "--online-ca",
+        action="store_true",
+        help="let the root sign one intermediate level: the daemon's online CA (kmipd ca init)",
+    )
     init.set_defaults(handler=_pki_init)
 
     issue = pki.add_parser("issue", help="issue a client certificate for NAME")
@@ -100,6 +105,7 @@ def _pki_init(args: argparse.Namespace) -> int:
         dns_names=tuple(args.dns) or ("localhost",),
         ip_addresses=tuple(args.ip) or ("127.0.0.1",),
         force=args.force,
+        path_length=1 if args.online_ca else 0,
     )
     print(f"CA for trust domain {ca.trust_domain} in {ca.directory}")
     for label, path in (

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kmipd import client as km
-from kmipd.cli._client import client_call, client_options, connect
+from kmipd.cli._client import client_call, client_options, connect, parse_context
 from kmipd.cli._common import CliError, Commands, parse_timestamp
 from kmipd.cli._files import open_output
 from kmipd.protocol import SECRET_MAX_VALUE_SIZE
@@ -188,15 +188,8 @@ def _update(client: km.Client, args: argparse.Namespace) -> km.SecretInfo:
 
 
 def _tags(pairs: list[str] | None) -> dict[str, str] | None:
-    if pairs is None:
-        return None
-    tags: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CliError(f"--tag {pair!r}: expected KEY=VALUE; nothing was changed")
-        tags[key] = value
-    return tags
+    """--tag KEY=VALUE (repeated); None when none is given (update then keeps the tags)."""
+    return None if pairs is None else parse_context(pairs, "--tag")
 
 
 def _timestamp_or_none(text: str) -> int:

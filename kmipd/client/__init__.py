@@ -15,6 +15,7 @@ and ``_async`` are the I/O shells that run it.
 
 from kmipd.client._async import AsyncClient
 from kmipd.client._cache import CacheStats, DekCache
+from kmipd.client._certs import IssuedCertificate, make_csr
 from kmipd.client._common import ConnectionInfo
 from kmipd.client._envelope import EnvelopeError
 from kmipd.client._errors import (
@@ -23,8 +24,15 @@ from kmipd.client._errors import (
     AuditUnavailableError,
     BadRequestError,
     BusyError,
+    CertificateIdentityMismatchError,
+    CertificateKeyNotAllowedError,
+    CertificateKeyReusedError,
+    CertificateNameNotAllowedError,
+    CertificateNotRenewableError,
     CertificateRejectedError,
     CertificateRevokedError,
+    CertificateValidityTooLongError,
+    CsrInvalidError,
     DeadlineExceededError,
     DependentsExistError,
     DestroyPendingError,
@@ -39,6 +47,7 @@ from kmipd.client._errors import (
     KeyDestroyedError,
     KeyNotActiveError,
     KmipdError,
+    NoOnlineCaError,
     NotAuthorizedError,
     NotFoundError,
     NoTransportCertificateError,
@@ -71,6 +80,7 @@ from kmipd.client._memory import KeyWipedError, ProtectedKey, ProtectedValue
 from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
 from kmipd.crypto import TransportKey
+from kmipd.crypto._issuing import generate_key
 from kmipd.protocol import KekInfo, SecretInfo, SecretSummary, StatusResult, TransportCertInfo
 from pki import TransportKem
 
@@ -82,10 +92,17 @@ __all__ = [
     "BadRequestError",
     "BusyError",
     "CacheStats",
+    "CertificateIdentityMismatchError",
+    "CertificateKeyNotAllowedError",
+    "CertificateKeyReusedError",
+    "CertificateNameNotAllowedError",
+    "CertificateNotRenewableError",
     "CertificateRejectedError",
     "CertificateRevokedError",
+    "CertificateValidityTooLongError",
     "Client",
     "ConnectionInfo",
+    "CsrInvalidError",
     "DataKey",
     "DeadlineExceededError",
     "Dek",
@@ -99,6 +116,7 @@ __all__ = [
     "HsmUnavailableError",
     "IntegrityFailureError",
     "InternalError",
+    "IssuedCertificate",
     "KekInfo",
     "KeyCompromisedError",
     "KeyDeactivatedError",
@@ -106,6 +124,7 @@ __all__ = [
     "KeyNotActiveError",
     "KeyWipedError",
     "KmipdError",
+    "NoOnlineCaError",
     "NoTransportCertificateError",
     "NotAuthorizedError",
     "NotFoundError",
@@ -142,4 +161,6 @@ __all__ = [
     "UsageNotPermittedError",
     "WrongStateError",
     "client_context",
+    "generate_key",
+    "make_csr",
 ]

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import serialization
 
 from kmipd import crypto
 from kmipd.client._cache import DekCache
+from kmipd.client._certs import DEFAULT_RENEW_AT, IssuedCertificate, Renewal
 from kmipd.client._common import DEFAULT_TIMEOUT, key_ref, make_endpoints, new_idempotency_key
 from kmipd.client._common import unwrap_outcome as _unwrap_outcome
 from kmipd.client._envelope import (
@@ -69,6 +70,7 @@ from kmipd.crypto import SealedEnvelopeError, TransportKey
 from kmipd.crypto._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
 from kmipd.protocol import (
     Activate,
+    CaCertificates,
     ChangesResult,
     ChangesSince,
     CreateDek,
@@ -79,13 +81,18 @@ from kmipd.protocol import (
     Destroy,
     GenerateDataKey,
     GetAttributes,
+    GetCaCertificates,
     GetDek,
     GetJob,
     GetSecret,
     GetTransportCert,
+    IssueCertificate,
+    IssuedCertificateInfo,
     JobInfo,
     KekInfo,
     KeyAttributes,
+    ListCertificates,
+    ListCertificatesResult,
     ListJobs,
     ListKeks,
     ListSecrets,
@@ -95,7 +102,9 @@ from kmipd.protocol import (
     Recover,
     RecoverSecret,
     RegisterTransportCert,
+    RenewCertificate,
     Revoke,
+    RevokeCertificate,
     RewrapBlob,
     RewrapBlobResult,
     RewrapDek,
@@ -271,11 +280,25 @@ class ClientCore:
         backoff_base: float = 0.1,
         backoff_cap: float = 30.0,
         transport: TransportKey | None = None,
+        renewal_dir: str | Path | None = None,
+        renew_at: float = DEFAULT_RENEW_AT,
     ) -> None:
         """``transport``: this client's key-transport key; every DEK-returning call
-        then asks for the key sealed to it (HPKE) and opens it here."""
+        then asks for the key sealed to it (HPKE) and opens it here.
+
+        ``renewal_dir``: renew this client's certificate from the daemon's online CA
+        once ``renew_at`` of its lifetime has passed, keeping the new key and
+        certificate there (``key.pem``, ``cert.pem``, mode 0600) and connecting with
+        them from then on; at start, they are used instead of ``cert``/``key`` when
+        they are the newer (see ``kmipd.client._certs``)."""
         if timeout <= 0 or pool_size < 1:
             raise KmipdError("timeout must be positive and pool_size at least 1")
+        self._renewal: Renewal | None = None
+        if renewal_dir is not None:
+            self._renewal = Renewal(Path(renewal_dir), renew_at)
+            found = self._renewal.load(cert, key)
+            if found is not None:
+                cert, key = found
         self._delivery = KeyDelivery(transport)
         endpoints = make_endpoints(
             address,
@@ -325,10 +348,30 @@ class ClientCore:
         expired: this identity may no longer hold keys. Shells run every
         operation through here.
         """
+        if self._renewal is not None and self._renewal.due():
+            yield from self._renew_own_certificate(self._renewal)
         try:
             return (yield from steps)
         except CertificateRejectedError:
             self._forget_keys()
+            raise
+
+    def _renew_own_certificate(self, renewal: Renewal, *, quiet: bool = True) -> Steps[None]:
+        """Renew before the operation; when ``quiet``, a failure is logged (and retried
+        later) and the operation goes ahead with the current certificate."""
+        renewal.begin()
+        try:
+            # Key generation (RSA: ~a second) and the file writes are blocking work.
+            key, csr = yield Offload(renewal.new_key)
+            result = yield from self._result(RenewCertificate(csr=csr))
+            issued = IssuedCertificate.from_result(result)
+            yield Offload(lambda: renewal.finish(key, issued, self._context))
+        except (KmipdError, OSError, ssl.SSLError, ValueError) as exc:
+            renewal.failed(exc)
+            if not quiet:
+                raise
+        except BaseException as exc:  # cancelled: try again next time
+            renewal.failed(KmipdError(f"interrupted ({type(exc).__name__})"))
             raise
 
     def _reach(self, inspect: Callable[[Any], None]) -> Steps[None]:
@@ -497,6 +540,75 @@ class ClientCore:
             return stale
         opened = self._delivery.unwrapped(result, blob, server=server, request_id=request_id)
         return self._keys.keep_data_key(blob, context, opened.kek, opened.kek_version, opened.key)
+
+    # -- certificates from the daemon's online CA ----------------------------------------
+
+    @operation
+    def issue_certificate(
+        self, csr: bytes, *, profile: str = "client", validity: int | None = None
+    ) -> Steps[IssuedCertificate]:
+        """Have the online CA sign ``csr`` (DER, e.g. from ``make_csr``): ``client`` for
+        our own SPIFFE ID, ``server`` for its DNS names; ``validity`` in seconds."""
+        result = yield from self._result(
+            IssueCertificate(csr=csr, profile=profile, validity=validity)
+        )
+        return IssuedCertificate.from_result(result)
+
+    @operation
+    def renew_certificate(
+        self, csr: bytes, *, validity: int | None = None
+    ) -> Steps[IssuedCertificate]:
+        """A new certificate like the one we connect with, for ``csr``'s (new) key."""
+        result = yield from self._result(RenewCertificate(csr=csr, validity=validity))
+        return IssuedCertificate.from_result(result)
+
+    @property
+    def certificate(self) -> x509.Certificate | None:
+        """The certificate new connections present (``renewal_dir`` clients), else None."""
+        return None if self._renewal is None else self._renewal.certificate
+
+    @property
+    def renewal_due(self) -> bool:
+        """Whether our certificate is past ``renew_at`` of its lifetime (``renewal_dir``)."""
+        return self._renewal is not None and self._renewal.due()
+
+    @operation
+    def renew_now(self) -> Steps[x509.Certificate]:
+        """Renew our own certificate now, whatever its age (``renewal_dir`` clients).
+
+        Raises what the renewal met; the files and the connections' certificate
+        change only once the new certificate is in hand.
+        """
+        if self._renewal is None:
+            raise KmipdError("renew_now needs a client constructed with renewal_dir=")
+        yield from self._renew_own_certificate(self._renewal, quiet=False)
+        assert self._renewal.certificate is not None
+        return self._renewal.certificate
+
+    @operation
+    def get_ca_certificates(self) -> Steps[CaCertificates]:
+        """The online CA's certificate chain and its current CRL (DER)."""
+        result: CaCertificates = yield from self._result(GetCaCertificates())
+        return result
+
+    @operation
+    def revoke_certificate(
+        self, serial: str, *, reason: str | None = None
+    ) -> Steps[IssuedCertificateInfo]:
+        """Put an issued certificate on the online CA's CRL (certificates-admin)."""
+        result: IssuedCertificateInfo = yield from self._result(
+            RevokeCertificate(serial=serial, reason=reason)
+        )
+        return result
+
+    @operation
+    def list_certificates(
+        self, *, subject: str | None = None, after: str | None = None, limit: int | None = None
+    ) -> Steps[ListCertificatesResult]:
+        result: ListCertificatesResult = yield from self._result(
+            ListCertificates(subject=subject, after=after, limit=limit)
+        )
+        return result
 
     # -- key transport: the certificate directory, client-to-client sealing ----------------
 

@@ -210,6 +210,38 @@ class SecretDeletedError(RemoteError):
     code = ErrorCode.SECRET_DELETED
 
 
+class CertificateIdentityMismatchError(RemoteError):
+    code = ErrorCode.CERTIFICATE_IDENTITY_MISMATCH
+
+
+class CertificateNameNotAllowedError(RemoteError):
+    code = ErrorCode.CERTIFICATE_NAME_NOT_ALLOWED
+
+
+class CertificateValidityTooLongError(RemoteError):
+    code = ErrorCode.CERTIFICATE_VALIDITY_TOO_LONG
+
+
+class CertificateKeyNotAllowedError(RemoteError):
+    code = ErrorCode.CERTIFICATE_KEY_NOT_ALLOWED
+
+
+class CertificateKeyReusedError(RemoteError):
+    code = ErrorCode.CERTIFICATE_KEY_REUSED
+
+
+class CsrInvalidError(RemoteError):
+    code = ErrorCode.CSR_INVALID
+
+
+class NoOnlineCaError(RemoteError):
+    code = ErrorCode.NO_ONLINE_CA
+
+
+class CertificateNotRenewableError(RemoteError):
+    code = ErrorCode.CERTIFICATE_NOT_RENEWABLE
+
+
 class SealedKeyError(KmipdError):
     """A sealed key from the daemon did not open with this client's transport key.
 

@@ -16,19 +16,47 @@ import hashlib
 import logging
 import math
 from types import TracebackType
+from typing import Generic, Self, TypeVar
 
 from kmipd.client._cache import DekCache
-from kmipd.client._memory import ProtectedKey, ProtectedValue
+from kmipd.client._memory import ProtectedKey, ProtectedValue, _Protected
 from kmipd.protocol import ChangeInfo, ChangesResult, DekResult, SecretValue, encode_deterministic
 
 log = logging.getLogger("kmipd.client")
 
+P = TypeVar("P", bound=_Protected)
 
-class _HoldsKey:
+
+class _Holds(Generic[P]):
+    """An object handed out with protected bytes: ``close()`` or ``with`` zeroes them."""
+
     __slots__ = ("_protected",)
 
-    def __init__(self, protected: ProtectedKey) -> None:
-        self._protected = protected
+    def __init__(self, protected: P) -> None:
+        self._protected: P = protected
+
+    @property
+    def protected(self) -> P:
+        return self._protected
+
+    def close(self) -> None:
+        """Zero the bytes now."""
+        self._protected.wipe()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _HoldsKey(_Holds[ProtectedKey]):
+    __slots__ = ()
 
     @property
     def key(self) -> memoryview:
@@ -43,25 +71,6 @@ class _HoldsKey:
         """
         return bytes(self._protected.view)
 
-    @property
-    def protected(self) -> ProtectedKey:
-        return self._protected
-
-    def close(self) -> None:
-        """Zero the key now."""
-        self._protected.wipe()
-
-    def __enter__(self) -> _HoldsKey:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class Dek(_HoldsKey):
     """A stored DEK: its id, namespace, the KEK version that wraps it, and the key."""
@@ -73,9 +82,6 @@ class Dek(_HoldsKey):
         self.dek_id = dek_id
         self.namespace = namespace
         self.kek_version = kek_version
-
-    def __enter__(self) -> Dek:
-        return self
 
     def __repr__(self) -> str:
         return (
@@ -95,9 +101,6 @@ class DataKey(_HoldsKey):
         self.kek = kek
         self.kek_version = kek_version
 
-    def __enter__(self) -> DataKey:
-        return self
-
     def __repr__(self) -> str:
         return (
             f"DataKey(kek={self.kek!r}, kek_version={self.kek_version}, "
@@ -105,7 +108,7 @@ class DataKey(_HoldsKey):
         )
 
 
-class Secret:
+class Secret(_Holds[ProtectedValue]):
     """One version of a secret: its name, version, content type, tags, dates, and value.
 
     The value is copied into its own locked pages at once (the decoded
@@ -116,18 +119,10 @@ class Secret:
             connect(password=bytes(secret.value))
     """
 
-    __slots__ = (
-        "_protected",
-        "content_type",
-        "expires",
-        "name",
-        "namespace",
-        "not_before",
-        "tags",
-        "version",
-    )
+    __slots__ = ("content_type", "expires", "name", "namespace", "not_before", "tags", "version")
 
     def __init__(self, result: SecretValue) -> None:
+        super().__init__(ProtectedValue(result.value))
         self.namespace = result.namespace
         self.name = result.name
         self.version = result.version
@@ -135,7 +130,6 @@ class Secret:
         self.tags = dict(result.tags)
         self.not_before = result.not_before
         self.expires = result.expires
-        self._protected = ProtectedValue(result.value)
 
     @property
     def value(self) -> memoryview:
@@ -145,25 +139,6 @@ class Secret:
     def value_bytes(self) -> bytes:
         """An unprotected copy, for APIs that need ``bytes`` (not zeroed: see _memory)."""
         return bytes(self._protected.view)
-
-    @property
-    def protected(self) -> ProtectedValue:
-        return self._protected
-
-    def close(self) -> None:
-        """Zero the value now."""
-        self._protected.wipe()
-
-    def __enter__(self) -> Secret:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

@@ -104,7 +104,74 @@ class _Arena:
 _ARENA = _Arena()
 
 
-class ProtectedKey:
+class _Protected:
+    """What ProtectedKey and ProtectedValue share: the view, comparison, repr, wiping on drop.
+
+    A subclass allocates the memory, sets ``_length`` and ``_view`` (None once
+    wiped), and says whether it is ``locked`` and how to ``wipe`` it.
+    """
+
+    __slots__ = ("__weakref__", "_length", "_view")
+    #: What the bytes are, for the error after a wipe.
+    _WHAT = "key"
+    _length: int
+    _view: memoryview | None
+
+    @property
+    def view(self) -> memoryview:
+        if self._view is None:
+            raise KeyWipedError(f"this {self._WHAT} has been wiped")
+        return self._view
+
+    @property
+    def locked(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def wiped(self) -> bool:
+        raise NotImplementedError
+
+    def wipe(self) -> None:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bytes__(self) -> bytes:
+        """An unprotected copy: the caller owns its fate (see the module docs)."""
+        return bytes(self.view)
+
+    def __enter__(self) -> memoryview:
+        return self.view
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.wipe()
+
+    def __del__(self) -> None:
+        self.wipe()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _Protected):
+            return hmac.compare_digest(self.view, other.view)
+        if isinstance(other, bytes | bytearray | memoryview):
+            return hmac.compare_digest(self.view, other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        if self.wiped:
+            return f"<{name} wiped>"
+        return f"<{name} {self._length} bytes{', locked' if self.locked else ''}>"
+
+
+class ProtectedKey(_Protected):
     """Key bytes in locked, non-dumpable memory, zeroed by ``wipe``.
 
     ``view`` is a read-only memoryview of the key, valid until the key is
@@ -114,7 +181,7 @@ class ProtectedKey:
             AESGCM(key).decrypt(...)
     """
 
-    __slots__ = ("__weakref__", "_chunk", "_holder", "_length", "_slot", "_view")
+    __slots__ = ("_chunk", "_holder", "_slot")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._length = len(data)
@@ -126,13 +193,7 @@ class ProtectedKey:
         self._holder: ctypes.Array[ctypes.c_char] | None = (
             ctypes.c_char * self._length
         ).from_buffer(self._chunk.memory, self._slot * SLOT_SIZE)
-        self._view: memoryview | None = memoryview(self._holder).cast("B").toreadonly()
-
-    @property
-    def view(self) -> memoryview:
-        if self._view is None:
-            raise KeyWipedError("this key has been wiped")
-        return self._view
+        self._view = memoryview(self._holder).cast("B").toreadonly()
 
     @property
     def locked(self) -> bool:
@@ -166,43 +227,8 @@ class ProtectedKey:
         del holder
         _ARENA.release(chunk, self._slot, reusable=reusable)
 
-    def __len__(self) -> int:
-        return self._length
 
-    def __bytes__(self) -> bytes:
-        """An unprotected copy: the caller owns its fate (see the module docs)."""
-        return bytes(self.view)
-
-    def __enter__(self) -> memoryview:
-        return self.view
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.wipe()
-
-    def __del__(self) -> None:
-        self.wipe()
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ProtectedKey):
-            return hmac.compare_digest(self.view, other.view)
-        if isinstance(other, bytes | bytearray | memoryview):
-            return hmac.compare_digest(self.view, other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        if self._chunk is None:
-            return "<ProtectedKey wiped>"
-        return f"<ProtectedKey {self._length} bytes{', locked' if self.locked else ''}>"
-
-
-class ProtectedValue:
+class ProtectedValue(_Protected):
     """A secret value of any size in its own locked, non-dumpable pages, zeroed by ``wipe``.
 
     The same protection as ProtectedKey (whose 64-byte slots hold keys), for
@@ -210,7 +236,8 @@ class ProtectedValue:
     per value, rounded up to whole pages.
     """
 
-    __slots__ = ("__weakref__", "_length", "_locked", "_memory", "_view")
+    __slots__ = ("_locked", "_memory")
+    _WHAT = "value"
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._length = len(data)
@@ -222,13 +249,7 @@ class ProtectedValue:
         del anchor
         memory[: self._length] = data
         self._memory: mmap.mmap | None = memory
-        self._view: memoryview | None = memoryview(memory)[: self._length].toreadonly()
-
-    @property
-    def view(self) -> memoryview:
-        if self._view is None:
-            raise KeyWipedError("this value has been wiped")
-        return self._view
+        self._view = memoryview(memory)[: self._length].toreadonly()
 
     @property
     def locked(self) -> bool:
@@ -249,27 +270,3 @@ class ProtectedValue:
             view.release()
         with contextlib.suppress(BufferError):
             memory.close()  # refused while a caller's derived view lives: it stays zeroed
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __bytes__(self) -> bytes:
-        """An unprotected copy: the caller owns its fate (see the module docs)."""
-        return bytes(self.view)
-
-    def __del__(self) -> None:
-        self.wipe()
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ProtectedValue):
-            return hmac.compare_digest(self.view, other.view)
-        if isinstance(other, bytes | bytearray | memoryview):
-            return hmac.compare_digest(self.view, other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        if self._memory is None:
-            return "<ProtectedValue wiped>"
-        return f"<ProtectedValue {self._length} bytes{', locked' if self._locked else ''}>"

@@ -6,12 +6,19 @@ client. Long-lived connections are reused across calls (a mutual-TLS
 handshake costs milliseconds of CPU); a call borrows one for its whole
 exchange, so calls from several threads share the pool. ``get_deks``
 pipelines a batch of ids in one round trip.
+
+After the handshake a connection's socket is non-blocking and every wait
+is one ``poll`` bounded by the call's deadline: a get is four system calls
+(the idle check, one write, one poll, one read). A socket timeout instead
+would cost a failed read and a poll per receive, and ``settimeout`` an
+ioctl per call.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import select
 import socket
 import ssl
@@ -79,6 +86,10 @@ class _Connection:
         except OSError as exc:
             self.sock.close()
             raise UnavailableError(f"TLS handshake failed: {exc}", server=self.server) from None
+        self.sock.setblocking(False)  # waits are our polls, bounded by each call's deadline
+        self._poll = select.poll()
+        self._poll.register(self.sock, select.POLLIN)
+        self._polling_for = select.POLLIN
         self.protocol = ClientConnection(client_name=endpoint.client_name)
         hello_id, frame = self.protocol.start()
         try:
@@ -106,21 +117,14 @@ class _Connection:
                     batch += unsent.popleft()[1]
                     outstanding += 1
                 if batch:
-                    self._settimeout(deadline)
-                    self.sock.sendall(batch)
+                    self._send(batch, deadline)
                 # Take every response already received before sending more,
                 # so the window refills in one write, not one per response.
                 for event in responses(self.protocol, server=self.server):
                     outstanding -= 1
                     outcomes[event.request_id] = event.outcome
                 if outstanding and not (unsent and outstanding < window):
-                    self._settimeout(deadline)
-                    data = self.sock.recv(_RECEIVE_SIZE)
-                    if not data:
-                        raise UnavailableError(
-                            "the server closed the connection", server=self.server
-                        )
-                    self.protocol.receive_data(data)
+                    self.protocol.receive_data(self._receive(deadline))
         except TimeoutError:
             raise DeadlineExceededError(
                 f"no answer within {self.endpoint.timeout:g} s", server=self.server
@@ -142,14 +146,50 @@ class _Connection:
         """
         if self.sock.pending():
             return True
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable)
+        return self._ready(select.POLLIN, 0)
 
-    def _settimeout(self, deadline: float) -> None:
+    def _send(self, data: bytearray, deadline: float) -> None:
+        """All of ``data``, or TimeoutError at the deadline."""
+        view = memoryview(data)
+        while view:
+            try:
+                # Whole or nothing (OpenSSL without partial writes); after a
+                # want-write the same bytes are offered again, as OpenSSL needs.
+                view = view[self.sock.send(view) :]
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT, deadline)
+            except ssl.SSLWantReadError:
+                self._wait(select.POLLIN, deadline)
+
+    def _receive(self, deadline: float) -> bytes:
+        """Decrypted bytes (at least one), or TimeoutError at the deadline."""
+        while True:
+            if not self.sock.pending():
+                # Asked after a send: the answer is rarely there already, so
+                # wait first instead of a read that fails.
+                self._wait(select.POLLIN, deadline)
+            try:
+                data = self.sock.recv(_RECEIVE_SIZE)
+            except ssl.SSLWantReadError:
+                continue  # a record not yet whole, or only a session ticket
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT, deadline)
+                continue
+            if not data:
+                raise UnavailableError("the server closed the connection", server=self.server)
+            return data
+
+    def _wait(self, events: int, deadline: float) -> None:
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or not self._ready(events, remaining):
             raise TimeoutError
-        self.sock.settimeout(remaining)
+
+    def _ready(self, events: int, seconds: float) -> bool:
+        if events != self._polling_for:
+            self._poll.modify(self.sock, events)
+            self._polling_for = events
+        # poll takes milliseconds: round up, so a wait never ends before its deadline.
+        return bool(self._poll.poll(math.ceil(seconds * 1000)))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -163,9 +203,9 @@ class _Connection:
         not a fresh handshake on another connection.
         """
         try:
-            self.sock.settimeout(1.0)  # the data is already there, or arriving
-            data = self.sock.recv(_RECEIVE_SIZE)
-        except (OSError, ssl.SSLError):
+            # The data is already there, or arriving.
+            data = self._receive(time.monotonic() + 1.0)
+        except (OSError, ssl.SSLError, KmipdError):
             return None
         if not data:
             return None

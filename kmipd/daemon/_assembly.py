@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
 
 from kmipd.audit import AuditLog
+from kmipd.crypto._issuing import renewal_due
 from kmipd.daemon._checks import check_serving_config
 from kmipd.daemon._prometheus import MetricsExporter, serve_metrics
 from kmipd.daemon._supervision import Supervisor
-from kmipd.daemon._systemd import ServiceManager
+from kmipd.daemon._systemd import Notifier, ServiceManager
 from kmipd.daemon.config import Config, ConfigError
-from kmipd.hsm import HsmBackend, Pkcs11Hsm, SoftwareHsm, read_pin
+from kmipd.hsm import HsmBackend, HsmError, Pkcs11Hsm, SoftwareHsm, read_pin
 from kmipd.metrics._counters import MeasuredHsm, ServerMetrics
 from kmipd.net._address import format_address
-from kmipd.server import KmipServer, ServerTls, open_listeners
-from kmipd.service import KeyService, ServerInfo
+from kmipd.server import KmipServer, ServerTls, TlsConfigError, open_listeners
+from kmipd.service import KeyService, OnlineCa, OnlineCaError, ServerInfo, open_online_ca
 from kmipd.store import KeyStore, Store, StoreUnavailableError, open_postgres_store
+from pki import PkiError, load_certificate, write_private_file
 
 log = logging.getLogger("kmipd.daemon")
 
@@ -80,10 +83,9 @@ async def run_daemon(
             batch_window=config.audit_read_batch,
         )
         resources.callback(audit.close)
-        notifier.status("waiting for the HSM backend to answer")
-        await hsm.check()
         metrics = ServerMetrics()
         store.observer = metrics.record_store
+        online = _OnlineCaTasks(config, await _open_online_ca(config, hsm, notifier))
         service = KeyService(
             store=store,
             hsm=MeasuredHsm(hsm, metrics),
@@ -95,8 +97,11 @@ async def run_daemon(
             transport_trust=tls.transport_trust,
             require_sealed=config.require_sealed,
             secret_max_size=config.secret_max_size,
+            online_ca=online.online_ca,
+            publish_crl=online.publish_crl if online.online_ca is not None else None,
         )
         server = KmipServer(service, tls, config.limits, metrics=metrics, kmip=config.kmip)
+        await online.start(server, notifier)
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
         supervisor.watch_writers()
         listeners = await _client_listeners(config, manager)
@@ -116,7 +121,7 @@ async def run_daemon(
                 nursery.start_soon(supervisor.handle_signals)
             nursery.start_soon(store.watch_writes)
             nursery.start_soon(audit.flush_periodically)
-            nursery.start_soon(_maintain, service, config.check_interval)
+            nursery.start_soon(_maintain, service, config.check_interval, online.maintain)
             nursery.start_soon(
                 _run_rewrap_jobs,
                 service,
@@ -164,6 +169,78 @@ async def open_store(config: Config, status: Callable[[str], None] | None = None
     )
 
 
+async def _open_online_ca(config: Config, hsm: HsmBackend, notifier: Notifier) -> OnlineCa | None:
+    """Once the HSM backend answers: the online CA, if configured, its key in the HSM."""
+    notifier.status("waiting for the HSM backend to answer")
+    await hsm.check()
+    if config.online_ca_key is None or config.tls.online_ca is None:
+        return None
+    try:
+        certificate = load_certificate(config.tls.online_ca, "online CA certificate")
+        root = load_certificate(config.tls.ca, "CA certificate")
+        return await open_online_ca(hsm, certificate, root, config.online_ca_key)
+    except (PkiError, OnlineCaError, HsmError) as exc:
+        raise ConfigError(config.source, [f"online_ca: {exc}"]) from None
+
+
+@attrs.define
+class _OnlineCaTasks:
+    """What the daemon does for its online CA, beside the service's operations.
+
+    It writes each CRL the CA signs where the TLS layer reads it and loads it at
+    once (a revoked certificate is refused from the next handshake on, and open
+    connections presenting it are cut); and it renews the daemon's own server
+    certificate from the online CA once it is past ``online_ca.renew_at`` of its
+    lifetime: new key and certificate written over tls.key and tls.cert
+    (atomically, the key first), then loaded for new handshakes while open
+    connections carry on.
+    """
+
+    config: Config
+    online_ca: OnlineCa | None
+    server: KmipServer | None = None
+
+    async def start(self, server: KmipServer, notifier: Notifier) -> None:
+        self.server = server
+        if self.online_ca is not None:
+            notifier.status("signing the online CA's CRL")
+            await server.service.refresh_crl()  # fresh at every start
+            await self.maintain()
+
+    async def publish_crl(self, pem: bytes) -> None:
+        path = self.config.tls.online_ca_crl
+        assert path is not None
+        await trio.to_thread.run_sync(lambda: write_private_file(path, pem, mode=0o644))
+        self._reload("the online CA's new CRL")
+
+    async def maintain(self) -> None:
+        """Renew the server certificate if it is due (each maintenance pass)."""
+        if self.online_ca is None or self.server is None or not self.config.online_ca_renew_server:
+            return
+        settings = self.server.tls.settings
+        current = load_certificate(settings.cert, "server certificate")
+        if not renewal_due(current, self.config.online_ca_renew_at, time.time()):
+            return
+        key_pem, chain_pem = await self.server.service.renew_server_certificate(current)
+
+        def write() -> None:
+            # The key first: until the certificate follows, the old pair stays loaded.
+            write_private_file(settings.key, key_pem)
+            write_private_file(settings.cert, chain_pem, mode=0o644)
+
+        await trio.to_thread.run_sync(write)
+        self._reload("the renewed server certificate")
+        log.info("renewed the server certificate from the online CA (%s)", settings.cert)
+
+    def _reload(self, what: str) -> None:
+        if self.server is None:
+            return
+        try:
+            self.server.tls = ServerTls.load(self.server.tls.settings)
+        except TlsConfigError as exc:
+            log.error("%s was not loaded: %s", what, exc)
+
+
 async def open_hsm(config: Config) -> HsmBackend:
     """The configured HSM backend, open; raises HsmError saying what is wrong.
 
@@ -204,17 +281,22 @@ async def _client_listeners(config: Config, manager: ServiceManager) -> list[tri
     ]
 
 
-async def _maintain(service: KeyService, interval: float) -> None:
-    """Apply date transitions, rotate KEKs that reached protect-stop, purge destroyed keys.
+async def _maintain(
+    service: KeyService, interval: float, also: Callable[[], Awaitable[None]]
+) -> None:
+    """Apply date transitions, rotate KEKs that reached protect-stop, purge destroyed keys
+    (and ``also``: the online CA's server-certificate renewal, this daemon's own).
 
     On a shared store only the daemon whose turn it is (the holder of the store's
-    maintenance lock) does: two rotating one KEK at once would make two versions.
-    When it dies the lock goes with it, and another daemon's next pass takes over.
+    maintenance lock) does the store's part: two rotating one KEK at once would make
+    two versions. When it dies the lock goes with it, and another daemon's next pass
+    takes over.
     """
     while True:
         try:
             if await service.store.maintenance_turn():
                 await service.maintain()
+            await also()
         except StoreUnavailableError:
             pass  # the store's fault is logged (once) by its WriteHealth; the next pass retries
         except Exception:

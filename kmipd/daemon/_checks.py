@@ -59,6 +59,7 @@ def check_config(config: Config, *, now: datetime.datetime | None = None) -> Che
     _check_config_file(Path(config.source), report)
     check_tls(config.tls, report, now=now)
     check_policy(config.policy, config.tls.trust_domain, report)
+    check_online_ca(config.tls, report, now=now)
     if config.hsm_backend == "software":
         _check_software_hsm(config, report)
     elif config.pkcs11 is not None:
@@ -108,6 +109,38 @@ def check_tls(
             load_crl_serials(settings.crl, settings.ca)
         except PkiError as exc:
             report.problems.append(f"tls.crl: {exc}")
+
+
+def check_online_ca(
+    settings: TlsSettings, report: CheckReport, *, now: datetime.datetime | None = None
+) -> None:
+    """The online CA's certificate: a CA under tls.ca, in validity (warned before it
+    ends), and its CRL readable. Its HSM key is checked when the daemon starts."""
+    if settings.online_ca is None:
+        return
+    now = now or datetime.datetime.now(datetime.UTC)
+    where = f"online_ca.cert: {settings.online_ca}"
+    certs = _load_certificates(settings.online_ca, "online_ca.cert", report)
+    roots = _load_certificates(settings.ca, "tls.ca", report)
+    if not certs:
+        return
+    cert = certs[0]
+    if not _is_ca(cert):
+        report.problems.append(f"{where} is not a CA certificate")
+    if roots and not any(_issued_by(cert, root) for root in roots):
+        report.problems.append(f"{where} is not signed by the CA in {settings.ca}")
+    if cert.not_valid_after_utc < now:
+        report.problems.append(f"{where} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+    elif cert.not_valid_after_utc - now < EXPIRY_WARNING:
+        report.warnings.append(
+            f"{where} expires on {cert.not_valid_after_utc:%Y-%m-%d}, and every certificate "
+            "it issued with it: make a new one (kmipd ca init) and reload"
+        )
+    if settings.online_ca_crl is not None:
+        try:
+            load_crl_serials(settings.online_ca_crl, settings.online_ca)
+        except PkiError as exc:
+            report.problems.append(f"online_ca.crl: {exc}")
 
 
 def _check_server_certificate(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import time
 from collections.abc import Iterator
 
 import h11
@@ -59,6 +60,8 @@ class MetricsExporter:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_KmipdCollector(self))
         self.key_counts: dict[tuple[str, str], int] = {}
+        #: (subject, profile) -> when its online-CA certificates run out.
+        self.issued_expiry: dict[tuple[str, str], int] = {}
         self.hsm_up: bool | None = None
         self._counted_at = -math.inf
 
@@ -68,6 +71,10 @@ class MetricsExporter:
         if now - self._counted_at >= KEY_COUNT_MAX_AGE:
             try:
                 self.key_counts = await service.store.count_by_state()
+                if service.online_ca is not None:
+                    self.issued_expiry = await service.store.issued_expiry_by_subject(
+                        int(time.time())
+                    )
                 self._counted_at = now
             except StoreError as exc:
                 log.warning("metrics: cannot count keys: %s", exc)
@@ -214,6 +221,7 @@ class _KmipdCollector(Collector):
         for (kind, state), count in sorted(self.exporter.key_counts.items()):
             keys.add_metric([kind, state], count)
         yield keys
+        yield from self._certificates()
 
         writers = [("store", server.service.store.health)]
         if server.service.audit is not None:
@@ -294,6 +302,28 @@ class _KmipdCollector(Collector):
             "Failed attempts to open a pool connection",
             value=pool.get("connections_errors", 0),
         )
+
+    def _certificates(self) -> Iterator[Metric]:
+        server = self.exporter.server
+        expiry = GaugeMetricFamily(
+            "kmipd_certificate_expiry_timestamp_seconds",
+            "notAfter of the daemon's own certificates (server, online-ca), Unix time",
+            labels=["certificate"],
+        )
+        expiry.add_metric(["server"], server.tls.server_not_after)
+        if server.service.online_ca is not None:
+            not_after = server.service.online_ca.certificate.not_valid_after_utc
+            expiry.add_metric(["online-ca"], not_after.timestamp())
+        yield expiry
+        issued = GaugeMetricFamily(
+            "kmipd_issued_certificate_expiry_timestamp_seconds",
+            "Per subject and profile, the latest notAfter of its unrevoked certificates from "
+            f"the online CA: when it runs out (counted at most every {KEY_COUNT_MAX_AGE:g} s)",
+            labels=["subject", "profile"],
+        )
+        for (subject, profile), when in sorted(self.exporter.issued_expiry.items()):
+            issued.add_metric([subject, profile], when)
+        yield issued
 
 
 def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:

@@ -28,7 +28,15 @@ from kmipd.net._address import parse_address
 from kmipd.protocol import NAMESPACE_PATTERN, SECRET_MAX_VALUE_SIZE
 from kmipd.protocol._framing import ABSOLUTE_MAX_FRAME_SIZE
 from kmipd.server import KmipSettings, ServerLimits, TlsSettings
-from kmipd.service import Grant, Policy, PolicyError, expand_operations
+from kmipd.service import (
+    CERTIFICATE_KEY_TYPES,
+    DEFAULT_MAX_VALIDITY_DAYS,
+    CertificateGrant,
+    Grant,
+    Policy,
+    PolicyError,
+    expand_operations,
+)
 
 
 class ConfigError(Exception):
@@ -55,6 +63,10 @@ def _positive(value: float) -> str | None:
 
 def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must not be negative"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be between 0 and 1 (a fraction of the lifetime)"
 
 
 def _at_least_one(value: int) -> str | None:
@@ -280,6 +292,22 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "secrets": {
         "max_size": Option(int, 64 * 1024, "largest secret value accepted, bytes", _secret_size),
     },
+    "online_ca": {
+        "cert": Option(
+            str, None, "online issuing CA certificate (PEM), signed by tls.ca; unset: none"
+        ),
+        "key": Option(str, None, "HSM handle of its signing key (kmipd ca init prints it)"),
+        "crl": Option(str, None, "the online CA's CRL (PEM), written by the daemon"),
+        "renew_server": Option(
+            bool, True, "renew tls.cert from the online CA when due (rewrites tls.key/tls.cert)"
+        ),
+        "renew_at": Option(
+            (int, float),
+            2 / 3,
+            "fraction of tls.cert's lifetime after which it is renewed",
+            _fraction,
+        ),
+    },
     "logging": {
         "level": Option(str, "info", "log level", _one_of("debug", "info", "warning", "error")),
     },
@@ -297,6 +325,8 @@ _PATH_KEYS = {
     ("tls", "cert"),
     ("tls", "key"),
     ("tls", "crl"),
+    ("online_ca", "cert"),
+    ("online_ca", "crl"),
     ("store", "path"),
     ("hsm", "master_key"),
     ("hsm", "keyring"),
@@ -340,6 +370,7 @@ _REFUSED_KEYS = {
 }
 
 GRANT_KEYS = {"identity", "namespaces", "operations"}
+CERTIFICATE_GRANT_KEYS = {"identity", "client", "server_dns", "max_validity_days", "key_types"}
 
 
 @attrs.frozen
@@ -427,6 +458,11 @@ class Config:
     postgres: PostgresSettings | None = None
     #: secrets.max_size: the largest secret value set-secret accepts.
     secret_max_size: int = 64 * 1024
+    #: The HSM handle of the online CA's signing key (None: no online CA).
+    online_ca_key: str | None = None
+    #: Renew tls.cert from the online CA once past online_ca_renew_at of its lifetime.
+    online_ca_renew_server: bool = True
+    online_ca_renew_at: float = 2 / 3
 
     def sqlite_path(self) -> Path:
         """The SQLite store's file; only for that backend."""
@@ -507,14 +543,18 @@ def parse_config(
 ) -> Config:
     problems: list[str] = []
     for section in document:
-        if section not in SCHEMA and section not in ("grant", "crypto_period"):
-            problems.append(_unknown(section, [*SCHEMA, "grant", "crypto_period"]))
+        if section not in SCHEMA and section not in _TABLE_ARRAYS:
+            problems.append(_unknown(section, [*SCHEMA, *_TABLE_ARRAYS]))
     values = {
         (section, key): value
         for section, options in SCHEMA.items()
         for key, value in _check_section(document, section, options, problems).items()
     }
     grants = _parse_grants(document.get("grant", []), problems)
+    certificate_grants = _parse_certificate_grants(document.get("certificate_grant", []), problems)
+    online = [values[("online_ca", k)] for k in ("cert", "key", "crl")]
+    if any(v is not None for v in online) and any(v is None for v in online):
+        problems.append("online_ca: give cert, key and crl together (or none of them)")
     kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
     _check_hsm_backend(document.get("hsm", {}), values, problems)
     _check_store_backend(document.get("store", {}), values, problems)
@@ -564,6 +604,8 @@ def parse_config(
             allow_tls12=v("tls", "allow_tls12"),
             session_tickets=v("tls", "session_tickets"),
             kmip_tls12=v("kmip", "enabled"),
+            online_ca=v("online_ca", "cert"),
+            online_ca_crl=v("online_ca", "crl"),
         ),
         kmip=KmipSettings(
             enabled=v("kmip", "enabled"),
@@ -578,7 +620,7 @@ def parse_config(
         keyring=v("hsm", "keyring"),
         pkcs11=_pkcs11_settings(values),
         create_kek_on_demand=v("keys", "create_kek_on_demand"),
-        policy=Policy(tuple(grants)),
+        policy=Policy(tuple(grants), tuple(certificate_grants)),
         lifecycle=LifecyclePolicy(
             kek_periods=tuple(kek_periods),
             dek_periods=tuple(dek_periods),
@@ -599,6 +641,9 @@ def parse_config(
         store_backend=v("store", "backend"),
         postgres=_postgres_settings(values),
         secret_max_size=v("secrets", "max_size"),
+        online_ca_key=v("online_ca", "key"),
+        online_ca_renew_server=v("online_ca", "renew_server"),
+        online_ca_renew_at=float(v("online_ca", "renew_at")),
     )
 
 
@@ -794,6 +839,61 @@ def _parse_grants(raw: Any, problems: list[str]) -> list[Grant]:
         except PolicyError as exc:
             problems.append(f"{where}.operations: {exc}")
     return grants
+
+
+def _parse_certificate_grants(raw: Any, problems: list[str]) -> list[CertificateGrant]:
+    if not isinstance(raw, list):
+        problems.append("certificate_grant: must be an array of tables ([[certificate_grant]])")
+        return []
+    grants = []
+    for index, entry in enumerate(raw):
+        where = f"certificate_grant[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        for key in entry:
+            if key not in CERTIFICATE_GRANT_KEYS:
+                known = [f"{where}.{k}" for k in CERTIFICATE_GRANT_KEYS]
+                problems.append(_unknown(f"{where}.{key}", known))
+        identity = entry.get("identity")
+        client = entry.get("client", True)
+        dns = entry.get("server_dns", [])
+        days = entry.get("max_validity_days", DEFAULT_MAX_VALIDITY_DAYS)
+        key_types = entry.get("key_types", list(CERTIFICATE_KEY_TYPES))
+        before = len(problems)
+        if not isinstance(identity, str) or not identity:
+            problems.append(f"{where}.identity: required, a SPIFFE ID or glob (spiffe://td/name)")
+        if not isinstance(client, bool):
+            problems.append(f"{where}.client: must be true or false")
+        if not isinstance(dns, list) or not all(
+            isinstance(d, str) and _DNS_GLOB.fullmatch(d) for d in dns
+        ):
+            problems.append(
+                f'{where}.server_dns: a list of DNS names or globs (e.g. "*.storage.example")'
+            )
+        if isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= 3650:
+            problems.append(f"{where}.max_validity_days: a number of days in (0, 3650]")
+        if (
+            not isinstance(key_types, list)
+            or not key_types
+            or not all(k in CERTIFICATE_KEY_TYPES for k in key_types)
+        ):
+            problems.append(
+                f"{where}.key_types: a non-empty list of {', '.join(CERTIFICATE_KEY_TYPES)}"
+            )
+        if len(problems) == before and isinstance(identity, str):
+            grants.append(
+                CertificateGrant(identity, client, tuple(dns), float(days), tuple(key_types))
+            )
+    return grants
+
+
+#: DNS names and globs a certificate grant may name (a label may be "*").
+_DNS_GLOB = re.compile(
+    r"(?:\*|[A-Za-z0-9_*](?:[A-Za-z0-9_*-]{0,61}[A-Za-z0-9_*])?)"
+    r"(?:\.[A-Za-z0-9_*](?:[A-Za-z0-9_*-]{0,61}[A-Za-z0-9_*])?)*"
+)
+_TABLE_ARRAYS = ("grant", "crypto_period", "certificate_grant")
 
 
 CRYPTO_PERIOD_KEYS = {"applies_to", "namespaces", "protect_days", "process_days"}

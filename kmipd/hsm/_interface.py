@@ -66,6 +66,26 @@ class HsmBackend(Protocol):
         """Erase the KEK: every key wrapped only under it becomes unrecoverable."""
         ...
 
+    async def generate_signing_key(self, label: str, curve: str) -> str:
+        """Create an EC signing key pair (``curve``: p256 or p384) inside the backend.
+
+        The private half signs and does nothing else (no decrypt, unwrap or
+        derive), and never leaves the backend; returns its handle.
+        """
+        ...
+
+    async def import_signing_key(self, label: str, private_key_der: bytes) -> str:
+        """Store an existing EC private key (PKCS#8 DER) as a signing key; its handle."""
+        ...
+
+    async def signing_public_key(self, handle: str) -> bytes:
+        """The signing key's public half, SubjectPublicKeyInfo DER."""
+        ...
+
+    async def sign(self, handle: str, data: bytes) -> bytes:
+        """ECDSA over ``data`` (SHA-256 for P-256, SHA-384 for P-384), DER-encoded."""
+        ...
+
     async def check(self) -> None:
         """Raise HsmUnavailableError unless the backend answers now."""
         ...

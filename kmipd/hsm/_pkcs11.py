@@ -44,10 +44,19 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11._pkcs11 import lib as _pkcs11_lib
 from pkcs11.mechanisms import GCMParams
+from pkcs11.util.ec import (
+    decode_ec_private_key,
+    decode_ec_public_key,
+    encode_ec_public_key,
+    encode_ecdsa_signature,
+    encode_named_curve_parameters,
+)
 
 from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from kmipd.hsm._interface import (
@@ -56,6 +65,7 @@ from kmipd.hsm._interface import (
     HsmKeyNotFoundError,
     HsmUnavailableError,
 )
+from kmipd.hsm._signing import SIGNING_CURVES, check_curve, curve_of, load_signing_key
 
 log = logging.getLogger("kmipd.hsm")
 
@@ -63,6 +73,8 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 KEK_BITS = 256
 HANDLE_PREFIX = "p11-"
+#: Handles of signing key pairs (the private and public objects share one CKA_ID).
+SIGNING_PREFIX = "p11-sign-"
 #: Calls a worker takes from the queue at once (one handoff back to trio for all).
 BATCH_SIZE = 16
 
@@ -300,13 +312,59 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _signing_id(handle: str) -> bytes:
+    return _id_of(handle, SIGNING_PREFIX, "signing key")
+
+
+def _signing_templates(
+    label: str, cka_id: bytes, curve: str
+) -> tuple[dict[Attribute, Any], dict[Attribute, Any]]:
+    """A signing key pair per the single-purpose rule: the private half signs, never
+    decrypts, unwraps or derives, and never leaves the token."""
+    params = encode_named_curve_parameters(SIGNING_CURVES[curve][2])
+    public = {
+        Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+        Attribute.KEY_TYPE: KeyType.EC,
+        Attribute.EC_PARAMS: params,
+        Attribute.LABEL: label,
+        Attribute.ID: cka_id,
+        Attribute.TOKEN: True,
+        Attribute.VERIFY: True,
+        Attribute.ENCRYPT: False,
+        Attribute.WRAP: False,
+        Attribute.DERIVE: False,
+        Attribute.MODIFIABLE: False,
+    }
+    private = {
+        Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+        Attribute.KEY_TYPE: KeyType.EC,
+        Attribute.LABEL: label,
+        Attribute.ID: cka_id,
+        Attribute.TOKEN: True,
+        Attribute.PRIVATE: True,
+        Attribute.SENSITIVE: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.MODIFIABLE: False,
+        Attribute.SIGN: True,
+        Attribute.DECRYPT: False,
+        Attribute.UNWRAP: False,
+        Attribute.DERIVE: False,
+    }
+    return public, private
+
+
 def _handle_id(handle: str) -> bytes:
-    if not handle.startswith(HANDLE_PREFIX):
-        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 KEK handle")
+    return _id_of(handle, HANDLE_PREFIX, "KEK")
+
+
+def _id_of(handle: str, prefix: str, what: str) -> bytes:
+    """The CKA_ID a handle names (``PREFIX`` + hex)."""
+    if not handle.startswith(prefix):
+        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 {what} handle")
     try:
-        return bytes.fromhex(handle[len(HANDLE_PREFIX) :])
+        return bytes.fromhex(handle[len(prefix) :])
     except ValueError:
-        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 KEK handle") from None
+        raise HsmKeyNotFoundError(f"{handle!r} is not a PKCS#11 {what} handle") from None
 
 
 def _kek_template(label: str, cka_id: bytes) -> dict[Attribute, Any]:
@@ -364,6 +422,22 @@ class _Worker:
     session: Any = None
     generation: int = -1
     keys: dict[bytes, Any] = attrs.field(factory=dict)
+    #: Signing key objects by (object class, CKA_ID): the private half signs, the
+    #: public half is read for its point.
+    signers: dict[tuple[ObjectClass, bytes], Any] = attrs.field(factory=dict)
+
+    def signing_key(self, object_class: ObjectClass, cka_id: bytes) -> Any:
+        found = self.signers.get((object_class, cka_id))
+        if found is None:
+            self.session.token.slot.get_token()  # as in key(): is the token there?
+            try:
+                found = self.session.get_key(object_class=object_class, id=cka_id)
+            except p11.NoSuchKey:
+                raise HsmKeyNotFoundError(
+                    f"no signing key with handle {SIGNING_PREFIX}{cka_id.hex()} on the token"
+                ) from None
+            self.signers[(object_class, cka_id)] = found
+        return found
 
     def key(self, cka_id: bytes) -> Any:
         found = self.keys.get(cka_id)
@@ -614,6 +688,7 @@ class Pkcs11Hsm:
             worker.session = self._sessions[worker.index]
             worker.generation = self._generation
             worker.keys.clear()
+            worker.signers.clear()
 
     # -- the workers -----------------------------------------------------------------------
 
@@ -665,6 +740,7 @@ class Pkcs11Hsm:
             error = exc
         except _GONE as exc:
             worker.keys.clear()  # handles may be stale after a reconnect
+            worker.signers.clear()
             error = _TokenGoneError(f"the {self.settings.token} failed: {_describe(exc)}")
         except p11.PKCS11Error as exc:
             error = HsmError(f"the {self.settings.token} refused the call: {_describe(exc)}")
@@ -864,6 +940,84 @@ class Pkcs11Hsm:
 
         await self._call("destroy-kek", destroy)
         log.info("PKCS#11: destroyed KEK object %s", handle)
+
+    # -- signing keys (the online CA's) -----------------------------------------------------
+
+    async def generate_signing_key(self, label: str, curve: str) -> str:
+        check_curve(curve)
+        full_label = self._label(label)
+
+        def generate(worker: _Worker) -> str:
+            cka_id = secrets.token_bytes(16)
+            public, private = _signing_templates(full_label, cka_id, curve)
+            worker.session.generate_keypair(
+                KeyType.EC,
+                store=True,
+                mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                public_template=public,
+                private_template=private,
+            )
+            return SIGNING_PREFIX + cka_id.hex()
+
+        handle = await self._call("generate-signing-key", generate, self._destroy_orphan_signer)
+        log.info("PKCS#11: generated signing key pair %r (%s)", full_label, handle)
+        return handle
+
+    async def import_signing_key(self, label: str, private_key_der: bytes) -> str:
+        key = load_signing_key(private_key_der)
+        curve = curve_of(key)
+        full_label = self._label(label)
+        # python-pkcs11 reads the traditional (SEC 1) encoding, not PKCS#8.
+        sec1 = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        spki = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+        def create(worker: _Worker) -> str:
+            cka_id = secrets.token_bytes(16)
+            public, private = _signing_templates(full_label, cka_id, curve)
+            private.update(decode_ec_private_key(sec1))
+            private[Attribute.CLASS] = ObjectClass.PRIVATE_KEY
+            public.update(decode_ec_public_key(spki))
+            public[Attribute.CLASS] = ObjectClass.PUBLIC_KEY
+            worker.session.create_object(private)
+            worker.session.create_object(public)
+            return SIGNING_PREFIX + cka_id.hex()
+
+        return await self._call("import-signing-key", create, self._destroy_orphan_signer)
+
+    def _destroy_orphan_signer(self, worker: _Worker, handle: str) -> None:
+        cka_id = _signing_id(handle)
+        for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+            worker.signing_key(object_class, cka_id).destroy()
+        log.warning("PKCS#11: destroyed signing key %s, made after its caller gave up", handle)
+
+    async def signing_public_key(self, handle: str) -> bytes:
+        cka_id = _signing_id(handle)
+
+        def read(worker: _Worker) -> bytes:
+            return bytes(encode_ec_public_key(worker.signing_key(ObjectClass.PUBLIC_KEY, cka_id)))
+
+        return await self._call("signing-public-key", read)
+
+    async def sign(self, handle: str, data: bytes) -> bytes:
+        """The digest is computed here, the ECDSA signature on the token (CKM_ECDSA)."""
+        cka_id = _signing_id(handle)
+        public = serialization.load_der_public_key(await self.signing_public_key(handle))
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        digest = hashes.Hash(SIGNING_CURVES[curve_of(public)][1]())
+        digest.update(data)
+        value = digest.finalize()
+
+        def sign(worker: _Worker) -> bytes:
+            key = worker.signing_key(ObjectClass.PRIVATE_KEY, cka_id)
+            return bytes(key.sign(value, mechanism=Mechanism.ECDSA))
+
+        return bytes(encode_ecdsa_signature(await self._call("sign", sign)))
 
     def _check(self, worker: _Worker) -> None:
         # Token info and one object search: both read the token's state, so a

@@ -20,6 +20,8 @@ from typing import Any
 
 import trio
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmipd.crypto._private_files import PrivateFileError, read_private_file
@@ -28,6 +30,13 @@ from kmipd.hsm._interface import (
     HsmIntegrityError,
     HsmKeyNotFoundError,
     HsmUnavailableError,
+)
+from kmipd.hsm._signing import (
+    SIGNING_CURVES,
+    check_curve,
+    curve_of,
+    load_signing_key,
+    signature_hash,
 )
 from kmipd.protocol import ProtocolError, decode_item, encode_deterministic, encode_item
 from pki import write_private_file
@@ -41,6 +50,10 @@ _KEYRING_FORMAT = "kmipd-software-keyring-v1"
 
 def _kek_entry_aad(handle: str) -> bytes:
     return encode_deterministic(["kmipd/software-hsm/kek/v1", handle])
+
+
+def _signing_entry_aad(handle: str) -> bytes:
+    return encode_deterministic(["kmipd/software-hsm/signing-key/v1", handle])
 
 
 def read_master_key(path: Path) -> bytes:
@@ -80,14 +93,22 @@ def read_keyring_file(keyring_path: Path) -> bytes | None:
         os.close(fd)
 
 
-def _parse_keyring(raw: bytes, keyring_path: Path) -> dict[str, dict[str, Any]]:
+def _parse_keyring(
+    raw: bytes, keyring_path: Path, section: str = "keks"
+) -> dict[str, dict[str, Any]]:
+    """One section of the keyring: "keks", or "signing" (EC signing keys, absent in
+    keyrings that never held one; a daemon that predates them ignores the section)."""
     try:
         doc = decode_item(raw)
         if doc.get("format") != _KEYRING_FORMAT:
             raise HsmError(f"keyring {keyring_path} has an unknown format")
-        entries: dict[str, dict[str, Any]] = doc["keks"]
+        entries: dict[str, dict[str, Any]] = (
+            doc["keks"] if section == "keks" else doc.get(section, {})
+        )
     except (KeyError, TypeError, AttributeError, ProtocolError) as exc:
         raise HsmError(f"keyring {keyring_path} is malformed") from exc
+    if not isinstance(entries, dict):
+        raise HsmError(f"keyring {keyring_path} is malformed")
     return entries
 
 
@@ -120,6 +141,9 @@ class SoftwareHsm:
         self._keyring_path = keyring_path
         self._lock_path = keyring_path.with_name(keyring_path.name + ".lock")
         self._keks: dict[str, AESGCM] = self._open_all(self._read_entries())
+        self._signers: dict[str, ec.EllipticCurvePrivateKey] = self._open_signers(
+            self._read_entries("signing")
+        )
         self._check_run: _CheckRun | None = None
 
     @classmethod
@@ -134,24 +158,23 @@ class SoftwareHsm:
     def __repr__(self) -> str:
         return f"SoftwareHsm(keyring={str(self._keyring_path)!r}, keks={len(self._keks)})"
 
-    def _read_entries(self) -> dict[str, dict[str, Any]]:
+    def _read_entries(self, section: str = "keks") -> dict[str, dict[str, Any]]:
         try:
             raw = self._keyring_path.read_bytes()
         except FileNotFoundError:
             return {}
         except OSError as exc:
             raise HsmError(f"cannot read keyring {self._keyring_path}: {exc.strerror}") from None
-        return _parse_keyring(raw, self._keyring_path)
+        return _parse_keyring(raw, self._keyring_path, section)
 
-    def _open_all(self, entries: dict[str, dict[str, Any]]) -> dict[str, AESGCM]:
+    def _unseal(
+        self, entries: dict[str, dict[str, Any]], aad: Callable[[str], bytes]
+    ) -> dict[str, bytes]:
+        """Every entry's sealed bytes opened under the master key, bound to its handle."""
         try:
             return {
-                handle: AESGCM(
-                    self._master.decrypt(
-                        entry["sealed"][:NONCE_SIZE],
-                        entry["sealed"][NONCE_SIZE:],
-                        _kek_entry_aad(handle),
-                    )
+                handle: self._master.decrypt(
+                    entry["sealed"][:NONCE_SIZE], entry["sealed"][NONCE_SIZE:], aad(handle)
                 )
                 for handle, entry in entries.items()
             }
@@ -163,16 +186,41 @@ class SoftwareHsm:
         except (KeyError, TypeError, ValueError) as exc:
             raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
 
-    def _change(self, edit: Callable[[dict[str, dict[str, Any]]], None]) -> None:
+    def _open_all(self, entries: dict[str, dict[str, Any]]) -> dict[str, AESGCM]:
+        try:
+            return {h: AESGCM(k) for h, k in self._unseal(entries, _kek_entry_aad).items()}
+        except ValueError as exc:
+            raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
+
+    def _open_signers(
+        self, entries: dict[str, dict[str, Any]]
+    ) -> dict[str, ec.EllipticCurvePrivateKey]:
+        signers = {}
+        for handle, der in self._unseal(entries, _signing_entry_aad).items():
+            try:
+                key = serialization.load_der_private_key(der, password=None)
+            except (TypeError, ValueError) as exc:
+                raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise HsmError(f"keyring {self._keyring_path}: {handle} is not an EC key")
+            signers[handle] = key
+        return signers
+
+    def _change(
+        self, edit: Callable[[dict[str, dict[str, Any]]], None], section: str = "keks"
+    ) -> None:
         """Read-modify-write the keyring under an exclusive lock (runs on a worker thread)."""
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            entries = self._read_entries()
-            edit(entries)
-            data = encode_item({"format": _KEYRING_FORMAT, "keks": entries})
-            write_private_file(self._keyring_path, data)
-            self._keks = self._open_all(entries)
+            sections = {"keks": self._read_entries(), "signing": self._read_entries("signing")}
+            edit(sections[section])
+            doc: dict[str, Any] = {"format": _KEYRING_FORMAT, "keks": sections["keks"]}
+            if sections["signing"]:
+                doc["signing"] = sections["signing"]
+            write_private_file(self._keyring_path, encode_item(doc))
+            self._keks = self._open_all(sections["keks"])
+            self._signers = self._open_signers(sections["signing"])
         finally:
             os.close(fd)
 
@@ -225,6 +273,53 @@ class SoftwareHsm:
 
         await trio.to_thread.run_sync(self._change, remove)
 
+    # -- signing keys (the online CA's): EC private keys sealed like KEKs ---------------
+
+    async def generate_signing_key(self, label: str, curve: str) -> str:
+        check_curve(curve)
+        key = ec.generate_private_key(SIGNING_CURVES[curve][0]())
+        return await self._store_signer(label, key)
+
+    async def import_signing_key(self, label: str, private_key_der: bytes) -> str:
+        return await self._store_signer(label, load_signing_key(private_key_der))
+
+    async def _store_signer(self, label: str, key: ec.EllipticCurvePrivateKey) -> str:
+        handle = f"soft-sign-{secrets.token_hex(12)}"
+        der = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        nonce = os.urandom(NONCE_SIZE)
+        sealed = nonce + self._master.encrypt(nonce, der, _signing_entry_aad(handle))
+        entry = {"label": label, "created": int(time.time()), "sealed": sealed}
+        await trio.to_thread.run_sync(
+            self._change, lambda entries: entries.update({handle: entry}), "signing"
+        )
+        return handle
+
+    def _signer(self, handle: str) -> ec.EllipticCurvePrivateKey:
+        key = self._signers.get(handle)
+        if key is None:
+            self._signers = self._open_signers(self._read_entries("signing"))
+            key = self._signers.get(handle)
+        if key is None:
+            raise HsmKeyNotFoundError(f"no signing key with handle {handle!r} in the software HSM")
+        return key
+
+    async def signing_public_key(self, handle: str) -> bytes:
+        return (
+            self._signer(handle)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    async def sign(self, handle: str, data: bytes) -> bytes:
+        key = self._signer(handle)
+        return key.sign(data, ec.ECDSA(signature_hash(curve_of(key))))
+
     async def check(self) -> None:
         """Read the keyring file under its lock: a keyring that cannot be read (a dead
         file system, a lock held forever by a wedged process) makes this hang or fail,
@@ -260,3 +355,4 @@ class SoftwareHsm:
 
     def close(self) -> None:
         self._keks.clear()
+        self._signers.clear()

@@ -158,6 +158,22 @@ class MeasuredHsm:
         finally:
             self._record("destroy-kek", time.perf_counter() - start)
 
+    async def generate_signing_key(self, label: str, curve: str) -> str:
+        return await self.backend.generate_signing_key(label, curve)
+
+    async def import_signing_key(self, label: str, private_key_der: bytes) -> str:
+        return await self.backend.import_signing_key(label, private_key_der)
+
+    async def signing_public_key(self, handle: str) -> bytes:
+        return await self.backend.signing_public_key(handle)
+
+    async def sign(self, handle: str, data: bytes) -> bytes:
+        start = time.perf_counter()
+        try:
+            return await self.backend.sign(handle, data)
+        finally:
+            self._record("sign", time.perf_counter() - start)
+
     async def check(self) -> None:
         start = time.perf_counter()
         try:

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import attrs
 
-from kmipd.protocol._codec import decode_item, encode_item
+from kmipd.protocol._codec import ItemDecoder, encode_item
 from kmipd.protocol._errors import CONNECTION_FATAL, ErrorCode, ProtocolError
 from kmipd.protocol._framing import DEFAULT_MAX_FRAME_SIZE, FrameReader, encode_frame
 from kmipd.protocol._messages import (
@@ -138,6 +138,7 @@ class ServerConnection:
         self._max_in_flight = max_in_flight
         self._versions = versions
         self._reader = FrameReader(max_frame_size)
+        self._decoder = ItemDecoder()
         self._outgoing = bytearray()
         self._in_flight: set[int] = set()
         self._peer_closed = False
@@ -181,7 +182,7 @@ class ServerConnection:
 
     def _process_frame(self, frame: bytes) -> RequestReceived | None:
         try:
-            request_id, request = parse_request(decode_item(frame))
+            request_id, request = parse_request(self._decoder.decode(frame))
         except ProtocolError as exc:
             self._queue_error(exc.request_id, exc.code, exc.message)
             return None
@@ -337,6 +338,7 @@ class ClientConnection:
         self.failed: ErrorInfo | None = None
         self._client_name = client_name
         self._reader = FrameReader(max_frame_size)
+        self._decoder = ItemDecoder()
         self._next_id = 1
         self._pending: dict[int, type[Any]] = {}
         self._hello_id: int | None = None
@@ -380,7 +382,7 @@ class ClientConnection:
             frame = self._reader.next_frame()
             if frame is None:
                 return NEED_DATA
-            request_id, outcome = parse_response(decode_item(frame), self._pending)
+            request_id, outcome = parse_response(self._decoder.decode(frame), self._pending)
         except ProtocolError as exc:
             self.failed = ErrorInfo(exc.code, "the server broke the protocol: " + exc.message)
             return ConnectionFailed(self.failed)

@@ -49,6 +49,22 @@ class ErrorCode(enum.IntEnum):
     SECRET_TOO_LARGE = 233
     UNKNOWN_SECRET_VERSION = 234
     SECRET_DELETED = 235
+    #: 24x: certificates from the online CA.
+    #: The CSR names a SPIFFE ID other than the caller's own.
+    CERTIFICATE_IDENTITY_MISMATCH = 240
+    #: A DNS name outside the grant's patterns, or serverAuth without such a grant.
+    CERTIFICATE_NAME_NOT_ALLOWED = 241
+    CERTIFICATE_VALIDITY_TOO_LONG = 242
+    #: The CSR's key type is weak or not among the grant's key_types.
+    CERTIFICATE_KEY_NOT_ALLOWED = 243
+    #: A renewal's CSR carries the key of the certificate it renews.
+    CERTIFICATE_KEY_REUSED = 244
+    #: The CSR is malformed, or its signature does not verify (no proof of possession).
+    CSR_INVALID = 245
+    #: This daemon has no online CA ([online_ca] is not configured).
+    NO_ONLINE_CA = 246
+    #: renew-certificate: the caller's certificate was not issued by the online CA.
+    CERTIFICATE_NOT_RENEWABLE = 247
 
     BUSY = 300
     SHUTTING_DOWN = 301

@@ -653,6 +653,106 @@ class PurgeSecret:
     name: str = wire(SECRET_NAME)
 
 
+# -- certificates from the online CA ------------------------------------------
+#
+# A client sends a CSR (DER PKCS#10); the daemon's online issuing CA, whose key
+# stays in the HSM backend, signs it if the caller's [[certificate_grant]]
+# allows what it asks for. Serials are lowercase hex (up to 159 bits).
+
+CSR = Bytes(min_length=1, max_length=16384)
+PROFILE = _choice("client", "server", what="certificate profile")
+SERIAL = Text(max_length=40, pattern=re.compile(r"[0-9a-f]{1,40}"), description="serial (hex)")
+SAN = Text(max_length=2048)
+#: Seconds; at least a minute (the grant's max_validity_days bounds it from above).
+VALIDITY = UInt(minimum=60, maximum=2**32 - 1)
+
+
+@attrs.frozen
+class IssueCertificate:
+    """Sign a CSR: ``client`` for the caller's own SPIFFE ID (clientAuth), ``server``
+    for the CSR's DNS names (serverAuth)."""
+
+    OPERATION: ClassVar[str] = "issue-certificate"
+    csr: bytes = wire(CSR)
+    profile: str = wire(PROFILE)
+    validity: int | None = wire(VALIDITY, default=None)
+
+
+@attrs.frozen
+class RenewCertificate:
+    """A new certificate like the caller's current one (the TLS peer certificate,
+    from the online CA) for the CSR's key, which must differ from the current key."""
+
+    OPERATION: ClassVar[str] = "renew-certificate"
+    csr: bytes = wire(CSR)
+    validity: int | None = wire(VALIDITY, default=None)
+
+
+@attrs.frozen
+class CertificateResult:
+    serial: str = wire(SERIAL)
+    certificate: bytes = wire(CERTIFICATE)
+    #: The online CA's certificate, then the root's: the leaf's path, in order.
+    chain: tuple[bytes, ...] = wire(ListOf(CERTIFICATE, max_items=4))
+    not_before: int = wire(TIMESTAMP)
+    not_after: int = wire(TIMESTAMP)
+
+
+@attrs.frozen
+class IssuedCertificateInfo:
+    serial: str = wire(SERIAL)
+    requested_by: str = wire(Text(max_length=2048))
+    subject: str = wire(SAN)
+    profile: str = wire(PROFILE)
+    names: tuple[str, ...] = wire(ListOf(SAN, max_items=100))
+    key_type: str = wire(Text(max_length=32))
+    not_before: int = wire(TIMESTAMP)
+    not_after: int = wire(TIMESTAMP)
+    issued: int = wire(TIMESTAMP)
+    renewed_from: str | None = wire(SERIAL, default=None)
+    revoked: int | None = wire(TIMESTAMP, default=None)
+    revocation_reason: str | None = wire(REVOCATION_REASON, default=None)
+
+
+@attrs.frozen
+class RevokeCertificate:
+    """Put an issued certificate on the online CA's CRL (the daemon checks it at once)."""
+
+    OPERATION: ClassVar[str] = "revoke-certificate"
+    serial: str = wire(SERIAL)
+    reason: str | None = wire(REVOCATION_REASON, default=None)
+
+
+@attrs.frozen
+class ListCertificates:
+    OPERATION: ClassVar[str] = "list-certificates"
+    subject: str | None = wire(SAN, default=None)
+    after: str | None = wire(SERIAL, default=None)
+    limit: int | None = wire(UInt(minimum=1, maximum=1000), default=None)
+
+
+@attrs.frozen
+class ListCertificatesResult:
+    certificates: tuple[IssuedCertificateInfo, ...] = wire(
+        ListOf(Struct(IssuedCertificateInfo), max_items=1000)
+    )
+    next: str | None = wire(SERIAL, default=None)
+
+
+@attrs.frozen
+class GetCaCertificates:
+    """The online CA's chain and current CRL: public, for any authenticated client."""
+
+    OPERATION: ClassVar[str] = "get-ca-certificates"
+
+
+@attrs.frozen
+class CaCertificates:
+    #: The online CA's certificate, then the root's.
+    chain: tuple[bytes, ...] = wire(ListOf(CERTIFICATE, max_items=4))
+    crl: bytes = wire(Bytes(min_length=1, max_length=1024 * 1024))
+
+
 # -- the operation table -----------------------------------------------------
 
 
@@ -705,6 +805,12 @@ OPERATIONS: dict[str, Operation] = {
         Operation("delete-secret", DeleteSecret, SecretSummary, idempotent=True),
         Operation("recover-secret", RecoverSecret, SecretSummary, idempotent=True),
         Operation("purge-secret", PurgeSecret, SecretSummary, idempotent=True),
+        # Issuing twice makes two certificates: harmless, but not "the same outcome".
+        Operation("issue-certificate", IssueCertificate, CertificateResult, idempotent=False),
+        Operation("renew-certificate", RenewCertificate, CertificateResult, idempotent=False),
+        Operation("revoke-certificate", RevokeCertificate, IssuedCertificateInfo, idempotent=True),
+        Operation("list-certificates", ListCertificates, ListCertificatesResult, idempotent=True),
+        Operation("get-ca-certificates", GetCaCertificates, CaCertificates, idempotent=True),
     )
 }
 
@@ -804,7 +910,7 @@ def parse_response(item: object, result_for: dict[int, type[Any]]) -> tuple[int 
         if set(item) - {"id", "error"}:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "error response: unknown field")
         return request_id, _parse_error(item["error"])
-    if request_id is None or set(item) != {"id", "result"}:
+    if request_id is None or len(item) != 2 or "result" not in item:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "response: needs id and result or error")
     return request_id, parse_struct(result_for[request_id], item["result"], "result")
 

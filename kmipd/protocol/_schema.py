@@ -188,6 +188,8 @@ class _FieldSpec:
 
 
 _SPECS: dict[type[Any], tuple[_FieldSpec, ...]] = {}
+#: The wire names of each class's fields, made once (parse_struct checks every map against it).
+_WIRE_NAMES: dict[type[Any], frozenset[str]] = {}
 
 
 def _specs(cls: type[Any]) -> tuple[_FieldSpec, ...]:
@@ -203,6 +205,7 @@ def _specs(cls: type[Any]) -> tuple[_FieldSpec, ...]:
             for field in attrs.fields(cls)
         )
         _SPECS[cls] = specs
+        _WIRE_NAMES[cls] = frozenset(spec.wire for spec in specs)
     return specs
 
 
@@ -214,17 +217,21 @@ def parse_struct(cls: type[T], value: object, path: str) -> T:
     if type(value) is not dict:
         raise _fail(path, f"expected a map, got {_type_name(value)}")
     specs = _specs(cls)
-    known = {spec.wire for spec in specs}
-    unknown = [key for key in value if key not in known]
-    if unknown:
+    known = _WIRE_NAMES[cls]
+    if not known.issuperset(value):
+        unknown = [key for key in value if key not in known]
         raise _fail(path, f"unknown field {_quote(unknown[0])}")
     kwargs: dict[str, Any] = {}
     for spec in specs:
-        if spec.wire in value:
-            kwargs[spec.attr] = spec.kind.parse(value[spec.wire], f"{path}.{spec.wire}")
+        raw = value.get(spec.wire, _ABSENT)
+        if raw is not _ABSENT:
+            kwargs[spec.attr] = spec.kind.parse(raw, f"{path}.{spec.wire}")
         elif spec.required:
             raise _fail(path, f"missing required field {spec.wire!r}")
     return cls(**kwargs)
+
+
+_ABSENT = object()
 
 
 def encode_struct(obj: object) -> dict[str, object]:

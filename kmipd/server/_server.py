@@ -122,7 +122,7 @@ class KmipServer:
         self._all_closed.set()
         self._crl_checked_at = -math.inf
         self._crl_check_interval = crl_check_interval
-        self._refused_crl_stamp: tuple[int, int, int] | None = None
+        self._refused_crl_stamp: tuple[int, ...] | None = None
 
     @property
     def tls(self) -> ServerTls:
@@ -760,7 +760,8 @@ class _Connection:
             self._request_scopes[request_id] = scope
             try:
                 result = await self.server.service.handle(
-                    Caller(conn.identity, request_id), event.request
+                    Caller(conn.identity, request_id, certificate=self.certificate),
+                    event.request,
                 )
             except ServiceError as exc:
                 error = exc.code

@@ -61,6 +61,10 @@ class TlsSettings:
     #: KMIP is served: accept TLS 1.2 (same suites) for it; the native protocol on a
     #: 1.2 connection is still refused after the handshake unless allow_tls12.
     kmip_tls12: bool = False
+    #: The online issuing CA (an intermediate under ``ca``) and the CRL it signs:
+    #: certificates it issued are trusted too, and checked against that CRL.
+    online_ca: Path | None = None
+    online_ca_crl: Path | None = None
 
     @property
     def accepts_tls12(self) -> bool:
@@ -74,25 +78,45 @@ class ServerTls:
     settings: TlsSettings
     context: ssl.SSLContext
     revoked: frozenset[int]
-    #: The CRL file's identity when loaded, to notice a new CRL (see crl_changed).
-    crl_stamp: tuple[int, int, int]
+    #: The CRL files' identity when loaded, to notice a new CRL (see crl_changed).
+    crl_stamp: tuple[int, ...]
     #: The same CA and CRL, for key-transport certificates (the service checks them).
     transport_trust: TransportTrust
+    #: The online issuing CA's certificate, when there is one.
+    online_ca: x509.Certificate | None = None
+    #: When the server certificate being served expires (Unix time), for metrics.
+    server_not_after: float = 0.0
 
     @classmethod
     def load(cls, settings: TlsSettings) -> ServerTls:
-        stamp = _file_stamp(settings.crl)
+        stamp = _crl_stamp(settings)
+        online_ca = None
         try:
             revoked = load_crl_serials(settings.crl, settings.ca)
             ca_cert = load_certificate(settings.ca, "CA certificate")
+            if settings.online_ca is not None:
+                online_ca = load_certificate(settings.online_ca, "online CA certificate")
+                if settings.online_ca_crl is None or not settings.online_ca_crl.exists():
+                    raise TlsConfigError(
+                        f"online_ca.crl: {settings.online_ca_crl} does not exist; "
+                        "`kmipd ca crl CONFIG` signs one"
+                    )
+                # Serials are random 159-bit numbers: one set for both CAs is safe.
+                revoked |= load_crl_serials(settings.online_ca_crl, settings.online_ca)
         except PkiError as exc:
             raise TlsConfigError(str(exc)) from None
         trust = TransportTrust(ca_cert, settings.trust_domain, revoked)
-        return cls(settings, _server_context(settings), revoked, stamp, trust)
+        context = _server_context(settings)
+        try:
+            served = load_certificate(settings.cert, "server certificate")
+        except PkiError as exc:
+            raise TlsConfigError(str(exc)) from None
+        not_after = served.not_valid_after_utc.timestamp()
+        return cls(settings, context, revoked, stamp, trust, online_ca, not_after)
 
-    def current_crl_stamp(self) -> tuple[int, int, int]:
-        """The CRL file's identity now; differs from crl_stamp once it was replaced."""
-        return _file_stamp(self.settings.crl)
+    def current_crl_stamp(self) -> tuple[int, ...]:
+        """The CRL files' identity now; differs from crl_stamp once one was replaced."""
+        return _crl_stamp(self.settings)
 
     def verify_peer(self, der: bytes | None, now: datetime.datetime | None = None) -> str:
         """Return the peer's identity (its SPIFFE ID) or raise PeerRejectedError."""
@@ -131,8 +155,14 @@ class ServerTls:
         if now > cert.not_valid_after_utc:
             return "expired", "client certificate expired"
         if full:
+            online = self.online_ca is not None and cert.issuer == self.online_ca.subject
             try:
-                cert.verify_directly_issued_by(self.transport_trust.ca_cert)
+                if online:
+                    assert self.online_ca is not None
+                    cert.verify_directly_issued_by(self.online_ca)
+                    self.online_ca.verify_directly_issued_by(self.transport_trust.ca_cert)
+                else:
+                    cert.verify_directly_issued_by(self.transport_trust.ca_cert)
                 _spiffe_identity(cert, self.settings.trust_domain)
             except (ValueError, TypeError, InvalidSignature, PeerRejectedError):
                 return "untrusted", "client certificate is no longer trusted"
@@ -162,6 +192,13 @@ def _spiffe_identity(cert: x509.Certificate, trust_domain: str) -> str:
     return identity
 
 
+def _crl_stamp(settings: TlsSettings) -> tuple[int, ...]:
+    stamp: tuple[int, ...] = _file_stamp(settings.crl)
+    if settings.online_ca_crl is not None:
+        stamp += _file_stamp(settings.online_ca_crl)
+    return stamp
+
+
 def _file_stamp(path: Path) -> tuple[int, int, int]:
     try:
         info = path.stat()
@@ -184,7 +221,15 @@ def _server_context(settings: TlsSettings) -> ssl.SSLContext:
     context.num_tickets = settings.session_tickets
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
-    for what, path in (("CA certificate", settings.ca), ("CRL", settings.crl)):
+    trusted = [("CA certificate", settings.ca), ("CRL", settings.crl)]
+    if settings.online_ca is not None and settings.online_ca_crl is not None:
+        # The online CA is an intermediate: OpenSSL still builds every path to the
+        # root, and with VERIFY_CRL_CHECK_LEAF checks a leaf against its issuer's CRL.
+        trusted += [
+            ("online CA certificate", settings.online_ca),
+            ("online CA CRL", settings.online_ca_crl),
+        ]
+    for what, path in trusted:
         try:
             context.load_verify_locations(cafile=path)
         except (OSError, ssl.SSLError) as exc:

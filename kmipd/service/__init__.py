@@ -15,9 +15,12 @@ into ``KeyService`` (``_service.py``):
 - ``_objects``: keys as KMIP sees them (create/register with attributes, get,
   attributes, locate, encrypt/decrypt), registered into KeyService's table
 - ``_kmip``: KMIP operations (TTLV payloads) turned into those requests
-- ``_policy``: who may do what where (grants, operation groups)
+- ``_certs``: the online issuing CA: issue-certificate, renew-certificate,
+  revoke-certificate, list-certificates, get-ca-certificates, its CRL
+- ``_policy``: who may do what where (grants, operation groups, certificate grants)
 """
 
+from kmipd.service._certs import OnlineCa, OnlineCaError, open_online_ca, sign_crl
 from kmipd.service._core import (
     NOT_NOW,
     Caller,
@@ -30,9 +33,12 @@ from kmipd.service._core import (
 from kmipd.service._kmip import KmipOperations
 from kmipd.service._policy import (
     ADMIN_OPERATIONS,
+    CERTIFICATE_KEY_TYPES,
     DATA_OPERATIONS,
+    DEFAULT_MAX_VALIDITY_DAYS,
     GRANTABLE_OPERATIONS,
     OPERATION_GROUPS,
+    CertificateGrant,
     Grant,
     Policy,
     PolicyError,
@@ -42,14 +48,19 @@ from kmipd.service._service import KeyService
 
 __all__ = [
     "ADMIN_OPERATIONS",
+    "CERTIFICATE_KEY_TYPES",
     "DATA_OPERATIONS",
+    "DEFAULT_MAX_VALIDITY_DAYS",
     "GRANTABLE_OPERATIONS",
     "NOT_NOW",
     "OPERATION_GROUPS",
     "Caller",
+    "CertificateGrant",
     "Grant",
     "KeyService",
     "KmipOperations",
+    "OnlineCa",
+    "OnlineCaError",
     "Policy",
     "PolicyError",
     "ServerInfo",
@@ -58,4 +69,6 @@ __all__ = [
     "dek_associated_data",
     "expand_operations",
     "new_dek_id",
+    "open_online_ca",
+    "sign_crl",
 ]

@@ -134,6 +134,8 @@ class Caller:
     request_id: int | None = None
     #: The protocol the request came in by, for the audit trail (None: native).
     protocol: str | None = None
+    #: The verified TLS peer certificate: renew-certificate's proof of the current one.
+    certificate: x509.Certificate | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.define

@@ -64,11 +64,22 @@ SECRET_MANAGE_OPERATIONS = frozenset(
         "secret-versions",
     }
 )
+#: Administering the online CA's issued certificates (any namespace grants them).
+#: Issuing and renewing are granted by [[certificate_grant]] tables instead
+#: (CertificateGrant): what may be asked for is more than an operation name.
+CERTIFICATE_ADMIN_OPERATIONS = frozenset({"revoke-certificate", "list-certificates"})
 #: Allowed to every authenticated client: they reveal nothing about keys or
-#: other clients (registration concerns only the caller's own certificate).
-UNRESTRICTED_OPERATIONS = frozenset({"hello", "status", "register-transport-cert"})
+#: other clients (registration concerns only the caller's own certificate; the
+#: CA chain and CRL are public).
+UNRESTRICTED_OPERATIONS = frozenset(
+    {"hello", "status", "register-transport-cert", "get-ca-certificates"}
+)
 GRANTABLE_OPERATIONS = (
-    DATA_OPERATIONS | ADMIN_OPERATIONS | SECRET_READ_OPERATIONS | SECRET_MANAGE_OPERATIONS
+    DATA_OPERATIONS
+    | ADMIN_OPERATIONS
+    | SECRET_READ_OPERATIONS
+    | SECRET_MANAGE_OPERATIONS
+    | CERTIFICATE_ADMIN_OPERATIONS
 )
 
 #: Names usable in a grant's operations list beside single operation names.
@@ -78,6 +89,7 @@ OPERATION_GROUPS = {
     "admin": ADMIN_OPERATIONS,
     "secrets-read": SECRET_READ_OPERATIONS,
     "secrets-manage": SECRET_MANAGE_OPERATIONS,
+    "certificates-admin": CERTIFICATE_ADMIN_OPERATIONS,
 }
 
 
@@ -114,6 +126,35 @@ class Grant:
         )
 
 
+#: Key types a certificate grant allows unless it lists its own.
+CERTIFICATE_KEY_TYPES = ("p256", "p384", "rsa3072", "ed25519")
+DEFAULT_MAX_VALIDITY_DAYS = 30.0
+
+
+@attrs.frozen
+class CertificateGrant:
+    """What identities matching ``identity`` may have the online CA sign.
+
+    ``client``: a clientAuth certificate for the caller's own SPIFFE ID, and its
+    renewal. ``server_dns``: globs of DNS names a serverAuth certificate may
+    carry (empty: none). Validity at most ``max_validity_days``; keys of
+    ``key_types`` only.
+    """
+
+    identity: str
+    client: bool = True
+    server_dns: tuple[str, ...] = ()
+    max_validity_days: float = DEFAULT_MAX_VALIDITY_DAYS
+    key_types: tuple[str, ...] = CERTIFICATE_KEY_TYPES
+
+    def applies_to(self, identity: str) -> bool:
+        return fnmatch.fnmatchcase(identity, self.identity)
+
+    def allows_dns(self, name: str) -> bool:
+        # DNS names compare case-insensitively (RFC 4343).
+        return any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in self.server_dns)
+
+
 #: Decisions remembered per policy: a storage node asks the same question per block read.
 _DECISION_CACHE_SIZE = 65_536
 
@@ -121,6 +162,7 @@ _DECISION_CACHE_SIZE = 65_536
 @attrs.frozen
 class Policy:
     grants: tuple[Grant, ...] = ()
+    certificate_grants: tuple[CertificateGrant, ...] = ()
     _decisions: dict[tuple[str, str, str], bool] = attrs.field(
         factory=dict, eq=False, repr=False, init=False
     )
@@ -145,3 +187,6 @@ class Policy:
             operation in grant.operations and fnmatch.fnmatchcase(identity, grant.identity)
             for grant in self.grants
         )
+
+    def certificate_grants_for(self, identity: str) -> list[CertificateGrant]:
+        return [grant for grant in self.certificate_grants if grant.applies_to(identity)]

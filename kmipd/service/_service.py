@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kmipd.service._certs import CertificateOperations
 from kmipd.service._delivery import DeliveryOperations
 from kmipd.service._keks import KekOperations
 from kmipd.service._lifecycle import LifecycleOperations
@@ -19,6 +20,7 @@ from kmipd.service._transport import TransportOperations
 
 
 class KeyService(
+    CertificateOperations,
     SecretOperations,
     RewrapOperations,
     DeliveryOperations,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kmipd.store._certs import IssuedCertificateRecord
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, Store, StoreOutcomeUnknownError
 from kmipd.store._sqlite import (
@@ -54,6 +55,7 @@ __all__ = [
     "Change",
     "DekRecord",
     "IdempotencyKeyUsedError",
+    "IssuedCertificateRecord",
     "KekRecord",
     "KekVersion",
     "KeyStore",

@@ -44,12 +44,14 @@ import collections
 import json
 import logging
 import os
+import re
 import secrets
 import select
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import attrs
 import psycopg
@@ -58,6 +60,7 @@ import trio
 from psycopg import errors as pg_errors
 
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
+from kmipd.store._certs import CertificateStore, IssuedCertificateRecord
 from kmipd.store._commit import point_of_no_return
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, StoreOutcomeUnknownError
@@ -78,6 +81,7 @@ from kmipd.store._sqlite import (
     SecretVersion,
     StoreError,
     TransportCertRecord,
+    _dek_row,
     _object_from_row,
     _secret_version_from_row,
     _Uncached,
@@ -232,6 +236,28 @@ CREATE TABLE secret_versions (
 );
 CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_version);
 """,
+    # 7: certificates the online CA issued (see kmipd.store._certs). Serials compare
+    # bytewise ("C"), as in SQLite, so list_issued_certificates pages visit each once.
+    """
+CREATE TABLE issued_certificates (
+    serial        TEXT COLLATE "C" PRIMARY KEY,
+    requested_by  TEXT NOT NULL,
+    subject       TEXT NOT NULL,
+    profile       TEXT NOT NULL,
+    names         TEXT NOT NULL,
+    key_type      TEXT NOT NULL,
+    spki_sha256   BYTEA NOT NULL,
+    not_before    BIGINT NOT NULL,
+    not_after     BIGINT NOT NULL,
+    issued_at     BIGINT NOT NULL,
+    renewed_from  TEXT,
+    certificate   BYTEA NOT NULL,
+    revoked_at    BIGINT,
+    revocation_reason TEXT
+);
+CREATE INDEX issued_by_subject ON issued_certificates(subject, not_after);
+CREATE INDEX issued_revoked ON issued_certificates(not_after) WHERE revoked_at IS NOT NULL;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -244,6 +270,7 @@ MAINTENANCE_LOCK = 0x6B6D69706402
 CHANNEL = "kmipd_changes"
 
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
+_INSERT_DEK = f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES ({', '.join(['%s'] * 8)})"
 _DESTROYED = ("destroyed", "destroyed-compromised")
 #: Deadlocks and serialization failures are retried; each attempt is a fresh transaction.
 _RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
@@ -353,6 +380,7 @@ class PostgresStore:
         self._reload_wanted = False
         self._origin = secrets.token_hex(8)
         self._maintenance: Db | None = None
+        self._certificates = _PostgresCertificates(self)
         #: Whether the database takes writes; a write failing for a cause an operator
         #: must fix (unreachable, standby, disk full, permission) faults it, and while
         #: faulted what needs the database is refused at once until a probe succeeds.
@@ -796,19 +824,7 @@ class PostgresStore:
 
         def insert(db: Db) -> None:
             try:
-                db.execute(
-                    f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        record.dek_id,
-                        record.namespace,
-                        record.kek_version,
-                        record.wrapped,
-                        record.created_at,
-                        record.created_by,
-                        record.lifecycle.state.value,
-                        json.dumps(record.lifecycle.to_json()),
-                    ),
-                )
+                db.execute(_INSERT_DEK, _dek_row(record))
             except pg_errors.UniqueViolation:
                 raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
             if kmip is not None:
@@ -833,6 +849,24 @@ class PostgresStore:
         await self._write(insert)
         self._remember(record, epoch)
         self._remember_object(record.dek_id, kmip, epoch)
+
+    async def put_deks(self, records: Sequence[DekRecord]) -> None:
+        """Insert many DEKs in one transaction (a bulk import, or a benchmark filling
+        the store): all are committed when this returns, or none is inserted.
+
+        No idempotency keys, no KMIP attributes, not cached: rows to be read later.
+        """
+
+        def insert(db: Db) -> None:
+            try:
+                with db.cursor() as cursor:
+                    cursor.executemany(_INSERT_DEK, [_dek_row(record) for record in records])
+            except pg_errors.UniqueViolation as exc:
+                raise AlreadyExistsError(
+                    f"a DEK in the batch already exists ({_error_text(exc)})"
+                ) from None
+
+        await self._write(insert)
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
         """The wrapped row if it is in memory and the listener vouches for it."""
@@ -1544,6 +1578,30 @@ class PostgresStore:
 
         return await self._read(select_one)
 
+    # -- issued certificates (the online CA) --------------------------------------------
+
+    async def put_issued_certificate(self, record: IssuedCertificateRecord) -> None:
+        await self._certificates.put_issued_certificate(record)
+
+    async def get_issued_certificate(self, serial: str) -> IssuedCertificateRecord | None:
+        return await self._certificates.get_issued_certificate(serial)
+
+    async def list_issued_certificates(
+        self, *, subject: str | None, after: str, limit: int
+    ) -> list[IssuedCertificateRecord]:
+        return await self._certificates.list_issued_certificates(
+            subject=subject, after=after, limit=limit
+        )
+
+    async def revoke_issued_certificate(self, serial: str, at: int, reason: str) -> bool:
+        return await self._certificates.revoke_issued_certificate(serial, at, reason)
+
+    async def revoked_certificates(self, now: int) -> list[tuple[str, int, str]]:
+        return await self._certificates.revoked_certificates(now)
+
+    async def issued_expiry_by_subject(self, now: int) -> dict[tuple[str, str], int]:
+        return await self._certificates.issued_expiry_by_subject(now)
+
     # -- health, sharing, maintenance ----------------------------------------------------------
 
     async def refresh_if_changed(self) -> None:
@@ -1646,6 +1704,35 @@ _JOB_COLUMNS = (
     "id, namespace, target, cursor, rewrapped, skipped, remaining, state,"
     " created_at, updated_at, created_by"
 )
+
+
+class _QmarkConnection:
+    """A psycopg connection that takes sqlite3's "?" parameters: kmipd.store._certs'
+    statements are plain SQL both engines run, written once, for sqlite3."""
+
+    def __init__(self, db: Db) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        return self._db.execute(sql.replace("?", "%s"), params)
+
+
+class _PostgresCertificates(CertificateStore):
+    """The issued-certificate methods of kmipd.store._certs, run on the PostgreSQL store."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._store._write(lambda db: fn(_as_sqlite(db)))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._store._read(lambda db: fn(_as_sqlite(db)))
+
+
+def _as_sqlite(db: Db) -> sqlite3.Connection:
+    # Only execute() and what its cursor answers (fetchone, fetchall, rowcount) are used.
+    return cast(sqlite3.Connection, _QmarkConnection(db))
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -1874,19 +1961,8 @@ def _load_keks(db: Db) -> list[KekRecord]:
     ]
 
 
-_TABLES = (
-    "keks",
-    "kek_versions",
-    "deks",
-    "store_meta",
-    "idempotency_keys",
-    "changes",
-    "feed_position",
-    "rewrap_jobs",
-    "transport_certificates",
-    "object_attributes",
-    "object_names",
-)
+#: Every table the migrations make: check-config checks this user's privileges on each.
+_TABLES = tuple(re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS)))
 
 
 def check_database(conninfo: str) -> tuple[list[str], list[str]]:

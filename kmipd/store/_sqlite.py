@@ -29,7 +29,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -37,6 +37,7 @@ import attrs
 import trio
 
 from kmipd.lifecycle import DEK_USAGES, KEK_USAGES, Lifecycle, State
+from kmipd.store._certs import CERTIFICATES_MIGRATION, CertificateStore
 from kmipd.store._commit import point_of_no_return
 from kmipd.store._faults import (
     StoreUnavailableError,
@@ -191,6 +192,8 @@ CREATE TABLE secret_versions (
 ) STRICT;
 CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_version);
 """,
+    # 7: certificates the online CA issued, and their revocations (kmipd.store._certs).
+    CERTIFICATES_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -401,7 +404,7 @@ UNCACHED: Final = _Uncached.UNCACHED
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
 
-class KeyStore:
+class KeyStore(CertificateStore):
     """The store. One daemon owns it, or (``shared``) several on one host serve it together.
 
     Shared mode is for availability: each daemon takes a shared lock instead
@@ -451,6 +454,14 @@ class KeyStore:
         #: KMIP attributes beside the DEK cache (None: the key has none), same rules: a
         #: KMIP Get reads them with the row, and a thread hop per Get cost more than both.
         self._objects: collections.OrderedDict[str, ObjectRecord | None] = collections.OrderedDict()
+        #: Secrets as get-secret reads them (wrapped values only), same rules: a read is a
+        #: thread hop, dearer than the rest of a get-secret. Every secret write forgets
+        #: what it touched once it is done, and bumps the generation, so a read that
+        #: raced with it is not remembered (a disabled version must not stay readable).
+        self._secrets: collections.OrderedDict[tuple[str, str], SecretRecord] = (
+            collections.OrderedDict()
+        )
+        self._secrets_generation = 0
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
         self._transport = {r.identity: r for r in _load_transport_certs(self._reader)}
         self._data_version = _data_version(self._reader)
@@ -669,19 +680,7 @@ class KeyStore:
 
         def insert(db: sqlite3.Connection) -> None:
             try:
-                db.execute(
-                    f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record.dek_id,
-                        record.namespace,
-                        record.kek_version,
-                        record.wrapped,
-                        record.created_at,
-                        record.created_by,
-                        record.lifecycle.state.value,
-                        json.dumps(record.lifecycle.to_json()),
-                    ),
-                )
+                db.execute(_INSERT_DEK, _dek_row(record))
             except sqlite3.IntegrityError:
                 raise AlreadyExistsError(f"DEK {record.dek_id!r} already exists") from None
             if kmip is not None:
@@ -705,6 +704,21 @@ class KeyStore:
         await self._write(insert)
         self._remember(record)
         self._remember_object(record.dek_id, kmip)
+
+    async def put_deks(self, records: Sequence[DekRecord]) -> None:
+        """Insert many DEKs in one transaction (a bulk import, or a benchmark filling
+        the store): all are durable when this returns, or none is inserted.
+
+        No idempotency keys, no KMIP attributes, not cached: rows to be read later.
+        """
+
+        def insert(db: sqlite3.Connection) -> None:
+            try:
+                db.executemany(_INSERT_DEK, (_dek_row(record) for record in records))
+            except sqlite3.IntegrityError as exc:
+                raise AlreadyExistsError(f"a DEK in the batch already exists ({exc})") from None
+
+        await self._write(insert)
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
         """The row if it is in the cache; never touches the database."""
@@ -1078,7 +1092,10 @@ class KeyStore:
                 self._record_change(db, version.kek, dek_id, None, shredded)
             return orphans
 
-        orphans = await self._write(erase)
+        try:
+            orphans = await self._write(erase)
+        finally:
+            self._secrets_written(None)  # its secret versions went
         self._replace_version(attrs.evolve(version, hsm_handle="", lifecycle=lifecycle))
         for dek_id in orphans:
             self._forget(dek_id)
@@ -1228,10 +1245,36 @@ class KeyStore:
             assert found is not None
             return found
 
-        return await self._write(insert)
+        return await self._write_secret((version.namespace, version.name), insert)
 
     async def get_secret(self, namespace: str, name: str) -> SecretRecord | None:
-        return await self._read(lambda db: _load_secret(db, namespace, name))
+        key = (namespace, name)
+        if not self.shared and (cached := self._secrets.get(key)) is not None:
+            self._secrets.move_to_end(key)
+            return cached
+        generation = self._secrets_generation
+        found = await self._read(lambda db: _load_secret(db, namespace, name))
+        if found is not None and not self.shared and generation == self._secrets_generation:
+            self._secrets[key] = found
+            while len(self._secrets) > self._cache_size:
+                self._secrets.popitem(last=False)
+        return found
+
+    async def _write_secret(
+        self, key: tuple[str, str] | None, fn: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        """A write touching secret ``key`` (None: any), which the cache then forgets."""
+        try:
+            return await self._write(fn)
+        finally:
+            self._secrets_written(key)
+
+    def _secrets_written(self, key: tuple[str, str] | None) -> None:
+        self._secrets_generation += 1
+        if key is None:
+            self._secrets.clear()
+        else:
+            self._secrets.pop(key, None)
 
     async def list_secrets(
         self,
@@ -1290,7 +1333,7 @@ class KeyStore:
             assert found is not None
             return found
 
-        return await self._write(update)
+        return await self._write_secret((version.namespace, version.name), update)
 
     async def set_secret_deleted(
         self, namespace: str, name: str, deleted_at: int | None, purge_at: int | None
@@ -1304,7 +1347,7 @@ class KeyStore:
             )
             return cursor.rowcount == 1
 
-        return await self._write(update)
+        return await self._write_secret((namespace, name), update)
 
     async def purge_secret(self, namespace: str, name: str) -> int:
         """Erase a secret and every version; secure_delete overwrites the freed bytes.
@@ -1319,7 +1362,7 @@ class KeyStore:
             db.execute("DELETE FROM secrets WHERE namespace = ? AND name = ?", (namespace, name))
             return int(count)
 
-        return await self._write(erase)
+        return await self._write_secret((namespace, name), erase)
 
     async def secrets_due_for_purge(self, now: int) -> list[tuple[str, str]]:
         return await self._read(
@@ -1368,7 +1411,7 @@ class KeyStore:
                 ).rowcount
             return changed
 
-        return await self._write(apply)
+        return await self._write_secret(None, apply)
 
     async def count_secret_versions_under(self, namespace: str, kek_version: int) -> int:
         """Secret versions wrapped under this KEK version: they depend on it."""
@@ -1654,6 +1697,22 @@ def _lock(path: Path, *, shared: bool) -> int:
 def _data_version(db: sqlite3.Connection) -> int:
     """Changes whenever another connection commits (SQLite's PRAGMA data_version)."""
     return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+
+_INSERT_DEK = f"INSERT INTO deks ({_DEK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _dek_row(record: DekRecord) -> tuple[object, ...]:
+    return (
+        record.dek_id,
+        record.namespace,
+        record.kek_version,
+        record.wrapped,
+        record.created_at,
+        record.created_by,
+        record.lifecycle.state.value,
+        json.dumps(record.lifecycle.to_json()),
+    )
 
 
 def _insert_kek_version(db: sqlite3.Connection, version: KekVersion) -> None:
