@@ -27,6 +27,7 @@ SERVER_CONDITIONS = {
     "internal",
     "protect-stop-passed",
     "audit-unavailable",
+    "store-outcome-unknown",
     # Only where the server's configuration requires sealed delivery (transport.require_sealed).
     "sealed-delivery-required",
 }

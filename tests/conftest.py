@@ -6,6 +6,7 @@ files under tmp_path, the software HSM with its master key file.
 
 from __future__ import annotations
 
+import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -21,9 +22,9 @@ from kmipd.net._trio_tls import TlsChannel
 from kmipd.protocol import FrameReader, decode_item, encode_frame, encode_item
 from kmipd.server import KmipServer, ServerLimits, ServerTls, TlsSettings
 from kmipd.service import DATA_OPERATIONS, GRANTABLE_OPERATIONS, Grant, KeyService, Policy
-from kmipd.store import KeyStore
+from kmipd.store import KeyStore, Store, open_postgres_store
 from pki import CertificateAuthority
-from tests import processes
+from tests import postgres, processes
 
 TRUST_DOMAIN = "kmipd.test"
 
@@ -34,6 +35,77 @@ def _reap_daemons() -> Iterator[None]:
     yield
     while processes.STARTED:
         processes.STARTED.pop().reap()
+
+
+# -- PostgreSQL: one throwaway cluster per session, a fresh database per test -------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[postgres.Cluster]:
+    """Skips (fails under CI=true) without PostgreSQL: see tests/postgres.py."""
+    with postgres.running_cluster() as cluster:
+        yield cluster
+
+
+_databases = itertools.count()
+
+
+@attrs.define
+class PostgresDatabases:
+    """Databases made on demand in the session's cluster, dropped after the test."""
+
+    cluster: postgres.Cluster
+    made: list[str] = attrs.Factory(list)
+
+    def new(self) -> str:
+        """A fresh, empty database; returns its libpq connection string."""
+        name = f"kmipd_test_{next(_databases)}"
+        self.cluster.execute(f"CREATE DATABASE {name}")
+        self.made.append(name)
+        return self.cluster.conninfo(name)
+
+    def drop_all(self) -> None:
+        for name in self.made:
+            self.cluster.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def postgres_databases(postgres_cluster: postgres.Cluster) -> Iterator[PostgresDatabases]:
+    databases = PostgresDatabases(postgres_cluster)
+    yield databases
+    databases.drop_all()
+
+
+@pytest.fixture
+def postgres_db(postgres_databases: PostgresDatabases) -> str:
+    """The connection string of a fresh database."""
+    return postgres_databases.new()
+
+
+#: Opens the store of one data directory: ``open_store(data, **options)``.
+StoreOpener = Callable[..., Store]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(store_backend: str, request: pytest.FixtureRequest) -> StoreOpener:
+    """The store tests' backend: SQLite files, or PostgreSQL databases (one per data
+    directory, so a reopened directory finds its keys and two directories share none)."""
+    if store_backend == "sqlite":
+        return lambda data, **options: KeyStore.open(data / "kmipd.db", **options)
+    databases: PostgresDatabases = request.getfixturevalue("postgres_databases")
+    by_directory: dict[Path, str] = {}
+
+    def open_postgres(data: Path, **options: Any) -> Store:
+        if data not in by_directory:
+            by_directory[data] = databases.new()
+        return open_postgres_store(by_directory[data], **options)
+
+    return open_postgres
 
 
 CLIENTS = ("admin", "storage", "tenant")

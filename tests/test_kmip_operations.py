@@ -1,4 +1,4 @@
-"""KMIP operations through KeyService, over a real SQLite file and the software HSM, no sockets.
+"""KMIP operations through KeyService, over a real store (SQLite, PostgreSQL) and the software HSM.
 
 Messages are built with our TTLV writer, encoded and decoded (so they are
 what a client's bytes would parse to), and handed to KmipOperations.
@@ -33,6 +33,7 @@ from kmipd.kmip import (
 from kmipd.protocol import CreateDek, GetDek
 from kmipd.service import Caller, KeyService, KmipOperations
 from kmipd.store import UNCACHED, KeyStore, ObjectRecord
+from tests.conftest import StoreOpener
 from tests.test_service import close_service, open_service
 
 ADMIN = Caller("spiffe://kmipd.test/admin", None, protocol="kmip")
@@ -42,8 +43,8 @@ STRANGER = Caller("spiffe://kmipd.test/stranger", None, protocol="kmip")
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[KeyService]:
-    svc = open_service(tmp_path)
+async def service(tmp_path: Path, open_store: StoreOpener) -> AsyncIterator[KeyService]:
+    svc = open_service(tmp_path, open_store=open_store)  # both backends: see conftest
     yield svc
     close_service(svc)
 

@@ -55,7 +55,7 @@ from kmipd.protocol import (
 from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.store import KeyStore
 from kmipd.store._sqlite import MIGRATIONS
-from tests.conftest import make_policy
+from tests.conftest import StoreOpener, make_policy
 from tests.processes import Daemon, run_kmipd
 
 STORAGE = Caller("spiffe://kmipd.test/storage", 1)
@@ -71,12 +71,22 @@ class Clock:
         return self.now
 
 
+def open_sqlite(data: Path, **options: Any) -> KeyStore:
+    return KeyStore.open(data / "kmipd.db", **options)
+
+
 class Harness:
-    def __init__(self, data: Path, policy: LifecyclePolicy, clock: Clock) -> None:
+    def __init__(
+        self,
+        data: Path,
+        policy: LifecyclePolicy,
+        clock: Clock,
+        open_store: StoreOpener = open_sqlite,
+    ) -> None:
         self.data, self.clock = data, clock
         self.audit = AuditLog.open(data / "audit.log", data / "audit.key")
         self.service = KeyService(
-            store=KeyStore.open(data / "kmipd.db", clock=clock),
+            store=open_store(data, clock=clock),
             hsm=SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True),
             policy=make_policy(),
             clock=clock,
@@ -107,7 +117,17 @@ PERIODS = LifecyclePolicy(
 
 
 @pytest.fixture
-async def kms(tmp_path: Path) -> AsyncIterator[Harness]:
+async def kms(tmp_path: Path, open_store: StoreOpener) -> AsyncIterator[Harness]:
+    """On each store backend (conftest's open_store)."""
+    harness = Harness(tmp_path, PERIODS, Clock(), open_store)
+    await harness.ok(ADMIN, CreateKek(name="orders"))
+    yield harness
+    harness.close()
+
+
+@pytest.fixture
+async def sqlite_kms(tmp_path: Path) -> AsyncIterator[Harness]:
+    """For the tests that read the SQLite files themselves."""
     harness = Harness(tmp_path, PERIODS, Clock())
     await harness.ok(ADMIN, CreateKek(name="orders"))
     yield harness
@@ -232,9 +252,9 @@ async def test_rotation_new_wraps_use_new_version_old_deks_still_read(kms: Harne
     assert (await kms.ok(ADMIN, Dependents(kek="orders", version=1))).count == 0
 
 
-async def test_automatic_rotation_at_protect_stop(tmp_path: Path) -> None:
+async def test_automatic_rotation_at_protect_stop(tmp_path: Path, open_store: StoreOpener) -> None:
     policy = LifecyclePolicy(kek_periods=PERIODS.kek_periods, auto_rotate=True)
-    harness = Harness(tmp_path, policy, Clock())
+    harness = Harness(tmp_path, policy, Clock(), open_store)
     await harness.ok(ADMIN, CreateKek(name="orders"))
     first = await harness.ok(STORAGE, CreateDek(namespace="orders"))
     harness.clock.now = T0 + 10 * DAY  # the version stops protecting: a new one is made
@@ -324,7 +344,8 @@ async def test_revoke_needs_a_known_reason(kms: Harness) -> None:
     assert ambiguous.code is ErrorCode.BAD_REQUEST
 
 
-async def test_destroy_soft_delete_recover_then_purge_for_good(kms: Harness) -> None:
+async def test_destroy_soft_delete_recover_then_purge_for_good(sqlite_kms: Harness) -> None:
+    kms = sqlite_kms
     dek = await kms.ok(STORAGE, CreateDek(namespace="orders"))
     ref = KeyRef(dek_id=dek.dek_id)
     active = await kms.refused(ADMIN, Destroy(key=ref))
@@ -355,7 +376,8 @@ async def test_destroy_soft_delete_recover_then_purge_for_good(kms: Harness) -> 
     kms.service.store = KeyStore.open(kms.data / "kmipd.db")
 
 
-async def test_purge_removes_the_wrapped_bytes_from_the_database_file(kms: Harness) -> None:
+async def test_purge_removes_the_wrapped_bytes_from_the_database_file(sqlite_kms: Harness) -> None:
+    kms = sqlite_kms
     dek = await kms.ok(STORAGE, CreateDek(namespace="orders"))
     record = await kms.service.store.get_dek(dek.dek_id)
     assert record is not None

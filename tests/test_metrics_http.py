@@ -151,3 +151,13 @@ def scrape_or_closed(endpoint: tuple[str, int]) -> bytes | None:
     except ConnectionResetError:  # closed with our request unread
         return None
     return answer or None
+
+
+def test_sqlite_store_latency_is_measured_and_no_pool_is_claimed(
+    endpoint: tuple[str, int],
+) -> None:
+    host, port = endpoint
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as answer:
+        families = {f.name: f for f in text_string_to_metric_families(answer.read().decode())}
+    assert "kmipd_store_transaction_duration_seconds" in families
+    assert not [name for name in families if name.startswith("kmipd_store_pool")]

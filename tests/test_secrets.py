@@ -1,4 +1,5 @@
-"""Secrets: store and service, with a real SQLite file and the software HSM."""
+"""Secrets: store and service, with the software HSM, on SQLite files and (where the test
+looks at no file) PostgreSQL too."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 import cbor2
@@ -42,8 +44,9 @@ from kmipd.protocol import (
     result_to_wire,
 )
 from kmipd.service import Caller, Grant, KeyService, Policy, ServiceError, expand_operations
-from kmipd.store import KeyStore, RewrapJob
+from kmipd.store import KeyStore, RewrapJob, Store
 from kmipd.store._sqlite import MIGRATIONS
+from tests.conftest import StoreOpener
 
 DOMAIN = "spiffe://kmipd.test"
 ADMIN = Caller(f"{DOMAIN}/admin", 1)
@@ -64,11 +67,20 @@ def policy() -> Policy:
     )
 
 
+def open_sqlite(data: Path, **options: Any) -> Store:
+    return KeyStore.open(data / "kmipd.db", **options)
+
+
 def open_service(
-    data: Path, *, max_size: int = 64 * 1024, clock: list[float] | None = None
+    data: Path,
+    *,
+    max_size: int = 64 * 1024,
+    clock: list[float] | None = None,
+    open_store: StoreOpener = open_sqlite,
 ) -> KeyService:
+    """``open_store``: the parametrised backend (conftest) for tests any store passes."""
     now = clock if clock is not None else [1_800_000_000.0]
-    store = KeyStore.open(data / "kmipd.db", clock=lambda: now[0])
+    store = open_store(data, clock=lambda: now[0])
     hsm = SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True)
     audit = AuditLog.open(data / "audit.log", data / "audit.key")
     return KeyService(
@@ -90,7 +102,16 @@ def close_service(service: KeyService) -> None:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[KeyService]:
+async def service(tmp_path: Path, open_store: StoreOpener) -> AsyncIterator[KeyService]:
+    """On either backend (the open_store parametrisation)."""
+    svc = open_service(tmp_path, open_store=open_store)
+    yield svc
+    close_service(svc)
+
+
+@pytest.fixture
+async def sqlite_service(tmp_path: Path) -> AsyncIterator[KeyService]:
+    """For the tests that read the SQLite file itself."""
     svc = open_service(tmp_path)
     yield svc
     close_service(svc)
@@ -160,9 +181,11 @@ async def test_newest_enabled_version_is_read_and_disabled_named_is_refused(
     assert (await service.handle(READER, GetSecret(namespace="db", name="repl"))).value == b"bad"
 
 
-async def test_dates_refuse_expired_and_not_yet_valid(tmp_path: Path) -> None:
+async def test_dates_refuse_expired_and_not_yet_valid(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
     clock = [1_800_000_000.0]
-    svc = open_service(tmp_path, clock=clock)
+    svc = open_service(tmp_path, clock=clock, open_store=open_store)
     await svc.handle(
         MANAGER,
         SetSecret(
@@ -181,7 +204,7 @@ async def test_dates_refuse_expired_and_not_yet_valid(tmp_path: Path) -> None:
     # Clearing the expiry (0) makes it readable again; attributes survive a restart.
     await svc.handle(MANAGER, UpdateSecret(namespace="db", name="t", expires=0, tags={"k": "v"}))
     close_service(svc)
-    svc = open_service(tmp_path, clock=clock)
+    svc = open_service(tmp_path, clock=clock, open_store=open_store)
     got = await svc.handle(READER, GetSecret(namespace="db", name="t"))
     assert (got.value, got.expires, got.tags) == (VALUE, None, {"k": "v"})
     bad = await refused(
@@ -191,8 +214,10 @@ async def test_dates_refuse_expired_and_not_yet_valid(tmp_path: Path) -> None:
     close_service(svc)
 
 
-async def test_refusals_have_their_codes_and_lose_nothing(tmp_path: Path) -> None:
-    svc = open_service(tmp_path, max_size=64)
+async def test_refusals_have_their_codes_and_lose_nothing(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    svc = open_service(tmp_path, max_size=64, open_store=open_store)
     await svc.handle(MANAGER, SetSecret(namespace="db", name="repl", value=VALUE))
     big = await refused(svc, MANAGER, SetSecret(namespace="db", name="repl", value=b"x" * 65))
     assert big.code is ErrorCode.SECRET_TOO_LARGE and "64" in big.message
@@ -217,34 +242,38 @@ async def test_refusals_have_their_codes_and_lose_nothing(tmp_path: Path) -> Non
     close_service(svc)
 
 
-async def test_delete_recover_purge(service: KeyService, tmp_path: Path) -> None:
-    await service.handle(MANAGER, SetSecret(namespace="db", name="repl", value=VALUE))
-    early = await refused(service, MANAGER, PurgeSecret(namespace="db", name="repl"))
+async def test_delete_recover_purge(sqlite_service: KeyService, tmp_path: Path) -> None:
+    await sqlite_service.handle(MANAGER, SetSecret(namespace="db", name="repl", value=VALUE))
+    early = await refused(sqlite_service, MANAGER, PurgeSecret(namespace="db", name="repl"))
     assert early.code is ErrorCode.WRONG_STATE
-    deleted = await service.handle(MANAGER, DeleteSecret(namespace="db", name="repl"))
+    deleted = await sqlite_service.handle(MANAGER, DeleteSecret(namespace="db", name="repl"))
     assert deleted.deleted is not None and deleted.purge_at is not None
     for request in (
         GetSecret(namespace="db", name="repl"),
         SetSecret(namespace="db", name="repl", value=b"x"),
     ):
         caller = READER if isinstance(request, GetSecret) else MANAGER
-        assert (await refused(service, caller, request)).code is ErrorCode.SECRET_DELETED
-    assert (await service.handle(READER, ListSecrets())).secrets == ()
-    shown = await service.handle(MANAGER, ListSecrets(deleted=True))
+        assert (await refused(sqlite_service, caller, request)).code is ErrorCode.SECRET_DELETED
+    assert (await sqlite_service.handle(READER, ListSecrets())).secrets == ()
+    shown = await sqlite_service.handle(MANAGER, ListSecrets(deleted=True))
     assert [s.name for s in shown.secrets] == ["repl"]
-    await service.handle(MANAGER, RecoverSecret(namespace="db", name="repl"))
-    assert (await service.handle(READER, GetSecret(namespace="db", name="repl"))).value == VALUE
-    await service.handle(MANAGER, DeleteSecret(namespace="db", name="repl"))
-    await service.handle(MANAGER, PurgeSecret(namespace="db", name="repl"))
-    gone = await refused(service, READER, GetSecret(namespace="db", name="repl"))
+    await sqlite_service.handle(MANAGER, RecoverSecret(namespace="db", name="repl"))
+    assert (
+        await sqlite_service.handle(READER, GetSecret(namespace="db", name="repl"))
+    ).value == VALUE
+    await sqlite_service.handle(MANAGER, DeleteSecret(namespace="db", name="repl"))
+    await sqlite_service.handle(MANAGER, PurgeSecret(namespace="db", name="repl"))
+    gone = await refused(sqlite_service, READER, GetSecret(namespace="db", name="repl"))
     assert gone.code is ErrorCode.NOT_FOUND
     with sqlite3.connect(tmp_path / "kmipd.db") as db:
         assert db.execute("SELECT count(*) FROM secret_versions").fetchone() == (0,)
 
 
-async def test_soft_deleted_secret_is_purged_when_its_window_ends(tmp_path: Path) -> None:
+async def test_soft_deleted_secret_is_purged_when_its_window_ends(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
     clock = [1_800_000_000.0]
-    svc = open_service(tmp_path, clock=clock)
+    svc = open_service(tmp_path, clock=clock, open_store=open_store)
     await svc.handle(MANAGER, SetSecret(namespace="db", name="repl", value=VALUE))
     await svc.handle(MANAGER, DeleteSecret(namespace="db", name="repl"))
     assert await svc.purge_due() == 0
@@ -255,14 +284,14 @@ async def test_soft_deleted_secret_is_purged_when_its_window_ends(tmp_path: Path
 
 
 async def test_values_never_reach_database_or_audit_in_clear(
-    service: KeyService, tmp_path: Path
+    sqlite_service: KeyService, tmp_path: Path
 ) -> None:
     values = [b"VALUE-%03d-" % i + bytes(range(40)) for i in range(20)]
     for i, value in enumerate(values):
-        await service.handle(MANAGER, SetSecret(namespace="db", name=f"s{i}", value=value))
-        await service.handle(READER, GetSecret(namespace="db", name=f"s{i}"))
-    await service.handle(MANAGER, DeleteSecret(namespace="db", name="s0"))
-    await service.handle(MANAGER, PurgeSecret(namespace="db", name="s0"))
+        await sqlite_service.handle(MANAGER, SetSecret(namespace="db", name=f"s{i}", value=value))
+        await sqlite_service.handle(READER, GetSecret(namespace="db", name=f"s{i}"))
+    await sqlite_service.handle(MANAGER, DeleteSecret(namespace="db", name="s0"))
+    await sqlite_service.handle(MANAGER, PurgeSecret(namespace="db", name="s0"))
     on_disk = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     assert not any(value in on_disk for value in values)
     trail = (tmp_path / "audit.log").read_bytes()
@@ -400,8 +429,7 @@ async def test_a_secret_row_that_no_longer_unwraps_is_skipped_and_keeps_its_kek(
     close_service(svc)
 
 
-async def test_the_store_never_serves_a_secret_its_writes_changed(service: KeyService) -> None:
-    """get-secret reads through an in-memory cache of rows: every change is seen at once."""
+async def writes_are_seen_at_once(service: KeyService) -> None:
     store = service.store
     await service.handle(MANAGER, SetSecret(namespace="db", name="c", value=VALUE))
     await service.handle(READER, GetSecret(namespace="db", name="c"))  # now cached
@@ -419,6 +447,21 @@ async def test_the_store_never_serves_a_secret_its_writes_changed(service: KeySe
     )
     await service.handle(MANAGER, PurgeSecret(namespace="db", name="c"))
     assert await store.get_secret("db", "c") is None
+
+
+async def test_every_secret_write_is_seen_by_the_next_read(service: KeyService) -> None:
+    """On either backend (PostgreSQL has no secret cache: each get-secret is a read)."""
+    await writes_are_seen_at_once(service)
+
+
+async def test_the_store_never_serves_a_secret_its_writes_changed(
+    sqlite_service: KeyService,
+) -> None:
+    """get-secret reads through an in-memory cache of rows: every change is seen at once."""
+    service = sqlite_service
+    store = service.store
+    assert isinstance(store, KeyStore)  # below: what the SQLite store's cache does
+    await writes_are_seen_at_once(service)
 
     # A read that a write overtook is not remembered: the cache only keeps what no
     # write has changed since the read began.

@@ -29,16 +29,23 @@ from kmipd.protocol import (
     parse_struct,
 )
 from kmipd.service import Caller, KeyService, ServiceError
-from kmipd.store import KeyStore, StoreError
-from tests.conftest import make_policy
+from kmipd.store import IssuedCertificateRecord, KeyStore, StoreError
+from tests.conftest import StoreOpener, make_policy
 
 STORAGE = Caller("spiffe://kmipd.test/storage", 1)
 ADMIN = Caller("spiffe://kmipd.test/admin", 2)
 TENANT = Caller("spiffe://kmipd.test/tenant", 3)
 
 
-def open_service(data: Path, *, on_demand: bool = True) -> KeyService:
-    store = KeyStore.open(data / "kmipd.db")
+def open_sqlite(data: Path) -> KeyStore:
+    return KeyStore.open(data / "kmipd.db")
+
+
+def open_service(
+    data: Path, *, on_demand: bool = True, open_store: StoreOpener = open_sqlite
+) -> KeyService:
+    """``open_store``: the parametrised backend (conftest) for tests any store passes."""
+    store = open_store(data)
     hsm = SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True)
     return KeyService(store=store, hsm=hsm, policy=make_policy(), create_kek_on_demand=on_demand)
 
@@ -49,8 +56,8 @@ def close_service(service: KeyService) -> None:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[KeyService]:
-    svc = open_service(tmp_path)
+async def service(tmp_path: Path, open_store: StoreOpener) -> AsyncIterator[KeyService]:
+    svc = open_service(tmp_path, open_store=open_store)
     yield svc
     close_service(svc)
 
@@ -61,19 +68,21 @@ async def refused(service: KeyService, identity: Caller, request: object) -> Ser
     return caught.value
 
 
-async def test_dek_survives_a_restart(tmp_path: Path) -> None:
-    first = open_service(tmp_path)
+async def test_dek_survives_a_restart(tmp_path: Path, open_store: StoreOpener) -> None:
+    first = open_service(tmp_path, open_store=open_store)
     dek = await first.handle(STORAGE, CreateDek(namespace="orders"))
     close_service(first)
-    second = open_service(tmp_path)
+    second = open_service(tmp_path, open_store=open_store)
     again = await second.handle(STORAGE, GetDek(dek_id=dek.dek_id))
     assert again.key == dek.key
     close_service(second)
 
 
-async def test_bulk_insert_stores_every_dek_or_none(tmp_path: Path) -> None:
+async def test_bulk_insert_stores_every_dek_or_none(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
     """put_deks (a bulk import; the benchmark fills the store with it): one transaction."""
-    service = open_service(tmp_path)
+    service = open_service(tmp_path, open_store=open_store)
     dek = await service.handle(STORAGE, CreateDek(namespace="orders"))
     row = await service.store.get_dek(dek.dek_id)
     assert row is not None
@@ -84,7 +93,7 @@ async def test_bulk_insert_stores_every_dek_or_none(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="already exists"):
         await service.store.put_deks(batch)
     close_service(service)
-    reopened = open_service(tmp_path)
+    reopened = open_service(tmp_path, open_store=open_store)
     for i in (0, 250, 499):
         stored = await reopened.store.get_dek(f"dek_bulk{i:06d}")
         assert stored is not None and stored.wrapped == row.wrapped
@@ -170,8 +179,10 @@ async def test_data_key_blob_is_bound_to_context_and_kek(service: KeyService) ->
     assert "not a kmipd data-key blob" in garbage.message
 
 
-async def test_without_on_demand_a_namespace_needs_an_admin_created_kek(tmp_path: Path) -> None:
-    svc = open_service(tmp_path, on_demand=False)
+async def test_without_on_demand_a_namespace_needs_an_admin_created_kek(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    svc = open_service(tmp_path, on_demand=False, open_store=open_store)
     error = await refused(svc, STORAGE, CreateDek(namespace="orders"))
     assert error.code is ErrorCode.NOT_FOUND
     assert "kmipd kek create orders" in error.message
@@ -266,13 +277,13 @@ class CancellingAuditLog(AuditLog):
 
 
 async def test_a_request_cut_off_by_shutdown_was_either_answered_or_not_applied(
-    tmp_path: Path,
+    tmp_path: Path, open_store: StoreOpener
 ) -> None:
     """The drain bound cancels requests still running, and ``shutting-down`` promises
     "not applied". So a request cancelled before it writes leaves nothing behind, and
     one cancelled after its write (here: while its audit record is synced) still
     finishes and is answered; never stored yet reported as cut off."""
-    svc = open_service(tmp_path)
+    svc = open_service(tmp_path, open_store=open_store)
     audit = CancellingAuditLog.open(tmp_path / "audit.log", tmp_path / "audit.key")
     assert isinstance(audit, CancellingAuditLog)
     svc.audit = audit
@@ -293,3 +304,50 @@ async def test_a_request_cut_off_by_shutdown_was_either_answered_or_not_applied(
     finally:
         audit.close()
         close_service(svc)
+
+
+async def test_issued_certificates_are_kept_listed_and_revoked_once(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    """The online CA's records (kmipd.store._certs) on either backend, across a reopen."""
+    store = open_store(tmp_path)
+
+    def issued(serial: str, subject: str, not_after: int) -> IssuedCertificateRecord:
+        return IssuedCertificateRecord(
+            serial=serial,
+            requested_by="spiffe://kmipd.test/admin",
+            subject=subject,
+            profile="client",
+            names=(subject,),
+            key_type="ec-p256",
+            spki_sha256=bytes(32),
+            not_before=1000,
+            not_after=not_after,
+            issued_at=1000,
+            renewed_from=None,
+            certificate=b"\x30\x82 DER",
+        )
+
+    a, b = "spiffe://kmipd.test/a", "spiffe://kmipd.test/b"
+    records = [issued("0a", a, 5000), issued("0b", b, 6000), issued("1f", a, 9000)]
+    try:
+        for record in records:
+            await store.put_issued_certificate(record)
+        assert await store.revoke_issued_certificate("1f", 2000, "key-compromise")
+        assert not await store.revoke_issued_certificate("1f", 3000, "superseded")  # first stands
+    finally:
+        store.close()
+    store = open_store(tmp_path)
+    try:
+        assert await store.get_issued_certificate("0b") == records[1]
+        assert await store.get_issued_certificate("ff") is None
+        page = await store.list_issued_certificates(subject=None, after="0a", limit=10)
+        assert [r.serial for r in page] == ["0b", "1f"]
+        mine = await store.list_issued_certificates(subject=a, after="", limit=1)
+        assert [r.serial for r in mine] == ["0a"]
+        assert await store.revoked_certificates(4000) == [("1f", 2000, "key-compromise")]
+        assert await store.revoked_certificates(9001) == []  # expired: off the CRL
+        expiry = await store.issued_expiry_by_subject(4000)
+        assert expiry == {(a, "client"): 5000, (b, "client"): 6000}  # 1f is revoked
+    finally:
+        store.close()

@@ -23,13 +23,12 @@ import trio
 
 from kmipd.audit import AuditLog
 from kmipd.cli._common import CliError, Commands
-from kmipd.daemon import open_hsm
+from kmipd.daemon import open_hsm, open_store
 from kmipd.daemon._logging import configure_logging
 from kmipd.daemon.config import Config, load_config
 from kmipd.hsm import HsmError, HsmIntegrityError, Pkcs11Hsm, create_master_key
 from kmipd.protocol import CreateKek, KekInfo
 from kmipd.service import Caller, Grant, KeyService, Policy, ServerInfo, ServiceError
-from kmipd.store import KeyStore
 
 _SELF_TEST_AAD = b"kmipd hsm init: self-test"
 
@@ -108,7 +107,7 @@ async def init_kek(config: Config, name: str) -> InitResult:
     StoreError."""
     identity = local_identity()
     with contextlib.ExitStack() as resources:
-        store = KeyStore.open(config.store_path, cache_size=config.store_cache_size)
+        store = await open_store(config)
         resources.callback(store.close)
         hsm = await open_hsm(config)
         resources.callback(hsm.close)

@@ -175,6 +175,17 @@ class StoreUnavailableError(RemoteError):
     code = ErrorCode.STORE_UNAVAILABLE
 
 
+class StoreOutcomeUnknownError(RemoteError):
+    """The daemon lost its database while committing: the change may or may not be applied.
+
+    The client library retries such a request elsewhere only where that is safe
+    (as after a lost connection): idempotent requests, and a create on a daemon
+    of the same store, where its idempotency key forbids a second DEK.
+    """
+
+    code = ErrorCode.STORE_OUTCOME_UNKNOWN
+
+
 class SecretDisabledError(RemoteError):
     code = ErrorCode.SECRET_DISABLED
 

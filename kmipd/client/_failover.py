@@ -16,7 +16,8 @@ attempt:
 * NOT_SENT (no connection, handshake failed) or REFUSED (the server
   answered busy, shutting-down, hsm-unavailable or store-unavailable):
   certainly not applied, so any request may go to another server;
-* UNKNOWN (sent, then the connection broke or the deadline passed):
+* UNKNOWN (sent, then the connection broke or the deadline passed, or the
+  server answered store-outcome-unknown: its database went away during COMMIT):
   idempotent requests may be retried anywhere; a create carries an
   idempotency key, so it may be retried on any server sharing the first
   one's store (same ``store-id`` in hello), where the key makes a second
@@ -208,6 +209,18 @@ class FailoverCall:
     ) -> bool:
         """True when the answer stands; False when the daemon refused (try another)."""
         self._servers.succeeded(server, store_id)
+        unknown = next(
+            (
+                o
+                for o in outcomes
+                if isinstance(o, ErrorInfo) and o.code is ErrorCode.STORE_OUTCOME_UNKNOWN
+            ),
+            None,
+        )
+        if unknown is not None:
+            # The write may have committed: settled as a lost connection's outcome is.
+            self.lost(server, remote_error(unknown, server=server.address, request_id=None))
+            return False
         refused = next(
             (o for o in outcomes if isinstance(o, ErrorInfo) and o.code in FAILOVER_CODES), None
         )

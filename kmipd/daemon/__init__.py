@@ -4,6 +4,6 @@
 and serves until told to stop; everything else here is what an operator's tools see of it.
 """
 
-from kmipd.daemon._assembly import RunningDaemon, open_hsm, run_daemon
+from kmipd.daemon._assembly import RunningDaemon, open_hsm, open_store, run_daemon
 
-__all__ = ["RunningDaemon", "open_hsm", "run_daemon"]
+__all__ = ["RunningDaemon", "open_hsm", "open_store", "run_daemon"]

@@ -28,7 +28,7 @@ from kmipd.metrics._counters import MeasuredHsm, ServerMetrics
 from kmipd.net._address import format_address
 from kmipd.server import KmipServer, ServerTls, TlsConfigError, open_listeners
 from kmipd.service import KeyService, OnlineCa, OnlineCaError, ServerInfo, open_online_ca
-from kmipd.store import KeyStore, StoreUnavailableError
+from kmipd.store import KeyStore, Store, StoreUnavailableError, open_postgres_store
 from pki import PkiError, load_certificate, write_private_file
 
 log = logging.getLogger("kmipd.daemon")
@@ -71,10 +71,7 @@ async def run_daemon(
         log.warning("%s", warning)
     tls = ServerTls.load(config.tls)
     with contextlib.ExitStack() as resources:
-        notifier.status(f"opening the key store {config.store_path}")
-        store = KeyStore.open(
-            config.store_path, cache_size=config.store_cache_size, shared=config.store_shared
-        )
+        store = await open_store(config, notifier.status)
         resources.callback(store.close)
         notifier.status("opening the HSM backend")
         hsm = await open_hsm(config)
@@ -87,6 +84,7 @@ async def run_daemon(
         )
         resources.callback(audit.close)
         metrics = ServerMetrics()
+        store.observer = metrics.record_store
         online = _OnlineCaTasks(config, await _open_online_ca(config, hsm, notifier))
         service = KeyService(
             store=store,
@@ -124,7 +122,13 @@ async def run_daemon(
             nursery.start_soon(store.watch_writes)
             nursery.start_soon(audit.flush_periodically)
             nursery.start_soon(_maintain, service, config.check_interval, online.maintain)
-            nursery.start_soon(_run_rewrap_jobs, service, config.rewrap_batch, config.rewrap_pause)
+            nursery.start_soon(
+                _run_rewrap_jobs,
+                service,
+                config.rewrap_batch,
+                config.rewrap_pause,
+                config.check_interval,
+            )
             if metrics_listeners:
                 await nursery.start(serve_metrics, metrics_listeners, MetricsExporter(server))
                 log.info(
@@ -140,6 +144,29 @@ async def run_daemon(
                 on_ready(RunningDaemon(addresses, server, supervisor))
         notifier.status("stopped")
         log.info("stopped")
+
+
+async def open_store(config: Config, status: Callable[[str], None] | None = None) -> Store:
+    """The configured store, open (migrated if needed); raises StoreError saying what is
+    wrong, ConfigError for an unreadable password file."""
+    settings = config.postgres
+    if settings is None:
+        path = config.sqlite_path()
+        if status is not None:
+            status(f"opening the key store {path}")
+        return KeyStore.open(path, cache_size=config.store_cache_size, shared=config.store_shared)
+    conninfo = settings.connection_string()
+    if status is not None:
+        status("connecting to the PostgreSQL store")
+    # Connecting and migrating block: a worker thread keeps the event loop free meanwhile.
+    return await trio.to_thread.run_sync(
+        lambda: open_postgres_store(
+            conninfo,
+            cache_size=config.store_cache_size,
+            pool_size=settings.pool_size,
+            connect_timeout=settings.connect_timeout,
+        )
+    )
 
 
 async def _open_online_ca(config: Config, hsm: HsmBackend, notifier: Notifier) -> OnlineCa | None:
@@ -258,10 +285,17 @@ async def _maintain(
     service: KeyService, interval: float, also: Callable[[], Awaitable[None]]
 ) -> None:
     """Apply date transitions, rotate KEKs that reached protect-stop, purge destroyed keys
-    (and ``also``: the online CA's server-certificate renewal)."""
+    (and ``also``: the online CA's server-certificate renewal, this daemon's own).
+
+    On a shared store only the daemon whose turn it is (the holder of the store's
+    maintenance lock) does the store's part: two rotating one KEK at once would make
+    two versions. When it dies the lock goes with it, and another daemon's next pass
+    takes over.
+    """
     while True:
         try:
-            await service.maintain()
+            if await service.store.maintenance_turn():
+                await service.maintain()
             await also()
         except StoreUnavailableError:
             pass  # the store's fault is logged (once) by its WriteHealth; the next pass retries
@@ -270,14 +304,26 @@ async def _maintain(
         await trio.sleep(interval)  # a periodic pass, not a wait for an event
 
 
-async def _run_rewrap_jobs(service: KeyService, batch: int, pause: float) -> None:
-    """Advance running rewrap jobs batch by batch; jobs survive restarts in the store."""
+async def _run_rewrap_jobs(service: KeyService, batch: int, pause: float, interval: float) -> None:
+    """Advance running rewrap jobs batch by batch; jobs survive restarts in the store.
+
+    On a shared store the maintenance holder runs them (see _maintain): it looks again
+    every ``interval``, so a job started through another daemon starts within it.
+    """
     while True:
         # A fresh event before looking: a job started meanwhile wakes us.
         waiting = service.jobs_waiting = trio.Event()
-        jobs = await service.store.list_jobs("running")
+        try:
+            mine = await service.store.maintenance_turn()
+            jobs = await service.store.list_jobs("running") if mine else []
+        except StoreUnavailableError:
+            jobs = []  # logged once by the store's WriteHealth; looked at again below
         if not jobs:
-            await waiting.wait()
+            if service.store.shared:
+                with trio.move_on_after(interval):  # another daemon's job, or our turn
+                    await waiting.wait()
+            else:
+                await waiting.wait()
             continue
         for job in jobs:
             try:

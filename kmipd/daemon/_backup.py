@@ -95,13 +95,21 @@ class RestoreSummary:
 # -- backup --------------------------------------------------------------------------------
 
 
+def _sqlite_path(config: Config) -> Path:
+    try:
+        return config.sqlite_path()
+    except ValueError as exc:
+        raise BackupError(f"kmipd backup/restore: {exc}") from None
+
+
 def create_backup(config: Config, output: Path, *, force: bool = False) -> BackupSummary:
+    store_path = _sqlite_path(config)
     if output.exists() and not force:
         raise BackupError(f"{output} already exists; pass --force to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".kmipd-backup-") as work_dir:
         work = Path(work_dir)
-        snapshot = snapshot_store(config.store_path, work / STORE_MEMBER)
+        snapshot = snapshot_store(store_path, work / STORE_MEMBER)
         members = {STORE_MEMBER: snapshot.path}
         keyring_keks = None
         if config.hsm_backend == "software":
@@ -178,7 +186,8 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
 
 
 def restore_backup(config: Config, archive: Path, *, force: bool = False) -> RestoreSummary:
-    target_dir = config.store_path.parent
+    store_path = _sqlite_path(config)
+    target_dir = store_path.parent
     target_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".kmipd-restore-") as work_dir:
         work = Path(work_dir)
@@ -191,8 +200,8 @@ def restore_backup(config: Config, archive: Path, *, force: bool = False) -> Res
         if config.hsm_backend == "software":
             keyring = _checked_keyring(config, work, snapshot, archive)
             _, keyring_path = config.software_files()
-        with exclusive_store_lock(config.store_path):
-            existing = store_files(config.store_path)
+        with exclusive_store_lock(store_path):
+            existing = store_files(store_path)
             if keyring is not None and keyring_path.exists():
                 existing.append(keyring_path)
             if existing and not force:
@@ -202,9 +211,9 @@ def restore_backup(config: Config, archive: Path, *, force: bool = False) -> Res
                     + "; pass --force to move them aside and restore"
                 )
             suffix = f".before-restore-{time.strftime('%Y%m%dT%H%M%S')}"
-            moved = [path for path in [move_store_aside(config.store_path, suffix)] if path]
-            install_snapshot(work / STORE_MEMBER, config.store_path)
-            _own_like_directory(config.store_path)
+            moved = [path for path in [move_store_aside(store_path, suffix)] if path]
+            install_snapshot(work / STORE_MEMBER, store_path)
+            _own_like_directory(store_path)
             if keyring is not None:
                 if keyring_path.exists():
                     aside = keyring_path.with_name(keyring_path.name + suffix)

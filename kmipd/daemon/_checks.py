@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd.audit import AuditError, read_audit_key
-from kmipd.daemon.config import Config
+from kmipd.daemon.config import Config, ConfigError
 from kmipd.hsm import HsmError, Pkcs11Settings, SoftwareHsm, read_master_key, read_pin
 from kmipd.server import TlsSettings
 from kmipd.service import Policy
@@ -64,7 +64,10 @@ def check_config(config: Config, *, now: datetime.datetime | None = None) -> Che
         _check_software_hsm(config, report)
     elif config.pkcs11 is not None:
         _check_pkcs11_hsm(config.pkcs11, report)
-    _check_store(config.store_path, report)
+    if config.postgres is not None:
+        _check_postgres_store(config, report)
+    else:
+        _check_store(config.sqlite_path(), report)
     _check_audit(config, report)
     return report
 
@@ -298,6 +301,24 @@ def _check_pkcs11_hsm(settings: Pkcs11Settings, report: CheckReport) -> None:
         read_pin(settings)
     except HsmError as exc:
         report.problems.append(str(exc))
+
+
+def _check_postgres_store(config: Config, report: CheckReport) -> None:
+    """Connects: the server answers, is the primary, has a usable schema and privileges."""
+    assert config.postgres is not None
+    try:
+        from kmipd.store._postgres import check_database  # noqa: PLC0415 - psycopg on demand
+    except ImportError as exc:
+        report.problems.append(f"store.backend: 'postgresql' needs psycopg 3 ({exc})")
+        return
+    try:
+        conninfo = config.postgres.connection_string()
+    except ConfigError as exc:
+        report.problems.extend(exc.problems)
+        return
+    problems, warnings = check_database(conninfo)
+    report.problems.extend(problems)
+    report.warnings.extend(warnings)
 
 
 def _check_store(path: Path, report: CheckReport) -> None:

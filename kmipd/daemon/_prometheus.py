@@ -205,6 +205,7 @@ class _KmipdCollector(Collector):
         for call, histogram in sorted(metrics.hsm_latency.items()):
             _add_histogram(hsm, [call], histogram)
         yield hsm
+        yield from self._store()
         if self.exporter.hsm_up is not None:
             yield GaugeMetricFamily(
                 "kmipd_hsm_up",
@@ -248,6 +249,59 @@ class _KmipdCollector(Collector):
         for result, count in sorted(metrics.reloads.items()):
             reloads.add_metric([result], count)
         yield reloads
+
+    def _store(self) -> Iterator[Metric]:
+        store = self.exporter.server.service.store
+        latency = HistogramMetricFamily(
+            "kmipd_store_transaction_duration_seconds",
+            "Store database transactions (a worker thread's round trip included), by kind;"
+            " reads served from memory are not among them",
+            labels=["kind"],
+        )
+        for kind, histogram in sorted(self.exporter.server.metrics.store_latency.items()):
+            _add_histogram(latency, [kind], histogram)
+        yield latency
+        pool = store.pool_stats()  # PostgreSQL's connection pool; SQLite has none
+        if not pool:
+            return
+        yield GaugeMetricFamily(
+            "kmipd_store_pool_size", "Store pool connections open", value=pool.get("pool_size", 0)
+        )
+        yield GaugeMetricFamily(
+            "kmipd_store_pool_max",
+            "Store pool connections at most (store.pool_size)",
+            value=pool.get("pool_max", 0),
+        )
+        yield GaugeMetricFamily(
+            "kmipd_store_pool_idle",
+            "Store pool connections open and not in use",
+            value=pool.get("pool_available", 0),
+        )
+        yield GaugeMetricFamily(
+            "kmipd_store_pool_waiting",
+            "Transactions waiting for a pool connection now",
+            value=pool.get("requests_waiting", 0),
+        )
+        yield CounterMetricFamily(
+            "kmipd_store_pool_queued",
+            "Transactions that had to wait for a pool connection",
+            value=pool.get("requests_queued", 0),
+        )
+        yield CounterMetricFamily(
+            "kmipd_store_pool_wait_seconds",
+            "Time transactions spent waiting for a pool connection",
+            value=pool.get("requests_wait_ms", 0) / 1000,
+        )
+        yield CounterMetricFamily(
+            "kmipd_store_pool_connections_lost",
+            "Pool connections found broken (server restart, failover, network)",
+            value=pool.get("connections_lost", 0) + pool.get("returns_bad", 0),
+        )
+        yield CounterMetricFamily(
+            "kmipd_store_pool_connect_errors",
+            "Failed attempts to open a pool connection",
+            value=pool.get("connections_errors", 0),
+        )
 
     def _certificates(self) -> Iterator[Metric]:
         server = self.exporter.server

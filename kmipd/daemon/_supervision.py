@@ -55,6 +55,8 @@ _CONFIG_KEYS = {
     "store_path": "store.path",
     "store_cache_size": "store.cache_size",
     "store_shared": "store.shared",
+    "store_backend": "store.backend",
+    "postgres": "store.conninfo/password_file/pool_size",
     "hsm_backend": "hsm.backend",
     "master_key": "hsm.master_key",
     "keyring": "hsm.keyring",

@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 
+from kmipd.crypto._private_files import PrivateFileError, read_private_file
 from kmipd.hsm import Pkcs11Settings
 from kmipd.lifecycle import DAY, CryptoPeriod, LifecyclePolicy
 from kmipd.net._address import parse_address
@@ -132,6 +133,17 @@ def _credential_name(value: str) -> str | None:
     return "must be a credential name (LoadCredential=NAME:...), not a path"
 
 
+def _no_password_in_conninfo(value: str) -> str | None:
+    # Checked without repeating the value: it may hold the very secret refused here.
+    lowered = value.lower()
+    if re.search(r"(^|[\s;?&])password\s*=", lowered) or re.search(r"://[^/@]*:[^/@]*@", value):
+        return (
+            "holds a password: a password is never written in the config file; "
+            "put it in store.password_file (mode 0600) or store.password_credential"
+        )
+    return None
+
+
 def _sessions(value: int) -> str | None:
     return None if 1 <= value <= 256 else "must be 1..256"
 
@@ -200,9 +212,24 @@ SCHEMA: dict[str, dict[str, Option]] = {
         ),
     },
     "store": {
-        "path": Option(str, REQUIRED, "SQLite database file"),
+        "backend": Option(str, "sqlite", "store backend", _one_of("sqlite", "postgresql")),
+        "path": Option(str, None, "sqlite: the database file; required"),
         "cache_size": Option(int, 10_000, "wrapped DEK rows kept in memory", _at_least_one),
-        "shared": Option(bool, False, "several daemons on this host serve this store"),
+        "shared": Option(bool, False, "sqlite: several daemons on this host serve this store"),
+        "conninfo": Option(
+            str,
+            None,
+            "postgresql: libpq connection string (no password); required",
+            _no_password_in_conninfo,
+        ),
+        "password_file": Option(str, None, "postgresql: file holding the password, mode 0600"),
+        "password_credential": Option(
+            str, None, "postgresql: systemd credential holding the password", _credential_name
+        ),
+        "pool_size": Option(int, 8, "postgresql: connections per daemon, 1..256", _sessions),
+        "connect_timeout": Option(
+            (int, float), 10.0, "postgresql: seconds to wait for the database", _positive
+        ),
     },
     "hsm": {
         "backend": Option(str, "software", "HSM backend", _one_of("software", "pkcs11")),
@@ -304,6 +331,19 @@ _PATH_KEYS = {
     ("hsm", "master_key"),
     ("hsm", "keyring"),
     ("hsm", "pin_file"),
+    ("store", "password_file"),
+}
+
+#: Keys only one store backend reads.
+_STORE_BACKEND_KEYS = {
+    "sqlite": ("path", "shared"),
+    "postgresql": (
+        "conninfo",
+        "password_file",
+        "password_credential",
+        "pool_size",
+        "connect_timeout",
+    ),
 }
 
 #: Keys only one HSM backend reads; giving one to the other backend is an error.
@@ -334,13 +374,62 @@ CERTIFICATE_GRANT_KEYS = {"identity", "client", "server_dns", "max_validity_days
 
 
 @attrs.frozen
+class PostgresSettings:
+    conninfo: str
+    password_file: Path | None
+    password_credential: str | None
+    pool_size: int
+    connect_timeout: float
+
+    def password(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The password from its file or credential (mode 0600), None if neither is set."""
+        if self.password_file is not None:
+            key, path = "store.password_file", self.password_file
+        elif self.password_credential is not None:
+            key = "store.password_credential"
+            directory = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ConfigError(
+                    key,
+                    [
+                        f"{key}: $CREDENTIALS_DIRECTORY is not set (not running under systemd "
+                        f"with LoadCredential={self.password_credential}:...?)"
+                    ],
+                )
+            path = Path(directory) / self.password_credential
+        else:
+            return None
+        try:
+            data = read_private_file(path, "password file")
+        except PrivateFileError as exc:
+            raise ConfigError(key, [f"{key}: {exc}"]) from None
+        try:
+            password = data.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigError(key, [f"{key}: {path} is not UTF-8 text"]) from None
+        if not password:
+            raise ConfigError(key, [f"{key}: {path} is empty"])
+        return password
+
+    def connection_string(self, environ: Mapping[str, str] | None = None) -> str:
+        """store.conninfo with the password from its file merged in (never logged)."""
+        password = self.password(environ)
+        if password is None:
+            return self.conninfo
+        from psycopg.conninfo import make_conninfo  # noqa: PLC0415 - only this backend
+
+        return make_conninfo(self.conninfo, password=password)
+
+
+@attrs.frozen
 class Config:
     source: str
     listen: tuple[str, ...]
     server_name: str
     limits: ServerLimits
     tls: TlsSettings
-    store_path: Path
+    #: SQLite's file; None with the postgresql backend (see sqlite_path()).
+    store_path: Path | None
     store_cache_size: int
     store_shared: bool
     hsm_backend: str
@@ -364,6 +453,9 @@ class Config:
     metrics_listen: str | None
     require_sealed: tuple[str, ...] = ()
     kmip: KmipSettings = KmipSettings()
+    store_backend: str = "sqlite"
+    #: The postgresql backend's settings (None with SQLite).
+    postgres: PostgresSettings | None = None
     #: secrets.max_size: the largest secret value set-secret accepts.
     secret_max_size: int = 64 * 1024
     #: The HSM handle of the online CA's signing key (None: no online CA).
@@ -371,6 +463,15 @@ class Config:
     #: Renew tls.cert from the online CA once past online_ca_renew_at of its lifetime.
     online_ca_renew_server: bool = True
     online_ca_renew_at: float = 2 / 3
+
+    def sqlite_path(self) -> Path:
+        """The SQLite store's file; only for that backend."""
+        if self.store_path is None:
+            raise ValueError(
+                f"store.backend is {self.store_backend!r}: this works on the SQLite store "
+                "only (for PostgreSQL use pg_dump/pg_basebackup: see the README)"
+            )
+        return self.store_path
 
     def software_files(self) -> tuple[Path, Path]:
         """(master key, keyring) of the software backend; only for that backend."""
@@ -456,6 +557,7 @@ def parse_config(
         problems.append("online_ca: give cert, key and crl together (or none of them)")
     kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
     _check_hsm_backend(document.get("hsm", {}), values, problems)
+    _check_store_backend(document.get("store", {}), values, problems)
     _check_secret_frames(values, problems)
     env = os.environ if environ is None else environ
     for section, key in sorted(_PATH_KEYS):
@@ -536,6 +638,8 @@ def parse_config(
         log_level=v("logging", "level"),
         metrics_listen=v("metrics", "listen") or None,
         require_sealed=tuple(v("transport", "require_sealed")),
+        store_backend=v("store", "backend"),
+        postgres=_postgres_settings(values),
         secret_max_size=v("secrets", "max_size"),
         online_ca_key=v("online_ca", "key"),
         online_ca_renew_server=v("online_ca", "renew_server"),
@@ -621,6 +725,40 @@ def _check_hsm_backend(table: Any, values: dict[tuple[str, str], Any], problems:
             problems.append(f"hsm.{other}: give hsm.{one} or hsm.{other}, not both")
         elif one not in table and other not in table:
             problems.append(f"hsm.{one}: required (or hsm.{other}) for backend 'pkcs11'")
+
+
+def _check_store_backend(
+    table: Any, values: dict[tuple[str, str], Any], problems: list[str]
+) -> None:
+    if not isinstance(table, dict):
+        return
+    backend = values[("store", "backend")]
+    if backend not in _STORE_BACKEND_KEYS:
+        return
+    for other, keys in _STORE_BACKEND_KEYS.items():
+        if other != backend:
+            problems.extend(
+                f"store.{key}: only for backend {other!r}, not {backend!r}"
+                for key in keys
+                if key in table
+            )
+    required = "path" if backend == "sqlite" else "conninfo"
+    if required not in table:
+        problems.append(f"store.{required}: required (backend {backend!r})")
+    if "password_file" in table and "password_credential" in table:
+        problems.append("store.password_credential: give store.password_file or it, not both")
+
+
+def _postgres_settings(values: dict[tuple[str, str], Any]) -> PostgresSettings | None:
+    if values[("store", "backend")] != "postgresql":
+        return None
+    return PostgresSettings(
+        conninfo=values[("store", "conninfo")],
+        password_file=values[("store", "password_file")],
+        password_credential=values[("store", "password_credential")],
+        pool_size=values[("store", "pool_size")],
+        connect_timeout=float(values[("store", "connect_timeout")]),
+    )
 
 
 def _pkcs11_settings(values: dict[tuple[str, str], Any]) -> Pkcs11Settings | None:

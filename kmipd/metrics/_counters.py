@@ -81,6 +81,8 @@ class ServerMetrics:
         self.connections_cut: collections.Counter[str] = collections.Counter()
         #: HSM call -> latency.
         self.hsm_latency: dict[str, Histogram] = {}
+        #: "read" / "write" -> latency of the store's database transactions.
+        self.store_latency: dict[str, Histogram] = {}
         #: "applied" / "refused" -> reloads.
         self.reloads: collections.Counter[str] = collections.Counter()
 
@@ -96,6 +98,13 @@ class ServerMetrics:
         histogram = self.hsm_latency.get(call)
         if histogram is None:
             histogram = self.hsm_latency[call] = Histogram()
+        histogram.observe(seconds)
+
+    def record_store(self, kind: str, seconds: float) -> None:
+        """The store's observer (kmipd.store.Store.observer)."""
+        histogram = self.store_latency.get(kind)
+        if histogram is None:
+            histogram = self.store_latency[kind] = Histogram()
         histogram.observe(seconds)
 
 

@@ -73,6 +73,8 @@ class ErrorCode(enum.IntEnum):
     AUDIT_UNAVAILABLE = 304
     #: The store cannot write (disk full, read-only, locked, damaged): not applied.
     STORE_UNAVAILABLE = 305
+    #: The store's connection broke during COMMIT: the write may or may not be applied.
+    STORE_OUTCOME_UNKNOWN = 306
 
     @property
     def wire_name(self) -> str:

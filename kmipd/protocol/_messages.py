@@ -129,6 +129,8 @@ class StatusResult:
     connections: int = wire(UInt())
     hsm: str = wire(Text(max_length=64))
     store: str = wire(Text(max_length=64))
+    #: "sqlite", or "postgresql primary at host:port" (or standby, or unreachable).
+    store_backend: str | None = wire(Text(max_length=64), default=None)
 
 
 # -- stored DEKs -------------------------------------------------------------

@@ -64,7 +64,15 @@ from kmipd.protocol import (
     encode_deterministic,
 )
 from kmipd.service._policy import Policy
-from kmipd.store import DekRecord, KekVersion, KeyStore, StoreError, StoreUnavailableError
+from kmipd.store import (
+    DekRecord,
+    KekVersion,
+    StaleRecordError,
+    Store,
+    StoreError,
+    StoreOutcomeUnknownError,
+    StoreUnavailableError,
+)
 from kmipd.store._commit import request_scope
 
 log = logging.getLogger("kmipd.service")
@@ -248,7 +256,7 @@ class ServiceCore:
     def __init__(
         self,
         *,
-        store: KeyStore,
+        store: Store,
         hsm: HsmBackend,
         policy: Policy,
         info: ServerInfo | None = None,
@@ -427,12 +435,22 @@ class ServiceCore:
                 await self.hsm.check()
         except (HsmError, trio.TooSlowError):
             hsm_state = "unavailable"
+        backend = self.store.backend
         try:
-            await self.store.check()
-        except StoreError:
+            with trio.fail_after(STATUS_CHECK_TIMEOUT):  # a remote database may not answer
+                await self.store.check()
+        except StoreUnavailableError as exc:
+            health = self.store.health
+            store_state = health.describe() if not health.ok else f"unavailable: {exc.cause}"
+            store_state = store_state[:64]
+            if backend == "postgresql":
+                backend += " standby" if "read-only" in exc.cause else " unreachable"
+        except (StoreError, trio.TooSlowError):
             store_state = "failed"
         else:
             store_state = self.store.health.describe()
+            if backend == "postgresql":
+                backend += f" primary at {self.store.server}"  # check() refuses a standby
         if self.audit is not None and not self.audit.health.ok:
             # The trail is the store's companion on disk: its fault degrades the daemon too.
             store_state = f"{store_state}; audit trail {self.audit.health.describe()}"[:64]
@@ -446,6 +464,7 @@ class ServiceCore:
             connections=self.info.connections,
             hsm=f"{self.hsm.name}: {hsm_state}",
             store=store_state,
+            store_backend=backend[:64],
         )
 
 
@@ -484,6 +503,19 @@ def _backend_errors(request: Any) -> Iterator[None]:
         yield
     except HsmUnavailableError as exc:
         raise ServiceError(ErrorCode.HSM_UNAVAILABLE, f"HSM unavailable: {exc}") from None
+    except StaleRecordError as exc:
+        # Another daemon changed the key between our read and our write: nothing was
+        # written, and the caller sees the key's state afresh if it asks again.
+        raise ServiceError(ErrorCode.WRONG_STATE, f"{exc}; read it again") from None
+    except StoreOutcomeUnknownError as exc:
+        # The database went away during COMMIT: the write may or may not be there.
+        log.error("store outcome unknown during %s: %s", request.OPERATION, exc)
+        raise ServiceError(
+            ErrorCode.STORE_OUTCOME_UNKNOWN,
+            f"the key store's connection broke while committing ({exc.cause}); the change "
+            "may or may not be applied: read it back, or retry a create with its "
+            "idempotency key",
+        ) from None
     except StoreUnavailableError as exc:
         # Logged once per fault by the store's WriteHealth, not once per request.
         raise ServiceError(

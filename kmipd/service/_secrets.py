@@ -65,6 +65,7 @@ from kmipd.store import (
     SecretDeletedError,
     SecretRecord,
     SecretVersion,
+    StaleRecordError,
 )
 
 log = logging.getLogger("kmipd.service")
@@ -421,10 +422,15 @@ class SecretOperations(RewrapOperations, LifecycleOperations):
         """Erase deleted secrets whose soft-delete window ended."""
         svc = self
         due = await svc.store.secrets_due_for_purge(svc._now())
+        purged = 0
         for namespace, name in due:
-            await svc.store.purge_secret(namespace, name)
+            try:
+                await svc.store.purge_secret(namespace, name)
+            except StaleRecordError:
+                continue  # recovered on another daemon (PostgreSQL) since it was listed
+            purged += 1
             log.info("purged secret %r in %r: its soft-delete window ended", name, namespace)
-        return len(due)
+        return purged
 
     # -- helpers -----------------------------------------------------------------------
 

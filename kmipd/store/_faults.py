@@ -98,7 +98,7 @@ class WriteHealth:
     def __init__(
         self,
         what: str,
-        where: Path,
+        where: Path | str,
         *,
         summary_interval: float = SUMMARY_INTERVAL,
         clock: Callable[[], float] = time.monotonic,

@@ -413,6 +413,8 @@ class KeyStore(CertificateStore):
     (``refresh_if_changed``), so what one daemon creates the others serve.
     """
 
+    backend = "sqlite"
+
     def __init__(
         self,
         path: Path,
@@ -422,7 +424,10 @@ class KeyStore(CertificateStore):
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        self.server = str(path)
         self.shared = shared
+        #: See Store.observer: told each transaction's kind and duration.
+        self.observer: Callable[[str, float], None] | None = None
         #: Whether writes go through; a write failing for an understood cause faults it.
         self.health = WriteHealth("key store", path)
         #: Set when a fault starts: the write probe (``watch_writes``) wakes.
@@ -460,6 +465,7 @@ class KeyStore(CertificateStore):
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
         self._transport = {r.identity: r for r in _load_transport_certs(self._reader)}
         self._data_version = _data_version(self._reader)
+        self._maintenance_fd: int | None = None
         (self.store_id,) = self._reader.execute(
             "SELECT value FROM store_meta WHERE name = 'store_id'"
         ).fetchone()
@@ -483,6 +489,8 @@ class KeyStore(CertificateStore):
         self._writer.close()
         self._reader.close()
         os.close(self._lock_fd)
+        if self._maintenance_fd is not None:
+            os.close(self._maintenance_fd)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one transaction; StoreUnavailableError if the machine refuses it.
@@ -496,6 +504,7 @@ class KeyStore(CertificateStore):
             self.health.count_refused()
             raise StoreUnavailableError(self.health.cause or "cannot write")
         point_of_no_return()  # a request that writes is never cut off (and reported unapplied)
+        started = time.perf_counter()
         try:
             result = await trio.to_thread.run_sync(
                 self._transaction, fn, limiter=self._write_limiter
@@ -506,6 +515,9 @@ class KeyStore(CertificateStore):
                 raise
             self.health.failed(cause, str(exc))
             raise StoreUnavailableError(cause, str(exc)) from None
+        finally:
+            if self.observer is not None:
+                self.observer("write", time.perf_counter() - started)
         self.health.succeeded()
         return result
 
@@ -548,7 +560,16 @@ class KeyStore(CertificateStore):
             self._faulted = trio.Event()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
+        started = time.perf_counter()
+        try:
+            return await trio.to_thread.run_sync(fn, self._reader, limiter=self._read_limiter)
+        finally:
+            if self.observer is not None:
+                self.observer("read", time.perf_counter() - started)
+
+    def pool_stats(self) -> dict[str, int]:
+        """No pool: one writer and one reader connection, always open."""
+        return {}
 
     # -- KEKs --------------------------------------------------------------------
 
@@ -1422,6 +1443,21 @@ class KeyStore(CertificateStore):
             keks, certs = loaded
             self._keks = {kek.name: kek for kek in keks}
             self._transport = {record.identity: record for record in certs}
+
+    async def maintenance_turn(self) -> bool:
+        """Whether this daemon runs maintenance now: always when it owns the store;
+        shared, the one holding the maintenance lock (released when it dies)."""
+        if not self.shared or self._maintenance_fd is not None:
+            return True
+        lock_path = self.path.with_name(self.path.name + ".maintenance.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._maintenance_fd = fd
+        return True
 
     async def count_deks(self) -> int:
         return await self._read(
