@@ -183,6 +183,10 @@ def encode_item(item: object) -> bytes:
     return cbor2.dumps(item)
 
 
+#: A tuple made once: ``dict | list | tuple`` inside the loop built a union per item.
+_CONTAINERS = (dict, list, tuple)
+
+
 def encode_deterministic(item: object) -> bytes:
     """RFC 8949 section 4.2.1 deterministic encoding, for bytes we authenticate.
 
@@ -190,7 +194,7 @@ def encode_deterministic(item: object) -> bytes:
     rule); RFC 8949 sorts by the bytewise order of the encoded keys, so the
     maps are sorted here before cbor2 writes them (it keeps insertion order).
     """
-    if isinstance(item, list) and not any(isinstance(x, dict | list | tuple) for x in item):
+    if isinstance(item, list) and not any(isinstance(x, _CONTAINERS) for x in item):
         return cbor2.dumps(item)  # no maps to sort: the common case (associated data)
     return cbor2.dumps(_sorted_maps(item))
 
