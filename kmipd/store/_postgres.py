@@ -82,6 +82,7 @@ from kmipd.store._sqlite import (
     StoreError,
     TransportCertRecord,
     _dek_row,
+    _locate_filter,
     _object_from_row,
     _secret_version_from_row,
     _Uncached,
@@ -1058,25 +1059,15 @@ class PostgresStore:
         limit: int = 1000,
     ) -> list[str]:
         """Ids of keys matching every given filter, oldest first; native DEKs count as AES-256."""
-        where: list[str] = ["true"]
-        args: list[str | int] = []
-        if name is not None:
-            where.append("d.id IN (SELECT dek_id FROM object_names WHERE name = %s)")
-            args.append(name)
-        for column, default, value in (
-            ("object_type", "'symmetric-key'", object_type),
-            ("algorithm", "'aes'", algorithm),
-            ("length", "256", length),
-        ):
-            if value is not None:
-                where.append(f"coalesce(o.{column}, {default}) = %s")
-                args.append(value)
-        if object_group is not None:
-            where.append("o.object_group = %s")
-            args.append(object_group)
-        if state is not None:
-            where.append("d.state = %s")
-            args.append(state)
+        where, args = _locate_filter(
+            "%s",
+            name=name,
+            object_type=object_type,
+            object_group=object_group,
+            algorithm=algorithm,
+            length=length,
+            state=state,
+        )
 
         def select_all(db: Db) -> list[str]:
             rows = db.execute(

@@ -865,25 +865,15 @@ class KeyStore(CertificateStore):
         limit: int = 1000,
     ) -> list[str]:
         """Ids of keys matching every given filter, oldest first; native DEKs count as AES-256."""
-        where: list[str] = ["1"]
-        args: list[str | int] = []
-        if name is not None:
-            where.append("d.id IN (SELECT dek_id FROM object_names WHERE name = ?)")
-            args.append(name)
-        for column, default, value in (
-            ("object_type", "'symmetric-key'", object_type),
-            ("algorithm", "'aes'", algorithm),
-            ("length", "256", length),
-        ):
-            if value is not None:
-                where.append(f"coalesce(o.{column}, {default}) = ?")
-                args.append(value)
-        if object_group is not None:
-            where.append("o.object_group = ?")
-            args.append(object_group)
-        if state is not None:
-            where.append("d.state = ?")
-            args.append(state)
+        where, args = _locate_filter(
+            "?",
+            name=name,
+            object_type=object_type,
+            object_group=object_group,
+            algorithm=algorithm,
+            length=length,
+            state=state,
+        )
 
         def select(db: sqlite3.Connection) -> list[str]:
             rows = db.execute(
@@ -1692,6 +1682,40 @@ def _lock(path: Path, *, shared: bool) -> int:
         )
         raise StoreError(f"store {path} is in use {why}") from None
     return fd
+
+
+def _locate_filter(
+    marker: str,
+    *,
+    name: str | None,
+    object_type: str | None,
+    object_group: str | None,
+    algorithm: str | None,
+    length: int | None,
+    state: str | None,
+) -> tuple[list[str], list[str | int]]:
+    """locate_objects' WHERE terms over ``deks d LEFT JOIN object_attributes o`` and their
+    arguments, for either store (``marker``: the driver's parameter marker)."""
+    where: list[str] = ["1 = 1"]
+    args: list[str | int] = []
+    if name is not None:
+        where.append(f"d.id IN (SELECT dek_id FROM object_names WHERE name = {marker})")
+        args.append(name)
+    for column, default, value in (
+        ("object_type", "'symmetric-key'", object_type),
+        ("algorithm", "'aes'", algorithm),
+        ("length", "256", length),
+    ):
+        if value is not None:
+            where.append(f"coalesce(o.{column}, {default}) = {marker}")
+            args.append(value)
+    if object_group is not None:
+        where.append(f"o.object_group = {marker}")
+        args.append(object_group)
+    if state is not None:
+        where.append(f"d.state = {marker}")
+        args.append(state)
+    return where, args
 
 
 def _data_version(db: sqlite3.Connection) -> int:
