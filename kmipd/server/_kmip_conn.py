@@ -164,26 +164,36 @@ class KmipSession:
             self._request_scope = None
 
     async def _receive(self) -> bytes | None:
-        """Bytes within the deadline that applies; None when it passed or the session was cut."""
+        """Bytes within the deadline that applies; None when it passed or the session was cut.
+
+        Bytes already there are taken without a cancel scope or a scheduler
+        pass, as on the native side; only a receive that must wait gets one.
+        """
         timeout = (
             self.limits.frame_timeout if self.conn.has_partial_message else self.limits.idle_timeout
         )
         if self._refusal is not None and not self.conn.has_partial_message:
             return None
-        try:
-            with trio.move_on_after(timeout if math.isfinite(timeout) else math.inf) as scope:
-                self._receive_scope = scope
-                return await self.channel.receive_some()
-        finally:
-            self._receive_scope = None
+        data = self.channel.receive_nowait()
+        if data is not None:
+            return data
+        deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._receive_scope = scope
+            try:
+                return await self.channel.receive_some(after_nowait=True)
+            finally:
+                self._receive_scope = None
         if self._refusal is not None:
             return None  # logged by the connection that cut it
         log.info("closing KMIP connection from %s: no message within %g s", self.peer, timeout)
         return None
 
     async def _send_queued(self) -> None:
-        if not self.conn.has_data_to_send:
+        if not self.conn.has_data_to_send and not self.channel.has_backlog:
             return
+        if self.channel.try_send(self.conn.data_to_send):
+            return  # the socket took it all: no wait, so no deadline to keep
         with trio.move_on_after(self.limits.send_timeout) as scope:
             await self.channel.send_pending(self.conn.data_to_send)
         if scope.cancelled_caught:
