@@ -6,21 +6,45 @@ exported public key, and ``openssl dgst -verify`` in a subprocess.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import attrs
+import cbor2
+import pycddl
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from kmipd.audit import AuditLog
 from kmipd.hsm import HsmError, HsmKeyNotFoundError, SoftwareHsm
 from kmipd.hsm._signing import DigestLengthError, SignatureAlgorithmError, verify_digest
-from kmipd.lifecycle import SIGNING_USAGES, Lifecycle, State
-from kmipd.store import SigningKeyVersion
+from kmipd.lifecycle import SIGNING_USAGES, CryptoPeriod, Lifecycle, LifecyclePolicy, State
+from kmipd.protocol import (
+    CreateDek,
+    CreateSigningKey,
+    DestroySigningKey,
+    ErrorCode,
+    GetDek,
+    GetSigningKey,
+    ListSigningKeys,
+    RecoverSigningKey,
+    RevokeSigningKey,
+    RotateSigningKey,
+    SignDigest,
+    VerifyDigest,
+    VerifyResult,
+    error_to_wire,
+    request_to_wire,
+    result_to_wire,
+)
+from kmipd.service import Caller, Grant, KeyService, Policy, ServiceError
+from kmipd.service._policy import expand_operations
+from kmipd.store import KeyStore, SigningKeyVersion
 from tests.conftest import StoreOpener
 from tests.test_pkcs11 import SoftToken, softhsm
 
@@ -156,6 +180,7 @@ def _version(number: int, **changes: Any) -> SigningKeyVersion:
         "namespace": "billing",
         "name": "invoices",
         "version": number,
+        "key_id": "sig_abc",
         "key_type": "p256",
         "handle": f"soft-sign-{number}",
         "public_key": b"spki" * 8,
@@ -201,3 +226,243 @@ async def test_store_keeps_signing_key_versions(tmp_path: Path, open_store: Stor
         assert "spki" not in repr(await reopened.list_signing_keys())
     finally:
         reopened.close()
+
+
+# -- the service: lifecycle, one purpose per key, policy, audit --------------------------
+
+ADMIN = Caller("spiffe://kmipd.test/admin", 1)
+SIGNER = Caller("spiffe://kmipd.test/signer", 2)
+STRANGER = Caller("spiffe://kmipd.test/stranger", 3)
+DAY = 86_400.0
+
+
+def open_service(data: Path, clock: list[float], open_store: StoreOpener) -> KeyService:
+    policy = Policy(
+        (
+            Grant(ADMIN.identity, ("*",), expand_operations(["*"])),
+            Grant(SIGNER.identity, ("billing",), expand_operations(["signing", "data"])),
+            Grant(STRANGER.identity, ("*",), expand_operations(["data"])),
+        )
+    )
+    periods = (CryptoPeriod(("billing",), protect_days=1, process_days=30),)
+    return KeyService(
+        store=open_store(data, clock=lambda: clock[0]),
+        hsm=SoftwareHsm.open(data / "master.key", data / "keyring.cbor", create=True),
+        policy=policy,
+        create_kek_on_demand=True,
+        audit=AuditLog.open(data / "audit.log", data / "audit.key"),
+        clock=lambda: clock[0],
+        lifecycle=LifecyclePolicy(signing_periods=periods),
+    )
+
+
+async def refused(service: KeyService, caller: Caller, request: object) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        await service.handle(caller, request)
+    return caught.value
+
+
+def sign(digest: bytes, name: str = "invoices", algorithm: str = "ES256") -> SignDigest:
+    return SignDigest(namespace="billing", name=name, algorithm=algorithm, digest=digest)
+
+
+async def test_signing_period_then_verify_only_then_rotation(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    clock = [1_800_000_000.0]
+    service = open_service(tmp_path, clock, open_store)
+    try:
+        created = await service.handle(
+            ADMIN, CreateSigningKey(namespace="billing", name="invoices", key_type="p256")
+        )
+        assert created.key_id.startswith("sig_") and created.version == 1
+        assert created.sign_until == int(clock[0] + DAY)
+        assert created.verify_until == int(clock[0] + 30 * DAY)
+        digest = hashlib.sha256(b"invoice 1").digest()
+        first = await service.handle(SIGNER, sign(digest))
+        check_with_cryptography(created.public_key, "ES256", b"invoice 1", first.signature)
+
+        clock[0] += 2 * DAY  # past the signing period, within the verify period
+        error = await refused(service, SIGNER, sign(digest))
+        assert error.code is ErrorCode.SIGNING_PERIOD_ENDED
+        assert "signing period ended" in error.message and "rotate-signing-key" in error.message
+        verify = VerifyDigest(
+            namespace="billing", name="invoices", algorithm="ES256", digest=digest,
+            signature=first.signature,
+        )  # fmt: skip
+        assert await service.handle(SIGNER, verify) == VerifyResult(valid=True, version=1)
+
+        rotated = await service.handle(
+            ADMIN, RotateSigningKey(namespace="billing", name="invoices")
+        )
+        assert (rotated.version, rotated.versions, rotated.key_id) == (2, 2, created.key_id)
+        assert rotated.public_key != created.public_key
+        second = await service.handle(SIGNER, sign(digest))
+        assert second.version == 2
+        check_with_cryptography(rotated.public_key, "ES256", b"invoice 1", second.signature)
+        # Both versions' signatures verify while the old one is not deactivated.
+        assert (await service.handle(SIGNER, verify)).version == 1
+        again = attrs.evolve(verify, signature=second.signature)
+        assert (await service.handle(SIGNER, again)).version == 2
+        forged = attrs.evolve(verify, digest=hashlib.sha256(b"forged").digest())
+        assert await service.handle(SIGNER, forged) == VerifyResult(valid=False)
+
+        clock[0] += 30 * DAY  # version 1 deactivated: its signatures no longer verify
+        pinned = attrs.evolve(verify, version=1)
+        error = await refused(service, SIGNER, pinned)
+        assert error.code is ErrorCode.KEY_DEACTIVATED
+        assert "version 1 is deactivated" in error.message
+    finally:
+        service.store.close()
+        service.hsm.close()
+
+
+async def test_one_purpose_per_key_and_every_bad_input_refused(
+    tmp_path: Path, open_store: StoreOpener
+) -> None:
+    clock = [1_800_000_000.0]
+    service = open_service(tmp_path, clock, open_store)
+    try:
+        key = await service.handle(
+            ADMIN, CreateSigningKey(namespace="billing", name="invoices", key_type="rsa3072")
+        )
+        dek = await service.handle(SIGNER, CreateDek(namespace="billing"))
+        digest = hashlib.sha256(b"x").digest()
+        cases: list[tuple[object, ErrorCode, str]] = [
+            # A signing key is never a DEK: get-dek (decrypt, encrypt) and rewrap refuse it.
+            (GetDek(dek_id=key.key_id), ErrorCode.SIGNING_KEY_ONLY, "only signs and verifies"),
+            (
+                GetDek(dek_id=key.key_id, purpose="encrypt"),
+                ErrorCode.SIGNING_KEY_ONLY,
+                "never decrypts, unwraps or is read as a DEK",
+            ),
+            # A DEK and a KEK never sign.
+            (sign(digest, name=dek.dek_id, algorithm="PS256"), ErrorCode.NOT_A_SIGNING_KEY,
+             "data-encryption key (DEK): it encrypts and decrypts, never signs"),
+            (sign(digest, name="billing", algorithm="PS256"), ErrorCode.NOT_A_SIGNING_KEY,
+             "key-encryption key (KEK): it wraps and unwraps, never signs"),
+            (sign(b"\x00" * 20, algorithm="PS256"), ErrorCode.DIGEST_LENGTH_MISMATCH,
+             "PS256 signs a SHA256 digest of 32 bytes, not 20 bytes"),
+            (sign(digest, algorithm="PS512"), ErrorCode.UNSUPPORTED_ALGORITHM,
+             "unknown signature algorithm 'PS512' (a rsa3072 key signs with PS256, PS384"),
+            (sign(digest, algorithm="ES256"), ErrorCode.UNSUPPORTED_ALGORITHM,
+             "a rsa3072 key does not sign with ES256"),
+            (sign(digest, name="nothing"), ErrorCode.NOT_FOUND, "no signing key 'nothing'"),
+        ]  # fmt: skip
+        for request, code, message in cases:
+            error = await refused(service, SIGNER, request)
+            assert (error.code, message in error.message) == (code, True), error.message
+        # Nothing lost: the key signs, the DEK still decrypts.
+        signed = await service.handle(SIGNER, sign(digest, algorithm="PS256"))
+        check_with_cryptography(key.public_key, "PS256", b"x", signed.signature)
+        assert (await service.handle(SIGNER, GetDek(dek_id=dek.dek_id))).key == dek.key
+
+        # Default deny: no grant, no operation (and a grant for billing only).
+        for request in (
+            sign(digest, algorithm="PS256"),
+            GetSigningKey(namespace="billing", name="invoices"),
+            CreateSigningKey(namespace="billing", name="other", key_type="p256"),
+            RotateSigningKey(namespace="billing", name="invoices"),
+        ):
+            error = await refused(service, STRANGER, request)
+            assert error.code is ErrorCode.NOT_AUTHORIZED, request
+        error = await refused(
+            service, SIGNER, RotateSigningKey(namespace="billing", name="invoices")
+        )
+        assert error.code is ErrorCode.NOT_AUTHORIZED
+        error = await refused(service, STRANGER, ListSigningKeys())
+        assert error.message.endswith("is not allowed list-signing-keys")
+        [listed] = (await service.handle(SIGNER, ListSigningKeys())).keys
+        assert (listed.name, listed.algorithms) == (
+            "invoices",
+            ("PS256", "PS384", "RS256", "RS384"),
+        )
+
+        # Audit: every operation recorded with the algorithm and digest length, never the
+        # digest, the signature or key material.
+        assert service.audit is not None
+        service.audit.close()
+        trail = (tmp_path / "audit.log").read_text()
+        assert '"sign-digest"' in trail and "PS256 digest 32 bytes" in trail
+        assert '"not-a-signing-key"' in trail and '"signing-key-only"' in trail
+        for secret in (digest, signed.signature, key.public_key):
+            for form in (secret.hex(), base64.b64encode(secret).decode()[:24]):
+                assert form not in trail
+        assert repr(signed.signature[:8])[2:-1] not in repr(signed)  # shown as its length
+    finally:
+        service.store.close()
+        service.hsm.close()
+
+
+async def test_revoke_destroy_recover_and_purge(tmp_path: Path, open_store: StoreOpener) -> None:
+    clock = [1_800_000_000.0]
+    service = open_service(tmp_path, clock, open_store)
+    try:
+        await service.handle(
+            ADMIN, CreateSigningKey(namespace="billing", name="invoices", key_type="p384")
+        )
+        digest = hashlib.sha384(b"y").digest()
+        signed = await service.handle(SIGNER, sign(digest, algorithm="ES384"))
+        ref = {"namespace": "billing", "name": "invoices"}
+        error = await refused(service, ADMIN, DestroySigningKey(**ref))
+        assert (error.code, error.message) == (
+            ErrorCode.WRONG_STATE, "cannot destroy a key that is active",
+        )  # fmt: skip
+        revoked = await service.handle(ADMIN, RevokeSigningKey(**ref, reason="superseded"))
+        assert (revoked.state, revoked.revocation_reason) == ("deactivated", "superseded")
+        assert (await refused(service, SIGNER, sign(digest, algorithm="ES384"))).code is (
+            ErrorCode.KEY_DEACTIVATED
+        )
+        scheduled = await service.handle(ADMIN, DestroySigningKey(**ref))
+        assert scheduled.purge_at == int(clock[0]) + service.lifecycle.soft_delete_seconds
+        recovered = await service.handle(ADMIN, RecoverSigningKey(**ref))
+        assert recovered.purge_at is None
+        [version] = await service.store.signing_key_versions("billing", "invoices")
+        assert version.handle in service.hsm._signers  # type: ignore[attr-defined]
+        await service.handle(ADMIN, DestroySigningKey(**ref))
+        clock[0] += service.lifecycle.soft_delete_seconds
+        assert await service.purge_due() == 1
+        info = await service.handle(ADMIN, GetSigningKey(**ref))
+        assert info.state == "destroyed"
+        assert version.handle not in service.hsm._signers  # type: ignore[attr-defined]
+        verify = VerifyDigest(**ref, algorithm="ES384", digest=digest, signature=signed.signature)
+        error = await refused(service, SIGNER, verify)
+        assert (error.code, "is destroyed" in error.message) == (ErrorCode.KEY_DESTROYED, True)
+    finally:
+        service.store.close()
+        service.hsm.close()
+
+
+async def test_real_signing_messages_match_the_cddl(tmp_path: Path) -> None:
+    schema = pycddl.Schema(
+        (Path(__file__).parent.parent / "conformance" / "protocol.cddl").read_text()
+    )
+    clock = [1_800_000_000.0]
+    service = open_service(
+        tmp_path, clock, lambda data, **options: KeyStore.open(data / "k.db", **options)
+    )
+    digest = hashlib.sha256(b"m").digest()
+    ref = {"namespace": "billing", "name": "invoices"}
+    try:
+        requests: list[object] = [
+            CreateSigningKey(**ref, key_type="p256", activation=int(clock[0])),
+            GetSigningKey(**ref),
+            ListSigningKeys(namespace="b*"),
+            RotateSigningKey(**ref),
+            SignDigest(**ref, algorithm="ES256", digest=digest),
+            GetSigningKey(**ref, version=1),
+            VerifyDigest(**ref, algorithm="ES256", digest=digest, signature=b"\x30\x00", version=2),
+            RevokeSigningKey(**ref, reason="superseded", version=1, message="rotated"),
+            DestroySigningKey(**ref, version=1),
+            RecoverSigningKey(**ref, version=1),
+            DestroySigningKey(**ref, version=1, purge_now=True),
+        ]
+        for number, request in enumerate(requests):
+            schema.validate_cbor(cbor2.dumps(request_to_wire(number, request)))
+            result = await service.handle(ADMIN, request)
+            schema.validate_cbor(cbor2.dumps(result_to_wire(number, result)))
+        for code in (ErrorCode.SIGNING_KEY_ONLY, ErrorCode.SIGNING_PERIOD_ENDED):
+            schema.validate_cbor(cbor2.dumps(error_to_wire(1, code, "x")))
+    finally:
+        service.store.close()
+        service.hsm.close()

@@ -439,8 +439,13 @@ class _Worker:
     #: Signing key objects by (object class, CKA_ID): the private half signs, the
     #: public half is read for its point.
     signers: dict[tuple[ObjectClass, bytes], Any] = attrs.field(factory=dict)
+    #: CKA_IDs of signing keys destroyed (by any worker): never served from the cache,
+    #: whose object handle another worker's destroy made invalid.
+    destroyed: set[bytes] = attrs.field(factory=set)
 
     def signing_key(self, object_class: ObjectClass, cka_id: bytes) -> Any:
+        if cka_id in self.destroyed:
+            self.signers.pop((object_class, cka_id), None)
         found = self.signers.get((object_class, cka_id))
         if found is None:
             self.session.token.slot.get_token()  # as in key(): is the token there?
@@ -583,6 +588,8 @@ class Pkcs11Hsm:
         self._closed = False
         #: Signing keys' public halves (SPKI DER) by handle.
         self._public_keys: dict[str, bytes] = {}
+        #: Shared by the workers (see _Worker.destroyed); only ever grows, by CKA_ID.
+        self._destroyed_signers: set[bytes] = set()
 
     def __repr__(self) -> str:
         state = "up" if self.down_reason is None else "down"
@@ -713,7 +720,7 @@ class Pkcs11Hsm:
         for index in range(self.settings.sessions):
             thread = threading.Thread(
                 target=self._work,
-                args=(_Worker(index),),
+                args=(_Worker(index, destroyed=self._destroyed_signers),),
                 name=f"kmipd-pkcs11-{index}",
                 daemon=True,  # one stuck in a hung token must not hold up the exit
             )
@@ -1071,7 +1078,7 @@ class Pkcs11Hsm:
         def destroy(worker: _Worker) -> None:
             for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
                 worker.signing_key(object_class, cka_id).destroy()
-                worker.signers.pop((object_class, cka_id), None)
+            worker.destroyed.add(cka_id)
 
         await self._call("destroy-signing-key", destroy)
         self._public_keys.pop(handle, None)

@@ -30,6 +30,7 @@ CREATE TABLE signing_keys (
     namespace   TEXT NOT NULL,
     name        TEXT NOT NULL,
     version     INTEGER NOT NULL,
+    key_id      TEXT NOT NULL,      -- sig_...: the key's id (every version's), beside DEK ids
     key_type    TEXT NOT NULL,      -- p256, p384, rsa3072, rsa4096
     handle      TEXT NOT NULL,      -- the HSM backend's handle of the key pair
     public_key  BLOB NOT NULL,      -- SubjectPublicKeyInfo DER
@@ -47,6 +48,7 @@ CREATE TABLE signing_keys (
     namespace   TEXT COLLATE "C" NOT NULL,
     name        TEXT COLLATE "C" NOT NULL,
     version     BIGINT NOT NULL,
+    key_id      TEXT NOT NULL,
     key_type    TEXT NOT NULL,
     handle      TEXT NOT NULL,
     public_key  BYTEA NOT NULL,
@@ -59,7 +61,7 @@ CREATE TABLE signing_keys (
 """
 
 _COLUMNS = (
-    "namespace, name, version, key_type, handle, public_key, state, lifecycle,"
+    "namespace, name, version, key_id, key_type, handle, public_key, state, lifecycle,"
     " created_at, created_by"
 )
 
@@ -69,6 +71,8 @@ class SigningKeyVersion:
     namespace: str
     name: str
     version: int
+    #: ``sig_`` + 128 random bits: names the key (all its versions) where DEK ids go.
+    key_id: str
     key_type: str
     #: The HSM backend's handle: names the key pair, holds none of it.
     handle: str
@@ -83,6 +87,7 @@ def _row(version: SigningKeyVersion) -> tuple[Any, ...]:
         version.namespace,
         version.name,
         version.version,
+        version.key_id,
         version.key_type,
         version.handle,
         version.public_key,
@@ -94,11 +99,12 @@ def _row(version: SigningKeyVersion) -> tuple[Any, ...]:
 
 
 def _version(row: tuple[Any, ...]) -> SigningKeyVersion:
-    namespace, name, number, key_type, handle, public, state, doc, created, by = row
+    namespace, name, number, key_id, key_type, handle, public, state, doc, created, by = row
     return SigningKeyVersion(
         namespace=str(namespace),
         name=str(name),
         version=int(number),
+        key_id=str(key_id),
         key_type=str(key_type),
         handle=str(handle),
         public_key=bytes(public),
@@ -130,7 +136,7 @@ class SigningKeyStore:
             if taken is not None:
                 return False
             db.execute(
-                f"INSERT INTO signing_keys ({_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+                f"INSERT INTO signing_keys ({_COLUMNS}) VALUES ({', '.join('?' * 11)})",
                 _row(version),
             )
             return True
@@ -166,7 +172,7 @@ class SigningKeyStore:
             cursor = db.execute(
                 "UPDATE signing_keys SET state = ?, lifecycle = ?"
                 " WHERE namespace = ? AND name = ? AND version = ?",
-                (*_row(version)[6:8], version.namespace, version.name, version.version),
+                (*_row(version)[7:9], version.namespace, version.name, version.version),
             )
             return cursor.rowcount == 1
 
