@@ -13,20 +13,15 @@ alternate for ``--rounds`` rounds; the median is printed.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import statistics
-import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import trio
-from bench_issuance import _softhsm_token, rate
+from bench_issuance import main, medians, on_both_backends
 
 from kmipd.audit import AuditLog
-from kmipd.hsm import HsmBackend, Pkcs11Hsm, SoftwareHsm
+from kmipd.hsm import HsmBackend
 from kmipd.protocol import CreateSigningKey, SignDigest, VerifyDigest
 from kmipd.service import Caller, Grant, KeyService, Policy
 from kmipd.service._policy import expand_operations
@@ -66,49 +61,15 @@ async def measure(hsm: HsmBackend, work: Path, seconds: float, rounds: int) -> d
             phases[f"{key_type} sign-digest/s"] = bind(sign)
             phases[f"{key_type} verify-digest/s"] = bind(verify)
             phases[f"{key_type} bare HSM sign/s"] = bare(version.handle, digest, algorithm)
-        results: dict[str, list[float]] = {name: [] for name in phases}
-        for _ in range(rounds):
-            for name, call in phases.items():
-                results[name].append(await rate(seconds, call))
+        return await medians(phases, seconds, rounds)
     finally:
         audit.close()
         store.close()
-    return {name: round(statistics.median(values), 1) for name, values in results.items()}
 
 
 async def run(seconds: float, rounds: int) -> dict[str, Any]:
-    report: dict[str, Any] = {"seconds_per_phase": seconds, "rounds": rounds}
-    with tempfile.TemporaryDirectory(prefix="kmipd-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        (tmp / "soft").mkdir()
-        software = SoftwareHsm.open(tmp / "master", tmp / "keyring", create=True)
-        try:
-            report["software"] = await measure(software, tmp / "soft", seconds, rounds)
-        finally:
-            software.close()
-        settings = _softhsm_token(tmp / "p11")
-        if settings is None:
-            report["softhsm2"] = "skipped: SoftHSM2 is not installed"
-        else:
-            token = await Pkcs11Hsm.open(settings, "1234")
-            try:
-                report["softhsm2"] = await measure(token, tmp / "p11", seconds, rounds)
-            finally:
-                token.close()
-    return report
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=1.0, help="per phase and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="0.5 s phases, 2 rounds")
-    args = parser.parse_args()
-    seconds, rounds = (0.5, 2) if args.quick else (args.seconds, args.rounds)
-    print(json.dumps(trio.run(run, seconds, rounds), indent=2))
+    return await on_both_backends(measure, seconds, rounds)
 
 
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)

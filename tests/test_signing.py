@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from kmipd.audit import AuditLog
+from kmipd.daemon.config import ConfigError
 from kmipd.hsm import HsmError, HsmKeyNotFoundError, SoftwareHsm
 from kmipd.hsm._signing import DigestLengthError, SignatureAlgorithmError, verify_digest
 from kmipd.lifecycle import SIGNING_USAGES, CryptoPeriod, Lifecycle, LifecyclePolicy, State
@@ -46,6 +47,7 @@ from kmipd.service import Caller, Grant, KeyService, Policy, ServiceError
 from kmipd.service._policy import expand_operations
 from kmipd.store import KeyStore, SigningKeyVersion
 from tests.conftest import StoreOpener
+from tests.test_check_config import MINIMAL, parse
 from tests.test_pkcs11 import SoftToken, softhsm
 
 __all__ = ["softhsm"]  # the SoftHSM2 token fixture (fails under CI=true without SoftHSM2)
@@ -466,3 +468,21 @@ async def test_real_signing_messages_match_the_cddl(tmp_path: Path) -> None:
     finally:
         service.store.close()
         service.hsm.close()
+
+
+def test_the_config_gives_signing_keys_their_own_crypto_period() -> None:
+    text = MINIMAL + (
+        '[[crypto_period]]\napplies_to = "signing-key"\nnamespaces = ["releases"]\n'
+        "protect_days = 365\nprocess_days = 1825\n"
+        '[[crypto_period]]\napplies_to = "dek"\nprotect_days = 30\n'
+    )
+    config = parse(text, {"CREDENTIALS_DIRECTORY": "/c"})
+    lifecycle = config.lifecycle  # type: ignore[attr-defined]
+    assert lifecycle.signing_periods == (CryptoPeriod(("releases",), 365, 1825),)
+    assert [p.protect_days for p in lifecycle.dek_periods] == [30]
+    made = lifecycle.new_lifecycle("signing-key", "releases", 0, SIGNING_USAGES, None)
+    assert (made.protect_stop, made.deactivation) == (365 * 86_400, 1825 * 86_400)
+    with pytest.raises(ConfigError, match=r"applies_to: must be kek, dek or signing-key"):
+        parse(
+            MINIMAL + '[[crypto_period]]\napplies_to = "signing"\n', {"CREDENTIALS_DIRECTORY": "/c"}
+        )

@@ -23,6 +23,7 @@ from tests.kmip_dev import DevDaemon, dev
 from tests.processes import kmipd_command
 from tests.test_certs import ADMIN, start
 from tests.test_pkcs11 import SOFTHSM_LIBRARY, TOKEN_LABEL, SoftToken, softhsm
+from tests.test_secret_cli import env
 from tests.test_signing import check_with_cryptography, check_with_openssl
 
 __all__ = ["dev", "softhsm"]  # fixtures: the module's dev daemon, the SoftHSM2 token
@@ -32,24 +33,12 @@ pytestmark = pytest.mark.slow
 DATA = b"release 1.2.3 tarball\n" * 100
 
 
-def env(dev: DevDaemon, identity: str = "admin") -> dict[str, str]:
-    ca, cert, key = dev.credentials(identity)
-    return {
-        **os.environ,
-        "KMIPD_SERVER": dev.daemon.address,
-        "KMIPD_CA": str(ca),
-        "KMIPD_CERT": str(cert),
-        "KMIPD_KEY": str(key),
-        "KMIPD_NAMESPACE": "releases",
-    }
-
-
 def sign_key(
     dev: DevDaemon, *args: str | os.PathLike[str], identity: str = "admin"
 ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         kmipd_command("sign-key", *args),
-        capture_output=True, env=env(dev, identity), timeout=60, check=False,
+        capture_output=True, env=env(dev, identity, "releases"), timeout=60, check=False,
     )  # fmt: skip
 
 
@@ -87,13 +76,9 @@ def test_the_cli_signs_and_openssl_verifies(
     with client(dev) as kms:
         spki = kms.get_signing_key("releases", name).public_key
     check_with_cryptography(spki, algorithm, DATA, signature)
-    options = ["-sigopt", "rsa_padding_mode:pss"] if algorithm.startswith("PS") else []
-    verified = subprocess.run(
-        ["openssl", "dgst", f"-sha{algorithm[2:]}", *options, "-verify", tmp_path / "pub.pem",
-         "-signature", tmp_path / "sig", tmp_path / "data"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert verified.stdout.strip() == "Verified OK", verified.stderr
+    pem_file = (tmp_path / "pub.pem").read_bytes()
+    check_with_openssl(tmp_path, spki, algorithm, DATA, signature)  # rewrites pub.pem from spki
+    assert (tmp_path / "pub.pem").read_bytes() == pem_file  # the CLI's PEM is that key
     # The daemon verifies too; a changed file does not verify (exit 1, says so).
     args = ("verify", name, "--algorithm", algorithm, "--signature", tmp_path / "sig")
     assert ok(sign_key(dev, *args, "--file", tmp_path / "data")) == {"valid": True, "version": 1}

@@ -21,7 +21,14 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from kmipd import client as km
-from kmipd.cli._client import client_call, client_options, connect, to_json
+from kmipd.cli._client import (
+    client_call,
+    client_options,
+    connect,
+    named_parser,
+    namespace_of,
+    to_json,
+)
 from kmipd.cli._common import CliError, Commands, parse_timestamp
 from kmipd.cli._files import open_output
 from kmipd.hsm._signing import SIGNATURE_ALGORITHMS, SIGNING_KEY_TYPES
@@ -40,13 +47,7 @@ def register(commands: Commands) -> None:
         "KMIPD_NAMESPACE). Its private half never leaves the daemon's HSM.",
     )
     actions = group.add_subparsers(metavar="ACTION")
-    named = argparse.ArgumentParser(add_help=False)
-    named.add_argument("name", metavar="NAME")
-    named.add_argument(
-        "--namespace",
-        default=os.environ.get("KMIPD_NAMESPACE"),
-        help="the key's namespace (or KMIPD_NAMESPACE)",
-    )
+    named = named_parser("key")
     versioned = argparse.ArgumentParser(add_help=False)
     versioned.add_argument("--version", type=int, help="this version (default: the current)")
     data = argparse.ArgumentParser(add_help=False)
@@ -71,14 +72,14 @@ def register(commands: Commands) -> None:
     create.set_defaults(
         handler=client_call(
             lambda c, a: c.create_signing_key(
-                _namespace(a), a.name, a.key_type, activation=a.activation
+                namespace_of(a), a.name, a.key_type, activation=a.activation
             )
         )
     )
 
     get = add("get", "a version's metadata and public key (DER, base64)", named, versioned)
     get.set_defaults(
-        handler=client_call(lambda c, a: c.get_signing_key(_namespace(a), a.name, a.version))
+        handler=client_call(lambda c, a: c.get_signing_key(namespace_of(a), a.name, a.version))
     )
 
     public = add("public-key", "the public key as PEM (for openssl)", named, versioned)
@@ -104,7 +105,7 @@ def register(commands: Commands) -> None:
 
     rotate = add("rotate", "a new version that signs from now on", named)
     rotate.set_defaults(
-        handler=client_call(lambda c, a: c.rotate_signing_key(_namespace(a), a.name))
+        handler=client_call(lambda c, a: c.rotate_signing_key(namespace_of(a), a.name))
     )
 
     revoke = add("revoke", "deactivate (or mark compromised) a version", named, versioned)
@@ -113,7 +114,7 @@ def register(commands: Commands) -> None:
     revoke.set_defaults(
         handler=client_call(
             lambda c, a: c.revoke_signing_key(
-                _namespace(a), a.name, a.reason, version=a.version, message=a.message
+                namespace_of(a), a.name, a.reason, version=a.version, message=a.message
             )
         )
     )
@@ -124,7 +125,7 @@ def register(commands: Commands) -> None:
     destroy.set_defaults(
         handler=client_call(
             lambda c, a: c.destroy_signing_key(
-                _namespace(a), a.name, version=a.version, purge_now=a.purge_now
+                namespace_of(a), a.name, version=a.version, purge_now=a.purge_now
             )
         )
     )
@@ -132,16 +133,9 @@ def register(commands: Commands) -> None:
     recover = add("recover", "cancel a pending destroy", named, versioned)
     recover.set_defaults(
         handler=client_call(
-            lambda c, a: c.recover_signing_key(_namespace(a), a.name, version=a.version)
+            lambda c, a: c.recover_signing_key(namespace_of(a), a.name, version=a.version)
         )
     )
-
-
-def _namespace(args: argparse.Namespace) -> str:
-    if not args.namespace:
-        raise CliError("which namespace? give --namespace (or set KMIPD_NAMESPACE)")
-    namespace: str = args.namespace
-    return namespace
 
 
 def _digest(args: argparse.Namespace) -> bytes:
@@ -164,7 +158,7 @@ def _digest(args: argparse.Namespace) -> bytes:
 
 def _public_key(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        info = client.get_signing_key(_namespace(args), args.name, args.version)
+        info = client.get_signing_key(namespace_of(args), args.name, args.version)
     pem = serialization.load_der_public_key(info.public_key).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -174,7 +168,7 @@ def _public_key(args: argparse.Namespace) -> int:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    namespace, digest = _namespace(args), _digest(args)
+    namespace, digest = namespace_of(args), _digest(args)
     with connect(args) as client:
         result = client.sign_digest(namespace, args.name, digest, args.algorithm)
     if args.output is None:
@@ -191,7 +185,7 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    namespace, digest = _namespace(args), _digest(args)
+    namespace, digest = namespace_of(args), _digest(args)
     try:
         signature = args.signature.read_bytes()
     except OSError as exc:
