@@ -48,7 +48,7 @@ async def rate(seconds: float, call: Callable[[], Awaitable[Any]]) -> float:
     return count / (time.perf_counter() - start)
 
 
-async def measure(hsm: HsmBackend, work: Path, seconds: float, rounds: int) -> dict[str, float]:
+async def measure(hsm: HsmBackend, work: Path, seconds: float, rounds: int) -> dict[str, Any]:
     root = CertificateAuthority.init(work / "root", trust_domain="bench.test", path_length=1)
     handle = await hsm.generate_signing_key("online-ca", "p256")
     public = serialization.load_der_public_key(await hsm.signing_public_key(handle))
@@ -71,16 +71,23 @@ async def measure(hsm: HsmBackend, work: Path, seconds: float, rounds: int) -> d
         ),
         "sign": lambda: hsm.sign(handle, tbs),
     }
-    results: dict[str, list[float]] = {name: [] for name in phases}
     try:
-        for call in phases.values():
-            await call()  # warm up
-        for _ in range(rounds):
-            for name, call in phases.items():
-                results[name].append(await rate(seconds, call))
+        return await medians(phases, seconds, rounds)
     finally:
         audit.close()
         store.close()
+
+
+async def medians(
+    phases: dict[str, Callable[[], Awaitable[Any]]], seconds: float, rounds: int
+) -> dict[str, float]:
+    """Each phase's rate, the phases alternating for ``rounds`` rounds; the medians."""
+    results: dict[str, list[float]] = {name: [] for name in phases}
+    for call in phases.values():
+        await call()  # warm up
+    for _ in range(rounds):
+        for name, call in phases.items():
+            results[name].append(await rate(seconds, call))
     return {name: round(statistics.median(values), 1) for name, values in results.items()}
 
 
@@ -100,7 +107,12 @@ def _softhsm_token(work: Path) -> Pkcs11Settings | None:
     return Pkcs11Settings(library=SOFTHSM, token_label="bench")
 
 
-async def run(seconds: float, rounds: int) -> dict[str, Any]:
+#: measure(hsm, work directory, seconds, rounds) -> figures by phase.
+Measure = Callable[[HsmBackend, Path, float, int], Awaitable[dict[str, Any]]]
+
+
+async def on_both_backends(measure: Measure, seconds: float, rounds: int) -> dict[str, Any]:
+    """``measure`` on a fresh software keyring, then on a throwaway SoftHSM2 token."""
     report: dict[str, Any] = {"seconds_per_phase": seconds, "rounds": rounds}
     with tempfile.TemporaryDirectory(prefix="kmipd-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -119,6 +131,11 @@ async def run(seconds: float, rounds: int) -> dict[str, Any]:
                 report["softhsm2"] = await measure(token, tmp / "p11", seconds, rounds)
             finally:
                 token.close()
+    return report
+
+
+async def run(seconds: float, rounds: int) -> dict[str, Any]:
+    report = await on_both_backends(measure, seconds, rounds)
     for backend in ("software", "softhsm2"):
         found = report[backend]
         if isinstance(found, dict):
@@ -126,9 +143,12 @@ async def run(seconds: float, rounds: int) -> dict[str, Any]:
     return report
 
 
-def main() -> None:
+def main(
+    run: Callable[[float, int], Awaitable[dict[str, Any]]] = run, doc: str | None = __doc__
+) -> None:
+    """--seconds/--rounds/--quick, then ``run``'s report as JSON."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=1.0, help="per phase and round")
     parser.add_argument("--rounds", type=int, default=3)

@@ -381,6 +381,12 @@ def valid_value(ctx: Context, field: Field) -> Any:
         "csr": b"\x30\x00",
         "profile": "client",
         "serial": "1",
+        # Signing keys: a key type from its choice, a digest and a signature of a valid
+        # size (the server checks the algorithm and the digest's length after the schema).
+        "key-type": "p256",
+        "algorithm": "ES256",
+        "digest": bytes(32),
+        "signature": b"\x30\x00",
     }
     if field.name in known:
         return known[field.name]

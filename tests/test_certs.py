@@ -668,7 +668,7 @@ async def _check_signing_keys(hsm: Any) -> None:
     )
     with pytest.raises(HsmError, match="must be an EC key"):
         await hsm.import_signing_key("rsa", rsa_der)
-    with pytest.raises(HsmError, match=r"p256 or p384, not 'p521'"):
+    with pytest.raises(HsmError, match=r"p256, p384, rsa3072 or rsa4096, not 'p521'"):
         await hsm.generate_signing_key("ca", "p521")
 
 

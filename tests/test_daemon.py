@@ -199,6 +199,14 @@ def test_demo_walks_the_flow_and_verifies_every_step() -> None:
         assert f"\n{step}. " in result.stdout
     assert "refused by the daemon" in result.stdout
     assert "storage opened it with its transport key" in result.stdout
+    # A client certificate from the online CA, used for mutual TLS, then renewed.
+    assert "issue-certificate: serial " in result.stdout
+    assert "a client connected with it" in result.stdout
+    assert "renew-certificate (proof: the current certificate" in result.stdout
+    # A signing key in the (software) HSM signs a digest; both sides verify it.
+    assert "ES256 signature verifies with the exported public key" in result.stdout
+    assert "verify-digest on the daemon: valid (version 1)" in result.stdout
+    assert "refused (signing-key-only)" in result.stdout
     assert "All steps verified." in result.stdout
 
 

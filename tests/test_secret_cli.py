@@ -30,7 +30,7 @@ VALUE_1 = b"replication-password-one\x00\xff"
 VALUE_2 = b"replication-password-two"
 
 
-def env(dev: DevDaemon, identity: str = "admin") -> dict[str, str]:
+def env(dev: DevDaemon, identity: str = "admin", namespace: str = "db") -> dict[str, str]:
     ca, cert, key = dev.credentials(identity)
     return {
         **os.environ,
@@ -38,7 +38,7 @@ def env(dev: DevDaemon, identity: str = "admin") -> dict[str, str]:
         "KMIPD_CA": str(ca),
         "KMIPD_CERT": str(cert),
         "KMIPD_KEY": str(key),
-        "KMIPD_NAMESPACE": "db",
+        "KMIPD_NAMESPACE": namespace,
     }
 
 

@@ -153,3 +153,22 @@ def parse_context(pairs: list[str], flag: str = "--context") -> dict[str, str]:
             raise CliError(f"{flag} {pair!r}: expected KEY=VALUE")
         context[key] = value
     return context
+
+
+def named_parser(what: str) -> argparse.ArgumentParser:
+    """NAME and --namespace (default KMIPD_NAMESPACE): a secret's or a signing key's."""
+    named = argparse.ArgumentParser(add_help=False)
+    named.add_argument("name", metavar="NAME")
+    named.add_argument(
+        "--namespace",
+        default=os.environ.get("KMIPD_NAMESPACE"),
+        help=f"the {what}'s namespace (or KMIPD_NAMESPACE)",
+    )
+    return named
+
+
+def namespace_of(args: argparse.Namespace) -> str:
+    if not args.namespace:
+        raise CliError("which namespace? give --namespace (or set KMIPD_NAMESPACE)")
+    namespace: str = args.namespace
+    return namespace

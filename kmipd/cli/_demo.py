@@ -3,11 +3,18 @@
 A daemon (trio, in this process) and a storage system (the blocking client,
 on a worker thread, as most storage systems would call it) walk the nine
 steps of the flow. Each step prints what happened and what was verified,
-and the demo fails loudly if any check does not hold.
+and the demo fails loudly if any check does not hold. Then the other
+families: sealed delivery, secrets, a client certificate from the daemon's
+online CA (issued, used, renewed) and a signing key held in the HSM. Nothing
+but Python: the software HSM and SQLite, under a temporary directory.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import io
 import sqlite3
 import sys
 import tempfile
@@ -15,12 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import trio
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmipd import client as km
+from kmipd.cli._ca import _ca_init
 from kmipd.cli._common import Commands
+from kmipd.client._certs import identity_of, write_key_and_certificate
 from kmipd.daemon import RunningDaemon, run_daemon
-from kmipd.daemon._dev import prepare_dev
+from kmipd.daemon._dev import DEV_TRUST_DOMAIN, prepare_dev
 from kmipd.daemon.config import load_config
 from pki import CertificateAuthority, load_certificate
 
@@ -37,7 +48,8 @@ def register(commands: Commands) -> None:
 def run_demo(out: Callable[[str], None] = print) -> int:
     with tempfile.TemporaryDirectory(prefix="kmipd-demo-") as tmp:
         try:
-            trio.run(_demo, Path(tmp), out)
+            config = _prepare(Path(tmp) / "kmipd")
+            trio.run(_demo, Path(tmp), config, out)
         except DemoFailedError as exc:
             out(f"\nDEMO FAILED: {exc}")
             return 1
@@ -50,10 +62,37 @@ def _check(condition: bool, what: str) -> None:
         raise DemoFailedError(what)
 
 
-async def _demo(tmp: Path, out: Callable[[str], None]) -> None:
+def _prepare(data: Path) -> Path:
+    """The dev setup, with a root that may sign the online CA, and that CA made by the
+    real ``kmipd ca init`` (its key in the software HSM); storage may ask it for a
+    client certificate. Returns the config file."""
+    CertificateAuthority.init(
+        data / "pki",
+        trust_domain=DEV_TRUST_DOMAIN,
+        dns_names=("localhost",),
+        ip_addresses=("127.0.0.1", "::1"),
+        path_length=1,
+    )
+    config = prepare_dev(data, "127.0.0.1:0")  # reuses that CA
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _ca_init(
+            argparse.Namespace(config=config, root=data / "pki", curve="p256", days=30, out=None)
+        )
+    snippet = printed.getvalue()[printed.getvalue().index("[online_ca]") :]
+    storage = CertificateAuthority.load(data / "pki").identity_for("storage")
+    with config.open("a", encoding="utf-8") as f:
+        f.write(
+            f'\n{snippet}\n[[certificate_grant]]\nidentity = "{storage}"\n'
+            'max_validity_days = 1\nkey_types = ["p256"]\n'
+        )
+    return config
+
+
+async def _demo(tmp: Path, config_path: Path, out: Callable[[str], None]) -> None:
     data = tmp / "kmipd"
     out(f"Setting up a fresh test CA and daemon under {tmp}")
-    config = load_config(prepare_dev(data, "127.0.0.1:0"))
+    config = load_config(config_path)
     ready: list[RunningDaemon] = []
     started = trio.Event()
 
@@ -142,6 +181,8 @@ def _storage_system(data: Path, address: str, tmp: Path, out: Callable[[str], No
 
     _asymmetric_flow(data, address, dek.dek_id, plaintext, out)
     _secrets(data, address, out)
+    _certificates(data, address, tmp, out)
+    _signing_keys(data, address, dek.dek_id, out)
 
 
 def _asymmetric_flow(
@@ -231,6 +272,79 @@ def _secrets(data: Path, address: str, out: Callable[[str], None]) -> None:
             out("   storage, granted keys but not secrets, is refused: reading secrets is a grant")
         else:
             raise DemoFailedError("a client without a secrets grant read a secret")
+
+
+def _client(data: Path, address: str, name: str) -> km.Client:
+    pki_dir = data / "pki"
+    return km.Client(
+        address,
+        ca=pki_dir / "ca.pem",
+        cert=pki_dir / f"{name}.pem",
+        key=pki_dir / f"{name}-key.pem",
+    )
+
+
+def _certificates(data: Path, address: str, tmp: Path, out: Callable[[str], None]) -> None:
+    out("\nCertificates: the daemon's online CA (its key in the HSM) issues and renews them.")
+    with _client(data, address, "storage") as kms:
+        identity = kms.connect().identity
+        key = km.generate_key("p256")
+        issued = kms.issue_certificate(km.make_csr(key, identity=identity), validity=3600)
+    ca_name = issued.chain[0].subject.rfc4514_string()
+    out(f"   issue-certificate: serial {issued.serial[:16]}..., clientAuth for {identity}")
+    out(f"   signed by {ca_name}, valid {issued.not_after - issued.not_before} s")
+    _check(identity_of(issued.certificate) == identity, "the certificate names our own identity")
+    current = tmp / "issued"
+    write_key_and_certificate(current, key, issued)
+    with km.Client(
+        address, ca=data / "pki" / "ca.pem", cert=current / "cert.pem", key=current / "key.pem"
+    ) as kms:
+        _check(kms.connect().identity == identity, "the issued certificate passes mutual TLS")
+        out("   a client connected with it: the daemon trusts its own online CA's certificates")
+        new_key = km.generate_key("p256")
+        renewed = kms.renew_certificate(km.make_csr(new_key))
+    _check(renewed.serial != issued.serial, "renewal makes a new certificate")
+    _check(
+        renewed.certificate.public_key() != issued.certificate.public_key(),
+        "the renewed certificate is for the new key",
+    )
+    _check(identity_of(renewed.certificate) == identity, "the renewed certificate keeps the ID")
+    out(
+        f"   renew-certificate (proof: the current certificate on the connection, and a new "
+        f"key): serial {renewed.serial[:16]}..."
+    )
+
+
+def _signing_keys(data: Path, address: str, dek_id: str, out: Callable[[str], None]) -> None:
+    out("\nSigning keys: key pairs whose private half signs inside the HSM, never exported.")
+    release = b"release 1.0 tarball"
+    digest = hashlib.sha256(release).digest()
+    with _client(data, address, "admin") as kms:
+        info = kms.create_signing_key("orders", "release-signing", "p256")
+        out(f"   create-signing-key orders/{info.name} ({info.key_type}) -> {info.key_id}")
+        signed = kms.sign_digest("orders", "release-signing", digest, "ES256")
+        public = serialization.load_der_public_key(info.public_key)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        public.verify(signed.signature, release, ec.ECDSA(hashes.SHA256()))
+        out(
+            f"   sign-digest: the client sent only the SHA-256 digest; the {len(signed.signature)}"
+            "-byte ES256 signature verifies with the exported public key"
+        )
+        check = kms.verify_digest("orders", "release-signing", digest, signed.signature)
+        _check(check.valid, "the daemon verifies its own signature")
+        out(f"   verify-digest on the daemon: valid (version {check.version})")
+        try:
+            kms.get_dek(info.key_id)
+        except km.SigningKeyOnlyError:
+            out("   one purpose per key: get-dek of the signing key is refused (signing-key-only)")
+        else:
+            raise DemoFailedError("a signing key was read as a DEK")
+        try:
+            kms.sign_digest("orders", dek_id, digest)
+        except km.NotASigningKeyError:
+            out("   and a DEK asked to sign is refused (not-a-signing-key)")
+        else:
+            raise DemoFailedError("a DEK signed")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from kmipd.cli import (
     _pki,
     _secret,
     _serve,
+    _sign_key,
     _transport,
 )
 from kmipd.cli._common import CliError, Commands
@@ -49,6 +50,7 @@ GROUPS: tuple[Callable[[Commands], None], ...] = (
     _hsm.register,  # hsm
     _keys.register,  # dek, datakey, kek, status, key, job
     _secret.register,  # secret
+    _sign_key.register,  # sign-key
     _audit.register,  # audit
     _envelope.register,  # encrypt, decrypt, seal, open
     _transport.register,  # transport

@@ -36,6 +36,7 @@ from kmipd.client._errors import (
     DeadlineExceededError,
     DependentsExistError,
     DestroyPendingError,
+    DigestLengthMismatchError,
     DuplicateRequestIdError,
     FrameTooLargeError,
     HelloRequiredError,
@@ -48,6 +49,7 @@ from kmipd.client._errors import (
     KeyNotActiveError,
     KmipdError,
     NoOnlineCaError,
+    NotASigningKeyError,
     NotAuthorizedError,
     NotFoundError,
     NoTransportCertificateError,
@@ -64,6 +66,8 @@ from kmipd.client._errors import (
     ServerCertificateError,
     ServerTimeoutError,
     ShuttingDownError,
+    SigningKeyOnlyError,
+    SigningPeriodEndedError,
     StoreOutcomeUnknownError,
     StoreUnavailableError,
     TransportCertificateError,
@@ -71,6 +75,7 @@ from kmipd.client._errors import (
     UnavailableError,
     UnknownOperationError,
     UnknownSecretVersionError,
+    UnsupportedAlgorithmError,
     UnsupportedVersionError,
     UsageNotPermittedError,
     WrongStateError,
@@ -81,7 +86,16 @@ from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
 from kmipd.crypto import TransportKey
 from kmipd.crypto._issuing import generate_key
-from kmipd.protocol import KekInfo, SecretInfo, SecretSummary, StatusResult, TransportCertInfo
+from kmipd.protocol import (
+    KekInfo,
+    SecretInfo,
+    SecretSummary,
+    SignatureResult,
+    SigningKeyInfo,
+    StatusResult,
+    TransportCertInfo,
+    VerifyResult,
+)
 from pki import TransportKem
 
 __all__ = [
@@ -109,6 +123,7 @@ __all__ = [
     "DekCache",
     "DependentsExistError",
     "DestroyPendingError",
+    "DigestLengthMismatchError",
     "DuplicateRequestIdError",
     "EnvelopeError",
     "FrameTooLargeError",
@@ -126,6 +141,7 @@ __all__ = [
     "KmipdError",
     "NoOnlineCaError",
     "NoTransportCertificateError",
+    "NotASigningKeyError",
     "NotAuthorizedError",
     "NotFoundError",
     "OutcomeUnknownError",
@@ -146,6 +162,10 @@ __all__ = [
     "ServerCertificateError",
     "ServerTimeoutError",
     "ShuttingDownError",
+    "SignatureResult",
+    "SigningKeyInfo",
+    "SigningKeyOnlyError",
+    "SigningPeriodEndedError",
     "StatusResult",
     "StoreOutcomeUnknownError",
     "StoreUnavailableError",
@@ -157,8 +177,10 @@ __all__ = [
     "UnavailableError",
     "UnknownOperationError",
     "UnknownSecretVersionError",
+    "UnsupportedAlgorithmError",
     "UnsupportedVersionError",
     "UsageNotPermittedError",
+    "VerifyResult",
     "WrongStateError",
     "client_context",
     "generate_key",

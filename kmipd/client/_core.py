@@ -75,16 +75,19 @@ from kmipd.protocol import (
     ChangesSince,
     CreateDek,
     CreateKek,
+    CreateSigningKey,
     DeleteSecret,
     Dependents,
     DependentsResult,
     Destroy,
+    DestroySigningKey,
     GenerateDataKey,
     GetAttributes,
     GetCaCertificates,
     GetDek,
     GetJob,
     GetSecret,
+    GetSigningKey,
     GetTransportCert,
     IssueCertificate,
     IssuedCertificateInfo,
@@ -96,29 +99,38 @@ from kmipd.protocol import (
     ListJobs,
     ListKeks,
     ListSecrets,
+    ListSigningKeys,
     Locate,
     LocateResult,
     PurgeSecret,
     Recover,
     RecoverSecret,
+    RecoverSigningKey,
     RegisterTransportCert,
     RenewCertificate,
     Revoke,
     RevokeCertificate,
+    RevokeSigningKey,
     RewrapBlob,
     RewrapBlobResult,
     RewrapDek,
     RotateKek,
+    RotateSigningKey,
     SecretInfo,
     SecretSummary,
     SecretVersions,
     SetSecret,
+    SignatureResult,
+    SignDigest,
+    SigningKeyInfo,
     StartRewrap,
     Status,
     StatusResult,
     TransportCertInfo,
     Unwrap,
     UpdateSecret,
+    VerifyDigest,
+    VerifyResult,
 )
 
 if TYPE_CHECKING:
@@ -972,4 +984,116 @@ class ClientCore:
     def purge_secret(self, namespace: str, name: str) -> Steps[SecretSummary]:
         """Erase a deleted secret's every version now, beyond recovery."""
         result: SecretSummary = yield from self._result(PurgeSecret(namespace=namespace, name=name))
+        return result
+
+    # -- managed signing keys ------------------------------------------------------------
+
+    @operation
+    def create_signing_key(
+        self, namespace: str, name: str, key_type: str = "p256", *, activation: int | None = None
+    ) -> Steps[SigningKeyInfo]:
+        """A key pair in the daemon's HSM (p256, p384, rsa3072, rsa4096); its public half."""
+        result: SigningKeyInfo = yield from self._result(
+            CreateSigningKey(
+                namespace=namespace, name=name, key_type=key_type, activation=activation
+            )
+        )
+        return result
+
+    @operation
+    def get_signing_key(
+        self, namespace: str, name: str, version: int | None = None
+    ) -> Steps[SigningKeyInfo]:
+        """A version's public key (SPKI DER) and lifecycle; the current one by default."""
+        result: SigningKeyInfo = yield from self._result(
+            GetSigningKey(namespace=namespace, name=name, version=version)
+        )
+        return result
+
+    @operation
+    def list_signing_keys(self, namespace: str | None = None) -> Steps[list[SigningKeyInfo]]:
+        """Every signing key the caller may list (its current version); ``namespace``: a glob."""
+        result = yield from self._result(ListSigningKeys(namespace=namespace))
+        return list(result.keys)
+
+    @operation
+    def rotate_signing_key(self, namespace: str, name: str) -> Steps[SigningKeyInfo]:
+        """A new version (a new key pair) that signs from now on; older ones still verify."""
+        result: SigningKeyInfo = yield from self._result(
+            RotateSigningKey(namespace=namespace, name=name)
+        )
+        return result
+
+    @operation
+    def sign_digest(
+        self, namespace: str, name: str, digest: bytes, algorithm: str = "ES256"
+    ) -> Steps[SignatureResult]:
+        """The current version's signature of ``digest`` (which we hashed ourselves)."""
+        result: SignatureResult = yield from self._result(
+            SignDigest(namespace=namespace, name=name, algorithm=algorithm, digest=bytes(digest))
+        )
+        return result
+
+    @operation
+    def verify_digest(
+        self,
+        namespace: str,
+        name: str,
+        digest: bytes,
+        signature: bytes,
+        algorithm: str = "ES256",
+        *,
+        version: int | None = None,
+    ) -> Steps[VerifyResult]:
+        """Whether ``signature`` verifies (with ``version``, or any version still verifying)."""
+        result: VerifyResult = yield from self._result(
+            VerifyDigest(
+                namespace=namespace,
+                name=name,
+                algorithm=algorithm,
+                digest=bytes(digest),
+                signature=bytes(signature),
+                version=version,
+            )
+        )
+        return result
+
+    @operation
+    def revoke_signing_key(
+        self,
+        namespace: str,
+        name: str,
+        reason: str,
+        *,
+        version: int | None = None,
+        message: str | None = None,
+    ) -> Steps[SigningKeyInfo]:
+        """Deactivate (or mark compromised) a version, the current one by default."""
+        result: SigningKeyInfo = yield from self._result(
+            RevokeSigningKey(
+                namespace=namespace, name=name, reason=reason, version=version, message=message
+            )
+        )
+        return result
+
+    @operation
+    def destroy_signing_key(
+        self, namespace: str, name: str, *, version: int | None = None, purge_now: bool = False
+    ) -> Steps[SigningKeyInfo]:
+        """Erase a revoked version's key pair after the soft-delete window (or now)."""
+        result: SigningKeyInfo = yield from self._result(
+            DestroySigningKey(
+                namespace=namespace, name=name, version=version, purge_now=purge_now or None
+            )
+        )
+        return result
+
+    @operation
+    def recover_signing_key(
+        self, namespace: str, name: str, *, version: int | None = None
+    ) -> Steps[SigningKeyInfo]:
+        """Cancel a pending destroy within the soft-delete window."""
+        result: SigningKeyInfo = yield from self._result(
+            RecoverSigningKey(namespace=namespace, name=name, version=version)
+        )
         return result

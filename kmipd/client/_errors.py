@@ -242,6 +242,32 @@ class CertificateNotRenewableError(RemoteError):
     code = ErrorCode.CERTIFICATE_NOT_RENEWABLE
 
 
+class SigningKeyOnlyError(RemoteError):
+    """A signing key was named where a DEK goes: it only signs and verifies."""
+
+    code = ErrorCode.SIGNING_KEY_ONLY
+
+
+class NotASigningKeyError(RemoteError):
+    """A KEK or DEK was asked to sign: only signing keys sign."""
+
+    code = ErrorCode.NOT_A_SIGNING_KEY
+
+
+class DigestLengthMismatchError(RemoteError):
+    code = ErrorCode.DIGEST_LENGTH_MISMATCH
+
+
+class UnsupportedAlgorithmError(RemoteError):
+    code = ErrorCode.UNSUPPORTED_ALGORITHM
+
+
+class SigningPeriodEndedError(RemoteError):
+    """The key's signing period ended: it still verifies; rotate it to sign."""
+
+    code = ErrorCode.SIGNING_PERIOD_ENDED
+
+
 class SealedKeyError(KmipdError):
     """A sealed key from the daemon did not open with this client's transport key.
 

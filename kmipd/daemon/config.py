@@ -555,7 +555,9 @@ def parse_config(
     online = [values[("online_ca", k)] for k in ("cert", "key", "crl")]
     if any(v is not None for v in online) and any(v is None for v in online):
         problems.append("online_ca: give cert, key and crl together (or none of them)")
-    kek_periods, dek_periods = _parse_crypto_periods(document.get("crypto_period", []), problems)
+    kek_periods, dek_periods, signing_periods = _parse_crypto_periods(
+        document.get("crypto_period", []), problems
+    )
     _check_hsm_backend(document.get("hsm", {}), values, problems)
     _check_store_backend(document.get("store", {}), values, problems)
     _check_secret_frames(values, problems)
@@ -624,6 +626,7 @@ def parse_config(
         lifecycle=LifecyclePolicy(
             kek_periods=tuple(kek_periods),
             dek_periods=tuple(dek_periods),
+            signing_periods=tuple(signing_periods),
             soft_delete_seconds=int(v("lifecycle", "soft_delete_days") * DAY),
             auto_rotate=v("lifecycle", "auto_rotate"),
             change_feed_seconds=int(v("lifecycle", "change_feed_days") * DAY),
@@ -901,12 +904,15 @@ CRYPTO_PERIOD_KEYS = {"applies_to", "namespaces", "protect_days", "process_days"
 
 def _parse_crypto_periods(
     raw: Any, problems: list[str]
-) -> tuple[list[CryptoPeriod], list[CryptoPeriod]]:
-    """[[crypto_period]] tables: the first whose namespaces match a new key's applies."""
-    periods: dict[str, list[CryptoPeriod]] = {"kek": [], "dek": []}
+) -> tuple[list[CryptoPeriod], list[CryptoPeriod], list[CryptoPeriod]]:
+    """[[crypto_period]] tables: the first whose namespaces match a new key's applies.
+
+    Per kind: KEKs, DEKs, and signing keys (protect_days: how long the private half
+    signs; process_days: how long its signatures verify)."""
+    periods: dict[str, list[CryptoPeriod]] = {"kek": [], "dek": [], "signing-key": []}
     if not isinstance(raw, list):
         problems.append("crypto_period: must be an array of tables ([[crypto_period]])")
-        return [], []
+        return [], [], []
     for index, entry in enumerate(raw):
         where = f"crypto_period[{index}]"
         if not isinstance(entry, dict):
@@ -919,7 +925,7 @@ def _parse_crypto_periods(
                 )
         kind = entry.get("applies_to", "kek")
         if kind not in periods:
-            problems.append(f"{where}.applies_to: must be kek or dek")
+            problems.append(f"{where}.applies_to: must be kek, dek or signing-key")
             continue
         namespaces = entry.get("namespaces", ["*"])
         if not isinstance(namespaces, list) or not all(
@@ -944,7 +950,7 @@ def _parse_crypto_periods(
             )
             continue
         periods[kind].append(CryptoPeriod(tuple(namespaces), protect, process))
-    return periods["kek"], periods["dek"]
+    return periods["kek"], periods["dek"], periods["signing-key"]
 
 
 def _namespace_glob_ok(pattern: str) -> bool:

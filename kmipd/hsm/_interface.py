@@ -67,7 +67,8 @@ class HsmBackend(Protocol):
         ...
 
     async def generate_signing_key(self, label: str, curve: str) -> str:
-        """Create an EC signing key pair (``curve``: p256 or p384) inside the backend.
+        """Create a signing key pair inside the backend: ``curve`` is a key type,
+        p256, p384 (EC), rsa3072 or rsa4096 (RSA; ``sign_digest`` only).
 
         The private half signs and does nothing else (no decrypt, unwrap or
         derive), and never leaves the backend; returns its handle.
@@ -84,6 +85,17 @@ class HsmBackend(Protocol):
 
     async def sign(self, handle: str, data: bytes) -> bytes:
         """ECDSA over ``data`` (SHA-256 for P-256, SHA-384 for P-384), DER-encoded."""
+        ...
+
+    async def sign_digest(self, handle: str, digest: bytes, algorithm: str) -> bytes:
+        """Sign a digest the caller computed, under ``algorithm`` (ES256, ES384, PS256,
+        PS384, RS256, RS384: see kmipd.hsm._signing); a digest whose length is not its
+        hash's is refused (DigestLengthError), as is an algorithm the key does not
+        sign with (SignatureAlgorithmError)."""
+        ...
+
+    async def destroy_signing_key(self, handle: str) -> None:
+        """Erase the key pair: nothing signs with it again."""
         ...
 
     async def check(self) -> None:

@@ -45,8 +45,8 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11._pkcs11 import lib as _pkcs11_lib
 from pkcs11.mechanisms import GCMParams
@@ -65,7 +65,17 @@ from kmipd.hsm._interface import (
     HsmKeyNotFoundError,
     HsmUnavailableError,
 )
-from kmipd.hsm._signing import SIGNING_CURVES, check_curve, curve_of, load_signing_key
+from kmipd.hsm._signing import (
+    DIGEST_INFO_PREFIX,
+    RSA_KEY_TYPES,
+    SIGNATURE_ALGORITHMS,
+    SIGNING_CURVES,
+    check_key_type,
+    check_signature_request,
+    curve_of,
+    key_type_of,
+    load_signing_key,
+)
 
 log = logging.getLogger("kmipd.hsm")
 
@@ -320,12 +330,11 @@ def _signing_templates(
     label: str, cka_id: bytes, curve: str
 ) -> tuple[dict[Attribute, Any], dict[Attribute, Any]]:
     """A signing key pair per the single-purpose rule: the private half signs, never
-    decrypts, unwraps or derives, and never leaves the token."""
-    params = encode_named_curve_parameters(SIGNING_CURVES[curve][2])
-    public = {
+    decrypts, unwraps or derives, and never leaves the token (``curve``: a key type)."""
+    key_type = KeyType.RSA if curve in RSA_KEY_TYPES else KeyType.EC
+    public: dict[Attribute, Any] = {
         Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-        Attribute.KEY_TYPE: KeyType.EC,
-        Attribute.EC_PARAMS: params,
+        Attribute.KEY_TYPE: key_type,
         Attribute.LABEL: label,
         Attribute.ID: cka_id,
         Attribute.TOKEN: True,
@@ -335,9 +344,14 @@ def _signing_templates(
         Attribute.DERIVE: False,
         Attribute.MODIFIABLE: False,
     }
+    if key_type is KeyType.RSA:
+        public[Attribute.MODULUS_BITS] = RSA_KEY_TYPES[curve]
+        public[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+    else:
+        public[Attribute.EC_PARAMS] = encode_named_curve_parameters(SIGNING_CURVES[curve][2])
     private = {
         Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-        Attribute.KEY_TYPE: KeyType.EC,
+        Attribute.KEY_TYPE: key_type,
         Attribute.LABEL: label,
         Attribute.ID: cka_id,
         Attribute.TOKEN: True,
@@ -425,8 +439,13 @@ class _Worker:
     #: Signing key objects by (object class, CKA_ID): the private half signs, the
     #: public half is read for its point.
     signers: dict[tuple[ObjectClass, bytes], Any] = attrs.field(factory=dict)
+    #: CKA_IDs of signing keys destroyed (by any worker): never served from the cache,
+    #: whose object handle another worker's destroy made invalid.
+    destroyed: set[bytes] = attrs.field(factory=set)
 
     def signing_key(self, object_class: ObjectClass, cka_id: bytes) -> Any:
+        if cka_id in self.destroyed:
+            self.signers.pop((object_class, cka_id), None)
         found = self.signers.get((object_class, cka_id))
         if found is None:
             self.session.token.slot.get_token()  # as in key(): is the token there?
@@ -567,6 +586,10 @@ class Pkcs11Hsm:
         self._up.set()
         self._check_run: _CheckRun | None = None
         self._closed = False
+        #: Signing keys' public halves (SPKI DER) by handle.
+        self._public_keys: dict[str, bytes] = {}
+        #: Shared by the workers (see _Worker.destroyed); only ever grows, by CKA_ID.
+        self._destroyed_signers: set[bytes] = set()
 
     def __repr__(self) -> str:
         state = "up" if self.down_reason is None else "down"
@@ -697,7 +720,7 @@ class Pkcs11Hsm:
         for index in range(self.settings.sessions):
             thread = threading.Thread(
                 target=self._work,
-                args=(_Worker(index),),
+                args=(_Worker(index, destroyed=self._destroyed_signers),),
                 name=f"kmipd-pkcs11-{index}",
                 daemon=True,  # one stuck in a hung token must not hold up the exit
             )
@@ -944,16 +967,22 @@ class Pkcs11Hsm:
     # -- signing keys (the online CA's) -----------------------------------------------------
 
     async def generate_signing_key(self, label: str, curve: str) -> str:
-        check_curve(curve)
+        check_key_type(curve)
         full_label = self._label(label)
+        rsa_bits = RSA_KEY_TYPES.get(curve)
 
         def generate(worker: _Worker) -> str:
             cka_id = secrets.token_bytes(16)
             public, private = _signing_templates(full_label, cka_id, curve)
             worker.session.generate_keypair(
-                KeyType.EC,
+                KeyType.EC if rsa_bits is None else KeyType.RSA,
+                rsa_bits,
                 store=True,
-                mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                mechanism=(
+                    Mechanism.EC_KEY_PAIR_GEN
+                    if rsa_bits is None
+                    else Mechanism.RSA_PKCS_KEY_PAIR_GEN
+                ),
                 public_template=public,
                 private_template=private,
             )
@@ -998,11 +1027,62 @@ class Pkcs11Hsm:
 
     async def signing_public_key(self, handle: str) -> bytes:
         cka_id = _signing_id(handle)
+        known = self._public_keys.get(handle)
+        if known is not None:
+            return known
 
         def read(worker: _Worker) -> bytes:
-            return bytes(encode_ec_public_key(worker.signing_key(ObjectClass.PUBLIC_KEY, cka_id)))
+            public = worker.signing_key(ObjectClass.PUBLIC_KEY, cka_id)
+            if public.key_type == KeyType.RSA:
+                numbers = rsa.RSAPublicNumbers(
+                    int.from_bytes(public[Attribute.PUBLIC_EXPONENT], "big"),
+                    int.from_bytes(public[Attribute.MODULUS], "big"),
+                )
+                return numbers.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            return bytes(encode_ec_public_key(public))
 
-        return await self._call("signing-public-key", read)
+        spki = await self._call("signing-public-key", read)
+        # Public, and a key pair's public half never changes: asked once per handle.
+        self._public_keys[handle] = spki
+        return spki
+
+    async def sign_digest(self, handle: str, digest: bytes, algorithm: str) -> bytes:
+        """The signature on the token: CKM_ECDSA, CKM_RSA_PKCS_PSS (MGF1 with the digest's
+        hash, salt its length), or CKM_RSA_PKCS over DigestInfo || digest."""
+        cka_id = _signing_id(handle)
+        public = serialization.load_der_public_key(await self.signing_public_key(handle))
+        assert isinstance(public, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey))
+        hash_ = check_signature_request(key_type_of(public), algorithm, digest)
+        scheme = SIGNATURE_ALGORITHMS[algorithm][1]
+        name = hash_.name.upper()
+        mechanism, value = Mechanism.ECDSA, digest
+        param: tuple[Any, ...] | None = None
+        if scheme == "pss":
+            mechanism = Mechanism.RSA_PKCS_PSS
+            param = (getattr(Mechanism, name), getattr(MGF, name), hash_.digest_size)
+        elif scheme == "pkcs1":
+            mechanism, value = Mechanism.RSA_PKCS, DIGEST_INFO_PREFIX[name] + digest
+
+        def sign(worker: _Worker) -> bytes:
+            key = worker.signing_key(ObjectClass.PRIVATE_KEY, cka_id)
+            return bytes(key.sign(value, mechanism=mechanism, mechanism_param=param))
+
+        signature = await self._call("sign-digest", sign)
+        return bytes(encode_ecdsa_signature(signature)) if scheme == "ecdsa" else signature
+
+    async def destroy_signing_key(self, handle: str) -> None:
+        cka_id = _signing_id(handle)
+
+        def destroy(worker: _Worker) -> None:
+            for object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+                worker.signing_key(object_class, cka_id).destroy()
+            worker.destroyed.add(cka_id)
+
+        await self._call("destroy-signing-key", destroy)
+        self._public_keys.pop(handle, None)
+        log.info("PKCS#11: destroyed signing key pair %s", handle)
 
     async def sign(self, handle: str, data: bytes) -> bytes:
         """The digest is computed here, the ECDSA signature on the token (CKM_ECDSA)."""

@@ -21,7 +21,7 @@ from typing import Any
 import trio
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kmipd.crypto._private_files import PrivateFileError, read_private_file
@@ -32,10 +32,12 @@ from kmipd.hsm._interface import (
     HsmUnavailableError,
 )
 from kmipd.hsm._signing import (
-    SIGNING_CURVES,
-    check_curve,
+    SigningPrivateKey,
     curve_of,
+    generate_private_key,
     load_signing_key,
+    public_key_der,
+    sign_digest_with,
     signature_hash,
 )
 from kmipd.protocol import ProtocolError, decode_item, encode_deterministic, encode_item
@@ -141,7 +143,7 @@ class SoftwareHsm:
         self._keyring_path = keyring_path
         self._lock_path = keyring_path.with_name(keyring_path.name + ".lock")
         self._keks: dict[str, AESGCM] = self._open_all(self._read_entries())
-        self._signers: dict[str, ec.EllipticCurvePrivateKey] = self._open_signers(
+        self._signers: dict[str, SigningPrivateKey] = self._open_signers(
             self._read_entries("signing")
         )
         self._check_run: _CheckRun | None = None
@@ -192,17 +194,15 @@ class SoftwareHsm:
         except ValueError as exc:
             raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
 
-    def _open_signers(
-        self, entries: dict[str, dict[str, Any]]
-    ) -> dict[str, ec.EllipticCurvePrivateKey]:
+    def _open_signers(self, entries: dict[str, dict[str, Any]]) -> dict[str, SigningPrivateKey]:
         signers = {}
         for handle, der in self._unseal(entries, _signing_entry_aad).items():
             try:
                 key = serialization.load_der_private_key(der, password=None)
             except (TypeError, ValueError) as exc:
                 raise HsmError(f"keyring {self._keyring_path} is malformed") from exc
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise HsmError(f"keyring {self._keyring_path}: {handle} is not an EC key")
+            if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+                raise HsmError(f"keyring {self._keyring_path}: {handle} is not an EC or RSA key")
             signers[handle] = key
         return signers
 
@@ -276,14 +276,14 @@ class SoftwareHsm:
     # -- signing keys (the online CA's): EC private keys sealed like KEKs ---------------
 
     async def generate_signing_key(self, label: str, curve: str) -> str:
-        check_curve(curve)
-        key = ec.generate_private_key(SIGNING_CURVES[curve][0]())
+        # RSA-4096 generation takes a second or more: off the trio thread.
+        key = await trio.to_thread.run_sync(generate_private_key, curve)
         return await self._store_signer(label, key)
 
     async def import_signing_key(self, label: str, private_key_der: bytes) -> str:
         return await self._store_signer(label, load_signing_key(private_key_der))
 
-    async def _store_signer(self, label: str, key: ec.EllipticCurvePrivateKey) -> str:
+    async def _store_signer(self, label: str, key: SigningPrivateKey) -> str:
         handle = f"soft-sign-{secrets.token_hex(12)}"
         der = key.private_bytes(
             serialization.Encoding.DER,
@@ -298,7 +298,7 @@ class SoftwareHsm:
         )
         return handle
 
-    def _signer(self, handle: str) -> ec.EllipticCurvePrivateKey:
+    def _signer(self, handle: str) -> SigningPrivateKey:
         key = self._signers.get(handle)
         if key is None:
             self._signers = self._open_signers(self._read_entries("signing"))
@@ -308,17 +308,25 @@ class SoftwareHsm:
         return key
 
     async def signing_public_key(self, handle: str) -> bytes:
-        return (
-            self._signer(handle)
-            .public_key()
-            .public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
+        return public_key_der(self._signer(handle))
 
     async def sign(self, handle: str, data: bytes) -> bytes:
         key = self._signer(handle)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise HsmError(f"signing key {handle} is RSA: it signs digests (sign_digest)")
         return key.sign(data, ec.ECDSA(signature_hash(curve_of(key))))
+
+    async def sign_digest(self, handle: str, digest: bytes, algorithm: str) -> bytes:
+        return sign_digest_with(self._signer(handle), algorithm, digest)
+
+    async def destroy_signing_key(self, handle: str) -> None:
+        def remove(entries: dict[str, dict[str, Any]]) -> None:
+            if entries.pop(handle, None) is None:
+                raise HsmKeyNotFoundError(
+                    f"no signing key with handle {handle!r} in the software HSM"
+                )
+
+        await trio.to_thread.run_sync(self._change, remove, "signing")
 
     async def check(self) -> None:
         """Read the keyring file under its lock: a keyring that cannot be read (a dead

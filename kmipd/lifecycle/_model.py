@@ -99,10 +99,15 @@ class Usage(enum.Enum):
     UNWRAP = "unwrap"  # KEK: recover DEKs
     ENCRYPT = "encrypt"  # DEK: protect data
     DECRYPT = "decrypt"  # DEK: recover data
+    SIGN = "sign"  # signing key's private half
+    VERIFY = "verify"  # signing key's public half
 
 
 KEK_USAGES: Final = frozenset({Usage.WRAP, Usage.UNWRAP})
 DEK_USAGES: Final = frozenset({Usage.ENCRYPT, Usage.DECRYPT})
+#: A signing key's: its private half signs until protect-stop (the end of its signing
+#: period), its public half verifies until deactivation.
+SIGNING_USAGES: Final = frozenset({Usage.SIGN, Usage.VERIFY})
 
 
 class LifecycleError(Exception):
@@ -329,6 +334,9 @@ class CryptoPeriod:
 class LifecyclePolicy:
     kek_periods: tuple[CryptoPeriod, ...] = ()
     dek_periods: tuple[CryptoPeriod, ...] = ()
+    #: Signing keys': protect_days is the private half's signing period, process_days
+    #: how long signatures still verify.
+    signing_periods: tuple[CryptoPeriod, ...] = ()
     #: Destroyed keys keep their material this long, so ``recover`` can undo a mistake.
     soft_delete_seconds: int = 7 * DAY
     #: Make the next KEK version when the newest reaches protect-stop.
@@ -341,7 +349,9 @@ class LifecyclePolicy:
         self, kind: str, namespace: str, now: int, usage: frozenset[Usage], activation: int | None
     ) -> Lifecycle:
         """Dates computed at creation from the first matching crypto-period."""
-        periods = self.kek_periods if kind == "kek" else self.dek_periods
+        periods = {"kek": self.kek_periods, "signing-key": self.signing_periods}.get(
+            kind, self.dek_periods
+        )
         period = next((p for p in periods if p.matches(namespace)), CryptoPeriod())
         start = now if activation is None else activation
         state = State.ACTIVE if start <= now else State.PRE_ACTIVE

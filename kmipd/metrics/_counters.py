@@ -174,6 +174,20 @@ class MeasuredHsm:
         finally:
             self._record("sign", time.perf_counter() - start)
 
+    async def sign_digest(self, handle: str, digest: bytes, algorithm: str) -> bytes:
+        start = time.perf_counter()
+        try:
+            return await self.backend.sign_digest(handle, digest, algorithm)
+        finally:
+            self._record("sign-digest", time.perf_counter() - start)
+
+    async def destroy_signing_key(self, handle: str) -> None:
+        start = time.perf_counter()
+        try:
+            await self.backend.destroy_signing_key(handle)
+        finally:
+            self._record("destroy-signing-key", time.perf_counter() - start)
+
     async def check(self) -> None:
         start = time.perf_counter()
         try:

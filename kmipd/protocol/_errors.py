@@ -65,6 +65,17 @@ class ErrorCode(enum.IntEnum):
     NO_ONLINE_CA = 246
     #: renew-certificate: the caller's certificate was not issued by the online CA.
     CERTIFICATE_NOT_RENEWABLE = 247
+    #: 25x: managed signing keys (one purpose per key, NIST SP 800-57).
+    #: A signing key was asked to decrypt, unwrap or be read as a DEK: it only signs.
+    SIGNING_KEY_ONLY = 254
+    #: A KEK, DEK or key-transport key was asked to sign: only signing keys sign.
+    NOT_A_SIGNING_KEY = 255
+    #: The digest's length is not its algorithm's hash length: nothing was signed.
+    DIGEST_LENGTH_MISMATCH = 256
+    #: The signature algorithm is unknown, or not one the key's type signs with.
+    UNSUPPORTED_ALGORITHM = 257
+    #: The key's signing period (its private half's crypto-period) ended: it only verifies.
+    SIGNING_PERIOD_ENDED = 258
 
     BUSY = 300
     SHUTTING_DOWN = 301

@@ -753,6 +753,153 @@ class CaCertificates:
     crl: bytes = wire(Bytes(min_length=1, max_length=1024 * 1024))
 
 
+# -- managed signing keys ------------------------------------------------------
+#
+# A signing key lives in a namespace under a name; rotating adds a version (a
+# new key pair in the HSM). The private half never leaves the HSM: clients get
+# the public half (SPKI DER) and signatures of digests they computed.
+
+SIGNING_KEY_NAME = Text(max_length=256, pattern=NAMESPACE_PATTERN, description="signing key name")
+SIGNING_KEY_TYPE = _choice("p256", "p384", "rsa3072", "rsa4096", what="signing key type")
+#: Checked by the service (unsupported-algorithm names the ones the key signs with).
+SIGNATURE_ALGORITHM = Text(max_length=16, description="signature algorithm")
+#: Checked against the algorithm's hash by the service (digest-length-mismatch).
+DIGEST = Bytes(min_length=1, max_length=64)
+SIGNATURE = Bytes(min_length=1, max_length=1024)
+PUBLIC_KEY = Bytes(min_length=1, max_length=2048)
+
+
+@attrs.frozen
+class CreateSigningKey:
+    OPERATION: ClassVar[str] = "create-signing-key"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    key_type: str = wire(SIGNING_KEY_TYPE)
+    #: When it starts signing (default now): pre-active until then.
+    activation: int | None = wire(TIMESTAMP, default=None)
+
+
+@attrs.frozen
+class GetSigningKey:
+    OPERATION: ClassVar[str] = "get-signing-key"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    #: Without it, the current (newest) version.
+    version: int | None = wire(VERSION, default=None)
+
+
+@attrs.frozen
+class SigningKeyInfo:
+    """One version of a signing key: its public half and lifecycle, never its private half."""
+
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    #: ``sig_...``: the key's id (all versions); a DEK id never looks like it.
+    key_id: str = wire(DEK_ID)
+    version: int = wire(VERSION)
+    versions: int = wire(UInt())
+    key_type: str = wire(SIGNING_KEY_TYPE)
+    algorithms: tuple[str, ...] = wire(ListOf(SIGNATURE_ALGORITHM, max_items=8))
+    public_key: bytes = wire(PUBLIC_KEY)
+    state: str = wire(STATE)
+    created: int = wire(TIMESTAMP)
+    activation: int | None = wire(TIMESTAMP, default=None)
+    #: The end of its signing period (protect-stop): after it, verify only.
+    sign_until: int | None = wire(TIMESTAMP, default=None)
+    #: Deactivation: after it, neither sign nor verify.
+    verify_until: int | None = wire(TIMESTAMP, default=None)
+    purge_at: int | None = wire(TIMESTAMP, default=None)
+    revocation_reason: str | None = wire(REVOCATION_REASON, default=None)
+
+
+@attrs.frozen
+class ListSigningKeys:
+    OPERATION: ClassVar[str] = "list-signing-keys"
+    #: A namespace name or glob (``*`` matches across ``/``); only permitted ones are listed.
+    namespace: str | None = wire(Text(max_length=128), default=None)
+
+
+@attrs.frozen
+class ListSigningKeysResult:
+    keys: tuple[SigningKeyInfo, ...] = wire(ListOf(Struct(SigningKeyInfo), max_items=100_000))
+
+
+@attrs.frozen
+class RotateSigningKey:
+    OPERATION: ClassVar[str] = "rotate-signing-key"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+
+
+@attrs.frozen
+class SignDigest:
+    """Sign a digest the client computed, with the key's current version."""
+
+    OPERATION: ClassVar[str] = "sign-digest"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    algorithm: str = wire(SIGNATURE_ALGORITHM)
+    digest: bytes = wire(DIGEST, repr=redacted)
+
+
+@attrs.frozen
+class SignatureResult:
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    version: int = wire(VERSION)
+    algorithm: str = wire(SIGNATURE_ALGORITHM)
+    signature: bytes = wire(SIGNATURE, repr=redacted)
+
+
+@attrs.frozen
+class VerifyDigest:
+    """Check a signature server-side: with ``version``, or any version still verifying."""
+
+    OPERATION: ClassVar[str] = "verify-digest"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    algorithm: str = wire(SIGNATURE_ALGORITHM)
+    digest: bytes = wire(DIGEST, repr=redacted)
+    signature: bytes = wire(SIGNATURE, repr=redacted)
+    version: int | None = wire(VERSION, default=None)
+
+
+@attrs.frozen
+class VerifyResult:
+    valid: bool = wire(Bool())
+    #: The version whose public key verified it.
+    version: int | None = wire(VERSION, default=None)
+
+
+@attrs.frozen
+class RevokeSigningKey:
+    OPERATION: ClassVar[str] = "revoke-signing-key"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    reason: str = wire(REVOCATION_REASON)
+    version: int | None = wire(VERSION, default=None)
+    message: str | None = wire(Text(max_length=256, min_length=0), default=None)
+
+
+@attrs.frozen
+class DestroySigningKey:
+    """Schedule a version's destruction (the soft-delete window), or now with purge-now."""
+
+    OPERATION: ClassVar[str] = "destroy-signing-key"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    version: int | None = wire(VERSION, default=None)
+    purge_now: bool | None = wire(Bool(), default=None)
+
+
+@attrs.frozen
+class RecoverSigningKey:
+    OPERATION: ClassVar[str] = "recover-signing-key"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(SIGNING_KEY_NAME)
+    version: int | None = wire(VERSION, default=None)
+
+
 # -- the operation table -----------------------------------------------------
 
 
@@ -811,6 +958,15 @@ OPERATIONS: dict[str, Operation] = {
         Operation("revoke-certificate", RevokeCertificate, IssuedCertificateInfo, idempotent=True),
         Operation("list-certificates", ListCertificates, ListCertificatesResult, idempotent=True),
         Operation("get-ca-certificates", GetCaCertificates, CaCertificates, idempotent=True),
+        Operation("create-signing-key", CreateSigningKey, SigningKeyInfo, idempotent=False),
+        Operation("get-signing-key", GetSigningKey, SigningKeyInfo, idempotent=True),
+        Operation("list-signing-keys", ListSigningKeys, ListSigningKeysResult, idempotent=True),
+        Operation("rotate-signing-key", RotateSigningKey, SigningKeyInfo, idempotent=False),
+        Operation("sign-digest", SignDigest, SignatureResult, idempotent=True),
+        Operation("verify-digest", VerifyDigest, VerifyResult, idempotent=True),
+        Operation("revoke-signing-key", RevokeSigningKey, SigningKeyInfo, idempotent=True),
+        Operation("destroy-signing-key", DestroySigningKey, SigningKeyInfo, idempotent=True),
+        Operation("recover-signing-key", RecoverSigningKey, SigningKeyInfo, idempotent=True),
     )
 }
 

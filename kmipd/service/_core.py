@@ -111,6 +111,20 @@ def blob_associated_data(kek: str, kek_version: int, context: dict[str, str]) ->
     return encode_deterministic(["kmipd/data-key/v1", kek, kek_version, context])
 
 
+#: Signing key ids (kmipd.service._signing): never a DEK id, so either refuses the other.
+SIGNING_KEY_ID_PREFIX = "sig_"
+
+
+def refuse_signing_key_id(key_id: str) -> None:
+    """A signing key's id where a DEK id goes (get-dek, rewrap-dek, ...): it never decrypts."""
+    if key_id.startswith(SIGNING_KEY_ID_PREFIX):
+        raise ServiceError(
+            ErrorCode.SIGNING_KEY_ONLY,
+            f"{key_id} is a signing key: it only signs and verifies (sign-digest, "
+            "verify-digest), never decrypts, unwraps or is read as a DEK",
+        )
+
+
 def new_dek_id() -> str:
     """128 random bits, base32: unguessable, URL- and filename-safe."""
     return "dek_" + base64.b32encode(secrets.token_bytes(16)).decode().rstrip("=").lower()
@@ -400,6 +414,7 @@ class ServiceCore:
         if ref.dek_id is not None and ref.kek is None and ref.version is None:
             call.dek_id = ref.dek_id
             self._require_some_grant(call, operation)
+            refuse_signing_key_id(ref.dek_id)
             record = await self.store.get_dek(ref.dek_id)
             if record is None:
                 raise ServiceError(ErrorCode.NOT_FOUND, f"no DEK with id {ref.dek_id}")

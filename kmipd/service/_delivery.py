@@ -45,6 +45,7 @@ from kmipd.service._core import (
     handles,
     handles_now,
     new_dek_id,
+    refuse_signing_key_id,
 )
 from kmipd.service._keks import KekOperations
 from kmipd.service._transport import TransportOperations
@@ -116,6 +117,7 @@ class DeliveryOperations(TransportOperations, KekOperations):
     def _check_get_dek(self, call: _Call, request: GetDek, record: DekRecord | None) -> KekVersion:
         self._require_some_grant(call, "get-dek")
         call.dek_id = request.dek_id
+        refuse_signing_key_id(request.dek_id)
         if record is None:
             raise ServiceError(ErrorCode.NOT_FOUND, f"no DEK with id {request.dek_id}")
         call.namespace = record.namespace

@@ -68,6 +68,22 @@ SECRET_MANAGE_OPERATIONS = frozenset(
 #: Issuing and renewing are granted by [[certificate_grant]] tables instead
 #: (CertificateGrant): what may be asked for is more than an operation name.
 CERTIFICATE_ADMIN_OPERATIONS = frozenset({"revoke-certificate", "list-certificates"})
+#: Using managed signing keys: signing digests, verifying, reading public keys.
+SIGNING_OPERATIONS = frozenset(
+    {"sign-digest", "verify-digest", "get-signing-key", "list-signing-keys"}
+)
+#: Administering signing keys (making, rotating, ending them); no signing.
+SIGNING_MANAGE_OPERATIONS = frozenset(
+    {
+        "create-signing-key",
+        "rotate-signing-key",
+        "revoke-signing-key",
+        "destroy-signing-key",
+        "recover-signing-key",
+        "get-signing-key",
+        "list-signing-keys",
+    }
+)
 #: Allowed to every authenticated client: they reveal nothing about keys or
 #: other clients (registration concerns only the caller's own certificate; the
 #: CA chain and CRL are public).
@@ -80,6 +96,8 @@ GRANTABLE_OPERATIONS = (
     | SECRET_READ_OPERATIONS
     | SECRET_MANAGE_OPERATIONS
     | CERTIFICATE_ADMIN_OPERATIONS
+    | SIGNING_OPERATIONS
+    | SIGNING_MANAGE_OPERATIONS
 )
 
 #: Names usable in a grant's operations list beside single operation names.
@@ -90,6 +108,8 @@ OPERATION_GROUPS = {
     "secrets-read": SECRET_READ_OPERATIONS,
     "secrets-manage": SECRET_MANAGE_OPERATIONS,
     "certificates-admin": CERTIFICATE_ADMIN_OPERATIONS,
+    "signing": SIGNING_OPERATIONS,
+    "signing-manage": SIGNING_MANAGE_OPERATIONS,
 }
 
 

@@ -16,11 +16,13 @@ from kmipd.service._maintenance import MaintenanceOperations
 from kmipd.service._objects import object_handlers
 from kmipd.service._rewrap import RewrapOperations
 from kmipd.service._secrets import SecretOperations
+from kmipd.service._signing import SigningOperations
 from kmipd.service._transport import TransportOperations
 
 
 class KeyService(
     CertificateOperations,
+    SigningOperations,
     SecretOperations,
     RewrapOperations,
     DeliveryOperations,

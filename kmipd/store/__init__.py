@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from kmipd.store._certs import IssuedCertificateRecord
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, Store, StoreOutcomeUnknownError
+from kmipd.store._signing import SigningKeyVersion
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
     UNCACHED,
@@ -64,6 +65,7 @@ __all__ = [
     "SecretDeletedError",
     "SecretRecord",
     "SecretVersion",
+    "SigningKeyVersion",
     "StaleRecordError",
     "Store",
     "StoreError",

@@ -64,6 +64,11 @@ from kmipd.store._certs import CertificateStore, IssuedCertificateRecord
 from kmipd.store._commit import point_of_no_return
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, StoreOutcomeUnknownError
+from kmipd.store._signing import (
+    SIGNING_KEYS_MIGRATION_POSTGRES,
+    SigningKeyStore,
+    SigningKeyVersion,
+)
 from kmipd.store._sqlite import (
     _VALUE_VERSION_COLUMNS,
     IDEMPOTENCY_RETENTION,
@@ -259,6 +264,8 @@ CREATE TABLE issued_certificates (
 CREATE INDEX issued_by_subject ON issued_certificates(subject, not_after);
 CREATE INDEX issued_revoked ON issued_certificates(not_after) WHERE revoked_at IS NOT NULL;
 """,
+    # 9 (provisional number): managed signing keys (kmipd.store._signing).
+    SIGNING_KEYS_MIGRATION_POSTGRES,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1593,6 +1600,23 @@ class PostgresStore:
     async def issued_expiry_by_subject(self, now: int) -> dict[tuple[str, str], int]:
         return await self._certificates.issued_expiry_by_subject(now)
 
+    # -- managed signing keys (kmipd.store._signing) -------------------------------------
+
+    async def add_signing_key_version(self, version: SigningKeyVersion) -> bool:
+        return await self._certificates.add_signing_key_version(version)
+
+    async def signing_key_versions(self, namespace: str, name: str) -> list[SigningKeyVersion]:
+        return await self._certificates.signing_key_versions(namespace, name)
+
+    async def list_signing_keys(self) -> list[SigningKeyVersion]:
+        return await self._certificates.list_signing_keys()
+
+    async def update_signing_key_version(self, version: SigningKeyVersion) -> bool:
+        return await self._certificates.update_signing_key_version(version)
+
+    async def signing_keys_due_for_destruction(self, now: int) -> list[SigningKeyVersion]:
+        return await self._certificates.signing_keys_due_for_destruction(now)
+
     # -- health, sharing, maintenance ----------------------------------------------------------
 
     async def refresh_if_changed(self) -> None:
@@ -1708,8 +1732,9 @@ class _QmarkConnection:
         return self._db.execute(sql.replace("?", "%s"), params)
 
 
-class _PostgresCertificates(CertificateStore):
-    """The issued-certificate methods of kmipd.store._certs, run on the PostgreSQL store."""
+class _PostgresCertificates(CertificateStore, SigningKeyStore):
+    """The issued-certificate and signing-key methods (kmipd.store._certs, _signing),
+    written once for sqlite3, run on the PostgreSQL store."""
 
     def __init__(self, store: PostgresStore) -> None:
         self._store = store
