@@ -269,12 +269,13 @@ async def _client_listeners(config: Config, manager: ServiceManager) -> list[tri
     """The sockets systemd passed (socket activation), else those in server.listen."""
     if not manager.sockets:
         return await _open_listeners(list(config.listen), "server.listen", config)
-    log.info(
-        "socket activation: serving on the %d socket(s) systemd passed (%s); "
-        "server.listen is not used",
-        len(manager.sockets),
-        ", ".join(inherited.name for inherited in manager.sockets),
-    )
+    if not manager.from_supervisor:
+        log.info(
+            "socket activation: serving on the %d socket(s) systemd passed (%s); "
+            "server.listen is not used",
+            len(manager.sockets),
+            ", ".join(inherited.name for inherited in manager.sockets),
+        )
     return [
         trio.SocketListener(trio.socket.from_stdlib_socket(inherited.socket))
         for inherited in manager.sockets

@@ -107,6 +107,8 @@ class ServiceManager:
     #: Seconds; None when no watchdog is armed for this process.
     watchdog_interval: float | None = None
     sockets: list[InheritedSocket] = attrs.field(factory=list)
+    #: The sockets are a worker supervisor's (server.workers), not systemd's.
+    from_supervisor: bool = False
 
     @classmethod
     def from_environment(cls, environ: MutableMapping[str, str] | None = None) -> ServiceManager:
