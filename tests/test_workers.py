@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from kmipd.audit import worker_trails
 from kmipd.client import Client
 from kmipd.daemon._dev import prepare_dev
-from kmipd.daemon._workers import worker_audit_paths
 from kmipd.daemon.config import MAX_WORKERS, load_config
 from tests.processes import Daemon, run_kmipd
 
@@ -61,7 +62,7 @@ def test_two_workers_serve_many_connections_and_drain(tmp_path: Path) -> None:
     assert daemon.stop() == 0
     log = daemon.stderr()
     assert "draining and stopping 2 workers" in log
-    trails = worker_audit_paths(load_config(config).audit_path)
+    trails = worker_trails(load_config(config).audit_path)
     assert [p.name for p in trails] == ["audit-w0.log", "audit-w1.log"]
     # Both workers answered requests: each trail holds records.
     assert all(p.read_text().count("\n") >= 2 for p in trails), [p.read_text() for p in trails]
@@ -151,3 +152,63 @@ def test_a_worker_that_cannot_start_stops_the_daemon(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
     finally:
         assert single.stop() == 0
+
+
+MAINTENANCE = re.compile(r"maintenance: this daemon \(pid (\d+)\) holds the lock")
+
+
+def test_maintenance_runs_in_one_worker_and_moves_when_it_dies(tmp_path: Path) -> None:
+    config = workers_config(tmp_path)
+    config.write_text(config.read_text() + "\n[lifecycle]\ncheck_interval = 0.2\n")
+    daemon = Daemon("--config", config, log=tmp_path / "d.log")
+    try:
+        wait_for(lambda: MAINTENANCE.search(daemon.stderr()), "a maintenance holder")
+        pids = worker_pids(daemon)
+        # Several passes of both workers later, still one holder.
+        wait_for(lambda: daemon.stderr().count("worker 1 ready") == 1, "worker 1")
+        with client(config, daemon.address) as kms:
+            kms.create_dek("orders")
+        [holder] = MAINTENANCE.findall(daemon.stderr())
+        assert int(holder) in pids.values()
+        os.kill(int(holder), signal.SIGKILL)
+        wait_for(lambda: len(MAINTENANCE.findall(daemon.stderr())) == 2, "a new holder")
+        first, second = MAINTENANCE.findall(daemon.stderr())
+        assert first != second
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_audit_verify_and_query_take_every_workers_trail(tmp_path: Path) -> None:
+    config = workers_config(tmp_path)
+    daemon = Daemon("--config", config, log=tmp_path / "d.log")
+    deks = []
+    for _ in range(16):
+        with client(config, daemon.address) as kms:
+            deks.append(kms.create_dek("orders").dek_id)
+            kms.get_dek(deks[-1])
+    assert daemon.stop() == 0
+    audit = load_config(config).audit_path
+    w0, w1 = worker_trails(audit)
+    verified = run_kmipd("audit", "verify", "--workers", audit)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert f"{w0}: " in verified.stdout and f"{w1}: " in verified.stdout
+    assert verified.stdout.count("chain intact") == 2
+    queried = run_kmipd("audit", "query", "--workers", audit)
+    assert queried.returncode == 0, queried.stderr
+    records = [json.loads(line) for line in queried.stdout.splitlines()]
+    assert {r["dek_id"] for r in records if r["operation"] == "get-dek"} == set(deks)
+    times = [r["time"] for r in records]
+    assert times == sorted(times)  # merged by time across the chains
+
+    lines = w1.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace('"result":"ok"', '"result":"no"', 1)
+    assert lines[1] != w1.read_text().splitlines(keepends=True)[1]
+    w1.write_text("".join(lines))
+    tampered = run_kmipd("audit", "verify", "--workers", audit)
+    assert tampered.returncode == 1
+    assert f"{w0}: " in tampered.stdout and "chain intact" in tampered.stdout
+    assert f"{w1}: TAMPERED" in tampered.stdout
+
+    missing = run_kmipd("audit", "verify", "--workers", tmp_path / "none.log")
+    assert missing.returncode == 1
+    assert "--workers: no worker trails beside" in missing.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -293,9 +294,14 @@ async def _maintain(
     two versions. When it dies the lock goes with it, and another daemon's next pass
     takes over.
     """
+    holder = False
     while True:
         try:
             if await service.store.maintenance_turn():
+                if service.store.shared and not holder:
+                    # Which process took the turn, for operators (and tests) to see.
+                    log.info("maintenance: this daemon (pid %d) holds the lock", os.getpid())
+                holder = True
                 await service.maintain()
             await also()
         except StoreUnavailableError:

@@ -25,12 +25,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
+from kmipd.audit import worker_trail
 from kmipd.daemon._systemd import InheritedSocket, ServiceManager
 from kmipd.daemon.config import Config, ConfigError
 from kmipd.net._address import format_address, parse_address
@@ -46,21 +46,6 @@ WORKER_READY_ENV = "KMIPD_WORKER_READY_FD"
 MAX_BACKOFF = 10.0
 #: A worker up this long has its backoff reset.
 HEALTHY_AFTER = 30.0
-
-
-def worker_audit_path(path: Path, index: int) -> Path:
-    """Worker ``index``'s audit trail, beside ``audit.path``: audit.log -> audit-w0.log."""
-    return path.with_name(f"{path.stem}-w{index}{path.suffix}")
-
-
-def worker_audit_paths(path: Path) -> list[Path]:
-    """The workers' trails beside ``audit.path`` that exist, in worker order."""
-    found = []
-    for candidate in path.parent.glob(f"{path.stem}-w*{path.suffix}"):
-        index = candidate.name[len(path.stem) + 2 : len(candidate.name) - len(path.suffix)]
-        if index.isdigit():
-            found.append((int(index), candidate))
-    return [p for _, p in sorted(found)]
 
 
 @attrs.frozen
@@ -91,7 +76,7 @@ class WorkerRole:
         return attrs.evolve(
             config,
             store_shared=True,
-            audit_path=worker_audit_path(config.audit_path, self.index),
+            audit_path=worker_trail(config.audit_path, self.index),
         )
 
     def manager(self) -> ServiceManager:
