@@ -7,9 +7,11 @@ import os
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kmipd.audit import worker_trails
 from kmipd.client import Client
@@ -124,13 +126,48 @@ def test_bad_workers_value_is_refused_by_name(tmp_path: Path, value: str, expect
     assert config.read_text() == before
 
 
-def test_metrics_with_several_workers_is_refused_until_aggregated(tmp_path: Path) -> None:
+def scrape(daemon: Daemon) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Family -> [(labels, value)] of every sample on the daemon's metrics endpoint."""
+    [url] = re.findall(r"Prometheus metrics on http://(\S+?)/metrics", daemon.stderr())
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as answer:
+        body = answer.read().decode()
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def test_metrics_are_every_workers_with_a_worker_label(tmp_path: Path) -> None:
     config = workers_config(tmp_path)
     config.write_text(config.read_text() + "\n[metrics]\nlisten = '127.0.0.1:0'\n")
-    result = run_kmipd("serve", "--config", config)
-    assert result.returncode == 1
-    assert "metrics.listen: not available with server.workers > 1 yet" in result.stderr
-    assert "Traceback" not in result.stderr
+    daemon = Daemon("--config", config, log=tmp_path / "d.log")
+    try:
+        gets = 0
+        for _ in range(24):  # connections spread over both workers by the kernel
+            with client(config, daemon.address) as kms:
+                kms.get_dek(kms.create_dek("orders").dek_id)
+                gets += 1
+        metrics = scrape(daemon)
+        assert sorted(labels["worker"] for labels, _ in metrics["kmipd_worker_up"]) == ["0", "1"]
+        assert all(value == 1 for _, value in metrics["kmipd_worker_up"])
+        per_worker = {
+            labels["worker"]: value
+            for labels, value in metrics["kmipd_requests_total"]
+            if labels["operation"] == "get-dek"
+        }
+        assert set(per_worker) == {"0", "1"} and all(per_worker.values()), per_worker
+        assert sum(per_worker.values()) == gets
+        pids = worker_pids(daemon)
+        os.kill(pids[1], signal.SIGKILL)
+        wait_for(lambda: daemon.stderr().count("worker 1 ready") == 2, "worker 1 again")
+        restarts = {
+            labels["worker"]: value
+            for labels, value in scrape(daemon)["kmipd_worker_restarts_total"]
+        }
+        assert restarts == {"0": 0, "1": 1}
+    finally:
+        assert daemon.stop() == 0
 
 
 def test_auto_is_the_usable_cores_capped(tmp_path: Path) -> None:

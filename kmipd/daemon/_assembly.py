@@ -106,11 +106,7 @@ async def run_daemon(
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
         supervisor.watch_writers()
         listeners = await _client_listeners(config, manager)
-        metrics_listeners = (
-            await _open_listeners([config.metrics_listen], "metrics.listen", config)
-            if config.metrics_listen
-            else []
-        )
+        metrics_listeners = await _metrics_listeners(config, manager)
         addresses = [format_address(*lst.socket.getsockname()[:2]) for lst in listeners]
         async with trio.open_nursery() as nursery:
 
@@ -132,10 +128,6 @@ async def run_daemon(
             )
             if metrics_listeners:
                 await nursery.start(serve_metrics, metrics_listeners, MetricsExporter(server))
-                log.info(
-                    "Prometheus metrics on http://%s/metrics",
-                    format_address(*metrics_listeners[0].socket.getsockname()[:2]),
-                )
             await nursery.start(serve_then_stop)
             if manager.watchdog_interval is not None:
                 nursery.start_soon(supervisor.watchdog, manager.watchdog_interval)
@@ -264,6 +256,24 @@ async def _open_listeners(
             config.source,
             [f"{key}: cannot listen on {', '.join(addresses)}: {exc.strerror or exc}"],
         ) from None
+
+
+async def _metrics_listeners(config: Config, manager: ServiceManager) -> list[trio.SocketListener]:
+    if manager.metrics_socket is not None:  # a worker: its supervisor scrapes it there
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(manager.metrics_socket)  # left by a worker before this one, killed
+        await sock.bind(str(manager.metrics_socket))
+        sock.listen()
+        return [trio.SocketListener(sock)]
+    if not config.metrics_listen:
+        return []
+    listeners = await _open_listeners([config.metrics_listen], "metrics.listen", config)
+    log.info(
+        "Prometheus metrics on http://%s/metrics",
+        format_address(*listeners[0].socket.getsockname()[:2]),
+    )
+    return listeners
 
 
 async def _client_listeners(config: Config, manager: ServiceManager) -> list[trio.SocketListener]:

@@ -20,20 +20,26 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
 from kmipd.audit import worker_trail
+from kmipd.daemon._prometheus import serve_metrics
 from kmipd.daemon._systemd import InheritedSocket, ServiceManager
+from kmipd.daemon._worker_metrics import WorkersExporter
 from kmipd.daemon.config import Config, ConfigError
 from kmipd.net._address import format_address, parse_address
+from kmipd.server import open_listeners
 
 log = logging.getLogger("kmipd.workers")
 
@@ -41,6 +47,7 @@ log = logging.getLogger("kmipd.workers")
 WORKER_ENV = "KMIPD_WORKER"
 WORKER_FDS_ENV = "KMIPD_WORKER_FDS"
 WORKER_READY_ENV = "KMIPD_WORKER_READY_FD"
+WORKER_METRICS_ENV = "KMIPD_WORKER_METRICS"
 
 #: Seconds between restarts of a worker that keeps dying: 0.1, 0.2, ... at most this.
 MAX_BACKOFF = 10.0
@@ -55,6 +62,8 @@ class WorkerRole:
     index: int
     sockets: list[InheritedSocket]
     ready_fd: int
+    #: Where to serve metrics for the supervisor to scrape (metrics.listen set).
+    metrics_socket: Path | None = None
 
     @classmethod
     def from_environment(cls) -> WorkerRole | None:
@@ -69,7 +78,8 @@ class WorkerRole:
             sock.set_inheritable(False)
             sock.setblocking(False)
             sockets.append(InheritedSocket(f"worker-listener-{fd}", sock))
-        return cls(int(index), sockets, ready_fd)
+        metrics = os.environ.pop(WORKER_METRICS_ENV, None)
+        return cls(int(index), sockets, ready_fd, Path(metrics) if metrics else None)
 
     def configure(self, config: Config) -> Config:
         """The worker's view: a shared store, its own audit trail."""
@@ -81,7 +91,9 @@ class WorkerRole:
 
     def manager(self) -> ServiceManager:
         # No notify socket, no watchdog: those are the supervisor's.
-        return ServiceManager(sockets=self.sockets, from_supervisor=True)
+        return ServiceManager(
+            sockets=self.sockets, from_supervisor=True, metrics_socket=self.metrics_socket
+        )
 
     def announce_ready(self) -> None:
         os.write(self.ready_fd, b"R")
@@ -116,6 +128,7 @@ class WorkerSupervisor:
         self._sockets: list[list[socket.socket]] = []
         self._stop_requested = trio.Event()
         self._first_up = trio.Event()  # worker 0 ready, or the daemon stopping
+        self._metrics_dir: Path | None = None
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; 0 when every worker drained and exited 0."""
@@ -126,6 +139,8 @@ class WorkerSupervisor:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._handle_signals, sigs)
+                    if self.config.metrics_listen:
+                        await self._serve_metrics(nursery)
                     if self.manager.watchdog_interval is not None:
                         nursery.start_soon(self._watchdog, self.manager.watchdog_interval)
                     async with trio.open_nursery() as workers:
@@ -140,9 +155,41 @@ class WorkerSupervisor:
         finally:
             for sock in {sock for sockets in self._sockets for sock in sockets}:
                 sock.close()
+            if self._metrics_dir is not None:
+                shutil.rmtree(self._metrics_dir, ignore_errors=True)
         self.notifier.status("stopped")
         log.info("stopped: all %d workers exited", len(self.workers))
         return 0 if all(code == 0 for code in codes.values()) else 1
+
+    async def _serve_metrics(self, nursery: trio.Nursery) -> None:
+        """metrics.listen is the supervisor's: each scrape merges the workers' registries."""
+        assert self.config.metrics_listen is not None
+        # 0700, the supervisor's: only it (and root) reaches the workers' sockets.
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="kmipd-metrics-"))
+        try:
+            listeners = await open_listeners([self.config.metrics_listen])
+        except OSError as exc:
+            raise ConfigError(
+                self.config.source,
+                [
+                    f"metrics.listen: cannot listen on {self.config.metrics_listen}: "
+                    f"{exc.strerror or exc}"
+                ],
+            ) from None
+        exporter = WorkersExporter(
+            [self._metrics_socket(w.index) for w in self.workers],
+            up=lambda index: self.workers[index].ready,
+            restarts=lambda index: self.workers[index].restarts,
+        )
+        await nursery.start(serve_metrics, listeners, exporter)
+        log.info(
+            "Prometheus metrics on http://%s/metrics (every worker's, labelled worker=N)",
+            format_address(*listeners[0].socket.getsockname()[:2]),
+        )
+
+    def _metrics_socket(self, index: int) -> Path:
+        assert self._metrics_dir is not None
+        return self._metrics_dir / f"w{index}.sock"
 
     def _listening_sockets(self) -> list[list[socket.socket]]:
         """Per worker, the sockets it accepts on.
@@ -229,6 +276,8 @@ class WorkerSupervisor:
         env[WORKER_ENV] = str(worker.index)
         env[WORKER_FDS_ENV] = ",".join(map(str, fds))
         env[WORKER_READY_ENV] = str(write_fd)
+        if self._metrics_dir is not None:
+            env[WORKER_METRICS_ENV] = str(self._metrics_socket(worker.index))
         for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS"):
             env.pop(variable, None)
         try:

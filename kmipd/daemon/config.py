@@ -587,14 +587,6 @@ def parse_config(
     _check_hsm_backend(document.get("hsm", {}), values, problems)
     _check_store_backend(document.get("store", {}), values, problems)
     _check_secret_frames(values, problems)
-    workers = values[("server", "workers")]
-    valid = isinstance(workers, int | str) and _workers(workers) is None
-    if valid and _resolve_workers(workers) > 1 and values[("metrics", "listen")]:
-        # Each worker would bind the one port; an aggregating endpoint is not built yet.
-        problems.append(
-            "metrics.listen: not available with server.workers > 1 yet (the per-worker "
-            "aggregation is not built): set server.workers = 1 or leave metrics.listen empty"
-        )
     env = os.environ if environ is None else environ
     for section, key in sorted(_PATH_KEYS):
         if isinstance(values[(section, key)], str):
