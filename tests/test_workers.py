@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmipd.audit import worker_trails
-from kmipd.client import Client
+from kmipd.client import Client, KmipdError
 from kmipd.daemon._dev import prepare_dev
 from kmipd.daemon.config import MAX_WORKERS, load_config
 from tests.processes import Daemon, run_kmipd
@@ -249,3 +249,40 @@ def test_audit_verify_and_query_take_every_workers_trail(tmp_path: Path) -> None
     missing = run_kmipd("audit", "verify", "--workers", tmp_path / "none.log")
     assert missing.returncode == 1
     assert "--workers: no worker trails beside" in missing.stderr
+
+
+def test_a_key_revoked_through_one_worker_is_refused_by_every_worker(tmp_path: Path) -> None:
+    """Each worker caches rows; a change made by another worker must reach its cache."""
+    config = workers_config(tmp_path)
+    daemon = Daemon("--config", config, log=tmp_path / "d.log")
+    pki = config.parent / "pki"
+    try:
+        with client(config, daemon.address) as kms:
+            dek = kms.create_dek("orders")
+        connections = [client(config, daemon.address) for _ in range(12)]
+        try:
+            for kms in connections:  # warm: both workers hold the row in their caches
+                for _ in range(3):
+                    assert kms.get_dek(dek.dek_id).key_bytes() == dek.key_bytes()
+            admin = Client(
+                daemon.address, ca=pki / "ca.pem", cert=pki / "admin.pem", key=pki / "admin-key.pem"
+            )
+            with admin:
+                admin.revoke("key-compromise", dek_id=dek.dek_id)
+            for kms in connections:
+                with pytest.raises(KmipdError, match="compromised"):
+                    kms.get_dek(dek.dek_id)
+        finally:
+            for kms in connections:
+                kms.close()
+        audit = load_config(config).audit_path
+    finally:
+        assert daemon.stop() == 0
+    # Both workers refused it (so both workers' caches were put to the test).
+    refusing = {
+        trail.name
+        for trail in worker_trails(audit)
+        for record in map(json.loads, trail.read_text().splitlines())
+        if record.get("operation") == "get-dek" and record.get("result") != "ok"
+    }
+    assert refusing == {"audit-w0.log", "audit-w1.log"}

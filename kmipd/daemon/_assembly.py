@@ -312,6 +312,8 @@ async def _maintain(
                     # Which process took the turn, for operators (and tests) to see.
                     log.info("maintenance: this daemon (pid %d) holds the lock", os.getpid())
                 holder = True
+                if service.store.shared:
+                    await service.store.refresh_if_changed()  # rows the others changed
                 await service.maintain()
             await also()
         except StoreUnavailableError:
