@@ -21,6 +21,11 @@ same client style in the same run, and prints one JSON document:
 * ``resumption``: new connection + get, full handshake against a resumed
   TLS 1.3 session, on a daemon with ``tls.session_tickets = 2`` (resumption
   re-checks revocation: tests/test_tls.py)
+* ``workers``: pipelined get-dek from WORKER_CLIENTS connections (processes x
+  threads, each its own connection) against ``server.workers`` = 1 and = 2, the
+  aggregate gets/s, the server's CPU per get (supervisor and workers together) and
+  ``ratio_2_to_1``; ``--workers-taskset CPUS`` runs the daemon under ``taskset -c``
+  (its workers inherit the mask); ``--no-workers`` skips it
 * ``kmip``: bench/bench_kmip.py's document (KMIP Get against native get-dek,
   same seconds per phase); ``--no-kmip`` skips it
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import multiprocessing
 import os
@@ -73,6 +79,8 @@ PIPELINE_BATCH = 512
 FLAT_SMALL = 1_000
 DEV_SERVE = [sys.executable, "-m", "kmipd", "serve", "--dev"]
 CONCURRENT_PROCESSES, CONCURRENT_THREADS = 4, 4
+#: The workers phase's clients: processes x threads, a pipelining connection each.
+WORKER_CLIENT_PROCESSES, WORKER_CLIENT_THREADS = 4, 2
 
 
 # -- processes under test ------------------------------------------------------------------
@@ -423,6 +431,98 @@ def resumption(tmp: Path, seconds: float) -> dict[str, Any]:
     }
 
 
+def _pipelined_client(
+    address: str,
+    creds: dict[str, Path],
+    batch: list[str],
+    seconds: float,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """One process, WORKER_CLIENT_THREADS connections each getting ``batch`` pipelined."""
+    counts: list[int] = []
+
+    def run() -> None:
+        with Client(address, **creds) as kms:
+            kms.get_deks(batch)
+            barrier.wait()
+            counts.append(timed_loop(seconds, lambda: len(kms.get_deks(batch)))["operations"])
+
+    threads = [threading.Thread(target=run) for _ in range(WORKER_CLIENT_THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.put(sum(counts))
+
+
+def family_cpu_seconds(pid: int) -> float:
+    """A process's CPU and that of its live children (the supervisor and its workers)."""
+    total = cpu_seconds(pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:  # its parent is the supervisor: a worker
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def workers_scaling(tmp: Path, seconds: float, taskset: str | None) -> dict[str, Any]:
+    """Pipelined gets/s from several connections with server.workers = 1 and = 2."""
+    data = tmp / "workers"
+    daemon, address = start(
+        [*DEV_SERVE, "--data", str(data), "--listen", "127.0.0.1:0"], tmp / "w.log"
+    )
+    pki = data / "pki"
+    creds = {"ca": pki / "ca.pem", "cert": pki / "storage.pem", "key": pki / "storage-key.pem"}
+    with Client(address, **creds) as kms:
+        batch = [kms.create_dek("bench").dek_id for _ in range(PIPELINE_BATCH)]
+    stop(daemon)
+    config = data / "kmipd.toml"
+    document = tomllib.loads(config.read_text(encoding="utf-8"))
+    grants = document.pop("grant", [])
+    found: dict[str, Any] = {}
+    for workers in (1, 2):
+        document["server"].update({"workers": workers, "listen": ["127.0.0.1:0"]})
+        config.write_text(render_config(document, grants), encoding="utf-8")
+        pinned = ["taskset", "-c", taskset] if taskset else []
+        command = [*pinned, sys.executable, "-m", "kmipd", "serve", "--config", str(config)]
+        daemon, address = start(command, tmp / f"w{workers}.log")
+        try:
+            ctx = multiprocessing.get_context("spawn")
+            clients = WORKER_CLIENT_PROCESSES * WORKER_CLIENT_THREADS
+            barrier = ctx.Barrier(clients + 1)
+            results = ctx.Queue()
+            processes = [
+                ctx.Process(
+                    target=_pipelined_client,
+                    args=(address, creds, batch, seconds, barrier, results),
+                )
+                for _ in range(WORKER_CLIENT_PROCESSES)
+            ]
+            for process in processes:
+                process.start()
+            barrier.wait(timeout=120)  # every connection open and warm
+            cpu_before, started = family_cpu_seconds(daemon.pid), time.perf_counter()
+            total = sum(results.get(timeout=seconds + 120) for _ in processes)
+            elapsed = time.perf_counter() - started
+            server_cpu = family_cpu_seconds(daemon.pid) - cpu_before
+            for process in processes:
+                process.join()
+        finally:
+            stop(daemon)
+        found[f"workers_{workers}"] = {
+            "ops_per_s": round(total / elapsed, 1),
+            "server_cpu_us": round(server_cpu * 1e6 / max(1, total), 1),
+            "connections": clients,
+        }
+    found["ratio_2_to_1"] = round(
+        found["workers_2"]["ops_per_s"] / found["workers_1"]["ops_per_s"], 3
+    )
+    found["taskset"] = taskset
+    return found
+
+
 def kmip_bench(seconds: float) -> Any:
     """bench_kmip.py's phases, in a subprocess of their own (their own daemon)."""
     out = subprocess.run(
@@ -447,8 +547,22 @@ def main() -> None:
     )
     parser.add_argument("--no-flatness", action="store_true", help="skip latency_flatness")
     parser.add_argument("--no-kmip", action="store_true", help="skip the KMIP phases")
+    parser.add_argument("--no-workers", action="store_true", help="skip the workers phases")
+    parser.add_argument("--only-workers", action="store_true", help="run the workers phases alone")
+    parser.add_argument(
+        "--workers-taskset", metavar="CPUS", help="run the workers phases' daemon on these CPUs"
+    )
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
+    if args.only_workers:
+        with tempfile.TemporaryDirectory(prefix="kmipd-bench-") as tmp_name:
+            scaling = workers_scaling(Path(tmp_name), seconds, args.workers_taskset)
+        print(
+            json.dumps(
+                {"workers": scaling, "seconds_per_phase": seconds, "cpus": os.cpu_count()}, indent=2
+            )
+        )
+        return
 
     with tempfile.TemporaryDirectory(prefix="kmipd-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -512,6 +626,8 @@ def main() -> None:
         extra: dict[str, Any] = {"resumption": resumption(tmp, seconds)}
         if not args.no_flatness:
             extra["latency_flatness"] = latency_flatness(tmp, seconds, args.flat_rows)
+        if not args.no_workers:
+            extra["workers"] = workers_scaling(tmp, seconds, args.workers_taskset)
         if not args.no_kmip:
             extra["kmip"] = kmip_bench(seconds)
 

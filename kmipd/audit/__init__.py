@@ -13,6 +13,7 @@ from kmipd.audit._trail import (
     records,
     verify,
 )
+from kmipd.audit._workers import worker_trail, worker_trails
 
 __all__ = [
     "AUDIT_KEY_SIZE",
@@ -26,4 +27,6 @@ __all__ = [
     "read_audit_key",
     "records",
     "verify",
+    "worker_trail",
+    "worker_trails",
 ]

@@ -9,10 +9,11 @@ from pathlib import Path
 import trio
 
 from kmipd.cli._common import Commands
-from kmipd.daemon import RunningDaemon, run_daemon
+from kmipd.daemon import run_daemon
 from kmipd.daemon._dev import client_command, prepare_dev
 from kmipd.daemon._logging import configure_logging
 from kmipd.daemon._systemd import ServiceManager
+from kmipd.daemon._workers import WorkerRole, WorkerSupervisor
 from kmipd.daemon.config import load_config
 
 DEFAULT_DEV_DIR = Path("kmipd-dev")
@@ -46,15 +47,32 @@ def _serve(args: argparse.Namespace) -> int:
     config_path = prepare_dev(args.data, args.listen) if args.dev else args.config
     config = load_config(config_path)
     configure_logging(config.log_level)
+    role = WorkerRole.from_environment()
+    if role is not None:  # one of a supervisor's workers (see kmipd.daemon._workers)
+        trio.run(
+            functools.partial(
+                run_daemon,
+                role.configure(config),
+                lambda _: role.announce_ready(),
+                manager=role.manager(),
+            )
+        )
+        return 0
     manager = ServiceManager.from_environment()
 
-    def announce(daemon: RunningDaemon) -> None:
+    def announce(addresses: list[str]) -> None:
         if args.dev:
             print(f"kmipd: dev data in {args.data}/ (config {config_path})")
             print("kmipd: try, in another shell:")
-            print(f"  {client_command(args.data, daemon.addresses[0])} --reveal")
+            print(f"  {client_command(args.data, addresses[0])} --reveal")
         # The last line, and the one to wait for: everything is ready.
-        print(f"kmipd: listening on {', '.join(daemon.addresses)}", flush=True)
+        print(f"kmipd: listening on {', '.join(addresses)}", flush=True)
 
-    trio.run(functools.partial(run_daemon, config, announce, manager=manager))
+    if config.workers > 1:
+        return trio.run(WorkerSupervisor(config, manager, announce).run)
+    trio.run(
+        functools.partial(
+            run_daemon, config, lambda daemon: announce(daemon.addresses), manager=manager
+        )
+    )
     return 0

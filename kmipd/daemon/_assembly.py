@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -105,11 +106,7 @@ async def run_daemon(
         supervisor = Supervisor(config, server, service.hsm, notifier, metrics)
         supervisor.watch_writers()
         listeners = await _client_listeners(config, manager)
-        metrics_listeners = (
-            await _open_listeners([config.metrics_listen], "metrics.listen", config)
-            if config.metrics_listen
-            else []
-        )
+        metrics_listeners = await _metrics_listeners(config, manager)
         addresses = [format_address(*lst.socket.getsockname()[:2]) for lst in listeners]
         async with trio.open_nursery() as nursery:
 
@@ -131,10 +128,6 @@ async def run_daemon(
             )
             if metrics_listeners:
                 await nursery.start(serve_metrics, metrics_listeners, MetricsExporter(server))
-                log.info(
-                    "Prometheus metrics on http://%s/metrics",
-                    format_address(*metrics_listeners[0].socket.getsockname()[:2]),
-                )
             await nursery.start(serve_then_stop)
             if manager.watchdog_interval is not None:
                 nursery.start_soon(supervisor.watchdog, manager.watchdog_interval)
@@ -265,16 +258,35 @@ async def _open_listeners(
         ) from None
 
 
+async def _metrics_listeners(config: Config, manager: ServiceManager) -> list[trio.SocketListener]:
+    if manager.metrics_socket is not None:  # a worker: its supervisor scrapes it there
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(manager.metrics_socket)  # left by a worker before this one, killed
+        await sock.bind(str(manager.metrics_socket))
+        sock.listen()
+        return [trio.SocketListener(sock)]
+    if not config.metrics_listen:
+        return []
+    listeners = await _open_listeners([config.metrics_listen], "metrics.listen", config)
+    log.info(
+        "Prometheus metrics on http://%s/metrics",
+        format_address(*listeners[0].socket.getsockname()[:2]),
+    )
+    return listeners
+
+
 async def _client_listeners(config: Config, manager: ServiceManager) -> list[trio.SocketListener]:
     """The sockets systemd passed (socket activation), else those in server.listen."""
     if not manager.sockets:
         return await _open_listeners(list(config.listen), "server.listen", config)
-    log.info(
-        "socket activation: serving on the %d socket(s) systemd passed (%s); "
-        "server.listen is not used",
-        len(manager.sockets),
-        ", ".join(inherited.name for inherited in manager.sockets),
-    )
+    if not manager.from_supervisor:
+        log.info(
+            "socket activation: serving on the %d socket(s) systemd passed (%s); "
+            "server.listen is not used",
+            len(manager.sockets),
+            ", ".join(inherited.name for inherited in manager.sockets),
+        )
     return [
         trio.SocketListener(trio.socket.from_stdlib_socket(inherited.socket))
         for inherited in manager.sockets
@@ -292,9 +304,16 @@ async def _maintain(
     two versions. When it dies the lock goes with it, and another daemon's next pass
     takes over.
     """
+    holder = False
     while True:
         try:
             if await service.store.maintenance_turn():
+                if service.store.shared and not holder:
+                    # Which process took the turn, for operators (and tests) to see.
+                    log.info("maintenance: this daemon (pid %d) holds the lock", os.getpid())
+                holder = True
+                if service.store.shared:
+                    await service.store.refresh_if_changed()  # rows the others changed
                 await service.maintain()
             await also()
         except StoreUnavailableError:

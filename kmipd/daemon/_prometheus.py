@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from typing import Protocol
 
 import h11
 import trio
@@ -50,6 +51,14 @@ LINGER_TIMEOUT = 1.0
 LINGER_READS = 16
 #: Scrapes answered at once; a connection beyond them is closed unanswered.
 MAX_SCRAPERS = 8
+
+
+class Exporter(Protocol):
+    """What a scrape renders: this daemon's registry, or the workers' merged."""
+
+    async def refresh(self) -> None: ...
+
+    def render(self) -> bytes: ...
 
 
 class MetricsExporter:
@@ -340,7 +349,7 @@ def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: 
 
 async def serve_metrics(
     listeners: list[trio.SocketListener],
-    exporter: MetricsExporter,
+    exporter: Exporter,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -365,7 +374,7 @@ async def serve_metrics(
         task_status.started()
 
 
-async def _answer(stream: trio.SocketStream, exporter: MetricsExporter) -> None:
+async def _answer(stream: trio.SocketStream, exporter: Exporter) -> None:
     http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
     try:
         request = await _receive_request(stream, http)

@@ -24,6 +24,7 @@ import socket
 import stat
 import time
 from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 import attrs
 
@@ -107,6 +108,10 @@ class ServiceManager:
     #: Seconds; None when no watchdog is armed for this process.
     watchdog_interval: float | None = None
     sockets: list[InheritedSocket] = attrs.field(factory=list)
+    #: The sockets are a worker supervisor's (server.workers), not systemd's.
+    from_supervisor: bool = False
+    #: A worker's private metrics socket, scraped by its supervisor (else metrics.listen).
+    metrics_socket: Path | None = None
 
     @classmethod
     def from_environment(cls, environ: MutableMapping[str, str] | None = None) -> ServiceManager:

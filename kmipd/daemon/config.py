@@ -144,6 +144,28 @@ def _no_password_in_conninfo(value: str) -> str | None:
     return None
 
 
+#: The most worker processes server.workers starts (and "auto" picks).
+MAX_WORKERS = 8
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, so taskset and cgroups count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _workers(value: Any) -> str | None:
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f'must be an integer 1..{MAX_WORKERS} or "auto" (the usable cores, capped)'
+    if not 1 <= value <= MAX_WORKERS:
+        return f'must be 1..{MAX_WORKERS} (got {value}), or "auto"'
+    return None
+
+
 def _sessions(value: int) -> str | None:
     return None if 1 <= value <= 256 else "must be 1..256"
 
@@ -191,6 +213,10 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "send_timeout": Option((int, float), 30.0, "seconds a client may stall reading", _positive),
         "drain_timeout": Option(
             (int, float), 10.0, "seconds to finish requests on SIGTERM", _positive
+        ),
+        # 1 by default: one process with the files it always had (see docs/operators.md).
+        "workers": Option(
+            (int, str), 1, 'worker processes sharing the listeners: 1..8 or "auto"', _workers
         ),
     },
     "tls": {
@@ -463,6 +489,8 @@ class Config:
     #: Renew tls.cert from the online CA once past online_ca_renew_at of its lifetime.
     online_ca_renew_server: bool = True
     online_ca_renew_at: float = 2 / 3
+    #: server.workers, resolved ("auto": the usable cores, at most MAX_WORKERS).
+    workers: int = 1
 
     def sqlite_path(self) -> Path:
         """The SQLite store's file; only for that backend."""
@@ -647,7 +675,12 @@ def parse_config(
         online_ca_key=v("online_ca", "key"),
         online_ca_renew_server=v("online_ca", "renew_server"),
         online_ca_renew_at=float(v("online_ca", "renew_at")),
+        workers=_resolve_workers(v("server", "workers")),
     )
+
+
+def _resolve_workers(value: int | str) -> int:
+    return min(usable_cores(), MAX_WORKERS) if value == "auto" else int(value)
 
 
 #: What a set-secret frame carries beside the value: ids, names, content type, a few tags.

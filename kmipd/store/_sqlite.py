@@ -467,7 +467,13 @@ class KeyStore(CertificateStore, SigningKeyStore):
         self._secrets_generation = 0
         self._keks = {kek.name: kek for kek in _load_keks(self._reader)}
         self._transport = {r.identity: r for r in _load_transport_certs(self._reader)}
-        self._data_version = _data_version(self._reader)
+        #: Shared: a connection of its own, asked on the event loop (no thread hop) at each
+        #: request whether anyone committed since; if so the caches are dropped (a new
+        #: epoch) and the KEKs reread. A row read in a thread is remembered only if no
+        #: epoch began meanwhile, so a row changed by another daemon is never kept stale.
+        self._watch = _connect(path) if shared else None
+        self._data_version = _data_version(self._watch) if self._watch is not None else 0
+        self._cache_epoch = 0
         self._maintenance_fd: int | None = None
         (self.store_id,) = self._reader.execute(
             "SELECT value FROM store_meta WHERE name = 'store_id'"
@@ -491,6 +497,8 @@ class KeyStore(CertificateStore, SigningKeyStore):
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
+        if self._watch is not None:
+            self._watch.close()
         os.close(self._lock_fd)
         if self._maintenance_fd is not None:
             os.close(self._maintenance_fd)
@@ -724,9 +732,11 @@ class KeyStore(CertificateStore, SigningKeyStore):
         await self._write(insert)
 
     def cached_dek(self, dek_id: str) -> DekRecord | None:
-        """The row if it is in the cache; never touches the database."""
-        if self.shared:
-            return None  # another daemon may have changed it
+        """The row if it is in the cache; shared, only while nobody committed since the
+        last refresh_if_changed (the inline path skips that refresh: it must not serve a
+        row another daemon changed). Never reads a table."""
+        if self._stale():
+            return None
         record = self._cache.get(dek_id)
         if record is not None:
             self._cache.move_to_end(dek_id)
@@ -753,8 +763,9 @@ class KeyStore(CertificateStore, SigningKeyStore):
             row = db.execute(f"SELECT {_DEK_COLUMNS} FROM deks WHERE id = ?", (dek_id,)).fetchone()
             return None if row is None else _dek_from_row(row)
 
+        epoch = self._cache_epoch
         record = await self._read(select)
-        if record is not None:
+        if record is not None and epoch == self._cache_epoch:
             self._remember(record)
         return record
 
@@ -798,8 +809,6 @@ class KeyStore(CertificateStore, SigningKeyStore):
         return changed
 
     def _remember(self, record: DekRecord) -> None:
-        if self.shared:
-            return
         self._cache[record.dek_id] = record
         self._cache.move_to_end(record.dek_id)
         while len(self._cache) > self._cache_size:
@@ -810,8 +819,6 @@ class KeyStore(CertificateStore, SigningKeyStore):
         self._objects.pop(dek_id, None)
 
     def _remember_object(self, dek_id: str, kmip: ObjectRecord | None) -> None:
-        if self.shared:
-            return
         self._objects[dek_id] = kmip
         self._objects.move_to_end(dek_id)
         while len(self._objects) > self._cache_size:
@@ -821,9 +828,9 @@ class KeyStore(CertificateStore, SigningKeyStore):
 
     def cached_object(self, dek_id: str) -> ObjectRecord | _Uncached | None:
         """The key's KMIP attributes if the cache knows them (None: it has none), else
-        UNCACHED; never touches the database."""
-        if self.shared:
-            return UNCACHED  # another daemon may have changed them
+        UNCACHED; never reads a table (shared: see cached_dek)."""
+        if self._stale():
+            return UNCACHED
         if dek_id not in self._objects:
             return UNCACHED
         self._objects.move_to_end(dek_id)
@@ -846,8 +853,10 @@ class KeyStore(CertificateStore, SigningKeyStore):
             ).fetchall()
             return _object_from_row(row, tuple(name for (name,) in names))
 
+        epoch = self._cache_epoch
         found = await self._read(select)
-        self._remember_object(dek_id, found)
+        if epoch == self._cache_epoch:
+            self._remember_object(dek_id, found)
         return found
 
     async def put_object(self, kmip: ObjectRecord) -> None:
@@ -1419,23 +1428,26 @@ class KeyStore(CertificateStore, SigningKeyStore):
 
     # -- health and shared mode ------------------------------------------------------------
 
+    def _stale(self) -> bool:
+        """Shared: whether anyone committed since the caches were last validated."""
+        return self._watch is not None and _data_version(self._watch) != self._data_version
+
     async def refresh_if_changed(self) -> None:
-        """Shared mode: reload KEK metadata if any other connection committed since."""
-
-        def check(
-            db: sqlite3.Connection,
-        ) -> tuple[list[KekRecord], list[TransportCertRecord]] | None:
-            version = _data_version(db)
-            if version == self._data_version:
-                return None
-            self._data_version = version
-            return _load_keks(db), _load_transport_certs(db)
-
-        loaded = await self._read(check)
-        if loaded is not None:
-            keks, certs = loaded
-            self._keks = {kek.name: kek for kek in keks}
-            self._transport = {record.identity: record for record in certs}
+        """Shared mode: if any connection committed since (another daemon, or this one's
+        writer), drop the row caches and reload KEK metadata."""
+        if self._watch is None:
+            return
+        # A read of the WAL index in shared memory: microseconds, no disk I/O.
+        version = _data_version(self._watch)
+        if version == self._data_version:
+            return
+        self._data_version = version
+        self._cache_epoch += 1
+        self._cache.clear()
+        self._objects.clear()
+        keks, certs = await self._read(lambda db: (_load_keks(db), _load_transport_certs(db)))
+        self._keks = {kek.name: kek for kek in keks}
+        self._transport = {record.identity: record for record in certs}
 
     async def maintenance_turn(self) -> bool:
         """Whether this daemon runs maintenance now: always when it owns the store;
