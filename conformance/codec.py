@@ -381,7 +381,12 @@ def valid_value(ctx: Context, field: Field) -> Any:
         "csr": b"\x30\x00",
         "profile": "client",
         "serial": "1",
+        # Managed certificates: a policy with its required fields, DER of the right shape.
+        "policy": {"key-type": "p256", "validity": 86400},
+        "certificate": b"\x30\x00",
     }
+    if field.name == "key" and category(field) == "bytes":
+        return b"\x30\x00"  # import-managed-certificate's PKCS#8 key, not a key reference
     if field.name in known:
         return known[field.name]
     defaults = {"text": "conformance", "bytes": b"", "uint": 1, "array": [], "map": {}}

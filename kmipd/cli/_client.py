@@ -103,9 +103,28 @@ def client_call(call: Callable[[km.Client, argparse.Namespace], Any]) -> Callabl
     return handler
 
 
+def named_options(namespace_help: str) -> argparse.ArgumentParser:
+    """NAME and --namespace (default KMIPD_NAMESPACE): what names a secret or certificate."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("name", metavar="NAME")
+    parent.add_argument(
+        "--namespace", default=os.environ.get("KMIPD_NAMESPACE"), help=namespace_help
+    )
+    return parent
+
+
+def namespace_of(args: argparse.Namespace) -> str:
+    if not args.namespace:
+        raise CliError("which namespace? give --namespace (or set KMIPD_NAMESPACE)")
+    namespace: str = args.namespace
+    return namespace
+
+
 def to_json(result: Any, *, reveal: bool) -> Any:
     if isinstance(result, list):
         return [to_json(item, reveal=reveal) for item in result]
+    if isinstance(result, dict):
+        return _jsonable(result, reveal=reveal)
     if isinstance(result, km.Dek):
         with result:
             fields = {

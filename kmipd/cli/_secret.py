@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from kmipd import client as km
-from kmipd.cli._client import client_call, client_options, connect, parse_context
+from kmipd.cli._client import (
+    client_call,
+    client_options,
+    connect,
+    named_options,
+    namespace_of,
+    parse_context,
+)
 from kmipd.cli._common import CliError, Commands, parse_timestamp
 from kmipd.cli._files import open_output
 from kmipd.protocol import SECRET_MAX_VALUE_SIZE
@@ -38,13 +45,7 @@ def register(commands: Commands) -> None:
         "(or KMIPD_NAMESPACE). Values are read from stdin or --file, never from arguments.",
     )
     actions = secret.add_subparsers(metavar="ACTION")
-    named = argparse.ArgumentParser(add_help=False)
-    named.add_argument("name", metavar="NAME")
-    named.add_argument(
-        "--namespace",
-        default=os.environ.get("KMIPD_NAMESPACE"),
-        help="the secret's namespace (or KMIPD_NAMESPACE)",
-    )
+    named = named_options("the secret's namespace (or KMIPD_NAMESPACE)")
     attributes = argparse.ArgumentParser(add_help=False)
     _add_attribute_flags(attributes, dates=parse_timestamp)
 
@@ -77,7 +78,7 @@ def register(commands: Commands) -> None:
 
     versions = add("versions", "every version's metadata, oldest first", named)
     versions.set_defaults(
-        handler=client_call(lambda c, a: c.secret_versions(_namespace(a), a.name))
+        handler=client_call(lambda c, a: c.secret_versions(namespace_of(a), a.name))
     )
 
     update = add("update", "change a version's attributes (the newest unless --version)", named)
@@ -111,14 +112,7 @@ def _add_attribute_flags(parser: argparse.ArgumentParser, *, dates: Callable[[st
 
 
 def _by_name(client: km.Client, args: argparse.Namespace, *, method: str) -> Any:
-    return getattr(client, method)(_namespace(args), args.name)
-
-
-def _namespace(args: argparse.Namespace) -> str:
-    if not args.namespace:
-        raise CliError("which namespace? give --namespace (or set KMIPD_NAMESPACE)")
-    namespace: str = args.namespace
-    return namespace
+    return getattr(client, method)(namespace_of(args), args.name)
 
 
 def _set(client: km.Client, args: argparse.Namespace) -> km.SecretInfo:
@@ -127,7 +121,7 @@ def _set(client: km.Client, args: argparse.Namespace) -> km.SecretInfo:
             "a secret value is never taken from the command line (ps and shell history "
             "show it): pipe it on stdin or give --file; nothing was stored"
         )
-    namespace = _namespace(args)
+    namespace = namespace_of(args)
     return client.set_secret(
         namespace,
         args.name,
@@ -161,7 +155,7 @@ def _read_value(path: Path | None) -> bytes:
 
 
 def _get(args: argparse.Namespace) -> int:
-    namespace = _namespace(args)
+    namespace = namespace_of(args)
     with connect(args) as client, client.get_secret(namespace, args.name, args.version) as secret:
         with open_output(args) as sink:
             sink.write(secret.value)
@@ -176,7 +170,7 @@ def _get(args: argparse.Namespace) -> int:
 
 def _update(client: km.Client, args: argparse.Namespace) -> km.SecretInfo:
     return client.update_secret(
-        _namespace(args),
+        namespace_of(args),
         args.name,
         version=args.version,
         enabled=args.enabled,

@@ -25,10 +25,12 @@ from kmipd.client._errors import (
     BadRequestError,
     BusyError,
     CertificateIdentityMismatchError,
+    CertificateImportInvalidError,
     CertificateKeyNotAllowedError,
     CertificateKeyReusedError,
     CertificateNameNotAllowedError,
     CertificateNotRenewableError,
+    CertificatePolicyInvalidError,
     CertificateRejectedError,
     CertificateRevokedError,
     CertificateValidityTooLongError,
@@ -46,7 +48,9 @@ from kmipd.client._errors import (
     KeyDeactivatedError,
     KeyDestroyedError,
     KeyNotActiveError,
+    KeyNotExportableError,
     KmipdError,
+    ManagedCertificateDeletedError,
     NoOnlineCaError,
     NotAuthorizedError,
     NotFoundError,
@@ -69,6 +73,7 @@ from kmipd.client._errors import (
     TransportCertificateError,
     TransportCertificateRejectedError,
     UnavailableError,
+    UnknownCertificateVersionError,
     UnknownOperationError,
     UnknownSecretVersionError,
     UnsupportedVersionError,
@@ -76,12 +81,27 @@ from kmipd.client._errors import (
     WrongStateError,
 )
 from kmipd.client._keys import DataKey, Dek, Secret
+from kmipd.client._managed import (
+    CertificateBundle,
+    PolicyFileError,
+    certificate_policy,
+    load_certificate_policy,
+)
 from kmipd.client._memory import KeyWipedError, ProtectedKey, ProtectedValue
 from kmipd.client._sync import Client
 from kmipd.client._tls import client_context
 from kmipd.crypto import TransportKey
 from kmipd.crypto._issuing import generate_key
-from kmipd.protocol import KekInfo, SecretInfo, SecretSummary, StatusResult, TransportCertInfo
+from kmipd.protocol import (
+    CertificatePolicy,
+    KekInfo,
+    ManagedCertificateInfo,
+    ManagedCertificateSummary,
+    SecretInfo,
+    SecretSummary,
+    StatusResult,
+    TransportCertInfo,
+)
 from pki import TransportKem
 
 __all__ = [
@@ -92,11 +112,15 @@ __all__ = [
     "BadRequestError",
     "BusyError",
     "CacheStats",
+    "CertificateBundle",
     "CertificateIdentityMismatchError",
+    "CertificateImportInvalidError",
     "CertificateKeyNotAllowedError",
     "CertificateKeyReusedError",
     "CertificateNameNotAllowedError",
     "CertificateNotRenewableError",
+    "CertificatePolicy",
+    "CertificatePolicyInvalidError",
     "CertificateRejectedError",
     "CertificateRevokedError",
     "CertificateValidityTooLongError",
@@ -122,13 +146,18 @@ __all__ = [
     "KeyDeactivatedError",
     "KeyDestroyedError",
     "KeyNotActiveError",
+    "KeyNotExportableError",
     "KeyWipedError",
     "KmipdError",
+    "ManagedCertificateDeletedError",
+    "ManagedCertificateInfo",
+    "ManagedCertificateSummary",
     "NoOnlineCaError",
     "NoTransportCertificateError",
     "NotAuthorizedError",
     "NotFoundError",
     "OutcomeUnknownError",
+    "PolicyFileError",
     "ProtectStopPassedError",
     "ProtectedKey",
     "ProtectedValue",
@@ -155,12 +184,15 @@ __all__ = [
     "TransportKem",
     "TransportKey",
     "UnavailableError",
+    "UnknownCertificateVersionError",
     "UnknownOperationError",
     "UnknownSecretVersionError",
     "UnsupportedVersionError",
     "UsageNotPermittedError",
     "WrongStateError",
+    "certificate_policy",
     "client_context",
     "generate_key",
+    "load_certificate_policy",
     "make_csr",
 ]

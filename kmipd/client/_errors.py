@@ -242,6 +242,26 @@ class CertificateNotRenewableError(RemoteError):
     code = ErrorCode.CERTIFICATE_NOT_RENEWABLE
 
 
+class CertificatePolicyInvalidError(RemoteError):
+    code = ErrorCode.CERTIFICATE_POLICY_INVALID
+
+
+class ManagedCertificateDeletedError(RemoteError):
+    code = ErrorCode.MANAGED_CERTIFICATE_DELETED
+
+
+class UnknownCertificateVersionError(RemoteError):
+    code = ErrorCode.UNKNOWN_CERTIFICATE_VERSION
+
+
+class CertificateImportInvalidError(RemoteError):
+    code = ErrorCode.CERTIFICATE_IMPORT_INVALID
+
+
+class KeyNotExportableError(RemoteError):
+    code = ErrorCode.KEY_NOT_EXPORTABLE
+
+
 class SealedKeyError(KmipdError):
     """A sealed key from the daemon did not open with this client's transport key.
 

@@ -65,6 +65,16 @@ class ErrorCode(enum.IntEnum):
     NO_ONLINE_CA = 246
     #: renew-certificate: the caller's certificate was not issued by the online CA.
     CERTIFICATE_NOT_RENEWABLE = 247
+    #: Managed certificates (Key Vault style, kmipd.service._managed).
+    #: A policy field that cannot be used (key type, names, validity, lifetime action).
+    CERTIFICATE_POLICY_INVALID = 248
+    #: The managed certificate is soft-deleted: recover it first.
+    MANAGED_CERTIFICATE_DELETED = 249
+    UNKNOWN_CERTIFICATE_VERSION = 250
+    #: An import whose certificate, key or chain cannot be used (mismatch, expired, malformed).
+    CERTIFICATE_IMPORT_INVALID = 251
+    #: The private key was asked for, but the certificate's policy keeps it in the daemon.
+    KEY_NOT_EXPORTABLE = 252
 
     BUSY = 300
     SHUTTING_DOWN = 301

@@ -46,6 +46,7 @@ from kmipd.store._faults import (
     os_cause,
     sqlite_cause,
 )
+from kmipd.store._managed import MANAGED_CERTIFICATES_MIGRATION, ManagedCertificateStore
 
 #: The schema, as the migrations that build it, in order. A store at
 #: user_version N has had the first N applied; opening it applies the rest in
@@ -194,6 +195,8 @@ CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_ve
 """,
     # 7: certificates the online CA issued, and their revocations (kmipd.store._certs).
     CERTIFICATES_MIGRATION,
+    # 8: managed certificates, their versions and wrapped keys (kmipd.store._managed).
+    MANAGED_CERTIFICATES_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -404,7 +407,7 @@ UNCACHED: Final = _Uncached.UNCACHED
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
 
-class KeyStore(CertificateStore):
+class KeyStore(CertificateStore, ManagedCertificateStore):
     """The store. One daemon owns it, or (``shared``) several on one host serve it together.
 
     Shared mode is for availability: each daemon takes a shared lock instead
