@@ -10,6 +10,7 @@ lost or added.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import re
@@ -36,16 +37,21 @@ from kmipd.protocol import (
     CertificatePolicy,
     CreateManagedCertificate,
     DeleteManagedCertificate,
+    Destroy,
     ErrorCode,
     GetCaCertificates,
     GetManagedCertificate,
     ImportManagedCertificate,
+    KeyRef,
     ListManagedCertificates,
     ManagedCertificateVersions,
     PurgeManagedCertificate,
     RecoverManagedCertificate,
     RenewManagedCertificate,
+    Revoke,
     RevokeManagedCertificate,
+    RotateKek,
+    StartRewrap,
 )
 from kmipd.service import Caller, KeyService, ServiceError
 from kmipd.service._certs import open_online_ca
@@ -59,6 +65,7 @@ TD = "kmipd.test"
 OWNER = Caller(f"spiffe://{TD}/owner")
 READER = Caller(f"spiffe://{TD}/reader")
 STRANGER = Caller(f"spiffe://{TD}/stranger")
+ADMIN = Caller(f"spiffe://{TD}/admin")
 NS = "web"
 START = 1_800_000_000.0
 DAY = 86400
@@ -74,6 +81,7 @@ def policy() -> Policy:
             ),
             Grant(READER.identity, ("web",), expand_operations(["certificates-read"])),
             Grant(STRANGER.identity, ("*",), expand_operations(["data"])),
+            Grant(ADMIN.identity, ("*",), expand_operations(["admin"])),
         ),
         (
             CertificateGrant(
@@ -437,6 +445,8 @@ async def test_every_bad_policy_says_which_field_and_makes_nothing(world: World)
         ({"ip": ("300.1.2.3",)}, ErrorCode.CERTIFICATE_POLICY_INVALID, "ip"),
         ({"uri": ("no scheme",)}, ErrorCode.CERTIFICATE_POLICY_INVALID, "uri"),
         ({"subject": "not a name"}, ErrorCode.CERTIFICATE_POLICY_INVALID, "subject"),
+        ({"subject": "CN=" + "a" * 100}, ErrorCode.CERTIFICATE_POLICY_INVALID, "<= 64"),
+        ({"subject": "CN=a,FOO=b"}, ErrorCode.CERTIFICATE_POLICY_INVALID, "unknown attribute"),
         ({"dns": (), "ip": ()}, ErrorCode.CERTIFICATE_POLICY_INVALID, "at least one name"),
         ({"renew_before": 60}, ErrorCode.CERTIFICATE_POLICY_INVALID, "not both"),
         (
@@ -691,3 +701,54 @@ def test_the_cert_cli_imports_and_refuses_a_key_that_is_not_the_certificates(
     assert checked.returncode == 0, checked.stdout + checked.stderr
     output = checked.stdout + checked.stderr
     assert "managed certificate 'ext' in 'web': version 1 expires in 19 days" in output
+
+
+@pytest.mark.parametrize("store_backend", ["sqlite"])  # it edits the SQLite file itself
+async def test_a_key_moved_to_another_version_fails_to_unwrap_and_audit_shows_no_key(
+    tmp_path: Path, world: World
+) -> None:
+    exportable = server_policy(exportable=True)
+    await world.ask(OWNER, CreateManagedCertificate(namespace=NS, name="www", policy=exportable))
+    await world.ask(OWNER, RenewManagedCertificate(namespace=NS, name="www"))
+    first = await world.ask(OWNER, GetManagedCertificate(namespace=NS, name="www", with_key=True))
+    assert first.key is not None
+    db = sqlite3.connect(tmp_path / "kmipd.db")
+    with db:  # version 2's wrapped key copied onto version 1's row
+        db.execute(
+            "UPDATE managed_certificate_versions SET wrapped_key = (SELECT wrapped_key FROM"
+            " managed_certificate_versions WHERE version = 2) WHERE version = 1"
+        )
+    db.close()
+    moved = await world.refused(
+        OWNER, GetManagedCertificate(namespace=NS, name="www", version=1, with_key=True)
+    )
+    assert moved.code is ErrorCode.INTEGRITY_FAILURE and "altered or moved" in moved.message
+    audit = (tmp_path / "audit.log").read_text()
+    assert "managed certificate 'www' in 'web' version 2, with its private key" in audit
+    assert "create-managed-certificate" in audit and "renew-managed-certificate" in audit
+    key = first.key
+    for form in (key, key.hex().encode(), base64.b64encode(key), base64.b64encode(key[16:48])):
+        assert form.decode(errors="replace") not in audit
+
+
+async def test_a_rewrap_job_rewraps_managed_keys_and_guards_the_old_kek_version(
+    world: World,
+) -> None:
+    policy = server_policy(exportable=True)
+    await world.ask(OWNER, CreateManagedCertificate(namespace=NS, name="www", policy=policy))
+    before = await world.ask(OWNER, GetManagedCertificate(namespace=NS, name="www", with_key=True))
+    # Still wrapped under version 1 only: destroying it is refused, naming why.
+    await world.ask(ADMIN, RotateKek(name=NS))
+    await world.ask(ADMIN, Revoke(key=KeyRef(kek=NS, version=1), reason="superseded"))
+    blocked = await world.refused(ADMIN, Destroy(key=KeyRef(kek=NS, version=1)))
+    assert "1 managed certificate key(s)" in blocked.message
+    job = await world.ask(ADMIN, StartRewrap(namespace=NS))
+    stored = await world.service.store.get_job(job.job_id)
+    assert stored is not None
+    while stored.state == "running":
+        stored = await world.service.run_rewrap_batch(stored, 10)
+    record = await world.service.store.get_managed_certificate(NS, "www")
+    assert record is not None and [v.kek_version for v in record.versions] == [2]
+    after = await world.ask(OWNER, GetManagedCertificate(namespace=NS, name="www", with_key=True))
+    assert after.key == before.key
+    await world.ask(ADMIN, Destroy(key=KeyRef(kek=NS, version=1)))  # no longer needed

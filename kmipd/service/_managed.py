@@ -74,11 +74,12 @@ from kmipd.service._certs import (
 )
 from kmipd.service._core import Caller, ServiceError, _Call, _unwrap_errors, handles
 from kmipd.service._policy import MANAGED_CERTIFICATE_KEY_OPERATION, CertificateGrant
-from kmipd.service._secrets import SecretOperations
+from kmipd.service._secrets import REWRAP_BATCH, SecretOperations
 from kmipd.store import (
     KekVersion,
     ManagedCertificateRecord,
     ManagedCertificateVersion,
+    RewrapJob,
     StaleRecordError,
 )
 
@@ -377,8 +378,9 @@ class ManagedCertificateOperations(CertificateOperations, SecretOperations):
             if len(records) < limit or len(found) >= limit:
                 break
             after = (records[-1].namespace, records[-1].name)
-        next_after = (found[-1].namespace, found[-1].name) if len(found) >= limit else None
-        return ListManagedCertificatesResult(certificates=tuple(found[:limit]), next=next_after)
+        page = found[:limit]
+        next_after = (page[-1].namespace, page[-1].name) if len(found) >= limit else None
+        return ListManagedCertificatesResult(certificates=tuple(page), next=next_after)
 
     @handles(ManagedCertificateVersions)
     async def _managed_versions(
@@ -519,6 +521,48 @@ class ManagedCertificateOperations(CertificateOperations, SecretOperations):
             await self.store.checkpoint()
         return purged + count
 
+    async def run_rewrap_batch(self, job: RewrapJob, batch_size: int) -> RewrapJob:
+        """A job's first batch rewraps the namespace's managed keys too (as its secrets)."""
+        if not job.cursor:
+            target = self._kek_version(job.namespace, job.target)
+            rewrapped = await self.rewrap_managed_keys(job.namespace, target)
+            if rewrapped:
+                log.info("rewrap job %s: %d managed key(s) rewrapped", job.job_id, rewrapped)
+        return await super().run_rewrap_batch(job, batch_size)
+
+    async def rewrap_managed_keys(self, namespace: str, target: KekVersion) -> int:
+        """Rewrap every managed-certificate key of a namespace under ``target``.
+
+        Batch by batch, each row only if still under the version read; a key that
+        does not unwrap (its row altered) is logged and left where it is.
+        """
+        total = 0
+        skipped: set[tuple[str, int]] = set()
+        while True:
+            batch = await self.store.managed_keys_to_rewrap(
+                namespace, target.version, REWRAP_BATCH + len(skipped)
+            )
+            batch = [v for v in batch if (v.name, v.version) not in skipped]
+            if not batch:
+                return total
+            updates = []
+            for version in batch:
+                try:
+                    key = await self._unwrap_managed_key(version)
+                except ServiceError as exc:
+                    log.warning("rewrap: skipping the key of %s: %s", version.name, exc.message)
+                    skipped.add((version.name, version.version))
+                    continue
+                wrapped = await self.hsm.wrap(
+                    target.hsm_handle,
+                    key,
+                    managed_key_associated_data(
+                        version.namespace, version.name, version.version, target.version
+                    ),
+                )
+                updates.append((version, wrapped))
+            total += await self.store.rewrap_managed_keys(target.version, updates)
+
     async def _destroy_blockers(self, target: KekVersion) -> str | None:
         blockers = await super()._destroy_blockers(target)
         if blockers is not None:
@@ -526,8 +570,9 @@ class ManagedCertificateOperations(CertificateOperations, SecretOperations):
         count = await self.store.count_managed_keys_under(target.kek, target.version)
         if count:
             return (
-                f"{count} managed certificate key(s) are wrapped under this KEK version; "
-                "destroy with force to make them unrecoverable"
+                f"{count} managed certificate key(s) are wrapped only under this KEK "
+                "version; rewrap them first (start-rewrap), or destroy with force to make "
+                "them unrecoverable"
             )
         return None
 
@@ -623,7 +668,9 @@ def check_policy(policy: CertificatePolicy) -> _Plan:
         try:
             subject = x509.Name.from_rfc4514_string(policy.subject)
         except ValueError as exc:
-            raise _invalid("subject", f"not an RFC 4514 name ({exc})") from None
+            raise _invalid(
+                "subject", f"not an RFC 4514 name ({str(exc) or 'an unknown attribute type'})"
+            ) from None
         if not list(subject):
             raise _invalid("subject", "empty")
     else:

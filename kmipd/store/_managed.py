@@ -349,6 +349,36 @@ class ManagedCertificateStore:
         certificate: what renewal, metrics and check-config look at."""
         return await self._read(expiry_rows)
 
+    async def managed_keys_to_rewrap(
+        self, namespace: str, target: int, limit: int
+    ) -> list[ManagedCertificateVersion]:
+        """The next batch of a namespace's managed keys under an older KEK version."""
+        rows = await self._read(
+            lambda db: db.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM managed_certificate_versions"
+                " WHERE namespace = ? AND kek_version < ? ORDER BY name, version LIMIT ?",
+                (namespace, target, limit),
+            ).fetchall()
+        )
+        return [_version_from_row(row) for row in rows]
+
+    async def rewrap_managed_keys(
+        self, target: int, updates: list[tuple[ManagedCertificateVersion, bytes]]
+    ) -> int:
+        """Replace wrappings in one transaction, each only if still under the version read."""
+
+        def apply(db: sqlite3.Connection) -> int:
+            changed = 0
+            for v, wrapped in updates:
+                changed += db.execute(
+                    "UPDATE managed_certificate_versions SET kek_version = ?, wrapped_key = ?"
+                    " WHERE namespace = ? AND name = ? AND version = ? AND kek_version = ?",
+                    (target, wrapped, v.namespace, v.name, v.version, v.kek_version),
+                ).rowcount
+            return changed
+
+        return await self._write(apply)
+
     async def count_managed_keys_under(self, namespace: str, kek_version: int) -> int:
         """How many managed-certificate keys only this KEK version wraps."""
         (count,) = await self._read(

@@ -1690,6 +1690,16 @@ class PostgresStore:
     async def count_managed_keys_under(self, namespace: str, kek_version: int) -> int:
         return await self._managed.count_managed_keys_under(namespace, kek_version)
 
+    async def managed_keys_to_rewrap(
+        self, namespace: str, target: int, limit: int
+    ) -> list[ManagedCertificateVersion]:
+        return await self._managed.managed_keys_to_rewrap(namespace, target, limit)
+
+    async def rewrap_managed_keys(
+        self, target: int, updates: list[tuple[ManagedCertificateVersion, bytes]]
+    ) -> int:
+        return await self._managed.rewrap_managed_keys(target, updates)
+
     # -- health, sharing, maintenance ----------------------------------------------------------
 
     async def refresh_if_changed(self) -> None:
