@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from kmipd import client as km
 from kmipd.audit import AuditLog
 from kmipd.crypto._issuing import generate_key
 from kmipd.hsm import SoftwareHsm
@@ -752,3 +753,85 @@ async def test_a_rewrap_job_rewraps_managed_keys_and_guards_the_old_kek_version(
     after = await world.ask(OWNER, GetManagedCertificate(namespace=NS, name="www", with_key=True))
     assert after.key == before.key
     await world.ask(ADMIN, Destroy(key=KeyRef(kek=NS, version=1)))  # no longer needed
+
+
+def test_a_json_policy_file_reads_like_toml_and_bad_shapes_name_their_field(
+    tmp_path: Path,
+) -> None:
+    toml_file, json_file = tmp_path / "p.toml", tmp_path / "p.json"
+    toml_file.write_text(
+        'dns = ["a.storage.test"]\nip = ["192.0.2.1"]\nkey_type = "RSA-4096"\n'
+        'validity_days = 2.5\nusage = "client"\n[lifetime_action]\ndays_before_expiry = 0.5\n'
+    )
+    json_file.write_text(
+        json.dumps(
+            {
+                "dns": ["a.storage.test"],
+                "ip": ["192.0.2.1"],
+                "key_type": "rsa4096",
+                "validity_seconds": int(2.5 * DAY),
+                "usage": "client",
+                "lifetime_action": {"days_before_expiry": 0.5},
+            }
+        )
+    )
+    from_toml = km.load_certificate_policy(toml_file)
+    assert from_toml == km.load_certificate_policy(json_file)
+    assert (from_toml.key_type, from_toml.validity, from_toml.renew_before) == (
+        "rsa4096",
+        int(2.5 * DAY),
+        DAY // 2,
+    )
+    none = km.certificate_policy(
+        {
+            "dns": ["a"],
+            "key_type": "p256",
+            "validity_days": 1,
+            "lifetime_action": {"action": "none"},
+        }
+    )
+    assert none.renew_at_percent is None and none.renew_before is None
+    for document, says in [
+        ([], "must be a table"),
+        ({"key_type": "p256", "validity_days": 1, "usage": "both"}, "usage"),
+        ({"key_type": "p256", "validity_days": 1, "exportable": "yes"}, "exportable"),
+        ({"key_type": "p256", "validity_days": 1, "validity_seconds": 60}, "one of them"),
+        ({"key_type": "p256", "validity_seconds": 10}, "at least 60"),
+        ({"validity_days": 1}, "key_type: required"),
+        ({"key_type": "p256", "validity_days": 1, "lifetime_action": {"when": 1}}, "when"),
+        (
+            {"key_type": "p256", "validity_days": 1, "lifetime_action": {"action": "later"}},
+            '"renew" or "none"',
+        ),
+    ]:
+        with pytest.raises(km.PolicyFileError) as caught:
+            km.certificate_policy(document)
+        assert says in str(caught.value), (document, caught.value)
+    json_file.write_text("{not json")
+    with pytest.raises(km.PolicyFileError, match="not valid JSON"):
+        km.load_certificate_policy(json_file)
+    with pytest.raises(km.PolicyFileError, match="cannot read"):
+        km.load_certificate_policy(tmp_path / "absent.toml")
+
+
+async def test_listing_pages_and_filters_by_namespace_glob(world: World) -> None:
+    for namespace in ("web", "web/a", "web/b"):
+        for name in ("one", "two"):
+            await world.ask(
+                OWNER,
+                CreateManagedCertificate(namespace=namespace, name=name, policy=server_policy()),
+            )
+    seen: list[tuple[str, str]] = []
+    after: tuple[str, ...] | None = None
+    while True:
+        page = await world.ask(OWNER, ListManagedCertificates(limit=4, after=after))
+        seen += [(c.namespace, c.name) for c in page.certificates]
+        if page.next is None:
+            break
+        after = page.next
+    assert len(seen) == 6 and len(set(seen)) == 6
+    only = await world.ask(OWNER, ListManagedCertificates(namespace="web/*"))
+    assert {c.namespace for c in only.certificates} == {"web/a", "web/b"}
+    # The reader's grant covers "web" only: the others are not even counted.
+    reader = await world.ask(READER, ListManagedCertificates())
+    assert {c.namespace for c in reader.certificates} == {"web"}
