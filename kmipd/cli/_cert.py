@@ -7,6 +7,8 @@ a directory once it is past ``--renew-at`` of its lifetime (or at once with
 ``--force``), connecting with that same certificate: run it from a timer.
 ``revoke``, ``issued`` and ``ca`` are the administrator's and the verifier's
 side: revoke by serial, list what was issued, fetch the chain and the CRL.
+The managed certificates' actions (``create``, ``get``, ``list``, ...) come
+from ``kmipd.cli._managed``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from kmipd import client as km
+from kmipd.cli import _managed as managed
 from kmipd.cli._client import client_call, client_options, connect
 from kmipd.cli._common import CliError, Commands
+from kmipd.cli._managed import with_expiry
 from kmipd.client._certs import (
     CERT_FILE,
     DEFAULT_RENEW_AT,
@@ -81,15 +85,21 @@ def register(commands: Commands) -> None:
     )
     issued.add_argument("--subject", help="only those for this SPIFFE ID or DNS name")
     issued.add_argument("--after", help="page: serials after this one")
-    issued.set_defaults(
-        handler=client_call(lambda c, a: c.list_certificates(subject=a.subject, after=a.after))
-    )
+    issued.set_defaults(handler=client_call(_issued))
 
     ca = actions.add_parser(
         "ca", parents=[common], help="write the online CA's chain and its current CRL (PEM)"
     )
     ca.add_argument("--out", type=Path, required=True)
     ca.set_defaults(handler=_ca)
+
+    managed.register(actions)
+
+
+def _issued(client: km.Client, args: argparse.Namespace) -> dict[str, Any]:
+    """As ``cert list`` shows managed ones: notAfter with its days to expiry beside it."""
+    page = client.list_certificates(subject=args.subject, after=args.after)
+    return {"certificates": [with_expiry(c) for c in page.certificates], "next": page.next}
 
 
 def _issue(args: argparse.Namespace) -> int:

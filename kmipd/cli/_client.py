@@ -106,6 +106,8 @@ def client_call(call: Callable[[km.Client, argparse.Namespace], Any]) -> Callabl
 def to_json(result: Any, *, reveal: bool) -> Any:
     if isinstance(result, list):
         return [to_json(item, reveal=reveal) for item in result]
+    if isinstance(result, dict):
+        return _jsonable(result, reveal=reveal)
     if isinstance(result, km.Dek):
         with result:
             fields = {

@@ -41,6 +41,7 @@ import attrs
 import outcome
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from kmipd import crypto
 from kmipd.client._cache import DekCache
@@ -64,6 +65,7 @@ from kmipd.client._errors import (
 )
 from kmipd.client._failover import ServerSet
 from kmipd.client._keys import DataKey, Dek, KeyKeeper, Secret
+from kmipd.client._managed import CertificateBundle
 from kmipd.client._transport import KeyDelivery, client_ca_certificates, verify_fetched
 from kmipd.crypto import DEFAULT_CHUNK_SIZE as SEALED_CHUNK_SIZE
 from kmipd.crypto import SealedEnvelopeError, TransportKey
@@ -71,11 +73,14 @@ from kmipd.crypto._chunked_aead import DEFAULT_CHUNK_SIZE, Readable, Writable
 from kmipd.protocol import (
     Activate,
     CaCertificates,
+    CertificatePolicy,
     ChangesResult,
     ChangesSince,
     CreateDek,
     CreateKek,
+    CreateManagedCertificate,
     CreateSigningKey,
+    DeleteManagedCertificate,
     DeleteSecret,
     Dependents,
     DependentsResult,
@@ -86,9 +91,11 @@ from kmipd.protocol import (
     GetCaCertificates,
     GetDek,
     GetJob,
+    GetManagedCertificate,
     GetSecret,
     GetSigningKey,
     GetTransportCert,
+    ImportManagedCertificate,
     IssueCertificate,
     IssuedCertificateInfo,
     JobInfo,
@@ -98,18 +105,26 @@ from kmipd.protocol import (
     ListCertificatesResult,
     ListJobs,
     ListKeks,
+    ListManagedCertificates,
     ListSecrets,
     ListSigningKeys,
     Locate,
     LocateResult,
+    ManagedCertificateInfo,
+    ManagedCertificateSummary,
+    ManagedCertificateVersions,
+    PurgeManagedCertificate,
     PurgeSecret,
     Recover,
+    RecoverManagedCertificate,
     RecoverSecret,
     RecoverSigningKey,
     RegisterTransportCert,
     RenewCertificate,
+    RenewManagedCertificate,
     Revoke,
     RevokeCertificate,
+    RevokeManagedCertificate,
     RevokeSigningKey,
     RewrapBlob,
     RewrapBlobResult,
@@ -619,6 +634,136 @@ class ClientCore:
     ) -> Steps[ListCertificatesResult]:
         result: ListCertificatesResult = yield from self._result(
             ListCertificates(subject=subject, after=after, limit=limit)
+        )
+        return result
+
+    # -- managed certificates (Key Vault style) -----------------------------------------
+
+    @operation
+    def create_managed_certificate(
+        self, namespace: str, name: str, policy: CertificatePolicy
+    ) -> Steps[ManagedCertificateInfo]:
+        """The daemon makes the key and has its online CA sign version 1 as ``policy`` says
+        (``load_certificate_policy`` reads one from a file)."""
+        result: ManagedCertificateInfo = yield from self._result(
+            CreateManagedCertificate(namespace=namespace, name=name, policy=policy)
+        )
+        return result
+
+    @operation
+    def import_managed_certificate(
+        self,
+        namespace: str,
+        name: str,
+        certificate: x509.Certificate,
+        key: PrivateKeyTypes,
+        *,
+        chain: Sequence[x509.Certificate] = (),
+        exportable: bool = False,
+    ) -> Steps[ManagedCertificateInfo]:
+        """An existing certificate and its key: a new managed certificate, or the next
+        version of ``name``; ``chain``: its issuers, nearest first."""
+        der = serialization.Encoding.DER
+        result: ManagedCertificateInfo = yield from self._result(
+            ImportManagedCertificate(
+                namespace=namespace,
+                name=name,
+                certificate=certificate.public_bytes(der),
+                key=key.private_bytes(
+                    der, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ),
+                chain=tuple(c.public_bytes(der) for c in chain),
+                exportable=exportable,
+            )
+        )
+        return result
+
+    @operation
+    def get_managed_certificate(
+        self, namespace: str, name: str, version: int | None = None, *, with_key: bool = False
+    ) -> Steps[CertificateBundle]:
+        """The newest version (or ``version``): certificate and chain, and with
+        ``with_key`` its private key (exportable ones, with get-managed-certificate-key)."""
+        result = yield from self._result(
+            GetManagedCertificate(
+                namespace=namespace, name=name, version=version, with_key=with_key or None
+            )
+        )
+        return CertificateBundle.from_result(result)
+
+    @operation
+    def list_managed_certificates(
+        self, namespace: str | None = None, *, deleted: bool = False
+    ) -> Steps[list[ManagedCertificateSummary]]:
+        """Every managed certificate the caller may list, with its newest version."""
+        found: list[ManagedCertificateSummary] = []
+        after: tuple[str, ...] | None = None
+        while True:
+            page = yield from self._result(
+                ListManagedCertificates(namespace=namespace, deleted=deleted or None, after=after)
+            )
+            found.extend(page.certificates)
+            if page.next is None:
+                return found
+            after = page.next
+
+    @operation
+    def managed_certificate_versions(
+        self, namespace: str, name: str
+    ) -> Steps[list[ManagedCertificateInfo]]:
+        """Every version's metadata, oldest first."""
+        result = yield from self._result(ManagedCertificateVersions(namespace=namespace, name=name))
+        return list(result.versions)
+
+    @operation
+    def renew_managed_certificate(self, namespace: str, name: str) -> Steps[ManagedCertificateInfo]:
+        """A new version now, with a new key, from the certificate's policy."""
+        result: ManagedCertificateInfo = yield from self._result(
+            RenewManagedCertificate(namespace=namespace, name=name)
+        )
+        return result
+
+    @operation
+    def revoke_managed_certificate(
+        self,
+        namespace: str,
+        name: str,
+        version: int | None = None,
+        *,
+        reason: str | None = None,
+    ) -> Steps[ManagedCertificateInfo]:
+        """Revoke a version (the newest unless ``version``); the online CA's go on its CRL."""
+        result: ManagedCertificateInfo = yield from self._result(
+            RevokeManagedCertificate(namespace=namespace, name=name, version=version, reason=reason)
+        )
+        return result
+
+    @operation
+    def delete_managed_certificate(
+        self, namespace: str, name: str
+    ) -> Steps[ManagedCertificateSummary]:
+        """Soft delete: refused until recovered, purged at ``purge_at``."""
+        result: ManagedCertificateSummary = yield from self._result(
+            DeleteManagedCertificate(namespace=namespace, name=name)
+        )
+        return result
+
+    @operation
+    def recover_managed_certificate(
+        self, namespace: str, name: str
+    ) -> Steps[ManagedCertificateSummary]:
+        result: ManagedCertificateSummary = yield from self._result(
+            RecoverManagedCertificate(namespace=namespace, name=name)
+        )
+        return result
+
+    @operation
+    def purge_managed_certificate(
+        self, namespace: str, name: str
+    ) -> Steps[ManagedCertificateSummary]:
+        """Erase a deleted certificate's every version and wrapped key now."""
+        result: ManagedCertificateSummary = yield from self._result(
+            PurgeManagedCertificate(namespace=namespace, name=name)
         )
         return result
 

@@ -268,6 +268,26 @@ class SigningPeriodEndedError(RemoteError):
     code = ErrorCode.SIGNING_PERIOD_ENDED
 
 
+class CertificatePolicyInvalidError(RemoteError):
+    code = ErrorCode.CERTIFICATE_POLICY_INVALID
+
+
+class ManagedCertificateDeletedError(RemoteError):
+    code = ErrorCode.MANAGED_CERTIFICATE_DELETED
+
+
+class UnknownCertificateVersionError(RemoteError):
+    code = ErrorCode.UNKNOWN_CERTIFICATE_VERSION
+
+
+class CertificateImportInvalidError(RemoteError):
+    code = ErrorCode.CERTIFICATE_IMPORT_INVALID
+
+
+class KeyNotExportableError(RemoteError):
+    code = ErrorCode.KEY_NOT_EXPORTABLE
+
+
 class SealedKeyError(KmipdError):
     """A sealed key from the daemon did not open with this client's transport key.
 

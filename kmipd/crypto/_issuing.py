@@ -56,13 +56,13 @@ def key_type_of(public_key: object) -> str | None:
 
 
 def generate_key(key_type: str = "p256") -> PrivateKey:
-    """A new private key: ``p256``, ``p384``, ``rsa3072`` or ``ed25519``."""
+    """A new private key: ``p256``, ``p384``, ``rsa3072``, ``rsa4096`` or ``ed25519``."""
     if key_type == "p256":
         return ec.generate_private_key(ec.SECP256R1())
     if key_type == "p384":
         return ec.generate_private_key(ec.SECP384R1())
-    if key_type == "rsa3072":
-        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    if key_type in ("rsa3072", "rsa4096"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     raise ValueError(f"unknown key type {key_type!r} ({', '.join(KEY_TYPES)})")
@@ -147,12 +147,18 @@ def leaf_builder(
     not_before: datetime.datetime,
     not_after: datetime.datetime,
     serial: int,
+    subject: x509.Name | None = None,
 ) -> x509.CertificateBuilder:
-    """An end-entity TLS certificate, every extension set on purpose (as pki does)."""
+    """An end-entity TLS certificate, every extension set on purpose (as pki does).
+
+    ``subject``: the whole subject name; by default CN = ``common_name``.
+    """
     issuer_key = issuer.public_key()
+    if subject is None:
+        subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name[:64])])
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, common_name[:64])]))
+        .subject_name(subject)
         .issuer_name(issuer.subject)
         .public_key(public_key)
         .serial_number(serial)

@@ -34,6 +34,7 @@ from kmipd.server import TlsSettings
 from kmipd.service import Policy
 from kmipd.store import store_problems
 from kmipd.store._faults import directory_cause
+from kmipd.store._managed import read_sqlite_expiry
 from pki import PkiError, load_crl_serials
 
 #: A server certificate closer than this to its end is worth a warning.
@@ -68,8 +69,42 @@ def check_config(config: Config, *, now: datetime.datetime | None = None) -> Che
         _check_postgres_store(config, report)
     else:
         _check_store(config.sqlite_path(), report)
+    if report.ok:
+        check_managed_expiry(config, report, now=now)
     _check_audit(config, report)
     return report
+
+
+def check_managed_expiry(
+    config: Config, report: CheckReport, *, now: datetime.datetime | None = None
+) -> None:
+    """Warn, as for the server certificate, of managed certificates near their end."""
+    now = now or datetime.datetime.now(datetime.UTC)
+    try:
+        if config.postgres is not None:
+            from kmipd.store._postgres import read_managed_expiry  # noqa: PLC0415
+
+            rows = read_managed_expiry(config.postgres.connection_string())
+        elif config.sqlite_path().exists():
+            rows = read_sqlite_expiry(str(config.sqlite_path()))
+        else:
+            return
+    except Exception as exc:
+        report.warnings.append(f"store: cannot read the managed certificates' expiry ({exc})")
+        return
+    for namespace, name, version, not_after in rows:
+        end = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
+        if end <= now:
+            report.warnings.append(
+                f"managed certificate {name!r} in {namespace!r}: version {version} expired "
+                f"on {end:%Y-%m-%d}; renew it (kmipd cert renew-managed {name})"
+            )
+        elif end - now < EXPIRY_WARNING:
+            report.warnings.append(
+                f"managed certificate {name!r} in {namespace!r}: version {version} expires "
+                f"in {(end - now).days} days ({end:%Y-%m-%d}); renew it "
+                f"(kmipd cert renew-managed {name}) or check its lifetime action"
+            )
 
 
 def check_serving_config(config: Config, *, now: datetime.datetime | None = None) -> CheckReport:

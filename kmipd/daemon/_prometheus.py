@@ -71,6 +71,8 @@ class MetricsExporter:
         self.key_counts: dict[tuple[str, str], int] = {}
         #: (subject, profile) -> when its online-CA certificates run out.
         self.issued_expiry: dict[tuple[str, str], int] = {}
+        #: (namespace, name, newest version, its notAfter) of each managed certificate.
+        self.managed_expiry: list[tuple[str, str, int, int]] = []
         self.hsm_up: bool | None = None
         self._counted_at = -math.inf
 
@@ -80,6 +82,7 @@ class MetricsExporter:
         if now - self._counted_at >= KEY_COUNT_MAX_AGE:
             try:
                 self.key_counts = await service.store.count_by_state()
+                self.managed_expiry = await service.store.managed_certificate_expiry()
                 if service.online_ca is not None:
                     self.issued_expiry = await service.store.issued_expiry_by_subject(
                         int(time.time())
@@ -333,6 +336,25 @@ class _KmipdCollector(Collector):
         for (subject, profile), when in sorted(self.exporter.issued_expiry.items()):
             issued.add_metric([subject, profile], when)
         yield issued
+        managed = GaugeMetricFamily(
+            "kmipd_managed_certificate_expiry_timestamp_seconds",
+            "Per managed certificate, the notAfter of its newest version "
+            f"(counted at most every {KEY_COUNT_MAX_AGE:g} s)",
+            labels=["namespace", "name"],
+        )
+        earliest: dict[str, int] = {}
+        for namespace, name, _, when in self.exporter.managed_expiry:
+            managed.add_metric([namespace, name], when)
+            earliest[namespace] = min(when, earliest.get(namespace, when))
+        yield managed
+        per_namespace = GaugeMetricFamily(
+            "kmipd_managed_certificate_earliest_expiry_timestamp_seconds",
+            "Per namespace, the earliest notAfter among its managed certificates' newest versions",
+            labels=["namespace"],
+        )
+        for namespace, when in sorted(earliest.items()):
+            per_namespace.add_metric([namespace], when)
+        yield per_namespace
 
 
 def _add_histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:

@@ -396,7 +396,15 @@ _REFUSED_KEYS = {
 }
 
 GRANT_KEYS = {"identity", "namespaces", "operations"}
-CERTIFICATE_GRANT_KEYS = {"identity", "client", "server_dns", "max_validity_days", "key_types"}
+CERTIFICATE_GRANT_KEYS = {
+    "identity",
+    "client",
+    "server_dns",
+    "max_validity_days",
+    "key_types",
+    "uris",
+    "ips",
+}
 
 
 @attrs.frozen
@@ -897,6 +905,7 @@ def _parse_certificate_grants(raw: Any, problems: list[str]) -> list[Certificate
         days = entry.get("max_validity_days", DEFAULT_MAX_VALIDITY_DAYS)
         key_types = entry.get("key_types", list(CERTIFICATE_KEY_TYPES))
         before = len(problems)
+        uris, ips = _managed_bounds(entry, where, problems)
         if not isinstance(identity, str) or not identity:
             problems.append(f"{where}.identity: required, a SPIFFE ID or glob (spiffe://td/name)")
         if not isinstance(client, bool):
@@ -919,9 +928,41 @@ def _parse_certificate_grants(raw: Any, problems: list[str]) -> list[Certificate
             )
         if len(problems) == before and isinstance(identity, str):
             grants.append(
-                CertificateGrant(identity, client, tuple(dns), float(days), tuple(key_types))
+                CertificateGrant(
+                    identity,
+                    client,
+                    tuple(dns),
+                    float(days),
+                    tuple(key_types),
+                    tuple(uris),
+                    tuple(ips),
+                )
             )
     return grants
+
+
+def _managed_bounds(
+    entry: dict[str, Any], where: str, problems: list[str]
+) -> tuple[list[str], list[str]]:
+    """A certificate grant's uris and ips: what managed certificates may name beyond DNS."""
+    uris, ips = entry.get("uris", []), entry.get("ips", [])
+    if not isinstance(uris, list) or not all(isinstance(u, str) and u for u in uris):
+        problems.append(f'{where}.uris: a list of URIs or globs (e.g. "spiffe://td/web/*")')
+        uris = []
+    if not isinstance(ips, list) or not all(_is_network(n) for n in ips):
+        problems.append(f'{where}.ips: a list of IP networks (e.g. "10.0.0.0/8", "::1")')
+        ips = []
+    return uris, ips
+
+
+def _is_network(text: object) -> bool:
+    if not isinstance(text, str):
+        return False
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 #: DNS names and globs a certificate grant may name (a label may be "*").

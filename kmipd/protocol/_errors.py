@@ -76,6 +76,16 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED_ALGORITHM = 257
     #: The key's signing period (its private half's crypto-period) ended: it only verifies.
     SIGNING_PERIOD_ENDED = 258
+    #: Managed certificates (Key Vault style, kmipd.service._managed).
+    #: A policy field that cannot be used (key type, names, validity, lifetime action).
+    CERTIFICATE_POLICY_INVALID = 248
+    #: The managed certificate is soft-deleted: recover it first.
+    MANAGED_CERTIFICATE_DELETED = 249
+    UNKNOWN_CERTIFICATE_VERSION = 250
+    #: An import whose certificate, key or chain cannot be used (mismatch, expired, malformed).
+    CERTIFICATE_IMPORT_INVALID = 251
+    #: The private key was asked for, but the certificate's policy keeps it in the daemon.
+    KEY_NOT_EXPORTABLE = 252
 
     BUSY = 300
     SHUTTING_DOWN = 301

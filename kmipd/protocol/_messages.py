@@ -900,6 +900,208 @@ class RecoverSigningKey:
     version: int | None = wire(VERSION, default=None)
 
 
+# -- managed certificates (Key Vault style) -----------------------------------
+#
+# A managed certificate lives in a namespace under a name, like a secret: the
+# daemon makes its key, has its online CA sign it as the policy says, and keeps
+# every version (each renewal is a new version with a new key). The private key
+# is stored only wrapped under the namespace's KEK; it leaves the daemon only in
+# a get with ``with-key``, when the policy made it exportable and the caller has
+# the get-managed-certificate-key grant. Key bytes appear only in
+# import-managed-certificate requests and managed-certificate results, both
+# redacted in reprs.
+
+CERTIFICATE_NAME = Text(max_length=256, pattern=NAMESPACE_PATTERN, description="certificate name")
+#: PKCS#8 DER; an RSA-8192 key fits.
+PRIVATE_KEY = Bytes(min_length=1, max_length=8192)
+CERTIFICATE_USAGE = _choice("server", "client", what="certificate usage")
+CERTIFICATE_ISSUER = _choice("online-ca", "imported", what="certificate issuer")
+
+
+@attrs.frozen
+class CertificatePolicy:
+    """What the daemon makes for a managed certificate, at creation and each renewal.
+
+    ``key-type``: p256, p384, rsa3072, rsa4096 or ed25519. ``validity`` in
+    seconds. At most one lifetime action: ``renew-at-percent`` of the lifetime,
+    or ``renew-before`` seconds before notAfter; neither means no automatic
+    renewal. The service checks the meaning (names, key type, the caller's
+    [[certificate_grant]]); this declares only the shapes.
+    """
+
+    key_type: str = wire(Text(max_length=32))
+    validity: int = wire(VALIDITY)
+    #: An RFC 4514 name ("CN=www.example.com,O=Example"); default CN = the first name.
+    subject: str | None = wire(Text(max_length=1024), default=None)
+    dns: tuple[str, ...] = wire(ListOf(SAN, max_items=100), default=())
+    uri: tuple[str, ...] = wire(ListOf(SAN, max_items=100), default=())
+    ip: tuple[str, ...] = wire(ListOf(Text(max_length=64), max_items=100), default=())
+    usage: str = wire(CERTIFICATE_USAGE, default="server")
+    exportable: bool = wire(Bool(), default=False)
+    renew_at_percent: int | None = wire(UInt(minimum=1, maximum=99), default=None)
+    renew_before: int | None = wire(UInt(minimum=1, maximum=2**32 - 1), default=None)
+
+
+@attrs.frozen
+class ManagedCertificateInfo:
+    """One version's metadata: never its key."""
+
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+    version: int = wire(VERSION)
+    serial: str = wire(SERIAL)
+    issuer: str = wire(CERTIFICATE_ISSUER)
+    subject: str = wire(Text(max_length=1024))
+    names: tuple[str, ...] = wire(ListOf(SAN, max_items=300))
+    key_type: str = wire(Text(max_length=32))
+    exportable: bool = wire(Bool())
+    not_before: int = wire(TIMESTAMP)
+    not_after: int = wire(TIMESTAMP)
+    created: int = wire(TIMESTAMP)
+    created_by: str = wire(Text(max_length=2048))
+    revoked: int | None = wire(TIMESTAMP, default=None)
+    revocation_reason: str | None = wire(REVOCATION_REASON, default=None)
+
+
+@attrs.frozen
+class ManagedCertificateSummary:
+    """A managed certificate as the listing shows it: its policy and newest version."""
+
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+    versions: int = wire(UInt())
+    created: int = wire(TIMESTAMP)
+    #: None for an imported certificate (renewed only by importing its next version).
+    policy: CertificatePolicy | None = wire(Struct(CertificatePolicy), default=None)
+    current: ManagedCertificateInfo | None = wire(Struct(ManagedCertificateInfo), default=None)
+    #: When the lifetime action renews the current version (none: not automatic).
+    renew_after: int | None = wire(TIMESTAMP, default=None)
+    deleted: int | None = wire(TIMESTAMP, default=None)
+    purge_at: int | None = wire(TIMESTAMP, default=None)
+
+
+@attrs.frozen
+class CreateManagedCertificate:
+    OPERATION: ClassVar[str] = "create-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+    policy: CertificatePolicy = wire(Struct(CertificatePolicy))
+
+
+@attrs.frozen
+class ImportManagedCertificate:
+    """An existing certificate and its key: a new certificate, or the next version."""
+
+    OPERATION: ClassVar[str] = "import-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+    certificate: bytes = wire(CERTIFICATE)
+    key: bytes = wire(PRIVATE_KEY, repr=redacted)
+    #: The issuing CAs above the certificate, nearest first.
+    chain: tuple[bytes, ...] = wire(ListOf(CERTIFICATE, max_items=8), default=())
+    exportable: bool = wire(Bool(), default=False)
+
+
+@attrs.frozen
+class GetManagedCertificate:
+    OPERATION: ClassVar[str] = "get-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+    #: Without it, the newest version.
+    version: int | None = wire(VERSION, default=None)
+    with_key: bool | None = wire(Bool(), default=None)
+
+
+@attrs.frozen
+class ManagedCertificate:
+    info: ManagedCertificateInfo = wire(Struct(ManagedCertificateInfo))
+    certificate: bytes = wire(CERTIFICATE)
+    #: The issuing CAs above it, nearest first (online CA, then root).
+    chain: tuple[bytes, ...] = wire(ListOf(CERTIFICATE, max_items=8))
+    key: bytes | None = wire(PRIVATE_KEY, repr=redacted, default=None)
+
+
+@attrs.frozen
+class ListManagedCertificates:
+    OPERATION: ClassVar[str] = "list-managed-certificates"
+    #: A namespace name or glob; only permitted ones are listed.
+    namespace: str | None = wire(Text(max_length=128), default=None)
+    deleted: bool | None = wire(Bool(), default=None)
+    after: tuple[str, ...] | None = wire(
+        ListOf(Text(max_length=256), min_items=2, max_items=2), default=None
+    )
+    limit: int | None = wire(UInt(minimum=1, maximum=1000), default=None)
+
+
+@attrs.frozen
+class ListManagedCertificatesResult:
+    certificates: tuple[ManagedCertificateSummary, ...] = wire(
+        ListOf(Struct(ManagedCertificateSummary), max_items=1000)
+    )
+    next: tuple[str, ...] | None = wire(
+        ListOf(Text(max_length=256), min_items=2, max_items=2), default=None
+    )
+
+
+@attrs.frozen
+class ManagedCertificateVersions:
+    OPERATION: ClassVar[str] = "managed-certificate-versions"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+
+
+@attrs.frozen
+class ManagedCertificateVersionsResult:
+    versions: tuple[ManagedCertificateInfo, ...] = wire(
+        ListOf(Struct(ManagedCertificateInfo), max_items=100_000)
+    )
+
+
+@attrs.frozen
+class RenewManagedCertificate:
+    """A new version now, with a new key, from the certificate's policy."""
+
+    OPERATION: ClassVar[str] = "renew-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+
+
+@attrs.frozen
+class RevokeManagedCertificate:
+    """Revoke a version (the newest unless ``version``); the online CA's ones go on its CRL."""
+
+    OPERATION: ClassVar[str] = "revoke-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+    version: int | None = wire(VERSION, default=None)
+    reason: str | None = wire(REVOCATION_REASON, default=None)
+
+
+@attrs.frozen
+class DeleteManagedCertificate:
+    """Soft delete: recoverable until the purge date (lifecycle.soft_delete_days)."""
+
+    OPERATION: ClassVar[str] = "delete-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+
+
+@attrs.frozen
+class RecoverManagedCertificate:
+    OPERATION: ClassVar[str] = "recover-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+
+
+@attrs.frozen
+class PurgeManagedCertificate:
+    """Erase a deleted certificate's every version and wrapped key now."""
+
+    OPERATION: ClassVar[str] = "purge-managed-certificate"
+    namespace: str = wire(NAMESPACE)
+    name: str = wire(CERTIFICATE_NAME)
+
+
 # -- the operation table -----------------------------------------------------
 
 
@@ -967,6 +1169,64 @@ OPERATIONS: dict[str, Operation] = {
         Operation("revoke-signing-key", RevokeSigningKey, SigningKeyInfo, idempotent=True),
         Operation("destroy-signing-key", DestroySigningKey, SigningKeyInfo, idempotent=True),
         Operation("recover-signing-key", RecoverSigningKey, SigningKeyInfo, idempotent=True),
+        # Creating or renewing twice makes two versions: not "the same outcome".
+        Operation(
+            "create-managed-certificate",
+            CreateManagedCertificate,
+            ManagedCertificateInfo,
+            idempotent=False,
+        ),
+        Operation(
+            "import-managed-certificate",
+            ImportManagedCertificate,
+            ManagedCertificateInfo,
+            idempotent=False,
+        ),
+        Operation(
+            "get-managed-certificate", GetManagedCertificate, ManagedCertificate, idempotent=True
+        ),
+        Operation(
+            "list-managed-certificates",
+            ListManagedCertificates,
+            ListManagedCertificatesResult,
+            idempotent=True,
+        ),
+        Operation(
+            "managed-certificate-versions",
+            ManagedCertificateVersions,
+            ManagedCertificateVersionsResult,
+            idempotent=True,
+        ),
+        Operation(
+            "renew-managed-certificate",
+            RenewManagedCertificate,
+            ManagedCertificateInfo,
+            idempotent=False,
+        ),
+        Operation(
+            "revoke-managed-certificate",
+            RevokeManagedCertificate,
+            ManagedCertificateInfo,
+            idempotent=True,
+        ),
+        Operation(
+            "delete-managed-certificate",
+            DeleteManagedCertificate,
+            ManagedCertificateSummary,
+            idempotent=True,
+        ),
+        Operation(
+            "recover-managed-certificate",
+            RecoverManagedCertificate,
+            ManagedCertificateSummary,
+            idempotent=True,
+        ),
+        Operation(
+            "purge-managed-certificate",
+            PurgeManagedCertificate,
+            ManagedCertificateSummary,
+            idempotent=True,
+        ),
     )
 }
 

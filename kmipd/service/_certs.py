@@ -334,6 +334,7 @@ class CertificateOperations(MaintenanceOperations):
         names: tuple[str, ...],
         decision: _Decision,
         renewed_from: str | None,
+        subject_name: x509.Name | None = None,
     ) -> CertificateResult:
         serial = x509.random_serial_number()
         builder = leaf_builder(
@@ -345,6 +346,7 @@ class CertificateOperations(MaintenanceOperations):
             not_before=_time(decision.not_before),
             not_after=_time(decision.not_after),
             serial=serial,
+            subject=subject_name,
         )
         cert = await self._ca_sign_certificate(ca, builder)
         der = cert.public_bytes(serialization.Encoding.DER)

@@ -8,6 +8,7 @@ operations. Nothing is allowed unless some grant allows it.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 from collections.abc import Iterable
 
 import attrs
@@ -84,6 +85,26 @@ SIGNING_MANAGE_OPERATIONS = frozenset(
         "list-signing-keys",
     }
 )
+#: Reading managed certificates: their chains and metadata, never their private keys.
+MANAGED_CERTIFICATE_READ_OPERATIONS = frozenset(
+    {"get-managed-certificate", "list-managed-certificates", "managed-certificate-versions"}
+)
+#: Creating and administering managed certificates. What the online CA signs for them is
+#: bounded by the caller's [[certificate_grant]] as well (names, key types, validity).
+MANAGED_CERTIFICATE_MANAGE_OPERATIONS = MANAGED_CERTIFICATE_READ_OPERATIONS | frozenset(
+    {
+        "create-managed-certificate",
+        "import-managed-certificate",
+        "renew-managed-certificate",
+        "revoke-managed-certificate",
+        "delete-managed-certificate",
+        "recover-managed-certificate",
+        "purge-managed-certificate",
+    }
+)
+#: Reading a managed certificate's private key (when its policy made it exportable).
+#: In no group, not even "*": it must be granted by name.
+MANAGED_CERTIFICATE_KEY_OPERATION = "get-managed-certificate-key"
 #: Allowed to every authenticated client: they reveal nothing about keys or
 #: other clients (registration concerns only the caller's own certificate; the
 #: CA chain and CRL are public).
@@ -98,6 +119,7 @@ GRANTABLE_OPERATIONS = (
     | CERTIFICATE_ADMIN_OPERATIONS
     | SIGNING_OPERATIONS
     | SIGNING_MANAGE_OPERATIONS
+    | MANAGED_CERTIFICATE_MANAGE_OPERATIONS
 )
 
 #: Names usable in a grant's operations list beside single operation names.
@@ -110,6 +132,8 @@ OPERATION_GROUPS = {
     "certificates-admin": CERTIFICATE_ADMIN_OPERATIONS,
     "signing": SIGNING_OPERATIONS,
     "signing-manage": SIGNING_MANAGE_OPERATIONS,
+    "certificates-read": MANAGED_CERTIFICATE_READ_OPERATIONS,
+    "certificates-manage": MANAGED_CERTIFICATE_MANAGE_OPERATIONS,
 }
 
 
@@ -122,10 +146,16 @@ def expand_operations(names: Iterable[str]) -> frozenset[str]:
     for name in names:
         if name in OPERATION_GROUPS:
             expanded |= OPERATION_GROUPS[name]
-        elif name in GRANTABLE_OPERATIONS:
+        elif name in GRANTABLE_OPERATIONS or name == MANAGED_CERTIFICATE_KEY_OPERATION:
             expanded.add(name)
         else:
-            known = ", ".join(sorted(GRANTABLE_OPERATIONS | set(OPERATION_GROUPS)))
+            known = ", ".join(
+                sorted(
+                    GRANTABLE_OPERATIONS
+                    | set(OPERATION_GROUPS)
+                    | {MANAGED_CERTIFICATE_KEY_OPERATION}
+                )
+            )
             raise PolicyError(f"unknown operation {name!r} (known: {known})")
     if not expanded:
         raise PolicyError("a grant needs at least one operation")
@@ -158,7 +188,9 @@ class CertificateGrant:
     ``client``: a clientAuth certificate for the caller's own SPIFFE ID, and its
     renewal. ``server_dns``: globs of DNS names a serverAuth certificate may
     carry (empty: none). Validity at most ``max_validity_days``; keys of
-    ``key_types`` only.
+    ``key_types`` only. Managed certificates may also carry URI names matching
+    ``uris`` (globs) and IP addresses inside ``ips`` (networks); a clientAuth
+    managed certificate needs ``client`` too.
     """
 
     identity: str
@@ -166,6 +198,8 @@ class CertificateGrant:
     server_dns: tuple[str, ...] = ()
     max_validity_days: float = DEFAULT_MAX_VALIDITY_DAYS
     key_types: tuple[str, ...] = CERTIFICATE_KEY_TYPES
+    uris: tuple[str, ...] = ()
+    ips: tuple[str, ...] = ()
 
     def applies_to(self, identity: str) -> bool:
         return fnmatch.fnmatchcase(identity, self.identity)
@@ -173,6 +207,13 @@ class CertificateGrant:
     def allows_dns(self, name: str) -> bool:
         # DNS names compare case-insensitively (RFC 4343).
         return any(fnmatch.fnmatchcase(name.lower(), p.lower()) for p in self.server_dns)
+
+    def allows_uri(self, uri: str) -> bool:
+        return any(fnmatch.fnmatchcase(uri, p) for p in self.uris)
+
+    def allows_ip(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.ips)
 
 
 #: Decisions remembered per policy: a storage node asks the same question per block read.

@@ -13,6 +13,7 @@ from kmipd.service._delivery import DeliveryOperations
 from kmipd.service._keks import KekOperations
 from kmipd.service._lifecycle import LifecycleOperations
 from kmipd.service._maintenance import MaintenanceOperations
+from kmipd.service._managed import ManagedCertificateOperations
 from kmipd.service._objects import object_handlers
 from kmipd.service._rewrap import RewrapOperations
 from kmipd.service._secrets import SecretOperations
@@ -21,6 +22,7 @@ from kmipd.service._transport import TransportOperations
 
 
 class KeyService(
+    ManagedCertificateOperations,
     CertificateOperations,
     SigningOperations,
     SecretOperations,

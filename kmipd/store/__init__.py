@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from kmipd.store._certs import IssuedCertificateRecord
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, Store, StoreOutcomeUnknownError
+from kmipd.store._managed import ManagedCertificateRecord, ManagedCertificateVersion
 from kmipd.store._signing import SigningKeyVersion
 from kmipd.store._sqlite import (
     IDEMPOTENCY_RETENTION,
@@ -60,6 +61,8 @@ __all__ = [
     "KekRecord",
     "KekVersion",
     "KeyStore",
+    "ManagedCertificateRecord",
+    "ManagedCertificateVersion",
     "ObjectRecord",
     "RewrapJob",
     "SecretDeletedError",

@@ -64,6 +64,13 @@ from kmipd.store._certs import CertificateStore, IssuedCertificateRecord
 from kmipd.store._commit import point_of_no_return
 from kmipd.store._faults import StoreUnavailableError, WriteHealth
 from kmipd.store._interface import StaleRecordError, StoreOutcomeUnknownError
+from kmipd.store._managed import (
+    AddOutcome,
+    ManagedCertificateRecord,
+    ManagedCertificateStore,
+    ManagedCertificateVersion,
+    expiry_rows,
+)
 from kmipd.store._signing import (
     SIGNING_KEYS_MIGRATION_POSTGRES,
     SigningKeyStore,
@@ -264,7 +271,49 @@ CREATE TABLE issued_certificates (
 CREATE INDEX issued_by_subject ON issued_certificates(subject, not_after);
 CREATE INDEX issued_revoked ON issued_certificates(not_after) WHERE revoked_at IS NOT NULL;
 """,
-    # 9 (provisional number): managed signing keys (kmipd.store._signing).
+    # 8: managed certificates (see kmipd.store._managed; SQLite's migration 8).
+    """
+CREATE TABLE managed_certificates (
+    namespace   TEXT COLLATE "C" NOT NULL REFERENCES keks(name),
+    name        TEXT COLLATE "C" NOT NULL,
+    created_at  BIGINT NOT NULL,
+    created_by  TEXT NOT NULL,
+    policy      TEXT,
+    deleted_at  BIGINT,
+    purge_at    BIGINT,
+    PRIMARY KEY (namespace, name)
+);
+CREATE INDEX managed_certificates_to_purge ON managed_certificates(purge_at)
+    WHERE purge_at IS NOT NULL;
+CREATE TABLE managed_certificate_versions (
+    namespace    TEXT COLLATE "C" NOT NULL,
+    name         TEXT COLLATE "C" NOT NULL,
+    version      INTEGER NOT NULL,
+    kek_version  INTEGER NOT NULL,
+    wrapped_key  BYTEA NOT NULL,
+    key_type     TEXT NOT NULL,
+    exportable   INTEGER NOT NULL,
+    serial       TEXT NOT NULL,
+    issuer       TEXT NOT NULL,
+    subject      TEXT NOT NULL,
+    names        TEXT NOT NULL,
+    not_before   BIGINT NOT NULL,
+    not_after    BIGINT NOT NULL,
+    certificate  BYTEA NOT NULL,
+    chain        TEXT NOT NULL,
+    created_at   BIGINT NOT NULL,
+    created_by   TEXT NOT NULL,
+    revoked_at   BIGINT,
+    revocation_reason TEXT,
+    PRIMARY KEY (namespace, name, version),
+    FOREIGN KEY (namespace, name) REFERENCES managed_certificates(namespace, name)
+        ON DELETE CASCADE,
+    FOREIGN KEY (namespace, kek_version) REFERENCES kek_versions(kek, version)
+);
+CREATE INDEX managed_certificate_versions_by_kek_version
+    ON managed_certificate_versions(namespace, kek_version);
+""",
+    # 9: managed signing keys (kmipd.store._signing).
     SIGNING_KEYS_MIGRATION_POSTGRES,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -389,6 +438,7 @@ class PostgresStore:
         self._origin = secrets.token_hex(8)
         self._maintenance: Db | None = None
         self._certificates = _PostgresCertificates(self)
+        self._managed = _PostgresManaged(self)
         #: Whether the database takes writes; a write failing for a cause an operator
         #: must fix (unreachable, standby, disk full, permission) faults it, and while
         #: faulted what needs the database is refused at once until a probe succeeds.
@@ -1617,6 +1667,63 @@ class PostgresStore:
     async def signing_keys_due_for_destruction(self, now: int) -> list[SigningKeyVersion]:
         return await self._certificates.signing_keys_due_for_destruction(now)
 
+    # -- managed certificates (kmipd.store._managed) -------------------------------------
+
+    async def add_managed_certificate_version(
+        self, version: ManagedCertificateVersion, *, policy: str | None, create: bool
+    ) -> AddOutcome:
+        return await self._managed.add_managed_certificate_version(
+            version, policy=policy, create=create
+        )
+
+    async def get_managed_certificate(
+        self, namespace: str, name: str
+    ) -> ManagedCertificateRecord | None:
+        return await self._managed.get_managed_certificate(namespace, name)
+
+    async def list_managed_certificates(
+        self, *, namespace: str | None, deleted: bool, after: tuple[str, str], limit: int
+    ) -> list[ManagedCertificateRecord]:
+        return await self._managed.list_managed_certificates(
+            namespace=namespace, deleted=deleted, after=after, limit=limit
+        )
+
+    async def set_managed_certificate_deleted(
+        self, namespace: str, name: str, deleted_at: int | None, purge_at: int | None
+    ) -> bool:
+        return await self._managed.set_managed_certificate_deleted(
+            namespace, name, deleted_at, purge_at
+        )
+
+    async def purge_managed_certificate(self, namespace: str, name: str) -> int:
+        return await self._managed.purge_managed_certificate(namespace, name)
+
+    async def managed_certificates_due_for_purge(self, now: int) -> list[tuple[str, str]]:
+        return await self._managed.managed_certificates_due_for_purge(now)
+
+    async def revoke_managed_certificate_version(
+        self, namespace: str, name: str, version: int, at: int, reason: str
+    ) -> bool:
+        return await self._managed.revoke_managed_certificate_version(
+            namespace, name, version, at, reason
+        )
+
+    async def managed_certificate_expiry(self) -> list[tuple[str, str, int, int]]:
+        return await self._managed.managed_certificate_expiry()
+
+    async def count_managed_keys_under(self, namespace: str, kek_version: int) -> int:
+        return await self._managed.count_managed_keys_under(namespace, kek_version)
+
+    async def managed_keys_to_rewrap(
+        self, namespace: str, target: int, limit: int
+    ) -> list[ManagedCertificateVersion]:
+        return await self._managed.managed_keys_to_rewrap(namespace, target, limit)
+
+    async def rewrap_managed_keys(
+        self, target: int, updates: list[tuple[ManagedCertificateVersion, bytes]]
+    ) -> int:
+        return await self._managed.rewrap_managed_keys(target, updates)
+
     # -- health, sharing, maintenance ----------------------------------------------------------
 
     async def refresh_if_changed(self) -> None:
@@ -1735,6 +1842,19 @@ class _QmarkConnection:
 class _PostgresCertificates(CertificateStore, SigningKeyStore):
     """The issued-certificate and signing-key methods (kmipd.store._certs, _signing),
     written once for sqlite3, run on the PostgreSQL store."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._store._write(lambda db: fn(_as_sqlite(db)))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._store._read(lambda db: fn(_as_sqlite(db)))
+
+
+class _PostgresManaged(ManagedCertificateStore):
+    """The managed-certificate methods of kmipd.store._managed, run on the PostgreSQL store."""
 
     def __init__(self, store: PostgresStore) -> None:
         self._store = store
@@ -1979,6 +2099,15 @@ def _load_keks(db: Db) -> list[KekRecord]:
 
 #: Every table the migrations make: check-config checks this user's privileges on each.
 _TABLES = tuple(re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS)))
+
+
+def read_managed_expiry(conninfo: str) -> list[tuple[str, str, int, int]]:
+    """kmipd.store._managed.expiry_rows on a PostgreSQL store (check-config)."""
+    with psycopg.connect(conninfo, connect_timeout=5, autocommit=True) as db:
+        if schema_version(db) is None:
+            return []
+        found = db.execute("SELECT to_regclass('managed_certificate_versions')").fetchone()
+        return expiry_rows(_as_sqlite(db)) if found and found[0] else []
 
 
 def check_database(conninfo: str) -> tuple[list[str], list[str]]:

@@ -24,7 +24,7 @@ from kmipd.lifecycle import SIGNING_USAGES, Lifecycle
 
 T = TypeVar("T")
 
-#: Migration 9 (provisional number) of the SQLite store.
+#: Migration 9 of the SQLite store.
 SIGNING_KEYS_MIGRATION = """
 CREATE TABLE signing_keys (
     namespace   TEXT NOT NULL,

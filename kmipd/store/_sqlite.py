@@ -46,6 +46,7 @@ from kmipd.store._faults import (
     os_cause,
     sqlite_cause,
 )
+from kmipd.store._managed import MANAGED_CERTIFICATES_MIGRATION, ManagedCertificateStore
 from kmipd.store._signing import SIGNING_KEYS_MIGRATION, SigningKeyStore
 
 #: The schema, as the migrations that build it, in order. A store at
@@ -195,7 +196,9 @@ CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_ve
 """,
     # 7: certificates the online CA issued, and their revocations (kmipd.store._certs).
     CERTIFICATES_MIGRATION,
-    # 9 (provisional number): managed signing keys (kmipd.store._signing).
+    # 8: managed certificates, their versions and wrapped keys (kmipd.store._managed).
+    MANAGED_CERTIFICATES_MIGRATION,
+    # 9: managed signing keys (kmipd.store._signing).
     SIGNING_KEYS_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -407,7 +410,7 @@ UNCACHED: Final = _Uncached.UNCACHED
 _DEK_COLUMNS = "id, namespace, kek_version, wrapped, created_at, created_by, state, lifecycle"
 
 
-class KeyStore(CertificateStore, SigningKeyStore):
+class KeyStore(CertificateStore, ManagedCertificateStore, SigningKeyStore):
     """The store. One daemon owns it, or (``shared``) several on one host serve it together.
 
     Shared mode is for availability: each daemon takes a shared lock instead
