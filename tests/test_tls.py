@@ -17,10 +17,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kmipd.client import (
     CertificateRejectedError,
     Client,
+    KmipdError,
     ServerCertificateError,
     UnavailableError,
     client_context,
 )
+from kmipd.client._tls import shared_client_context
 from kmipd.net._trio_tls import TlsHandshakeError
 from kmipd.protocol import NEED_DATA, ClientConnection, ConnectionFailed
 from pki import CertificateAuthority
@@ -321,3 +323,31 @@ async def test_a_client_leading_with_an_x25519_key_share_still_connects(
     await raw.send({"id": 0, "op": "hello", "args": {"versions": [1]}})
     assert "result" in await raw.receive()
     await raw.aclose()
+
+
+async def test_clients_from_the_same_files_share_a_context_until_a_file_is_replaced(
+    kmipd: RunningServer, tmp_path: Path
+) -> None:
+    good = kmipd.ca.issue_client("sharer")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(good.cert_path.read_bytes())
+    key.write_bytes(good.key_path.read_bytes())
+    files = {"ca": kmipd.ca.ca_cert_path, "cert": cert, "key": key}
+    first = shared_client_context(**files)
+    assert shared_client_context(**files) is first  # loaded once
+    await status_with(kmipd, cert, key)
+    # The same paths, other contents (as a renewal writes them): loaded afresh,
+    # so the next Client presents what is in the files now, here an expired one.
+    old = kmipd.ca.issue_client("sharer-old", not_before=NOW - 10 * DAY, not_after=NOW - DAY)
+    cert.write_bytes(old.cert_path.read_bytes())
+    key.write_bytes(old.key_path.read_bytes())
+    assert shared_client_context(**files) is not first
+    with pytest.raises(CertificateRejectedError, match="expired"):
+        await status_with(kmipd, cert, key)
+    # A file that cannot be loaded says so, and nothing is kept for it.
+    key.write_bytes(b"not a key")
+    with pytest.raises(KmipdError, match="cannot load client certificate"):
+        shared_client_context(**files)
+    with pytest.raises(KmipdError, match="cannot load client certificate"):
+        shared_client_context(**files)
+    await assert_server_still_serves(kmipd)

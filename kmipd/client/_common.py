@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 
 from kmipd.client._errors import KmipdError, remote_error
-from kmipd.client._tls import client_context
+from kmipd.client._tls import client_context, shared_client_context
 from kmipd.net._address import format_address, parse_address
 from kmipd.protocol import (
     NEED_DATA,
@@ -55,6 +55,7 @@ def make_endpoints(
     server_hostname: str | None,
     timeout: float,
     client_name: str,
+    private_context: bool = False,
 ) -> list[Endpoint]:
     """One Endpoint per daemon address, sharing one TLS context."""
     if isinstance(addresses, str):
@@ -64,7 +65,9 @@ def make_endpoints(
     if ssl_context is None:
         if ca is None or cert is None or key is None:
             raise KmipdError("give ca, cert and key paths, or an ssl_context")
-        ssl_context = client_context(ca=ca, cert=cert, key=key)
+        # A renewing client loads its new certificate into its context: its own.
+        make_context = client_context if private_context else shared_client_context
+        ssl_context = make_context(ca=ca, cert=cert, key=key)
     return [
         make_endpoint(
             address,

@@ -336,6 +336,7 @@ class ClientCore:
             server_hostname=server_hostname,
             timeout=timeout,
             client_name=client_name,
+            private_context=self._renewal is not None,
         )
         self._timeout = timeout
         self._servers = ServerSet(
