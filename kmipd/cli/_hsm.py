@@ -109,7 +109,7 @@ async def init_kek(config: Config, name: str) -> InitResult:
     with contextlib.ExitStack() as resources:
         store = await open_store(config)
         resources.callback(store.close)
-        hsm = await open_hsm(config)
+        hsm = await open_hsm(config, store)
         resources.callback(hsm.close)
         audit = AuditLog.open(config.audit_path, config.audit_key)
         resources.callback(audit.close)

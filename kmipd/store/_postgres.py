@@ -315,6 +315,18 @@ CREATE INDEX managed_certificate_versions_by_kek_version
 """,
     # 9: managed signing keys (kmipd.store._signing).
     SIGNING_KEYS_MIGRATION_POSTGRES,
+    # 10: the software HSM's keyring, shared by every daemon (see SQLite's migration 10).
+    # Each entry is sealed under the master key by the daemon that made it; this table
+    # never sees a plaintext key.
+    """
+CREATE TABLE hsm_keyring (
+    handle      TEXT COLLATE "C" PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    label       TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    sealed      BYTEA NOT NULL
+);
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -322,6 +334,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x6B6D69706401
 MAINTENANCE_LOCK = 0x6B6D69706402
 #: NOTIFY channel; payloads "d:<dek id>", "k" (KEK metadata), "t" (transport certificates),
+#: "h:<handle>" (a keyring entry removed),
 #: each followed by "@<origin>": the sending store's random id, so a daemon skips what it
 #: already applied to its own memory.
 CHANNEL = "kmipd_changes"
@@ -436,6 +449,9 @@ class PostgresStore:
         self._load_lock = threading.Lock()
         self._reload_wanted = False
         self._origin = secrets.token_hex(8)
+        #: Told (on the listener thread) the handle of each keyring entry another daemon
+        #: removed, and None when notifications may have been missed (a reconnect).
+        self.keyring_listeners: list[Callable[[str | None], None]] = []
         self._maintenance: Db | None = None
         self._certificates = _PostgresCertificates(self)
         self._managed = _PostgresManaged(self)
@@ -720,6 +736,8 @@ class PostgresStore:
                     reload_keks = True
                 elif payload == "t":
                     reload_certs = True
+                elif payload.startswith("h:"):
+                    self._keyring_changed(payload[2:])
             if reload_keks or reload_certs:
                 self._reload_metadata(db)
 
@@ -757,10 +775,61 @@ class PostgresStore:
 
     def _reload_everything(self, db: Db) -> None:
         self._reload_metadata(db, clear_cache=True)
+        self._keyring_changed(None)
+
+    def _keyring_changed(self, handle: str | None) -> None:
+        for listener in self.keyring_listeners:
+            listener(handle)
 
     def _notify(self, db: Db, payload: str) -> None:
         """Sent when the transaction commits, and only then."""
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{payload}@{self._origin}"))
+
+    # -- the software HSM's keyring: sealed entries, opened only by the HSM backend --------
+
+    async def keyring_entries(self, kind: str) -> dict[str, bytes]:
+        """Every sealed entry of one kind ("kek", "signing", "check"), by handle."""
+
+        def select_all(db: Db) -> dict[str, bytes]:
+            rows = db.execute("SELECT handle, sealed FROM hsm_keyring WHERE kind = %s", (kind,))
+            return {handle: bytes(sealed) for handle, sealed in rows}
+
+        return await self._read(select_all)
+
+    async def keyring_entry(self, kind: str, handle: str) -> bytes | None:
+        def select_one(db: Db) -> bytes | None:
+            row = db.execute(
+                "SELECT sealed FROM hsm_keyring WHERE kind = %s AND handle = %s", (kind, handle)
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._read(select_one)
+
+    async def add_keyring_entry(self, kind: str, handle: str, label: str, sealed: bytes) -> bool:
+        """Insert an entry; False (and nothing changed) if the handle is taken."""
+
+        def insert(db: Db) -> bool:
+            cursor = db.execute(
+                "INSERT INTO hsm_keyring (handle, kind, label, created_at, sealed)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (handle) DO NOTHING",
+                (handle, kind, label, int(self._clock()), sealed),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(insert)
+
+    async def remove_keyring_entry(self, kind: str, handle: str) -> bool:
+        """Delete an entry; every daemon's listener hears of it when it commits."""
+
+        def delete(db: Db) -> bool:
+            cursor = db.execute(
+                "DELETE FROM hsm_keyring WHERE kind = %s AND handle = %s", (kind, handle)
+            )
+            if cursor.rowcount:
+                self._notify(db, f"h:{handle}")
+            return cursor.rowcount == 1
+
+        return await self._write(delete)
 
     # -- KEKs --------------------------------------------------------------------
 
@@ -2108,6 +2177,22 @@ def read_managed_expiry(conninfo: str) -> list[tuple[str, str, int, int]]:
             return []
         found = db.execute("SELECT to_regclass('managed_certificate_versions')").fetchone()
         return expiry_rows(_as_sqlite(db)) if found and found[0] else []
+
+
+def read_keyring_check(conninfo: str) -> bytes | None:
+    """The shared keyring's master key check (sealed), or None if there is none yet."""
+    try:
+        with psycopg.connect(conninfo, connect_timeout=5, autocommit=True) as db:
+            found = db.execute("SELECT to_regclass('hsm_keyring')").fetchone()
+            if not (found and found[0]):
+                return None
+            row = db.execute(
+                "SELECT sealed FROM hsm_keyring WHERE kind = 'check' AND handle = %s",
+                ("master-key-check",),  # kmipd.hsm._software's _CHECK_HANDLE
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read the keyring at {describe_conninfo(conninfo)}") from exc
+    return None if row is None else bytes(row[0])
 
 
 def check_database(conninfo: str) -> tuple[list[str], list[str]]:
