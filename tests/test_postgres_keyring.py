@@ -26,9 +26,13 @@ from kmipd.hsm import HsmError, HsmKeyNotFoundError, SoftwareHsm, create_master_
 from kmipd.protocol import CreateDek, Destroy, ErrorCode, GetDek, KeyRef, Revoke, RotateKek
 from kmipd.service import KeyService, ServiceError
 from kmipd.store import open_postgres_store
-from tests.conftest import make_policy
+from pki import CertificateAuthority
+from tests.conftest import TRUST_DOMAIN, credentials, make_policy
 from tests.processes import Daemon, run_kmipd
+from tests.test_pkcs11 import SoftToken, softhsm, write_config
 from tests.test_postgres import ADMIN, STORAGE, count, start_on_postgres
+
+__all__ = ["softhsm"]  # the SoftHSM2 token fixture, used here too
 
 
 class SharedDaemons:
@@ -247,3 +251,48 @@ def test_daemons_with_the_software_hsm_share_the_keyring_in_the_store(
     assert refused.returncode == 1
     assert "is sealed under another master key" in refused.stderr.strip().splitlines()[-1]
     assert keyring_rows(postgres_db, "kek") == 2
+
+
+# -- PKCS#11: every daemon on one token (a network HSM) -------------------------------------
+
+
+@pytest.mark.slow
+def test_daemons_on_one_pkcs11_token_share_its_keks(
+    softhsm: SoftToken, ca: CertificateAuthority, tmp_path: Path, postgres_db: str
+) -> None:
+    """Two daemon processes, each with its own sessions and login, on one SoftHSM2
+    token (standing for a network HSM both machines reach) and one PostgreSQL."""
+    configs = []
+    for n in range(2):
+        machine = tmp_path / f"machine-{n}"
+        machine.mkdir()
+        path = write_config(machine / "kmipd.toml", ca, softhsm, sessions=2)
+        text = path.read_text().replace(
+            f'path = "{machine / "kmipd.db"}"',
+            f'backend = "postgresql"\nconninfo = "{postgres_db}"',
+        )
+        text += f'[[grant]]\nidentity = "spiffe://{TRUST_DOMAIN}/admin"\n'
+        text += 'namespaces = ["*"]\noperations = ["admin"]\n'
+        path.write_text(text)
+        configs.append(path)
+    daemons = [Daemon("--config", c, log=c.parent / "serve.log") for c in configs]
+    storage, admin = credentials(ca, "storage"), credentials(ca, "admin")
+    with Client(daemons[0].address, **storage) as a, Client(daemons[1].address, **storage) as b:
+        with Client(daemons[0].address, **admin) as a_admin:
+            a_admin.create_kek("orders")  # made on the token through a
+        with a.create_dek("orders") as dek:
+            first_id, first = dek.dek_id, bytes(dek.key)
+        with b.get_dek(first_id) as again:
+            assert bytes(again.key) == first
+        with Client(daemons[1].address, **admin) as b_admin:
+            b_admin.rotate_kek("orders")  # v2 is made on the token through b
+        with a.create_dek("orders") as dek:
+            second_id, second = dek.dek_id, bytes(dek.key)
+            assert dek.kek_version == 2
+        with b.get_dek(second_id) as again:
+            assert bytes(again.key) == second
+        assert a.status().hsm == b.status().hsm == "pkcs11: ok"
+    for daemon in daemons:
+        assert daemon.stop() == 0
+    assert count(postgres_db, "SELECT count(*) FROM kek_versions") == 2
+    assert keyring_rows(postgres_db, "kek") == 0  # the keys are the token's, not the store's
