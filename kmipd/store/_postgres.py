@@ -1876,9 +1876,10 @@ class PostgresStore:
             host = db.info.host
             self.server = f"{host}:{db.info.port}" if not host.startswith("/") else host
             if row is not None and row[0]:
+                # The cause first and short: status shows it in 64 characters.
                 raise StoreUnavailableError(
-                    f"PostgreSQL at {self.where} is a standby (read-only); "
-                    "point kmipd at the primary (target_session_attrs=read-write)"
+                    "PostgreSQL is a standby (read-only)",
+                    f"{self.server}; point kmipd at the primary (target_session_attrs=read-write)",
                 )
 
         await self._read(probe)
