@@ -311,7 +311,7 @@ async def test_a_read_only_user_can_read_but_every_write_fails_clearly(
         assert refused.value.code is ErrorCode.STORE_UNAVAILABLE
         assert "permission denied" in refused.value.message
         assert service.store.health.describe() == (
-            "cannot write: PostgreSQL refuses this user the write (permission denied)"
+            "cannot write: PostgreSQL user may not write (permission denied)"
         )
         lifecycle = Lifecycle(state=State.ACTIVE, usage=DEK_USAGES)
         record = DekRecord("dek_x", "orders", 1, b"w" * 40, 0, "me", lifecycle)

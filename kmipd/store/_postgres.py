@@ -379,7 +379,7 @@ class _DatabaseFaultError(Exception):
 _UNREACHABLE = "PostgreSQL unreachable"
 _CAUSES = {
     "25006": "PostgreSQL is read-only (a standby, or default_transaction_read_only)",
-    "42501": "PostgreSQL refuses this user the write (permission denied)",
+    "42501": "PostgreSQL user may not write (permission denied)",  # fits status (64)
     "53100": "PostgreSQL's disk is full",
     "53200": "PostgreSQL is out of memory",
     "53300": "PostgreSQL has too many connections",
@@ -2168,7 +2168,7 @@ def _load_keks(db: Db) -> list[KekRecord]:
 
 
 #: Every table the migrations make: check-config checks this user's privileges on each.
-_TABLES = tuple(re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS)))
+MIGRATION_TABLES = tuple(re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS)))
 
 
 def read_managed_expiry(conninfo: str) -> list[tuple[str, str, int, int]]:
@@ -2178,6 +2178,37 @@ def read_managed_expiry(conninfo: str) -> list[tuple[str, str, int, int]]:
             return []
         found = db.execute("SELECT to_regclass('managed_certificate_versions')").fetchone()
         return expiry_rows(_as_sqlite(db)) if found and found[0] else []
+
+
+def _missing_privileges(db: Db, user: str, tables: Sequence[str]) -> list[str]:
+    """One line per set of privileges ``user`` lacks, naming its tables and the GRANT
+    that gives them (a read-only user: one line, not one per table and privilege)."""
+    privileges = ("SELECT", "INSERT", "UPDATE", "DELETE")
+    lacking: dict[tuple[str, ...], list[str]] = {}
+    for table in tables:
+        missing = []
+        for privilege in privileges:
+            allowed = db.execute(
+                "SELECT to_regclass(%s) IS NULL OR has_table_privilege(%s, %s)",
+                (table, table, privilege),
+            ).fetchone()
+            if not (allowed and allowed[0]):
+                missing.append(privilege)
+        if missing:
+            lacking.setdefault(tuple(missing), []).append(table)
+    problems = []
+    for denied, names in lacking.items():
+        which = (
+            ", ".join(names)
+            if len(names) <= 3
+            else f"{len(names)} tables ({', '.join(names[:3])}, ...)"
+        )
+        reads = ": it may read but not write" if denied == privileges[1:] else ""
+        problems.append(
+            f"store.conninfo: {user} lacks {', '.join(denied)} on {which}{reads}"
+            f" (GRANT {', '.join(privileges)} ON ALL TABLES IN SCHEMA public TO {user})"
+        )
+    return problems
 
 
 def read_keyring_check(conninfo: str) -> bytes | None:
@@ -2241,15 +2272,8 @@ def check_database(conninfo: str) -> tuple[list[str], list[str]]:
                     f"store.conninfo: schema version {version}; the next daemon to start "
                     f"migrates it to {SCHEMA_VERSION}"
                 )
-            tables = _TABLES if version == SCHEMA_VERSION else ("deks", "keks")
-            for table in tables:
-                for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE"):
-                    allowed = db.execute(
-                        "SELECT to_regclass(%s) IS NULL OR has_table_privilege(%s, %s)",
-                        (table, table, privilege),
-                    ).fetchone()
-                    if not (allowed and allowed[0]):
-                        problems.append(f"store.conninfo: {user} lacks {privilege} on {table}")
+            tables = MIGRATION_TABLES if version == SCHEMA_VERSION else ("deks", "keks")
+            problems.extend(_missing_privileges(db, user, tables))
         parts = psycopg.conninfo.conninfo_to_dict(conninfo)
         host = str(parts.get("host", ""))
         tcp = any(h and not h.startswith("/") for h in host.split(","))
