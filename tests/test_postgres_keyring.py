@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psycopg
@@ -21,52 +20,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from kmipd.client import Client
-from kmipd.daemon._keyring import StoreKeyring
-from kmipd.hsm import HsmError, HsmKeyNotFoundError, SoftwareHsm, create_master_key
+from kmipd.hsm import HsmError, HsmKeyNotFoundError, create_master_key
 from kmipd.protocol import CreateDek, Destroy, ErrorCode, GetDek, KeyRef, Revoke, RotateKek
 from kmipd.service import KeyService, ServiceError
-from kmipd.store import open_postgres_store
 from pki import CertificateAuthority
-from tests.conftest import TRUST_DOMAIN, credentials, make_policy
+from tests.conftest import TRUST_DOMAIN, credentials
 from tests.processes import Daemon, run_kmipd
 from tests.test_pkcs11 import SoftToken, softhsm, write_config
-from tests.test_postgres import ADMIN, STORAGE, count, start_on_postgres
+from tests.test_postgres import ADMIN, STORAGE, Daemons, count, daemons, start_on_postgres
 
-__all__ = ["softhsm"]  # the SoftHSM2 token fixture, used here too
-
-
-class SharedDaemons:
-    """Services over stores on one database, each with the software HSM over the
-    store's keyring: each one stands for a daemon on its own machine."""
-
-    def __init__(self, data: Path, conninfo: str) -> None:
-        self.conninfo = conninfo
-        self.master = data / "master.key"
-        create_master_key(self.master)
-        self.services: list[KeyService] = []
-
-    async def start(self, master: Path | None = None) -> KeyService:
-        store = open_postgres_store(self.conninfo)
-        try:
-            hsm = await SoftwareHsm.open_shared(master or self.master, StoreKeyring(store))
-        except BaseException:
-            store.close()
-            raise
-        service = KeyService(store=store, hsm=hsm, policy=make_policy(), create_kek_on_demand=True)
-        self.services.append(service)
-        return service
-
-    def close(self) -> None:
-        for service in self.services:
-            service.hsm.close()
-            service.store.close()
-
-
-@pytest.fixture
-async def shared(tmp_path: Path, postgres_db: str) -> AsyncIterator[SharedDaemons]:
-    group = SharedDaemons(tmp_path, postgres_db)
-    yield group
-    group.close()
+__all__ = ["daemons", "softhsm"]  # fixtures used here too
 
 
 def keyring_rows(conninfo: str, kind: str) -> int:
@@ -74,9 +37,9 @@ def keyring_rows(conninfo: str, kind: str) -> int:
 
 
 async def test_a_kek_and_its_rotation_made_through_one_daemon_serve_on_another(
-    shared: SharedDaemons,
+    daemons: Daemons,
 ) -> None:
-    a, b = await shared.start(), await shared.start()
+    a, b = await daemons.start_shared(), await daemons.start_shared()
     dek = await a.handle(STORAGE, CreateDek(namespace="orders"))
     # b never held this KEK: it fetches it from the store's keyring.
     assert (await b.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
@@ -86,19 +49,18 @@ async def test_a_kek_and_its_rotation_made_through_one_daemon_serve_on_another(
     assert newer.kek_version == 2
     assert (await b.handle(STORAGE, GetDek(dek_id=newer.dek_id))).key == newer.key
     assert (await a.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
-    assert keyring_rows(shared.conninfo, "kek") == 2
-    # What the table holds is sealed: neither DEK's bytes, nor anything that unwraps
-    # without the master key.
-    with psycopg.connect(shared.conninfo) as db:
+    assert keyring_rows(daemons.conninfo, "kek") == 2
+    # What the table holds is sealed KEKs: no DEK appears in it.
+    with psycopg.connect(daemons.conninfo) as db:
         sealed = b"".join(bytes(r[0]) for r in db.execute("SELECT sealed FROM hsm_keyring"))
     assert dek.key not in sealed
     assert newer.key not in sealed
 
 
 async def test_two_daemons_creating_one_kek_at_once_leave_one_kek_in_the_keyring(
-    shared: SharedDaemons,
+    daemons: Daemons,
 ) -> None:
-    a, b = await shared.start(), await shared.start()
+    a, b = await daemons.start_shared(), await daemons.start_shared()
     made: dict[str, list[bytes]] = {}
 
     async def create(service: KeyService, namespace: str) -> None:
@@ -110,18 +72,18 @@ async def test_two_daemons_creating_one_kek_at_once_leave_one_kek_in_the_keyring
         for name in names:
             nursery.start_soon(create, a, name)
             nursery.start_soon(create, b, name)
-    assert count(shared.conninfo, "SELECT count(*) FROM keks") == len(names)
+    assert count(daemons.conninfo, "SELECT count(*) FROM keks") == len(names)
     # The loser of each race destroyed the KEK it made in the keyring: no orphans.
-    assert keyring_rows(shared.conninfo, "kek") == len(names)
+    assert keyring_rows(daemons.conninfo, "kek") == len(names)
     for dek_id, (key,) in made.items():
         for service in (a, b):
             assert (await service.handle(STORAGE, GetDek(dek_id=dek_id))).key == key
 
 
 async def test_a_kek_destroyed_through_one_daemon_is_gone_from_every_daemon(
-    shared: SharedDaemons,
+    daemons: Daemons,
 ) -> None:
-    a, b = await shared.start(), await shared.start()
+    a, b = await daemons.start_shared(), await daemons.start_shared()
     dek = await a.handle(STORAGE, CreateDek(namespace="orders"))
     assert (await b.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
     kek = b.store.get_kek("orders")
@@ -137,7 +99,7 @@ async def test_a_kek_destroyed_through_one_daemon_is_gone_from_every_daemon(
     version = KeyRef(kek="orders", version=1)
     await a.handle(ADMIN, Revoke(key=version, reason="cessation-of-operation"))
     await a.handle(ADMIN, Destroy(key=version, force=True, purge_now=True))
-    assert keyring_rows(shared.conninfo, "kek") == 0
+    assert keyring_rows(daemons.conninfo, "kek") == 0
     with trio.fail_after(1):  # b's listener hears of the removal and drops the KEK
         while b.hsm.unwrap_now(handle, probe, aad) is not None:  # noqa: ASYNC110 - another thread
             await trio.sleep(0.005)
@@ -152,15 +114,15 @@ async def test_a_kek_destroyed_through_one_daemon_is_gone_from_every_daemon(
 
 
 async def test_a_signing_key_made_through_one_daemon_signs_on_another(
-    shared: SharedDaemons,
+    daemons: Daemons,
 ) -> None:
-    a, b = await shared.start(), await shared.start()
+    a, b = await daemons.start_shared(), await daemons.start_shared()
     handle = await a.hsm.generate_signing_key("online-ca", "p256")  # the online CA's key
     public = load_der_public_key(await b.hsm.signing_public_key(handle))
     assert isinstance(public, ec.EllipticCurvePublicKey)
     signature = await b.hsm.sign(handle, b"a CRL")
     public.verify(signature, b"a CRL", ec.ECDSA(hashes.SHA256()))  # raises if not a's key
-    assert keyring_rows(shared.conninfo, "signing") == 1
+    assert keyring_rows(daemons.conninfo, "signing") == 1
     await b.hsm.destroy_signing_key(handle)
     with trio.fail_after(1):
         while True:
@@ -174,21 +136,21 @@ async def test_a_signing_key_made_through_one_daemon_signs_on_another(
 
 
 async def test_a_daemon_given_another_master_key_is_refused_and_changes_nothing(
-    tmp_path: Path, shared: SharedDaemons
+    tmp_path: Path, daemons: Daemons
 ) -> None:
-    a = await shared.start()
+    a = await daemons.start_shared()
     dek = await a.handle(STORAGE, CreateDek(namespace="orders"))
     other = tmp_path / "other.key"
     create_master_key(other)
     with pytest.raises(HsmError) as refused:
-        await shared.start(master=other)
+        await daemons.start_shared(master=other)
     assert str(refused.value) == (
         f"the keyring in the PostgreSQL store at {a.store.where} is sealed under another "
         "master key: every daemon on one store must be given the same hsm.master_key"
     )
-    assert keyring_rows(shared.conninfo, "kek") == 1
-    assert keyring_rows(shared.conninfo, "check") == 1
-    b = await shared.start()  # the right key still works
+    assert keyring_rows(daemons.conninfo, "kek") == 1
+    assert keyring_rows(daemons.conninfo, "check") == 1
+    b = await daemons.start_shared()  # the right key still works
     assert (await b.handle(STORAGE, GetDek(dek_id=dek.dek_id))).key == dek.key
 
 
