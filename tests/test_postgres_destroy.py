@@ -13,10 +13,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from kmipd.client import Client
 from kmipd.daemon._keyring import StoreKeyring
 from kmipd.hsm import (
+    HsmError,
     HsmIntegrityError,
     HsmKeyNotFoundError,
     SoftwareHsm,
@@ -24,6 +27,7 @@ from kmipd.hsm import (
     keyring_handles,
     read_keyring_file,
     read_master_key,
+    reseal_entry,
 )
 from kmipd.protocol import CreateDek, Destroy, GetDek, KeyRef, Revoke, RotateKek
 from kmipd.service import KeyService, dek_associated_data
@@ -31,7 +35,9 @@ from kmipd.store import open_postgres_store
 from kmipd.store._postgres import PostgresStore
 from tests.conftest import make_policy
 from tests.postgres import Cluster, running_cluster
-from tests.test_postgres import ADMIN, STORAGE
+from tests.processes import Daemon, run_kmipd
+from tests.test_postgres import ADMIN, STORAGE, start_on_postgres
+from tests.test_postgres_keyring import without_keyring_file
 
 
 def cluster_bytes(cluster: Cluster) -> dict[str, bytes]:
@@ -119,8 +125,8 @@ async def test_with_the_keyring_in_the_store_a_destroyed_kek_is_left_sealed_in_t
     """The limit of the shared keyring, as the docs state it: the destroyed KEK's
     entry leaves the table and every daemon's memory, but its sealed bytes stay in
     the WAL (and backups) like any row, sealed under the master key that every
-    daemon still holds. Destruction there is as final as the master key is secret:
-    where that is not enough, keep KEKs on PKCS#11 (destroyed on the token)."""
+    daemon still holds. Destruction there is as final as the master key is secret,
+    until a rekey retires that key (the next test)."""
     master = tmp_path / "master.key"
     create_master_key(master)
     store = open_postgres_store(cluster.conninfo("kmipd"))
@@ -142,3 +148,64 @@ async def test_with_the_keyring_in_the_store_a_destroyed_kek_is_left_sealed_in_t
     finally:
         hsm.close()
         store.close()
+
+
+@pytest.mark.slow
+def test_a_rekey_makes_the_destroyed_kek_left_in_the_wal_useless(
+    tmp_path: Path, postgres_db: str, postgres_cluster: Cluster
+) -> None:
+    """The shared keyring's destroy made final: ``kmipd hsm rekey`` reseals the keyring
+    under a new master key; with the old key destroyed, the destroyed KEK's sealed
+    entry still in the WAL opens with nothing left."""
+    _, creds, data, config = start_on_postgres(tmp_path, postgres_db, 0)
+    path = config(0)
+    without_keyring_file(path)
+    daemon = Daemon("--config", path, log=tmp_path / "d0.log")
+    admin = {**creds, "cert": data / "pki" / "admin.pem", "key": data / "pki" / "admin-key.pem"}
+    with Client(daemon.address, **creds) as kms, Client(daemon.address, **admin) as root:
+        kms.create_dek("orders").close()
+        root.rotate_kek("orders")
+        with kms.create_dek("orders") as dek:
+            kept_id, kept = dek.dek_id, bytes(dek.key)
+        with psycopg.connect(postgres_db) as db:
+            row = db.execute(
+                "SELECT v.hsm_handle, k.sealed FROM kek_versions v"
+                " JOIN hsm_keyring k ON k.handle = v.hsm_handle WHERE v.version = 1"
+            ).fetchone()
+        assert row is not None
+        handle, sealed = str(row[0]), bytes(row[1])
+        root.revoke("cessation-of-operation", kek="orders", version=1)
+        root.destroy(kek="orders", version=1, force=True, purge_now=True)
+    new_key = data / "new-master.key"
+    # While a daemon is connected it would go on sealing under the old key: refused.
+    running = run_kmipd("hsm", "rekey", "--config", path, "--new-master-key", new_key)
+    assert running.returncode == 1
+    assert "stop every daemon on this store first" in running.stderr
+    assert not new_key.exists()
+    assert daemon.stop() == 0
+
+    rekeyed = run_kmipd("hsm", "rekey", "--config", path, "--new-master-key", new_key)
+    assert rekeyed.returncode == 0, rekeyed.stderr
+    assert "resealed 2 keyring entries" in rekeyed.stdout  # orders v2 and the check
+    old_key = read_master_key(data / "master.key")
+    (data / "master.key").unlink()  # "destroy every copy of the old master key"
+
+    # The destroyed KEK's entry is still in the WAL; the new master key does not open
+    # it, and the old one, which would, is gone.
+    assert sealed in cluster_bytes(postgres_cluster)["pg_wal"]
+    with pytest.raises(HsmError, match="does not open with the current master key"):
+        reseal_entry(read_master_key(new_key), old_key, "kek", handle, sealed)
+
+    # The daemon, given the new key, serves what was kept; the old key is refused.
+    path.write_text(path.read_text().replace('"master.key"', '"new-master.key"'))
+    daemon = Daemon("--config", path, log=tmp_path / "d1.log")
+    with Client(daemon.address, **creds) as kms, kms.get_dek(kept_id) as again:
+        assert bytes(again.key) == kept
+    assert daemon.stop() == 0
+    old_path = data / "old.key"
+    old_path.write_bytes(old_key)
+    old_path.chmod(0o600)
+    path.write_text(path.read_text().replace('"new-master.key"', '"old.key"'))
+    refused = run_kmipd("serve", "--config", path)
+    assert refused.returncode == 1
+    assert "is sealed under another master key" in refused.stderr

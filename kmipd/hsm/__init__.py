@@ -16,6 +16,7 @@ from kmipd.hsm._software import (
     master_key_opens,
     read_keyring_file,
     read_master_key,
+    reseal_entry,
 )
 
 __all__ = [
@@ -35,4 +36,5 @@ __all__ = [
     "read_keyring_file",
     "read_master_key",
     "read_pin",
+    "reseal_entry",
 ]

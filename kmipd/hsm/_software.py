@@ -81,6 +81,25 @@ def _check_opens(master: AESGCM, proof: bytes) -> bool:
         return False
 
 
+def reseal_entry(
+    old_master: bytes, new_master: bytes, kind: str, handle: str, sealed: bytes
+) -> bytes:
+    """A shared keyring's entry sealed again under a new master key (``kmipd hsm rekey``);
+    HsmError if it does not open with ``old_master``."""
+    aads = {"kek": _kek_entry_aad, "signing": _signing_entry_aad}
+    aad = _CHECK_AAD if kind == "check" else aads[kind](handle) if kind in aads else None
+    if aad is None:
+        raise HsmError(f"keyring entry {handle} has an unknown kind {kind!r}")
+    try:
+        opened = AESGCM(old_master).decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], aad)
+    except (InvalidTag, ValueError):
+        raise HsmError(
+            f"keyring entry {handle} does not open with the current master key"
+        ) from None
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce + AESGCM(new_master).encrypt(nonce, opened, aad)
+
+
 class KeyringTable(Protocol):
     """Sealed keyring entries kept by someone else, shared by several daemons (the
     PostgreSQL store's, through kmipd.daemon). Entries are sealed before they get here

@@ -700,7 +700,9 @@ class PostgresStore:
     def _listen_forever(self) -> None:
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as db:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, application_name="kmipd"
+                ) as db:
                     db.execute(f"LISTEN {CHANNEL}")
                     # Listening from here on: whatever changed before is reloaded now.
                     self._reload_everything(db)
@@ -1830,7 +1832,9 @@ class PostgresStore:
                     return True
             self._maintenance = None
             try:
-                db = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                db = psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, application_name="kmipd"
+                )
             except psycopg.Error:
                 return False
             try:
@@ -2225,6 +2229,35 @@ def read_keyring_check(conninfo: str) -> bytes | None:
     except psycopg.Error as exc:
         raise StoreError(f"cannot read the keyring at {describe_conninfo(conninfo)}") from exc
     return None if row is None else bytes(row[0])
+
+
+def reseal_keyring(conninfo: str, reseal: Callable[[str, str, bytes], bytes]) -> int:
+    """Every keyring entry replaced by ``reseal(kind, handle, sealed)``, in one transaction
+    (``kmipd hsm rekey``); refused while a daemon is connected to the database, since it
+    would go on sealing under the old master key. Returns how many entries."""
+    where = describe_conninfo(conninfo)
+    try:
+        with psycopg.connect(conninfo, connect_timeout=5, application_name="kmipd-rekey") as db:
+            # Readers wait too: a daemon starting meanwhile then reads the new check entry.
+            db.execute("LOCK TABLE hsm_keyring IN ACCESS EXCLUSIVE MODE")
+            (daemons,) = db.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'kmipd'"
+            ).fetchone() or (0,)
+            if daemons:
+                raise StoreError(
+                    f"{daemons} kmipd connection(s) to {where} are open: stop every daemon "
+                    "on this store first"
+                )
+            rows = db.execute("SELECT handle, kind, sealed FROM hsm_keyring").fetchall()
+            for handle, kind, sealed in rows:
+                db.execute(
+                    "UPDATE hsm_keyring SET sealed = %s WHERE handle = %s",
+                    (reseal(str(kind), str(handle), bytes(sealed)), handle),
+                )
+    except psycopg.Error as exc:
+        raise StoreError(f"store {where}: {_error_text(exc)}") from None
+    return len(rows)
 
 
 def check_database(conninfo: str) -> tuple[list[str], list[str]]:
