@@ -25,6 +25,7 @@ from kmipd.hsm import (
     SoftwareHsm,
     create_master_key,
     keyring_handles,
+    master_key_opens,
     read_keyring_file,
     read_master_key,
     reseal_entry,
@@ -183,6 +184,21 @@ def test_a_rekey_makes_the_destroyed_kek_left_in_the_wal_useless(
     assert "stop every daemon on this store first" in running.stderr
     assert not new_key.exists()
     assert daemon.stop() == 0
+    # Bad input, nothing changed: a new key file that exists, a config with a keyring file.
+    clash = run_kmipd("hsm", "rekey", "--config", path, "--new-master-key", data / "master.key")
+    assert clash.returncode == 1
+    assert "already exists; refusing to replace it" in clash.stderr
+    with_file = data / "with-file.toml"
+    with_file.write_text(path.read_text().replace("[hsm]\n", '[hsm]\nkeyring = "k.cbor"\n'))
+    with_file.chmod(0o600)
+    wrong = run_kmipd("hsm", "rekey", "--config", with_file, "--new-master-key", new_key)
+    assert wrong.returncode == 1
+    assert "hsm rekey works on the software keyring in the PostgreSQL store" in wrong.stderr
+    assert not new_key.exists()
+    with psycopg.connect(postgres_db) as db:
+        found = db.execute("SELECT sealed FROM hsm_keyring WHERE kind = 'check'").fetchone()
+    assert found is not None
+    assert master_key_opens(read_master_key(data / "master.key"), bytes(found[0]))
 
     rekeyed = run_kmipd("hsm", "rekey", "--config", path, "--new-master-key", new_key)
     assert rekeyed.returncode == 0, rekeyed.stderr
