@@ -124,7 +124,7 @@ class KeyringTable(Protocol):
         ...
 
     def on_removed(self, callback: Callable[[str | None], None]) -> None:
-        """Have ``callback`` told (from any thread) each handle another daemon removed,
+        """Have ``callback`` told (from any thread) each handle removed, by any daemon,
         and None when removals may have been missed."""
         ...
 
@@ -225,7 +225,9 @@ class SoftwareHsm:
         # With a table there is no file: these paths are never opened then.
         self._keyring_path = keyring_path or Path("no-keyring-file")
         self._lock_path = self._keyring_path.with_name(self._keyring_path.name + ".lock")
-        self._where = f"the keyring in {table.where}" if table else f"keyring {keyring_path}"
+        self._where = (
+            f"keyring {keyring_path}" if table is None else f"the keyring in {table.where}"
+        )
         self._check_run: _CheckRun | None = None
         #: Bumped by every removal the table reports: an entry fetched meanwhile may be
         #: the one removed, so it is used that once but not kept.
