@@ -11,6 +11,9 @@ real daemons on loopback, and prints one JSON document:
   PostgreSQL's time per get-dek over SQLite's (the target is <= 1.3: a get is
   served from the daemon's memory of wrapped rows, no database round trip),
   ``create_dek_cost_ratio`` the same for a create (a durable commit each);
+The PostgreSQL daemons keep the software HSM's keyring in the store (no
+hsm.keyring), as daemons on several machines would.
+
 * ``daemons_on_one_postgres``: aggregate get-dek and create-dek per second
   with 1, 2 and 3 daemons on the same database, CLIENT_THREADS client threads
   per daemon, and each as a ratio to one daemon.
@@ -141,6 +144,8 @@ def postgres_config(template: str, conninfo: str, n: int) -> str:
     config = re.sub(r"listen = \[.*\]", 'listen = ["127.0.0.1:0"]', template)
     store = f'[store]\nbackend = "postgresql"\nconninfo = "{conninfo}"\n'
     config = config.replace('[store]\npath = "kmipd.db"\n', store)
+    # As a cluster runs: the software keyring in the store, shared by every daemon.
+    config = re.sub(r'\nkeyring = "[^"]*"', "", config)
     return config + f'\n[audit]\npath = "audit-pg-{n}.log"\n'
 
 

@@ -30,7 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import kmipd.client as km
 from kmipd.audit import records, verify
 from kmipd.client import Client, KeyCompromisedError
-from kmipd.hsm import SoftwareHsm
+from kmipd.daemon._keyring import StoreKeyring
+from kmipd.hsm import SoftwareHsm, create_master_key
 from kmipd.lifecycle import DEK_USAGES, Event, Lifecycle, RevocationReason, State
 from kmipd.protocol import CreateDek, CreateKek, ErrorCode, GetDek, KeyRef, Revoke, RotateKek
 from kmipd.service import Caller, KeyService, ServiceError
@@ -94,6 +95,22 @@ class Daemons:
     def start(self, **options: Any) -> KeyService:
         store = open_postgres_store(self.conninfo, **options)
         hsm = SoftwareHsm.open(self.data / "master.key", self.data / "keyring.cbor", create=True)
+        service = KeyService(store=store, hsm=hsm, policy=make_policy(), create_kek_on_demand=True)
+        self.services.append(service)
+        return service
+
+    async def start_shared(self, master: Path | None = None) -> KeyService:
+        """A daemon whose software HSM keeps its keyring in the store (no keyring file):
+        each one then stands for a daemon on its own machine, given the master key."""
+        master = master or self.data / "master.key"
+        if not master.exists():
+            create_master_key(master)
+        store = open_postgres_store(self.conninfo)
+        try:
+            hsm = await SoftwareHsm.open_shared(master, StoreKeyring(store))
+        except BaseException:
+            store.close()
+            raise
         service = KeyService(store=store, hsm=hsm, policy=make_policy(), create_kek_on_demand=True)
         self.services.append(service)
         return service
@@ -311,7 +328,7 @@ async def test_a_read_only_user_can_read_but_every_write_fails_clearly(
         assert refused.value.code is ErrorCode.STORE_UNAVAILABLE
         assert "permission denied" in refused.value.message
         assert service.store.health.describe() == (
-            "cannot write: PostgreSQL refuses this user the write (permission denied)"
+            "cannot write: PostgreSQL user may not write (permission denied)"
         )
         lifecycle = Lifecycle(state=State.ACTIVE, usage=DEK_USAGES)
         record = DekRecord("dek_x", "orders", 1, b"w" * 40, 0, "me", lifecycle)

@@ -1,4 +1,4 @@
-"""``kmipd hsm ...``: the token side of an installation (software-init, init, list).
+"""``kmipd hsm ...``: the token side of an installation (software-init, init, rekey, list).
 
 ``hsm init`` runs with the daemon stopped (it takes the store's lock, as the
 daemon does): it logs in to the token, creates a namespace's KEK version 1
@@ -26,7 +26,14 @@ from kmipd.cli._common import CliError, Commands
 from kmipd.daemon import open_hsm, open_store
 from kmipd.daemon._logging import configure_logging
 from kmipd.daemon.config import Config, load_config
-from kmipd.hsm import HsmError, HsmIntegrityError, Pkcs11Hsm, create_master_key
+from kmipd.hsm import (
+    HsmError,
+    HsmIntegrityError,
+    Pkcs11Hsm,
+    create_master_key,
+    read_master_key,
+    reseal_entry,
+)
 from kmipd.protocol import CreateKek, KekInfo
 from kmipd.service import Caller, Grant, KeyService, Policy, ServerInfo, ServiceError
 
@@ -49,6 +56,19 @@ def register(commands: Commands) -> None:
     init.add_argument("--config", type=Path, required=True, help="the daemon's config file")
     init.add_argument("name", metavar="NAME", help="the namespace (KEK name)")
     init.set_defaults(handler=_hsm_init)
+    rekey = hsm.add_parser(
+        "rekey",
+        help="seal the keyring in the PostgreSQL store under a new master key; daemons stopped",
+        description="Creates NEW_MASTER_KEY (0600) and reseals every entry of the software "
+        "HSM's keyring in the PostgreSQL store under it, in one transaction; refused while "
+        "any daemon is connected. Then give every daemon the new key as hsm.master_key "
+        "and destroy every copy of the old one: the WAL, replicas and backups made before "
+        "hold the keyring sealed under the old key only, so KEKs destroyed before the "
+        "rekey cannot come back from them.",
+    )
+    rekey.add_argument("--config", type=Path, required=True, help="the daemon's config file")
+    rekey.add_argument("--new-master-key", type=Path, required=True, help="file to create")
+    rekey.set_defaults(handler=_hsm_rekey)
     listing = hsm.add_parser(
         "list", help="kmipd's KEK objects on the PKCS#11 token and their attributes"
     )
@@ -75,6 +95,34 @@ def _hsm_init(args: argparse.Namespace) -> int:
     )
     if result.token_object is not None:
         print(json.dumps(result.token_object, indent=2))
+    return 0
+
+
+def _hsm_rekey(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not config.keyring_in_store or config.postgres is None or config.master_key is None:
+        raise CliError(
+            "hsm rekey works on the software keyring in the PostgreSQL store "
+            "(store.backend = 'postgresql', hsm.backend = 'software', no hsm.keyring)"
+        )
+    from kmipd.store._postgres import reseal_keyring  # noqa: PLC0415 - psycopg on demand
+
+    old = read_master_key(config.master_key)
+    new_path: Path = args.new_master_key
+    create_master_key(new_path)  # refuses a file that exists
+    try:
+        new = read_master_key(new_path)
+        count = reseal_keyring(
+            config.postgres.connection_string(),
+            lambda kind, handle, sealed: reseal_entry(old, new, kind, handle, sealed),
+        )
+    except BaseException:
+        new_path.unlink()  # nothing is sealed under it
+        raise
+    print(
+        f"resealed {count} keyring entries under {new_path}. Now make it hsm.master_key on "
+        f"every daemon, destroy every copy of {config.master_key}, then start the daemons."
+    )
     return 0
 
 
@@ -109,7 +157,7 @@ async def init_kek(config: Config, name: str) -> InitResult:
     with contextlib.ExitStack() as resources:
         store = await open_store(config)
         resources.callback(store.close)
-        hsm = await open_hsm(config)
+        hsm = await open_hsm(config, store)
         resources.callback(hsm.close)
         audit = AuditLog.open(config.audit_path, config.audit_key)
         resources.callback(audit.close)

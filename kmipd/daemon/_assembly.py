@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
 
 import attrs
 import trio
@@ -20,6 +21,7 @@ import trio
 from kmipd.audit import AuditLog
 from kmipd.crypto._issuing import renewal_due
 from kmipd.daemon._checks import check_serving_config
+from kmipd.daemon._keyring import StoreKeyring
 from kmipd.daemon._prometheus import MetricsExporter, serve_metrics
 from kmipd.daemon._supervision import Supervisor
 from kmipd.daemon._systemd import Notifier, ServiceManager
@@ -29,8 +31,11 @@ from kmipd.metrics._counters import MeasuredHsm, ServerMetrics
 from kmipd.net._address import format_address
 from kmipd.server import KmipServer, ServerTls, TlsConfigError, open_listeners
 from kmipd.service import KeyService, OnlineCa, OnlineCaError, ServerInfo, open_online_ca
-from kmipd.store import KeyStore, Store, StoreUnavailableError, open_postgres_store
+from kmipd.store import KeyStore, Store, StoreError, StoreUnavailableError, open_postgres_store
 from pki import PkiError, load_certificate, write_private_file
+
+if TYPE_CHECKING:
+    from kmipd.store._postgres import PostgresStore
 
 log = logging.getLogger("kmipd.daemon")
 
@@ -75,7 +80,7 @@ async def run_daemon(
         store = await open_store(config, notifier.status)
         resources.callback(store.close)
         notifier.status("opening the HSM backend")
-        hsm = await open_hsm(config)
+        hsm = await open_hsm(config, store)
         resources.callback(hsm.close)
         audit = AuditLog.open(
             config.audit_path,
@@ -234,14 +239,28 @@ class _OnlineCaTasks:
             log.error("%s was not loaded: %s", what, exc)
 
 
-async def open_hsm(config: Config) -> HsmBackend:
+async def open_hsm(config: Config, store: Store | None = None) -> HsmBackend:
     """The configured HSM backend, open; raises HsmError saying what is wrong.
 
     PKCS#11: loads the library, logs in to the token (a refused PIN stops here,
-    and is never retried) and starts the session workers.
+    and is never retried) and starts the session workers. The software backend
+    with its keyring in the PostgreSQL store uses ``store``, or opens the store
+    itself (and closes it with the backend).
     """
     if config.pkcs11 is not None:
         return await Pkcs11Hsm.open(config.pkcs11, read_pin(config.pkcs11))
+    if config.keyring_in_store:
+        assert config.master_key is not None
+        owned = store is None
+        if store is None:
+            try:
+                store = await open_store(config)
+            except StoreError as exc:
+                raise HsmError(f"hsm: the keyring is in the store: {exc}") from None
+        if store.backend != "postgresql":
+            raise HsmError("hsm.keyring: required unless store.backend = 'postgresql'")
+        table = StoreKeyring(cast("PostgresStore", store), owned=owned)
+        return await SoftwareHsm.open_shared(config.master_key, table)
     master_key, keyring = config.software_files()
     return SoftwareHsm.open(master_key, keyring)
 

@@ -29,10 +29,17 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd.audit import AuditError, read_audit_key
 from kmipd.daemon.config import Config, ConfigError
-from kmipd.hsm import HsmError, Pkcs11Settings, SoftwareHsm, read_master_key, read_pin
+from kmipd.hsm import (
+    HsmError,
+    Pkcs11Settings,
+    SoftwareHsm,
+    master_key_opens,
+    read_master_key,
+    read_pin,
+)
 from kmipd.server import TlsSettings
 from kmipd.service import Policy
-from kmipd.store import store_problems
+from kmipd.store import StoreError, store_problems
 from kmipd.store._faults import directory_cause
 from kmipd.store._managed import read_sqlite_expiry
 from pki import PkiError, load_crl_serials
@@ -310,12 +317,21 @@ def _literal_prefix(pattern: str) -> str:
 
 
 def _check_software_hsm(config: Config, report: CheckReport) -> None:
-    master_key_path, keyring = config.software_files()
+    assert config.master_key is not None
     try:
-        master_key = read_master_key(master_key_path)
+        master_key = read_master_key(config.master_key)
     except HsmError as exc:
         report.problems.append(f"hsm.master_key: {exc}")
         return
+    if config.keyring_in_store:
+        _check_keyring_in_store(config, master_key, report)
+        return
+    _, keyring = config.software_files()
+    if config.postgres is not None:
+        report.warnings.append(
+            "hsm.keyring: a keyring file is shared only by daemons that see the same file; "
+            "omit hsm.keyring to keep the keyring in the PostgreSQL store, shared by all"
+        )
     if keyring.exists():
         try:
             SoftwareHsm(master_key, keyring).close()
@@ -323,6 +339,22 @@ def _check_software_hsm(config: Config, report: CheckReport) -> None:
             report.problems.append(f"hsm.keyring: {exc}")
     else:
         _creatable(keyring, "hsm.keyring", report)
+
+
+def _check_keyring_in_store(config: Config, master_key: bytes, report: CheckReport) -> None:
+    """The store's keyring opens with this master key (once a daemon has used it)."""
+    assert config.postgres is not None
+    try:
+        from kmipd.store._postgres import read_keyring_check  # noqa: PLC0415 - psycopg on demand
+
+        proof = read_keyring_check(config.postgres.connection_string())
+    except (ImportError, ConfigError, StoreError):
+        return  # the store's own check reports why the database cannot be read
+    if proof is not None and not master_key_opens(master_key, proof):
+        report.problems.append(
+            "hsm.master_key: the keyring in the PostgreSQL store is sealed under another "
+            "master key: every daemon on one store must be given the same hsm.master_key"
+        )
 
 
 def _check_pkcs11_hsm(settings: Pkcs11Settings, report: CheckReport) -> None:

@@ -260,7 +260,12 @@ SCHEMA: dict[str, dict[str, Option]] = {
     "hsm": {
         "backend": Option(str, "software", "HSM backend", _one_of("software", "pkcs11")),
         "master_key": Option(str, None, "software: master key file (32 bytes, 0600); required"),
-        "keyring": Option(str, None, "software: encrypted KEK file; required"),
+        "keyring": Option(
+            str,
+            None,
+            "software: encrypted KEK file; required with SQLite (PostgreSQL: absent keeps "
+            "the keyring in the store, shared by every daemon)",
+        ),
         "library": Option(str, None, "pkcs11: the PKCS#11 module, an absolute path", _absolute),
         "token_label": Option(str, None, "pkcs11: the token's label (or token_serial)"),
         "token_serial": Option(str, None, "pkcs11: the token's serial number (or token_label)"),
@@ -509,10 +514,20 @@ class Config:
             )
         return self.store_path
 
+    @property
+    def keyring_in_store(self) -> bool:
+        """The software backend's keyring is the PostgreSQL store's, not a file."""
+        return self.hsm_backend == "software" and self.keyring is None
+
     def software_files(self) -> tuple[Path, Path]:
         """(master key, keyring) of the software backend; only for that backend."""
-        if self.master_key is None or self.keyring is None:
+        if self.master_key is None:
             raise ValueError(f"hsm.backend is {self.hsm_backend!r}, not 'software'")
+        if self.keyring is None:
+            raise ValueError(
+                "the software keyring is in the PostgreSQL store, not a file (hsm.keyring "
+                "is not set): back it up with the database"
+            )
         return self.master_key, self.keyring
 
 
@@ -753,10 +768,13 @@ def _check_hsm_backend(table: Any, values: dict[tuple[str, str], Any], problems:
                 if key in table
             )
     if backend == "software":
+        # On PostgreSQL the keyring may live in the store (hsm.keyring absent).
+        on_postgres = values[("store", "backend")] == "postgresql"
         problems.extend(
-            f"hsm.{key}: required (backend 'software')"
+            f"hsm.{key}: required (backend 'software'"
+            + (", store backend 'sqlite')" if key == "keyring" else ")")
             for key in ("master_key", "keyring")
-            if key not in table
+            if key not in table and not (key == "keyring" and on_postgres)
         )
         return
     if "library" not in table:

@@ -315,6 +315,18 @@ CREATE INDEX managed_certificate_versions_by_kek_version
 """,
     # 9: managed signing keys (kmipd.store._signing).
     SIGNING_KEYS_MIGRATION_POSTGRES,
+    # 10: the software HSM's keyring, shared by every daemon (see SQLite's migration 10).
+    # Each entry is sealed under the master key by the daemon that made it; this table
+    # never sees a plaintext key.
+    """
+CREATE TABLE hsm_keyring (
+    handle      TEXT COLLATE "C" PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    label       TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    sealed      BYTEA NOT NULL
+);
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -322,6 +334,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x6B6D69706401
 MAINTENANCE_LOCK = 0x6B6D69706402
 #: NOTIFY channel; payloads "d:<dek id>", "k" (KEK metadata), "t" (transport certificates),
+#: "h:<handle>" (a keyring entry removed),
 #: each followed by "@<origin>": the sending store's random id, so a daemon skips what it
 #: already applied to its own memory.
 CHANNEL = "kmipd_changes"
@@ -366,7 +379,7 @@ class _DatabaseFaultError(Exception):
 _UNREACHABLE = "PostgreSQL unreachable"
 _CAUSES = {
     "25006": "PostgreSQL is read-only (a standby, or default_transaction_read_only)",
-    "42501": "PostgreSQL refuses this user the write (permission denied)",
+    "42501": "PostgreSQL user may not write (permission denied)",  # fits status (64)
     "53100": "PostgreSQL's disk is full",
     "53200": "PostgreSQL is out of memory",
     "53300": "PostgreSQL has too many connections",
@@ -436,6 +449,9 @@ class PostgresStore:
         self._load_lock = threading.Lock()
         self._reload_wanted = False
         self._origin = secrets.token_hex(8)
+        #: Told (on the listener thread) the handle of each keyring entry another daemon
+        #: removed, and None when notifications may have been missed (a reconnect).
+        self.keyring_listeners: list[Callable[[str | None], None]] = []
         self._maintenance: Db | None = None
         self._certificates = _PostgresCertificates(self)
         self._managed = _PostgresManaged(self)
@@ -684,7 +700,9 @@ class PostgresStore:
     def _listen_forever(self) -> None:
         while not self._stopping.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5) as db:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, application_name="kmipd"
+                ) as db:
                     db.execute(f"LISTEN {CHANNEL}")
                     # Listening from here on: whatever changed before is reloaded now.
                     self._reload_everything(db)
@@ -720,6 +738,8 @@ class PostgresStore:
                     reload_keks = True
                 elif payload == "t":
                     reload_certs = True
+                elif payload.startswith("h:"):
+                    self._keyring_changed(payload[2:])
             if reload_keks or reload_certs:
                 self._reload_metadata(db)
 
@@ -757,10 +777,61 @@ class PostgresStore:
 
     def _reload_everything(self, db: Db) -> None:
         self._reload_metadata(db, clear_cache=True)
+        self._keyring_changed(None)
+
+    def _keyring_changed(self, handle: str | None) -> None:
+        for listener in self.keyring_listeners:
+            listener(handle)
 
     def _notify(self, db: Db, payload: str) -> None:
         """Sent when the transaction commits, and only then."""
         db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{payload}@{self._origin}"))
+
+    # -- the software HSM's keyring: sealed entries, opened only by the HSM backend --------
+
+    async def keyring_entries(self, kind: str) -> dict[str, bytes]:
+        """Every sealed entry of one kind ("kek", "signing", "check"), by handle."""
+
+        def select_all(db: Db) -> dict[str, bytes]:
+            rows = db.execute("SELECT handle, sealed FROM hsm_keyring WHERE kind = %s", (kind,))
+            return {handle: bytes(sealed) for handle, sealed in rows}
+
+        return await self._read(select_all)
+
+    async def keyring_entry(self, kind: str, handle: str) -> bytes | None:
+        def select_one(db: Db) -> bytes | None:
+            row = db.execute(
+                "SELECT sealed FROM hsm_keyring WHERE kind = %s AND handle = %s", (kind, handle)
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._read(select_one)
+
+    async def add_keyring_entry(self, kind: str, handle: str, label: str, sealed: bytes) -> bool:
+        """Insert an entry; False (and nothing changed) if the handle is taken."""
+
+        def insert(db: Db) -> bool:
+            cursor = db.execute(
+                "INSERT INTO hsm_keyring (handle, kind, label, created_at, sealed)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (handle) DO NOTHING",
+                (handle, kind, label, int(self._clock()), sealed),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(insert)
+
+    async def remove_keyring_entry(self, kind: str, handle: str) -> bool:
+        """Delete an entry; every daemon's listener hears of it when it commits."""
+
+        def delete(db: Db) -> bool:
+            cursor = db.execute(
+                "DELETE FROM hsm_keyring WHERE kind = %s AND handle = %s", (kind, handle)
+            )
+            if cursor.rowcount:
+                self._notify(db, f"h:{handle}")
+            return cursor.rowcount == 1
+
+        return await self._write(delete)
 
     # -- KEKs --------------------------------------------------------------------
 
@@ -1761,7 +1832,9 @@ class PostgresStore:
                     return True
             self._maintenance = None
             try:
-                db = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5)
+                db = psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=5, application_name="kmipd"
+                )
             except psycopg.Error:
                 return False
             try:
@@ -1807,9 +1880,10 @@ class PostgresStore:
             host = db.info.host
             self.server = f"{host}:{db.info.port}" if not host.startswith("/") else host
             if row is not None and row[0]:
+                # The cause first and short: status shows it in 64 characters.
                 raise StoreUnavailableError(
-                    f"PostgreSQL at {self.where} is a standby (read-only); "
-                    "point kmipd at the primary (target_session_attrs=read-write)"
+                    "PostgreSQL is a standby (read-only)",
+                    f"{self.server}; point kmipd at the primary (target_session_attrs=read-write)",
                 )
 
         await self._read(probe)
@@ -2098,7 +2172,7 @@ def _load_keks(db: Db) -> list[KekRecord]:
 
 
 #: Every table the migrations make: check-config checks this user's privileges on each.
-_TABLES = tuple(re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS)))
+MIGRATION_TABLES = tuple(re.findall(r"CREATE TABLE (\w+)", "".join(MIGRATIONS)))
 
 
 def read_managed_expiry(conninfo: str) -> list[tuple[str, str, int, int]]:
@@ -2108,6 +2182,82 @@ def read_managed_expiry(conninfo: str) -> list[tuple[str, str, int, int]]:
             return []
         found = db.execute("SELECT to_regclass('managed_certificate_versions')").fetchone()
         return expiry_rows(_as_sqlite(db)) if found and found[0] else []
+
+
+def _missing_privileges(db: Db, user: str, tables: Sequence[str]) -> list[str]:
+    """One line per set of privileges ``user`` lacks, naming its tables and the GRANT
+    that gives them (a read-only user: one line, not one per table and privilege)."""
+    privileges = ("SELECT", "INSERT", "UPDATE", "DELETE")
+    lacking: dict[tuple[str, ...], list[str]] = {}
+    for table in tables:
+        missing = []
+        for privilege in privileges:
+            allowed = db.execute(
+                "SELECT to_regclass(%s) IS NULL OR has_table_privilege(%s, %s)",
+                (table, table, privilege),
+            ).fetchone()
+            if not (allowed and allowed[0]):
+                missing.append(privilege)
+        if missing:
+            lacking.setdefault(tuple(missing), []).append(table)
+    problems = []
+    for denied, names in lacking.items():
+        which = (
+            ", ".join(names)
+            if len(names) <= 3
+            else f"{len(names)} tables ({', '.join(names[:3])}, ...)"
+        )
+        reads = ": it may read but not write" if denied == privileges[1:] else ""
+        problems.append(
+            f"store.conninfo: {user} lacks {', '.join(denied)} on {which}{reads}"
+            f" (GRANT {', '.join(privileges)} ON ALL TABLES IN SCHEMA public TO {user})"
+        )
+    return problems
+
+
+def read_keyring_check(conninfo: str) -> bytes | None:
+    """The shared keyring's master key check (sealed), or None if there is none yet."""
+    try:
+        with psycopg.connect(conninfo, connect_timeout=5, autocommit=True) as db:
+            found = db.execute("SELECT to_regclass('hsm_keyring')").fetchone()
+            if not (found and found[0]):
+                return None
+            row = db.execute(
+                "SELECT sealed FROM hsm_keyring WHERE kind = 'check' AND handle = %s",
+                ("master-key-check",),  # kmipd.hsm._software's _CHECK_HANDLE
+            ).fetchone()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read the keyring at {describe_conninfo(conninfo)}") from exc
+    return None if row is None else bytes(row[0])
+
+
+def reseal_keyring(conninfo: str, reseal: Callable[[str, str, bytes], bytes]) -> int:
+    """Every keyring entry replaced by ``reseal(kind, handle, sealed)``, in one transaction
+    (``kmipd hsm rekey``); refused while a daemon is connected to the database, since it
+    would go on sealing under the old master key. Returns how many entries."""
+    where = describe_conninfo(conninfo)
+    try:
+        with psycopg.connect(conninfo, connect_timeout=5, application_name="kmipd-rekey") as db:
+            # Readers wait too: a daemon starting meanwhile then reads the new check entry.
+            db.execute("LOCK TABLE hsm_keyring IN ACCESS EXCLUSIVE MODE")
+            (daemons,) = db.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'kmipd'"
+            ).fetchone() or (0,)
+            if daemons:
+                raise StoreError(
+                    f"{daemons} kmipd connection(s) to {where} are open: stop every daemon "
+                    "on this store first"
+                )
+            rows = db.execute("SELECT handle, kind, sealed FROM hsm_keyring").fetchall()
+            for handle, kind, sealed in rows:
+                db.execute(
+                    "UPDATE hsm_keyring SET sealed = %s WHERE handle = %s",
+                    (reseal(str(kind), str(handle), bytes(sealed)), handle),
+                )
+    except psycopg.Error as exc:
+        raise StoreError(f"store {where}: {_error_text(exc)}") from None
+    return len(rows)
 
 
 def check_database(conninfo: str) -> tuple[list[str], list[str]]:
@@ -2155,15 +2305,8 @@ def check_database(conninfo: str) -> tuple[list[str], list[str]]:
                     f"store.conninfo: schema version {version}; the next daemon to start "
                     f"migrates it to {SCHEMA_VERSION}"
                 )
-            tables = _TABLES if version == SCHEMA_VERSION else ("deks", "keks")
-            for table in tables:
-                for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE"):
-                    allowed = db.execute(
-                        "SELECT to_regclass(%s) IS NULL OR has_table_privilege(%s, %s)",
-                        (table, table, privilege),
-                    ).fetchone()
-                    if not (allowed and allowed[0]):
-                        problems.append(f"store.conninfo: {user} lacks {privilege} on {table}")
+            tables = MIGRATION_TABLES if version == SCHEMA_VERSION else ("deks", "keks")
+            problems.extend(_missing_privileges(db, user, tables))
         parts = psycopg.conninfo.conninfo_to_dict(conninfo)
         host = str(parts.get("host", ""))
         tcp = any(h and not h.startswith("/") for h in host.split(","))

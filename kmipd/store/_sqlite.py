@@ -200,6 +200,18 @@ CREATE INDEX secret_versions_by_kek_version ON secret_versions(namespace, kek_ve
     MANAGED_CERTIFICATES_MIGRATION,
     # 9: managed signing keys (kmipd.store._signing).
     SIGNING_KEYS_MIGRATION,
+    # 10: the software HSM's keyring in the store. On SQLite the keyring stays a file
+    # (hsm.keyring) and this table stays empty: it exists so that both backends' schema
+    # version N means the same tables.
+    """
+CREATE TABLE hsm_keyring (
+    handle      TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    label       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    sealed      BLOB NOT NULL
+) STRICT;
+""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
