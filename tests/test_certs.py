@@ -43,6 +43,7 @@ from pki import CertificateAuthority
 from tests.conftest import TRUST_DOMAIN
 from tests.processes import Daemon, run_kmipd
 from tests.test_pkcs11 import SOFTHSM_LIBRARY, TOKEN_LABEL, SoftToken, softhsm
+from tests.test_tls import _hello_over_tls
 
 __all__ = ["softhsm"]  # the SoftHSM2 token fixture (fails under CI=true without SoftHSM2)
 
@@ -52,7 +53,7 @@ WEB = f"spiffe://{TRUST_DOMAIN}/web"
 STRANGER = f"spiffe://{TRUST_DOMAIN}/stranger"
 
 
-def write_config(directory: Path, root: CertificateAuthority, hsm: str) -> Path:
+def write_config(directory: Path, root: CertificateAuthority, hsm: str, tls: str = "") -> Path:
     config = directory / "kmipd.toml"
     config.write_text(
         f"""[server]
@@ -63,6 +64,7 @@ cert = "{root.server_cert_path}"
 key = "{root.server_key_path}"
 crl = "{root.crl_path}"
 trust_domain = "{TRUST_DOMAIN}"
+{tls}
 [store]
 path = "{directory / "kmipd.db"}"
 [hsm]
@@ -121,9 +123,9 @@ def make_root(directory: Path) -> CertificateAuthority:
     return root
 
 
-def start(directory: Path, hsm: str, extra: str = "") -> Deployment:
+def start(directory: Path, hsm: str, extra: str = "", tls: str = "") -> Deployment:
     root = make_root(directory / "pki")
-    config = write_config(directory, root, hsm)
+    config = write_config(directory, root, hsm, tls)
     result = run_kmipd("ca", "init", "--config", config, "--root", root.directory)
     assert result.returncode == 0, result.stderr
     snippet = result.stdout[result.stdout.index("[online_ca]") :]
@@ -337,6 +339,36 @@ def test_a_revoked_certificate_is_refused_at_once(deployment: Deployment, tmp_pa
     # The CRL the daemon wrote for others says the same.
     published = x509.load_pem_x509_crl((deployment.directory / "online-ca-crl.pem").read_bytes())
     assert published.get_revoked_certificate_by_serial_number(revoked.serial_number) is not None
+
+
+def test_a_revoked_issued_certificate_does_not_resume_its_tls_session(tmp_path: Path) -> None:
+    """DESIGN.md 4a for the online CA: its revocation reaches resumed sessions too."""
+    master = tmp_path / "master.key"
+    assert run_kmipd("hsm", "software-init", "--master-key", master).returncode == 0
+    hsm = f'backend = "software"\nmaster_key = "{master}"\nkeyring = "{tmp_path / "keyring"}"'
+    deployment = start(tmp_path, hsm, tls="session_tickets = 2")
+    try:
+        key = km.generate_key()
+        with deployment.client("storage") as kms:
+            issued = kms.issue_certificate(km.make_csr(key, identity=STORAGE))
+        write_key_and_certificate(tmp_path / "s", key, issued)
+        context = km.client_context(
+            ca=deployment.root.ca_cert_path, cert=tmp_path / "s" / "cert.pem",
+            key=tmp_path / "s" / "key.pem",
+        )  # fmt: skip
+        address = deployment.daemon.address
+        first, resumed, what = _hello_over_tls(address, context, None)
+        assert (resumed, what) == (False, "served") and first is not None
+        again, resumed, what = _hello_over_tls(address, context, first)
+        assert (resumed, what) == (True, "served")  # the ticket works before the revocation
+        with deployment.client("admin") as kms:
+            kms.revoke_certificate(issued.serial, reason="key-compromise")
+        _, resumed, what = _hello_over_tls(address, context, again)
+        assert not resumed and "revoked" in what and not what.startswith("served"), what
+        with deployment.client("storage") as kms:  # everyone else is still served
+            assert kms.status().state == "serving"
+    finally:
+        deployment.daemon.stop()
 
 
 def test_the_daemon_refuses_an_online_ca_key_that_is_not_the_certificates(tmp_path: Path) -> None:

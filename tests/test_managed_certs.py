@@ -803,10 +803,26 @@ def test_a_json_policy_file_reads_like_toml_and_bad_shapes_name_their_field(
             {"key_type": "p256", "validity_days": 1, "lifetime_action": {"action": "later"}},
             '"renew" or "none"',
         ),
+        # TOML's inf/nan parse as floats; a huge number overflows the wire's 32-bit seconds.
+        ({"key_type": "p256", "validity_days": float("inf")}, "validity_days"),
+        ({"key_type": "p256", "validity_days": float("nan")}, "validity_days"),
+        ({"key_type": "p256", "validity_days": 1e12}, "at most 49710 days"),
+        ({"key_type": "p256", "validity_seconds": 2**40}, "at most 4294967295 seconds"),
+        (
+            {
+                "key_type": "p256",
+                "validity_days": 1,
+                "lifetime_action": {"days_before_expiry": 1e12},
+            },
+            "days_before_expiry: at most",
+        ),
     ]:
         with pytest.raises(km.PolicyFileError) as caught:
             km.certificate_policy(document)
         assert says in str(caught.value), (document, caught.value)
+    toml_file.write_text('dns = ["a"]\nkey_type = "P-256"\nvalidity_days = inf\n')
+    with pytest.raises(km.PolicyFileError, match="validity_days: a positive number"):
+        km.load_certificate_policy(toml_file)
     json_file.write_text("{not json")
     with pytest.raises(km.PolicyFileError, match="not valid JSON"):
         km.load_certificate_policy(json_file)

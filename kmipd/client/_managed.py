@@ -23,6 +23,7 @@ key type, the grant's bounds) and answers certificate-policy-invalid.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from cryptography.hazmat.primitives import serialization
 from kmipd.protocol import CertificatePolicy, ManagedCertificate, ManagedCertificateInfo
 
 DAY = 86400
+#: The wire's bound on validity and renew-before (seconds): ~136 years.
+_MAX_SECONDS = 2**32 - 1
 _TOP_KEYS = (
     "subject",
     "dns",
@@ -123,7 +126,8 @@ def certificate_policy(document: Any, *, where: str = "policy") -> CertificatePo
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # Finite: TOML's inf/nan and JSON's Infinity/NaN parse as floats, and convert to no int.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _validity(document: dict[str, Any], fail: Any) -> int:
@@ -133,9 +137,13 @@ def _validity(document: dict[str, Any], fail: Any) -> int:
     if days is not None:
         if not _number(days) or days <= 0:
             raise fail("validity_days", "a positive number of days")
+        if days * DAY > _MAX_SECONDS:
+            raise fail("validity_days", f"at most {_MAX_SECONDS // DAY} days")
         return int(days * DAY)
     if not isinstance(seconds, int) or isinstance(seconds, bool) or seconds < 60:
         raise fail("validity_seconds", "a whole number of seconds, at least 60")
+    if seconds > _MAX_SECONDS:
+        raise fail("validity_seconds", f"at most {_MAX_SECONDS} seconds")
     return seconds
 
 
@@ -166,6 +174,8 @@ def _lifetime_action(action: Any, fail: Any) -> tuple[int | None, int | None]:
         return percent, None
     if not _number(days) or float(days) <= 0:
         raise fail("lifetime_action.days_before_expiry", "a positive number of days")
+    if float(days) * DAY > _MAX_SECONDS:
+        raise fail("lifetime_action.days_before_expiry", f"at most {_MAX_SECONDS // DAY} days")
     return None, max(1, int(float(days) * DAY))
 
 
