@@ -37,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kmipd import client as km
 from kmipd.client._certs import write_key_and_certificate
+from kmipd.crypto._issuing import BACKDATE, renewal_due
 from kmipd.hsm import HsmError, HsmKeyNotFoundError, SoftwareHsm
 from kmipd.protocol import ErrorCode
 from pki import CertificateAuthority
@@ -482,22 +483,60 @@ def test_a_client_with_a_renewal_directory_renews_itself_and_keeps_serving(
 
 
 def test_renewal_that_fails_keeps_the_certificate_and_the_request(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A root-issued certificate cannot be renewed by the online CA: the renewal
     # fails (logged), the request itself is answered, and nothing is written.
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    old = deployment.root.issue_client("old", not_before=now - 2 * day, not_after=now + day / 2)
     directory = tmp_path / "renewing"
-    root_cert = deployment.root.directory / "storage.pem"
     with km.Client(
         deployment.daemon.address,
         ca=deployment.root.ca_cert_path,
-        cert=root_cert,
-        key=deployment.root.directory / "storage-key.pem",
+        cert=old.cert_path,
+        key=old.key_path,
         renewal_dir=directory,
-        renew_at=0.001,
     ) as kms:
+        assert kms.renewal_due  # past two thirds of its lifetime
         assert kms.status().state == "serving"
+    assert "certificate renewal failed" in caplog.text
     assert not (directory / "cert.pem").exists()
+
+
+def test_a_short_lived_certificate_is_due_at_its_share_of_the_lifetime_from_issuance() -> None:
+    """Issued certificates start BACKDATE before their issuance; renewal counts from it.
+
+    Counted from the backdated start, a 150 s certificate would be due on
+    arrival (two thirds of 450 s is 300 s), and renewed before every request.
+    Counted from the middle of its validity (the backdate is more than half
+    of it), it is due 75 s after its issuance.
+    """
+    now = time.time()
+
+    def certificate(start: float, end: float) -> x509.Certificate:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([])
+        return (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(datetime.datetime.fromtimestamp(start, datetime.UTC))
+            .not_valid_after(datetime.datetime.fromtimestamp(end, datetime.UTC))
+            .sign(key, hashes.SHA256())
+        )  # fmt: skip
+
+    short = certificate(now - BACKDATE, now + 150)
+    assert not renewal_due(short, 2 / 3, now)
+    assert not renewal_due(short, 2 / 3, now + 70)
+    assert renewal_due(short, 2 / 3, now + 80)
+    # Not backdated: still renewed before it expires, whatever its length.
+    for seconds in (60, 600, 86400):
+        plain = certificate(now, now + seconds)
+        assert not renewal_due(plain, 2 / 3, now)
+        assert renewal_due(plain, 2 / 3, now + seconds - 1)
+    # A long one: the backdate barely matters.
+    ten_days = certificate(now - BACKDATE, now + 10 * 86400)
+    assert renewal_due(ten_days, 0.5, now + 5 * 86400) and not renewal_due(ten_days, 0.5, now)
 
 
 def test_the_cert_cli_issues_renews_when_due_and_revokes(

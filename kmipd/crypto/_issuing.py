@@ -76,11 +76,25 @@ def describe_key(public_key: object) -> str:
     return type(public_key).__name__.removesuffix("PublicKey").removeprefix("_") or "unknown"
 
 
+#: Issued certificates start this much before their issuance (as pki's do), so that a
+#: peer whose clock runs a little behind still accepts them.
+BACKDATE = 300
+
+
 def renewal_due(cert: x509.Certificate, renew_at: float, now: float) -> bool:
-    """Whether ``now`` is past ``renew_at`` (a fraction) of the certificate's lifetime."""
+    """Whether ``now`` is past ``renew_at`` (a fraction) of the certificate's lifetime.
+
+    The lifetime is counted from the issuance, not from the backdated start:
+    otherwise a certificate valid for less than about two backdates would be
+    due at once and renewed before every request. As the issuance is not in
+    the certificate, it is taken as ``BACKDATE`` after the start, but never
+    past the middle of the validity: a certificate that was not backdated is
+    then still renewed before it expires.
+    """
     start = cert.not_valid_before_utc.timestamp()
     end = cert.not_valid_after_utc.timestamp()
-    return now >= start + (end - start) * renew_at
+    issued = start + min(BACKDATE, (end - start) / 2)
+    return now >= issued + (end - issued) * renew_at
 
 
 def spki_der(public_key: PublicKey) -> bytes:

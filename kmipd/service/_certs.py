@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from kmipd.crypto._issuing import (
+    BACKDATE,
     CsrError,
     PublicKey,
     assemble_certificate,
@@ -79,8 +80,6 @@ log = logging.getLogger("kmipd.service")
 DAY = 86400
 #: How long each CRL of the online CA is valid; it is re-signed after half of it.
 CRL_VALIDITY = 7 * DAY
-#: Backdating, as pki does: a peer whose clock runs a little behind still accepts it.
-CLOCK_SKEW = 300
 LIST_DEFAULT_LIMIT = 100
 #: The daemon's own server certificate lives at most this long (Mozilla "modern": 90 days).
 SERVER_VALIDITY = 90 * DAY
@@ -274,7 +273,7 @@ class CertificateOperations(MaintenanceOperations):
             )
         # The same lifetime as the current one (whose start was backdated).
         span = current.not_valid_after_utc - current.not_valid_before_utc
-        lifetime = max(60, int(span.total_seconds()) - CLOCK_SKEW)
+        lifetime = max(60, int(span.total_seconds()) - BACKDATE)
         decision = self._decide(grants, public_key, request.validity, lifetime)
         identity = call.caller.identity
         return await self._sign_and_record(
@@ -319,7 +318,7 @@ class CertificateOperations(MaintenanceOperations):
         assert ca is not None
         # Never beyond the online CA itself: a chain is only as valid as its shortest link.
         ca_end = int(ca.certificate.not_valid_after_utc.timestamp())
-        return _Decision(now - CLOCK_SKEW, min(now + seconds, ca_end), key_type)
+        return _Decision(now - BACKDATE, min(now + seconds, ca_end), key_type)
 
     async def _sign_and_record(
         self,
@@ -410,10 +409,10 @@ class CertificateOperations(MaintenanceOperations):
         span = current.not_valid_after_utc - current.not_valid_before_utc
         # At least an hour: a short-lived certificate renewed for its own short span
         # would be due again at once (its start is backdated).
-        seconds = min(max_validity, max(3600, int(span.total_seconds()) - CLOCK_SKEW))
+        seconds = min(max_validity, max(3600, int(span.total_seconds()) - BACKDATE))
         now = self._now()
         decision = _Decision(
-            now - CLOCK_SKEW,
+            now - BACKDATE,
             min(now + seconds, int(ca.certificate.not_valid_after_utc.timestamp())),
             key_type_of(public_key) or "p256",
         )
@@ -547,7 +546,7 @@ async def sign_crl(
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.certificate.subject)
-        .last_update(_time(now - CLOCK_SKEW))
+        .last_update(_time(now - BACKDATE))
         .next_update(_time(now + CRL_VALIDITY))
         # Time-based: every CRL is numbered higher than the one before, across
         # restarts and daemons sharing a store (RFC 5280 5.2.3).
