@@ -89,14 +89,18 @@ def _write(data: Path, name: str, template: str, conninfo: str, store: str) -> P
     return path
 
 
+def _password_file(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
 def test_the_daemon_reaches_postgres_over_verified_tls_with_a_password_file(
     tmp_path: Path, tls_cluster: tuple[postgres.Cluster, CertificateAuthority]
 ) -> None:
     cluster, pg_ca = tls_cluster
     data, template = _configs(tmp_path)
-    password_file = tmp_path / "pg-password"
-    password_file.write_text(PASSWORD + "\n")
-    password_file.chmod(0o600)
+    password_file = _password_file(tmp_path / "pg-password", PASSWORD + "\n")
     store = f'password_file = "{password_file}"\n'
     config = _write(data, "tls.toml", template, _conninfo(cluster, pg_ca.ca_cert_path), store)
 
@@ -133,15 +137,9 @@ def test_each_tls_or_password_mistake_is_one_clear_line_and_changes_nothing(
 ) -> None:
     cluster, pg_ca = tls_cluster
     data, template = _configs(tmp_path)
-    good_password = tmp_path / "pg-password"
-    good_password.write_text(PASSWORD)
-    good_password.chmod(0o600)
-    wrong_password = tmp_path / "wrong-password"
-    wrong_password.write_text("not-" + PASSWORD)
-    wrong_password.chmod(0o600)
-    readable_password = tmp_path / "readable-password"
-    readable_password.write_text(PASSWORD)
-    readable_password.chmod(0o644)
+    good_password = _password_file(tmp_path / "pg-password", PASSWORD)
+    wrong_password = _password_file(tmp_path / "wrong-password", "not-" + PASSWORD)
+    readable_password = _password_file(tmp_path / "readable-password", PASSWORD, 0o644)
     stranger_ca = CertificateAuthority.init(tmp_path / "stranger-pki")
 
     good = _conninfo(cluster, pg_ca.ca_cert_path)
