@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import select
 import socket
 import ssl
 from pathlib import Path
@@ -124,6 +125,49 @@ async def test_a_resumed_tls_session_is_checked_for_revocation_too(
     _, resumed, what = await trio.to_thread.run_sync(_hello_over_tls, kmipd.address, context, again)
     assert not resumed and "revoked" in what and not what.startswith("served")
     await assert_server_still_serves(kmipd)
+
+
+async def test_a_pooled_client_resumes_its_session_when_it_reconnects(
+    start_server: ServerFactory,
+) -> None:
+    """A client whose idle connection the daemon closed reconnects with its ticket.
+
+    Not after a certificate change: a session resumed from before a renewal
+    would present the old certificate again (and keep it, ticket after ticket).
+    """
+    kmipd = await start_server(session_tickets=2, idle_timeout=0.5)
+
+    def wait_until_closed_by_the_daemon(kms: Client) -> None:
+        (pool,) = kms._pools.values()
+        (idle,) = pool._idle
+        # Readable: the daemon's idle-timeout notice or its close, nothing else.
+        readable, _, _ = select.select([idle.sock], [], [], 30)
+        assert readable
+
+    def run() -> list[bool]:
+        resumed = []
+        with Client(kmipd.address, **credentials(kmipd.ca, "storage"), pool_size=1) as kms:
+            resumed.append(kms.connect().resumed)
+            for _ in range(2):
+                wait_until_closed_by_the_daemon(kms)
+                resumed.append(kms.connect().resumed)
+            kms._certificate_changed()  # what a renewal does once its files are written
+            wait_until_closed_by_the_daemon(kms)
+            resumed.append(kms.connect().resumed)
+            assert kms.status().state == "serving"
+        return resumed
+
+    assert await trio.to_thread.run_sync(run) == [False, True, True, False]
+    # Without tickets there is nothing to resume: every reconnection is a full handshake.
+    plain = await start_server(idle_timeout=0.5)
+
+    def run_plain() -> list[bool]:
+        with Client(plain.address, **credentials(plain.ca, "storage"), pool_size=1) as kms:
+            first = kms.connect().resumed
+            wait_until_closed_by_the_daemon(kms)
+            return [first, kms.connect().resumed]
+
+    assert await trio.to_thread.run_sync(run_plain) == [False, False]
 
 
 async def test_certificate_for_server_use_cannot_authenticate_a_client(

@@ -119,6 +119,8 @@ class ConnectionInfo:
     max_frame_size: int
     max_in_flight: int
     store_id: str
+    #: Whether the TLS session was resumed from a ticket (no full handshake).
+    resumed: bool = False
 
     @classmethod
     def describe(cls, tls: ssl.SSLSocket | ssl.SSLObject, hello: HelloResult) -> ConnectionInfo:
@@ -136,6 +138,7 @@ class ConnectionInfo:
             max_frame_size=hello.max_frame_size,
             max_in_flight=hello.max_in_flight,
             store_id=hello.store_id,
+            resumed=bool(tls.session_reused),
         )
 
 

@@ -362,6 +362,9 @@ class ClientCore:
     def address(self) -> str:
         return self.addresses[0]
 
+    def _certificate_changed(self) -> None:
+        """After a renewal: a shell that resumes TLS sessions drops those of the old one."""
+
     def _forget_keys(self) -> None:
         """On close: zero every cached key."""
         if self._keys.cache is not None:
@@ -394,6 +397,7 @@ class ClientCore:
             result = yield from self._result(RenewCertificate(csr=csr))
             issued = IssuedCertificate.from_result(result)
             yield Offload(lambda: renewal.finish(key, issued, self._context))
+            self._certificate_changed()
         except (KmipdError, OSError, ssl.SSLError, ValueError) as exc:
             renewal.failed(exc)
             if not quiet:

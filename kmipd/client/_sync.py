@@ -63,6 +63,8 @@ class _Connection:
     ) -> None:
         self.endpoint = endpoint
         self.server = endpoint.address
+        #: The pool's certificate generation when this connection was made.
+        self.generation = 0
         try:
             raw = socket.create_connection(
                 (endpoint.host, endpoint.port), max(0.001, deadline - time.monotonic())
@@ -225,7 +227,11 @@ class _Pool:
         self._idle: list[_Connection] = []
         self._open = 0
         self._closed = False
+        #: A TLS 1.3 session with a ticket, to resume the next connection with.
         self._session: ssl.SSLSession | None = None
+        #: Bumped when the client's certificate changes: a session from before would
+        #: resume with the old certificate (and keep it, ticket after ticket).
+        self._generation = 0
         self._cond = threading.Condition()
 
     def borrow(self, deadline: float) -> _Connection:
@@ -238,12 +244,14 @@ class _Pool:
                     if not connection.is_stale():
                         return connection
                     notice = connection.notice()
+                    self._keep_session(connection)  # the new connection may resume it
                     connection.close()  # the server closed it while idle
                     self._open -= 1
                     if isinstance(notice, CertificateRejectedError):
                         raise notice  # revoked or expired: no new connection will do
                 if self._open < self._size:
                     self._open += 1
+                    generation, session = self._generation, self._session
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -252,16 +260,37 @@ class _Pool:
                     )
                 self._cond.wait(remaining)
         try:
-            connection = _Connection(self.server.endpoint, deadline, self._session)
+            connection = _Connection(self.server.endpoint, deadline, session)
         except BaseException:
             with self._cond:
                 self._open -= 1
                 self._cond.notify()
             raise
-        # Resumption skips a full handshake; it is only offered by a server
-        # that issues tickets, and kmipd re-checks revocation on each one.
-        self._session = connection.sock.session
+        connection.generation = generation
         return connection
+
+    def _keep_session(self, connection: _Connection) -> None:
+        """Keep the session of a connection about to close, if it can be resumed.
+
+        Resumption skips most of a full handshake; only a daemon that issues
+        tickets offers it (``tls.session_tickets``), and kmipd re-checks
+        revocation on each one. The session is read here, from a connection
+        that answered and so has its tickets, not after every handshake: the
+        read copies the session (its certificates decoded again, ~0.2 ms), a
+        cost worth paying only when a new connection is about to be made.
+        """
+        if connection.generation != self._generation:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            session = connection.sock.session
+            if session is not None and session.has_ticket:
+                self._session = session
+
+    def new_certificate(self) -> None:
+        """The client's certificate changed: new connections present it, none resumes."""
+        with self._cond:
+            self._generation += 1
+            self._session = None
 
     def give_back(self, connection: _Connection, *, reusable: bool) -> None:
         with self._cond:
@@ -327,6 +356,10 @@ class Client(ClientCore, pool_size=4):
         for pool in self._pools.values():
             pool.close()
         self._forget_keys()
+
+    def _certificate_changed(self) -> None:
+        for pool in self._pools.values():
+            pool.new_certificate()
 
     #: Only the blocking client has these (the trio one would block its thread).
     get_deks = operation(ClientCore._get_deks_batch)
