@@ -29,7 +29,11 @@ RESULT_REASON = 0x42007E
 UNIQUE_IDENTIFIER = 0x420094
 QUERY_FUNCTION = 0x420074
 
-OP_GET, OP_QUERY, OP_DISCOVER_VERSIONS = 0x0A, 0x18, 0x1E
+OP_CREATE, OP_LOCATE, OP_GET, OP_GET_ATTRIBUTES = 0x01, 0x08, 0x0A, 0x0B
+OP_DESTROY, OP_QUERY, OP_DISCOVER_VERSIONS = 0x14, 0x18, 0x1E
+OBJECT_TYPE, TEMPLATE_ATTRIBUTE, ATTRIBUTE = 0x420057, 0x420091, 0x420008
+ATTRIBUTE_NAME, ATTRIBUTE_VALUE, UNIQUE_IDENTIFIER_COUNT = 0x42000A, 0x42000B, 0x4200D5
+SYMMETRIC_KEY, AES = 2, 3
 SUCCESS, FAILED = 0, 1
 ITEM_NOT_FOUND, INVALID_MESSAGE, PERMISSION_DENIED = 0x01, 0x04, 0x0C
 
@@ -72,6 +76,11 @@ def request(version: tuple[int, int], *items: bytes, count: int | None = None) -
         integer(BATCH_COUNT, len(items) if count is None else count),
     )
     return structure(REQUEST_MESSAGE, header, *items)
+
+
+def attribute(name: str, value: bytes) -> bytes:
+    """A KMIP 1.x Attribute; ``value`` is an item tagged ATTRIBUTE_VALUE."""
+    return structure(ATTRIBUTE, text(ATTRIBUTE_NAME, name), value)
 
 
 def batch_item(operation: int, uid: bytes | None, *payload: bytes) -> bytes:

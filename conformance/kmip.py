@@ -12,13 +12,14 @@ import struct
 
 from conformance import _ttlv as t
 from conformance._case import CaseFailed, CaseSkipped, case
+from conformance._certs import Credentials
 from conformance._context import Context
 
 
 class _Kmip:
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context, creds: Credentials | None = None) -> None:
         self.ctx = ctx
-        context = ctx.tls_context(ctx.target.client)
+        context = ctx.tls_context(creds or ctx.target.client)
         self.sock: ssl.SSLSocket = context.wrap_socket(ctx.tcp(), server_hostname=ctx.target.host)
 
     def exchange(self, message: bytes, label: str) -> t.Node:
@@ -69,8 +70,8 @@ def _discover(version: tuple[int, int] = (1, 2)) -> bytes:
     return t.request(version, t.batch_item(t.OP_DISCOVER_VERSIONS, b"d"))
 
 
-def _open(ctx: Context) -> _Kmip:
-    kmip = _Kmip(ctx)
+def _open(ctx: Context, creds: Credentials | None = None) -> _Kmip:
+    kmip = _Kmip(ctx, creds)
     kmip.sock.sendall(_discover())
     header = kmip._read(8)
     if header is None or header[:3] != b"\x42\x00\x7b":
@@ -192,3 +193,77 @@ def batches(ctx: Context) -> None:
         ctx.expect(got[2][2] in (t.ITEM_NOT_FOUND, t.PERMISSION_DENIED), f"reason {got[2][2]}")
     finally:
         kmip.close()
+
+
+def _create_aes_key() -> bytes:
+    """A Create (KMIP 1.2) of an AES-256 key for encryption, in the server's default place."""
+    template = t.structure(
+        t.TEMPLATE_ATTRIBUTE,
+        t.attribute("Cryptographic Algorithm", t.enumeration(t.ATTRIBUTE_VALUE, t.AES)),
+        t.attribute("Cryptographic Length", t.integer(t.ATTRIBUTE_VALUE, 256)),
+        t.attribute("Cryptographic Usage Mask", t.integer(t.ATTRIBUTE_VALUE, 0x0C)),
+    )
+    return t.request(
+        (1, 2),
+        t.batch_item(t.OP_CREATE, b"c", t.enumeration(t.OBJECT_TYPE, t.SYMMETRIC_KEY), template),
+    )
+
+
+def _by_id(operation: int, uid: bytes, unique_identifier: str) -> bytes:
+    return t.batch_item(operation, uid, t.text(t.UNIQUE_IDENTIFIER, unique_identifier))
+
+
+@case(
+    "KMIP-005",
+    "An identity without a grant gets Permission Denied, not Item Not Found, for Get and Get "
+    "Attributes of another identity's object and of an id that does not exist, with no "
+    "attribute in the answer, and Locate finds nothing for it.",
+)
+def authorization(ctx: Context) -> None:
+    owner = _open(ctx)
+    try:
+        response = owner.exchange(_create_aes_key(), "Create (AES-256)")
+        if t.results(response) != [(b"c", t.SUCCESS, None)]:
+            raise CaseSkipped(f"the client may not Create over KMIP: {t.results(response)}")
+        (entry,) = t.find_all(response, t.BATCH_ITEM)
+        payload = t.find(entry, t.RESPONSE_PAYLOAD)
+        found = None if payload is None else t.find(payload, t.UNIQUE_IDENTIFIER)
+        if found is None:
+            raise CaseFailed("a successful Create answered no Unique Identifier")
+        created = bytes(found[2]).decode()
+        outsider = _open(ctx, ctx.certs.outsider())
+        absent = "conformance-" + secrets.token_hex(8)
+        try:
+            asked = t.request(
+                (1, 2),
+                _by_id(t.OP_GET, b"1", created),
+                _by_id(t.OP_GET_ATTRIBUTES, b"2", created),
+                _by_id(t.OP_GET, b"3", absent),
+                _by_id(t.OP_GET_ATTRIBUTES, b"4", absent),
+                t.batch_item(t.OP_LOCATE, b"5"),
+            )
+            answer = outsider.exchange(asked, "Get, Get Attributes and Locate without a grant")
+            got = t.results(answer)
+            denied = [(uid, t.FAILED, t.PERMISSION_DENIED) for uid in (b"1", b"2", b"3", b"4")]
+            ctx.expect(got[:4] == denied, f"an ungranted identity was answered {got[:4]}")
+            for item in t.find_all(answer, t.BATCH_ITEM)[:4]:
+                leaked = t.find(item, t.RESPONSE_PAYLOAD)
+                ctx.expect(leaked is None or not leaked[2], "a refused item carried a payload")
+            # Locate: refused, or an empty answer; never the owner's object.
+            located = t.find_all(answer, t.BATCH_ITEM)[4]
+            ids = [
+                bytes(node[2]).decode()
+                for payload in t.find_all(located, t.RESPONSE_PAYLOAD)
+                for node in t.find_all(payload, t.UNIQUE_IDENTIFIER)
+            ]
+            ctx.expect(created not in ids, "Locate without a grant found another's object")
+        finally:
+            outsider.close()
+        # The owner still reads it: the refusals were about the outsider, not the object.
+        mine = t.results(
+            owner.exchange(t.request((1, 2), _by_id(t.OP_GET, b"g", created)), "the owner's Get")
+        )
+        ctx.expect(mine == [(b"g", t.SUCCESS, None)], f"the owner's Get got {mine}")
+        owner.exchange(t.request((1, 2), _by_id(t.OP_DESTROY, b"d", created)), "Destroy")
+    finally:
+        owner.close()
