@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kmipd.cli._main import _build_parser
 from kmipd.client import CertificateRejectedError, Client, NotAuthorizedError, NotFoundError
-from kmipd.daemon.config import DIRECTORY_VARIABLES, parse_config
+from kmipd.daemon.config import DIRECTORY_VARIABLES, MAX_WORKERS, parse_config, usable_cores
 from kmipd.hsm import create_master_key
 from pki import CertificateAuthority
 from tests.systemd_harness import NotifySocket, kmipd_serve, socket_activated
@@ -214,6 +214,11 @@ def test_the_packaged_config_runs_as_the_units_run_it(tmp_path: Path) -> None:
         notify.wait_for_field("WATCHDOG")
 
         metrics = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+        # workers = "auto": one per usable core (2 here), all up, answering one scrape.
+        workers = min(usable_cores(), MAX_WORKERS)
+        assert metrics[("kmipd_worker_up", ())] == 1
+        raw = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert raw.read().decode().count("kmipd_worker_up{") == workers
         assert metrics[("kmipd_requests_total", (("operation", "create-dek"),))] == 2
         assert (
             metrics[
@@ -257,10 +262,18 @@ def test_the_packaged_config_runs_as_the_units_run_it(tmp_path: Path) -> None:
             urllib.request.urlopen(post, timeout=10)
 
         assert {p.name for p in state.iterdir()} >= {"kmipd.db", "keyring.cbor", "audit.key"}
-        assert (logs / "audit.log").read_text().count('"operation":"create-dek"') == 2
+        # Each worker writes its own chain beside audit.path; together they hold every record.
+        trails = sorted(logs.glob("audit-w*.log"))
+        assert len(trails) == workers
+        assert sum(t.read_text().count('"operation":"create-dek"') for t in trails) == 2
     finally:
         assert service.stop() == 0
         notify.close()
+    verified = subprocess.run(
+        [sys.executable, "-m", "kmipd", "audit", "verify", "--workers", str(logs / "audit.log")],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env}, check=False,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
     log = (tmp_path / "kmipd.log").read_text()
     assert "socket activation" in log
     assert key.hex() not in log
@@ -268,11 +281,21 @@ def test_the_packaged_config_runs_as_the_units_run_it(tmp_path: Path) -> None:
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The daemon's series without their ``worker`` label: counted series summed over the
+    workers, the others (gauges of the one store or HSM each worker sees) their maximum."""
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=")
         text = response.read().decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    merged: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        counted = family.type in ("counter", "histogram", "summary")
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "worker"))
+            key = (sample.name, labels)
+            if key in merged:
+                merged[key] = (
+                    (merged[key] + sample.value) if counted else max(merged[key], sample.value)
+                )
+            else:
+                merged[key] = sample.value
+    return merged
