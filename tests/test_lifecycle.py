@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sqlite3
@@ -15,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kmipd.audit import AuditLog
+from kmipd.audit import records as audit_records
 from kmipd.client import Client
 from kmipd.hsm import SoftwareHsm
 from kmipd.lifecycle import (
@@ -28,6 +30,7 @@ from kmipd.lifecycle import (
     LifecycleError,
     LifecyclePolicy,
     State,
+    Usage,
 )
 from kmipd.protocol import (
     Activate,
@@ -52,7 +55,7 @@ from kmipd.protocol import (
     Unwrap,
     parse_request,
 )
-from kmipd.service import Caller, KeyService, ServiceError
+from kmipd.service import NOT_NOW, Caller, KeyService, ServiceError
 from kmipd.store import KeyStore
 from kmipd.store._sqlite import MIGRATIONS
 from tests.conftest import StoreOpener, make_policy
@@ -167,6 +170,42 @@ def test_no_event_sequence_revives_a_compromised_or_destroyed_key(events: list[E
             assert lifecycle.destroy_date == 100
 
 
+def test_the_quick_predicates_agree_with_the_checks() -> None:
+    # The service asks may_* first on every get and calls check_* only when they say
+    # no: they must allow exactly what the checks allow. Every state, with and
+    # without the usage, every date unset or one second before, at or after now.
+    dates = (None, 99, 100, 101)
+    checked = 0
+    for state, usage, activation, protect_stop, process_start, deactivation, purge_at in (
+        itertools.product(
+            State, (DEK_USAGES, frozenset({Usage.ENCRYPT})), dates, dates, dates, dates, dates
+        )
+    ):  # fmt: skip
+        lifecycle = Lifecycle(
+            state=state,
+            usage=usage,
+            activation=activation,
+            protect_stop=protect_stop,
+            process_start=process_start,
+            deactivation=deactivation,
+            purge_at=purge_at,
+        )
+        for now in (100, 100.5, 99.5):
+            for may, check in (
+                (lifecycle.may_protect, lifecycle.check_protect),
+                (lifecycle.may_process, lifecycle.check_process),
+            ):
+                try:
+                    check(Usage.DECRYPT, now, "the key")
+                except LifecycleError:
+                    allowed = False
+                else:
+                    allowed = True
+                assert may(Usage.DECRYPT, now) is allowed, (lifecycle, now)
+                checked += allowed
+    assert checked > 0  # some combinations are allowed, not only refusals
+
+
 def test_table_has_kmip_transitions_and_no_others() -> None:
     assert len(TRANSITIONS) == 10
     assert (State.ACTIVE, Event.DESTROY) not in TRANSITIONS  # revoke first, as KMIP says
@@ -232,6 +271,56 @@ async def test_usage_outside_the_set_is_refused(kms: Harness) -> None:
     refused = await kms.refused(STORAGE, GetDek(dek_id=read_only.dek_id, purpose="encrypt"))
     assert refused.code is ErrorCode.USAGE_NOT_PERMITTED
     await kms.ok(STORAGE, GetDek(dek_id=read_only.dek_id, purpose="decrypt"))
+
+
+async def _awaited_and_inline(kms: Harness, caller: Caller, request: GetDek) -> list[Any]:
+    """get-dek through handle and through handle_now (the cached row, inline): each
+    one's key or (code, message), and the result and detail its audit record says."""
+    answers: list[Any] = []
+    for inline in (False, True):
+        try:
+            if inline:
+                result = kms.service.handle_now(caller, request)
+                assert result is not NOT_NOW  # the row is cached: answered inline
+            else:
+                result = await kms.service.handle(caller, request)
+            answer: Any = result.key
+        except ServiceError as exc:
+            answer = (exc.code, exc.message)
+        *_, (_, record) = audit_records(kms.data / "audit.log")
+        answers.append((answer, record["result"], record.get("detail")))
+    return answers
+
+
+async def test_the_inline_get_dek_answers_and_refuses_as_the_awaited_one(kms: Harness) -> None:
+    dek = await kms.ok(STORAGE, CreateDek(namespace="orders"))
+    read_only = await kms.ok(STORAGE, CreateDek(namespace="orders", usage=("decrypt",)))
+    compromised = await kms.ok(STORAGE, CreateDek(namespace="orders"))
+    await kms.ok(ADMIN, Revoke(key=KeyRef(dek_id=compromised.dek_id), reason="key-compromise"))
+    gone = compromised.dek_id
+    cases = [
+        (STORAGE, GetDek(dek_id=dek.dek_id), dek.key),
+        (STORAGE, GetDek(dek_id=dek.dek_id, purpose="encrypt"), dek.key),
+        (
+            STORAGE,
+            GetDek(dek_id=read_only.dek_id, purpose="encrypt"),
+            ErrorCode.USAGE_NOT_PERMITTED,
+        ),
+        (STORAGE, GetDek(dek_id=gone), ErrorCode.KEY_COMPROMISED),
+        (STORAGE, GetDek(dek_id=gone, purpose="recovery"), ErrorCode.NOT_AUTHORIZED),
+        (ADMIN, GetDek(dek_id=gone, purpose="recovery"), compromised.key),
+    ]
+    for caller, request, expected in cases:
+        awaited, inline = await _awaited_and_inline(kms, caller, request)
+        assert awaited == inline, request
+        answer = awaited[0]
+        assert (answer[0] if isinstance(answer, tuple) else answer) == expected, request
+    # Past the KEK version's process period (20 days): its DEKs no longer unwrap, either way.
+    kms.clock.now += 21 * DAY
+    awaited, inline = await _awaited_and_inline(kms, STORAGE, GetDek(dek_id=dek.dek_id))
+    assert awaited == inline
+    assert awaited[0][0] is ErrorCode.KEY_DEACTIVATED and "KEK 'orders'" in awaited[0][1]
+    assert awaited[1] == "key-deactivated"
 
 
 # -- rotation and rewrap ------------------------------------------------------------------------

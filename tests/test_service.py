@@ -118,6 +118,10 @@ async def test_swapped_store_rows_fail_to_unwrap(tmp_path: Path) -> None:
         error = await refused(svc, STORAGE, GetDek(dek_id=dek.dek_id))
         assert error.code is ErrorCode.INTEGRITY_FAILURE
         assert dek.dek_id in error.message
+        # The row is cached now: the inline path (handle_now) refuses it the same way.
+        with pytest.raises(ServiceError) as inline:
+            svc.handle_now(STORAGE, GetDek(dek_id=dek.dek_id))
+        assert (inline.value.code, inline.value.message) == (error.code, error.message)
     close_service(svc)
 
 

@@ -254,6 +254,36 @@ class Lifecycle:
 
     # -- may it be used now ----------------------------------------------------------------
 
+    # The may_* predicates answer what the check_* methods allow, without building
+    # an error or a message: the service asks them first on every get and calls
+    # the check (for its error) only when they say no. test_lifecycle pins that the
+    # two agree on every state, date and usage.
+
+    def _active_at(self, now: float) -> bool:
+        """effective(now) is ACTIVE and no destroy is pending."""
+        state = self.state
+        if state is not State.ACTIVE and not (
+            state is State.PRE_ACTIVE and self.activation is not None and now >= self.activation
+        ):
+            return False
+        return self.purge_at is None and (self.deactivation is None or now < self.deactivation)
+
+    def may_protect(self, usage: Usage, now: float) -> bool:
+        """Whether ``check_protect`` passes."""
+        return (
+            usage in self.usage
+            and self._active_at(now)
+            and (self.protect_stop is None or now < self.protect_stop)
+        )
+
+    def may_process(self, usage: Usage, now: float) -> bool:
+        """Whether ``check_process`` passes."""
+        return (
+            usage in self.usage
+            and self._active_at(now)
+            and (self.process_start is None or now >= self.process_start)
+        )
+
     def check_protect(self, usage: Usage, now: float, what: str) -> None:
         """For wrapping / encrypting: active, activated, before protect-stop."""
         self._check_usage(usage, what)

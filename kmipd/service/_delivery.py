@@ -7,6 +7,7 @@ from __future__ import annotations
 import secrets
 
 from kmipd.crypto import data_key_binding
+from kmipd.hsm import HsmError
 from kmipd.lifecycle import DEK_USAGES, Usage
 from kmipd.protocol import (
     KEY_SIZE,
@@ -29,9 +30,9 @@ from kmipd.protocol import (
     parse_struct,
 )
 from kmipd.service._core import (
+    BACKEND_ERRORS,
     NOT_NOW,
     ServiceError,
-    _backend_errors,
     _Call,
     _kek_what,
     _lifecycle_errors,
@@ -40,18 +41,41 @@ from kmipd.service._core import (
     _stored_dek_what,
     _unwrap_errors,
     _usage,
+    backend_error,
     blob_associated_data,
     dek_associated_data,
     handles,
     handles_now,
     new_dek_id,
     refuse_signing_key_id,
+    unwrap_error,
 )
 from kmipd.service._keks import KekOperations
 from kmipd.service._transport import TransportOperations
 from kmipd.store import DekRecord, IdempotencyKeyUsedError, KekVersion
 
 DATA_KEY_BLOB_FORMAT = 1
+
+#: The audit record's detail for each purpose, made once.
+_PURPOSE_DETAIL = {purpose: f"purpose {purpose}" for purpose in ("decrypt", "encrypt", "recovery")}
+
+
+def _check_get_dek_lifecycles(
+    record: DekRecord, version: KekVersion, purpose: str, now: float
+) -> None:
+    """The DEK's and its KEK version's lifecycle checks for ``purpose``, as ServiceError."""
+    what = f"DEK {record.dek_id}"
+    with _lifecycle_errors():
+        if purpose == "encrypt":
+            record.lifecycle.check_protect(Usage.ENCRYPT, now, what)
+        elif purpose == "decrypt":
+            record.lifecycle.check_process(Usage.DECRYPT, now, what)
+        else:
+            record.lifecycle.check_recovery(Usage.DECRYPT, now, what)
+        if purpose == "recovery":
+            version.lifecycle.check_recovery(Usage.UNWRAP, now, _kek_what(version))
+        else:
+            version.lifecycle.check_process(Usage.UNWRAP, now, _kek_what(version))
 
 
 class DeliveryOperations(TransportOperations, KekOperations):
@@ -120,31 +144,29 @@ class DeliveryOperations(TransportOperations, KekOperations):
         refuse_signing_key_id(request.dek_id)
         if record is None:
             raise ServiceError(ErrorCode.NOT_FOUND, f"no DEK with id {request.dek_id}")
-        call.namespace = record.namespace
-        call.kek, call.kek_version = record.namespace, record.kek_version
+        namespace = record.namespace
+        call.namespace = namespace
+        call.kek, call.kek_version = namespace, record.kek_version
         purpose = request.purpose or "decrypt"
-        call.detail = f"purpose {purpose}"
+        call.detail = _PURPOSE_DETAIL.get(purpose) or f"purpose {purpose}"
         operation = "recovery" if purpose == "recovery" else "get-dek"
-        if not self._may(call, operation, record.namespace):
+        if not self._may(call, operation, namespace):
             raise ServiceError(
                 ErrorCode.NOT_AUTHORIZED,
                 f"{call.caller.identity} is not allowed {operation} on {record.dek_id}",
             )
-        self._check_sealed_policy(call, record.namespace, request.seal_to)
+        self._check_sealed_policy(call, namespace, request.seal_to)
         now = self._clock()
-        what = f"DEK {record.dek_id}"
-        version = self._kek_version(record.namespace, record.kek_version)
-        with _lifecycle_errors():
-            if purpose == "encrypt":
-                record.lifecycle.check_protect(Usage.ENCRYPT, now, what)
-            elif purpose == "decrypt":
-                record.lifecycle.check_process(Usage.DECRYPT, now, what)
-            else:
-                record.lifecycle.check_recovery(Usage.DECRYPT, now, what)
-            if purpose == "recovery":
-                version.lifecycle.check_recovery(Usage.UNWRAP, now, _kek_what(version))
-            else:
-                version.lifecycle.check_process(Usage.UNWRAP, now, _kek_what(version))
+        version = self._kek_version(namespace, record.kek_version)
+        # The common answer (yes) without building messages; the checks say why not.
+        if purpose == "decrypt":
+            usable = record.lifecycle.may_process(Usage.DECRYPT, now)
+        elif purpose == "encrypt":
+            usable = record.lifecycle.may_protect(Usage.ENCRYPT, now)
+        else:
+            usable = False
+        if not (usable and version.lifecycle.may_process(Usage.UNWRAP, now)):
+            _check_get_dek_lifecycles(record, version, purpose, now)
         return version
 
     @handles(GetDek)
@@ -167,12 +189,17 @@ class DeliveryOperations(TransportOperations, KekOperations):
         record = self.store.cached_dek(request.dek_id)
         if record is None:
             return NOT_NOW
-        with _backend_errors(request):
+        # One try for what _get_dek's context managers translate (see backend_error).
+        try:
             version = self._check_get_dek(call, request, record)
-            with _unwrap_errors(version, _stored_dek_what(record)):
+            try:
                 key = self.hsm.unwrap_now(
                     version.hsm_handle, record.wrapped, _record_associated_data(record)
                 )
+            except HsmError as exc:
+                raise unwrap_error(exc, version, _stored_dek_what(record)) from None
+        except BACKEND_ERRORS as exc:
+            raise backend_error(exc, request) from None
         if key is None:
             return NOT_NOW
         return self._dek_delivery(call, request.seal_to, record, key)

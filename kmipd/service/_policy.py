@@ -227,6 +227,9 @@ class Policy:
     _decisions: dict[tuple[str, str, str], bool] = attrs.field(
         factory=dict, eq=False, repr=False, init=False
     )
+    _anywhere: dict[tuple[str, str], bool] = attrs.field(
+        factory=dict, eq=False, repr=False, init=False
+    )
 
     def allows(self, identity: str, operation: str, namespace: str) -> bool:
         if operation in UNRESTRICTED_OPERATIONS:
@@ -244,10 +247,17 @@ class Policy:
         """Whether some namespace would allow it: a cheap first check before a lookup."""
         if operation in UNRESTRICTED_OPERATIONS:
             return True
-        return any(
-            operation in grant.operations and fnmatch.fnmatchcase(identity, grant.identity)
-            for grant in self.grants
-        )
+        question = (identity, operation)
+        answer = self._anywhere.get(question)
+        if answer is None:
+            answer = any(
+                operation in grant.operations and fnmatch.fnmatchcase(identity, grant.identity)
+                for grant in self.grants
+            )
+            if len(self._anywhere) >= _DECISION_CACHE_SIZE:
+                self._anywhere.clear()
+            self._anywhere[question] = answer
+        return answer
 
     def certificate_grants_for(self, identity: str) -> list[CertificateGrant]:
         return [grant for grant in self.certificate_grants if grant.applies_to(identity)]

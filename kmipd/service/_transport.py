@@ -40,8 +40,10 @@ class TransportOperations(ServiceCore):
     """The transport-certificate directory and the sealing of delivered keys."""
 
     def _check_sealed_policy(self, call: _Call, namespace: str, seal_to: bytes | None) -> None:
-        if seal_to is None and any(
-            fnmatch.fnmatchcase(namespace, pattern) for pattern in self.require_sealed
+        if (
+            seal_to is None
+            and self.require_sealed
+            and any(fnmatch.fnmatchcase(namespace, pattern) for pattern in self.require_sealed)
         ):
             raise ServiceError(
                 ErrorCode.SEALED_DELIVERY_REQUIRED,
