@@ -28,7 +28,7 @@ from kmipd.protocol import (
     encode_struct,
     parse_struct,
 )
-from kmipd.service import Caller, KeyService, ServiceError
+from kmipd.service import Caller, KeyService, ServiceError, dek_associated_data
 from kmipd.store import IssuedCertificateRecord, KeyStore, StoreError
 from tests.conftest import StoreOpener, make_policy
 
@@ -355,3 +355,13 @@ async def test_issued_certificates_are_kept_listed_and_revoked_once(
         assert expiry == {(a, "client"): 5000, (b, "client"): 6000}  # 1f is revoked
     finally:
         store.close()
+
+
+def test_a_dek_s_associated_data_keeps_its_bytes() -> None:
+    """Every stored DEK was wrapped under these bytes: a change would orphan them all.
+
+    The CBOR array ["kmipd/dek/v1", "dek_abc", "orders", 3], as written since v1.
+    """
+    assert dek_associated_data("dek_abc", "orders", 3) == bytes.fromhex(
+        "846c6b6d6970642f64656b2f76316764656b5f616263666f726465727303"
+    )
